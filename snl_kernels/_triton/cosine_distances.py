@@ -1,0 +1,233 @@
+"""Triton kernels of ``cosine_distances``; the math is in ``snl_kernels/cosine_distances.py``.
+
+Memory plan. Forward: one program per (tile of BLOCK_N pixels, sample b) walks all C
+channels once, so each element of T and S is read exactly once. It finishes the pixel sums
+itself (they reduce over C, which it owns) and writes per-tile channel partial sums; a
+second launch, one program per sample, adds the partials over tiles in a fixed order
+(channel sums) and then over channels (sample sums). No atomics, so the bits are the same
+on every run. Backward: the same tiling, one more read of T and S and one write per
+requested gradient; the tiny per-pixel, per-channel and per-sample coefficients are
+computed inside the kernel from the saved sums.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from torch import Tensor
+
+import torch
+
+BLOCK_N = 64
+BLOCK_C = 32
+BLOCK_FIN = 128
+
+
+@triton.jit
+def _distance(dot, tt, ss, EPS: tl.constexpr):
+    # Each norm is clamped separately, as F.cosine_similarity does.
+    return 1.0 - dot / (tl.maximum(tl.sqrt(tt), EPS) * tl.maximum(tl.sqrt(ss), EPS))
+
+
+@triton.jit
+def _cosine_distances_fwd_kernel(
+    t_ptr, s_ptr, pixel_ptr, pixel_stats_ptr, partial_ptr,
+    C, N, W, n_tiles,
+    stride_tb, stride_tc, stride_th, stride_tw,
+    stride_sb, stride_sc, stride_sh, stride_sw,
+    EPS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    h = offs_n // W
+    w = offs_n % W
+    t_row = t_ptr + b * stride_tb + h * stride_th + w * stride_tw
+    s_row = s_ptr + b * stride_sb + h * stride_sh + w * stride_sw
+    dot = tl.zeros([BLOCK_N], dtype=tl.float32)
+    tt = tl.zeros([BLOCK_N], dtype=tl.float32)
+    ss = tl.zeros([BLOCK_N], dtype=tl.float32)
+    part = partial_ptr + (b * n_tiles + pid_n) * 3 * C
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < C
+        mask = mask_c[:, None] & mask_n[None, :]
+        # Loads upcast to fp32: all accumulation is fp32 whatever the input dtype.
+        t = tl.load(t_row[None, :] + offs_c[:, None] * stride_tc, mask=mask, other=0.0).to(tl.float32)
+        s = tl.load(s_row[None, :] + offs_c[:, None] * stride_sc, mask=mask, other=0.0).to(tl.float32)
+        ts = t * s
+        t2 = t * t
+        s2 = s * s
+        dot += tl.sum(ts, axis=0)
+        tt += tl.sum(t2, axis=0)
+        ss += tl.sum(s2, axis=0)
+        tl.store(part + offs_c, tl.sum(ts, axis=1), mask=mask_c)
+        tl.store(part + C + offs_c, tl.sum(t2, axis=1), mask=mask_c)
+        tl.store(part + 2 * C + offs_c, tl.sum(s2, axis=1), mask=mask_c)
+    stats = pixel_stats_ptr + b * 3 * N + offs_n
+    tl.store(stats, dot, mask=mask_n)
+    tl.store(stats + N, tt, mask=mask_n)
+    tl.store(stats + 2 * N, ss, mask=mask_n)
+    tl.store(pixel_ptr + b * N + offs_n, _distance(dot, tt, ss, EPS), mask=mask_n)
+
+
+@triton.jit
+def _cosine_distances_fin_kernel(
+    partial_ptr, channel_ptr, channel_stats_ptr, sample_ptr,
+    C, n_tiles,
+    EPS: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    dot_all = tl.zeros([BLOCK_C], dtype=tl.float32)
+    tt_all = tl.zeros([BLOCK_C], dtype=tl.float32)
+    ss_all = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < C
+        dot = tl.zeros([BLOCK_C], dtype=tl.float32)
+        tt = tl.zeros([BLOCK_C], dtype=tl.float32)
+        ss = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for tile in range(0, n_tiles):
+            part = partial_ptr + (b * n_tiles + tile) * 3 * C + offs_c
+            dot += tl.load(part, mask=mask_c, other=0.0)
+            tt += tl.load(part + C, mask=mask_c, other=0.0)
+            ss += tl.load(part + 2 * C, mask=mask_c, other=0.0)
+        stats = channel_stats_ptr + b * 3 * C + offs_c
+        tl.store(stats, dot, mask=mask_c)
+        tl.store(stats + C, tt, mask=mask_c)
+        tl.store(stats + 2 * C, ss, mask=mask_c)
+        tl.store(channel_ptr + b * C + offs_c, _distance(dot, tt, ss, EPS), mask=mask_c)
+        dot_all += dot
+        tt_all += tt
+        ss_all += ss
+    dot_b = tl.sum(dot_all, axis=0)
+    tt_b = tl.sum(tt_all, axis=0)
+    ss_b = tl.sum(ss_all, axis=0)
+    tl.store(sample_ptr + b, _distance(dot_b, tt_b, ss_b, EPS))
+
+
+@triton.jit
+def _coefficients(dot, tt, ss, g, EPS: tl.constexpr):
+    # d = 1 - dot / (nt ns): dd/ds = a t + bs s, dd/dt = a s + bt t. A clamped norm has zero
+    # slope, so its second term drops (the where on the raw norm).
+    nt_raw = tl.sqrt(tt)
+    ns_raw = tl.sqrt(ss)
+    nt = tl.maximum(nt_raw, EPS)
+    ns = tl.maximum(ns_raw, EPS)
+    inv = 1.0 / (nt * ns)
+    gcos = g * dot * inv
+    a = -g * inv
+    bs = tl.where(ns_raw > EPS, gcos / (ns * ns), 0.0)
+    bt = tl.where(nt_raw > EPS, gcos / (nt * nt), 0.0)
+    return a, bs, bt
+
+
+@triton.jit
+def _cosine_distances_bwd_kernel(
+    t_ptr, s_ptr, pixel_stats_ptr, channel_stats_ptr, sample_stats_ptr,
+    g_pixel_ptr, g_channel_ptr, g_sample_ptr, dt_ptr, ds_ptr,
+    C, N, W,
+    stride_tb, stride_tc, stride_th, stride_tw,
+    stride_sb, stride_sc, stride_sh, stride_sw,
+    stride_dtb, stride_dtc, stride_dth, stride_dtw,
+    stride_dsb, stride_dsc, stride_dsh, stride_dsw,
+    EPS: tl.constexpr, NEED_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    h = offs_n // W
+    w = offs_n % W
+    stats = pixel_stats_ptr + b * 3 * N + offs_n
+    p_a, p_bs, p_bt = _coefficients(
+        tl.load(stats, mask=mask_n, other=0.0),
+        tl.load(stats + N, mask=mask_n, other=0.0),
+        tl.load(stats + 2 * N, mask=mask_n, other=0.0),
+        tl.load(g_pixel_ptr + b * N + offs_n, mask=mask_n, other=0.0),
+        EPS,
+    )
+    s_a, s_bs, s_bt = _coefficients(
+        tl.load(sample_stats_ptr + b * 3),
+        tl.load(sample_stats_ptr + b * 3 + 1),
+        tl.load(sample_stats_ptr + b * 3 + 2),
+        tl.load(g_sample_ptr + b),
+        EPS,
+    )
+    t_row = t_ptr + b * stride_tb + h * stride_th + w * stride_tw
+    s_row = s_ptr + b * stride_sb + h * stride_sh + w * stride_sw
+    ds_row = ds_ptr + b * stride_dsb + h * stride_dsh + w * stride_dsw
+    dt_row = dt_ptr + b * stride_dtb + h * stride_dth + w * stride_dtw
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < C
+        mask = mask_c[:, None] & mask_n[None, :]
+        cstats = channel_stats_ptr + b * 3 * C + offs_c
+        c_a, c_bs, c_bt = _coefficients(
+            tl.load(cstats, mask=mask_c, other=0.0),
+            tl.load(cstats + C, mask=mask_c, other=0.0),
+            tl.load(cstats + 2 * C, mask=mask_c, other=0.0),
+            tl.load(g_channel_ptr + b * C + offs_c, mask=mask_c, other=0.0),
+            EPS,
+        )
+        a = p_a[None, :] + c_a[:, None] + s_a
+        t = tl.load(t_row[None, :] + offs_c[:, None] * stride_tc, mask=mask, other=0.0).to(tl.float32)
+        s = tl.load(s_row[None, :] + offs_c[:, None] * stride_sc, mask=mask, other=0.0).to(tl.float32)
+        grad_s = a * t + (p_bs[None, :] + c_bs[:, None] + s_bs) * s
+        tl.store(ds_row[None, :] + offs_c[:, None] * stride_dsc,
+                 grad_s.to(ds_ptr.dtype.element_ty), mask=mask)
+        if NEED_T:
+            grad_t = a * s + (p_bt[None, :] + c_bt[:, None] + s_bt) * t
+            tl.store(dt_row[None, :] + offs_c[:, None] * stride_dtc,
+                     grad_t.to(dt_ptr.dtype.element_ty), mask=mask)
+
+
+INTERPRETED = not isinstance(_cosine_distances_fwd_kernel, triton.runtime.JITFunction)
+
+
+def forward(teacher: Tensor, student: Tensor, eps: float):
+    """Launch the forward; returns (pixel, channel, sample, pixel_stats, channel_stats)."""
+    B, C, H, W = teacher.shape
+    N = H * W
+    n_tiles = triton.cdiv(N, BLOCK_N)
+    f32 = dict(device=teacher.device, dtype=torch.float32)
+    pixel = torch.empty((B, H, W), **f32)
+    channel = torch.empty((B, C), **f32)
+    sample = torch.empty((B,), **f32)
+    pixel_stats = torch.empty((B, 3, N), **f32)
+    channel_stats = torch.empty((B, 3, C), **f32)
+    partial = torch.empty((B, n_tiles, 3, C), **f32)
+    _cosine_distances_fwd_kernel[(n_tiles, B)](
+        teacher, student, pixel, pixel_stats, partial,
+        C, N, W, n_tiles,
+        *teacher.stride(), *student.stride(),
+        EPS=eps, BLOCK_C=BLOCK_C, BLOCK_N=BLOCK_N,
+    )
+    _cosine_distances_fin_kernel[(B,)](
+        partial, channel, channel_stats, sample, C, n_tiles,
+        EPS=eps, BLOCK_C=BLOCK_FIN,
+    )
+    return pixel, channel, sample, pixel_stats, channel_stats
+
+
+def backward(teacher: Tensor, student: Tensor, pixel_stats: Tensor, channel_stats: Tensor,
+             grad_pixel: Tensor, grad_channel: Tensor, grad_sample: Tensor,
+             need_teacher: bool, eps: float):
+    """Launch the backward; returns (grad_teacher or an empty tensor, grad_student)."""
+    B, C, H, W = teacher.shape
+    N = H * W
+    # Fixed-order reduction of (B, 3, C): deterministic, and tiny next to the features.
+    sample_stats = channel_stats.sum(dim=2).contiguous()
+    grad_student = torch.empty_like(student)
+    grad_teacher = torch.empty_like(teacher) if need_teacher else teacher.new_empty((0,))
+    dt_strides = grad_teacher.stride() if need_teacher else (0, 0, 0, 0)
+    _cosine_distances_bwd_kernel[(triton.cdiv(N, BLOCK_N), B)](
+        teacher, student, pixel_stats, channel_stats, sample_stats,
+        grad_pixel.contiguous(), grad_channel.contiguous(), grad_sample.contiguous(),
+        grad_teacher if need_teacher else grad_student, grad_student,
+        C, N, W,
+        *teacher.stride(), *student.stride(), *dt_strides, *grad_student.stride(),
+        EPS=eps, NEED_T=need_teacher, BLOCK_C=BLOCK_C, BLOCK_N=BLOCK_N,
+    )
+    return grad_teacher, grad_student

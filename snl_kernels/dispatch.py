@@ -1,0 +1,176 @@
+"""Backend choice, with the reasons a backend cannot run.
+
+Order of precedence, evaluated on every call:
+
+1. the ``backend=`` argument of the op, when not None;
+2. the ``SNL_BACKEND`` environment variable, when set and not ``auto`` (read on every call,
+   so it can be changed at run time);
+3. automatic: the first kernel backend of the op's preference order that can run on the
+   inputs, else the reference (``torch``).
+
+An explicitly requested backend that cannot run raises ``BackendUnavailableError`` listing
+every reason; automatic mode never raises, it falls back to the reference. Automatic mode
+does not pick Triton's CPU interpreter (it is slow and meant for tests): ask for
+``backend="triton"`` explicitly with ``TRITON_INTERPRET=1`` set before import.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from . import _cuda
+
+BACKENDS = ("torch", "triton", "cuda")
+ENV_VAR = "SNL_BACKEND"
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run the op on these inputs."""
+
+
+_triton_error: str | None = None
+_triton_checked = False
+
+
+def triton_import_error() -> str | None:
+    """Why Triton cannot be imported, or None when it can."""
+    global _triton_checked, _triton_error
+    if not _triton_checked:
+        _triton_checked = True
+        if importlib.util.find_spec("triton") is None:
+            _triton_error = "Triton is not installed (pip install triton)"
+        else:
+            try:
+                import triton  # noqa: F401
+            except Exception as exc:
+                _triton_error = f"Triton failed to import ({type(exc).__name__}: {exc})"
+    return _triton_error
+
+
+def triton_interpreted() -> bool:
+    """Whether this process's Triton kernels run on the CPU interpreter.
+
+    Triton reads ``TRITON_INTERPRET`` when a kernel is defined, that is when the kernel
+    modules are imported; before that, the variable's current value decides.
+    """
+    module = sys.modules.get("snl_kernels._triton.cosine_distances")
+    if module is not None:
+        return bool(module.INTERPRETED)
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _devices(tensors: Sequence[Tensor]) -> set[str]:
+    return {t.device.type for t in tensors}
+
+
+def unavailable_reasons(
+    backend: str, op: str, tensors: Sequence[Tensor], implemented: Sequence[str]
+) -> list[str]:
+    """Every reason ``backend`` cannot run ``op`` on ``tensors`` (empty list: it can)."""
+    if backend == "torch":
+        return []
+    reasons: list[str] = []
+    devices = _devices(tensors)
+    if backend not in implemented:
+        reasons.append(f"{op} has no {backend} implementation yet")
+    if backend == "triton":
+        err = triton_import_error()
+        if err:
+            reasons.append(err)
+        if "cpu" in devices and not triton_interpreted():
+            reasons.append(
+                "the inputs are on the CPU and Triton's interpreter is off "
+                "(set TRITON_INTERPRET=1 before importing snl_kernels to run kernels on the CPU)"
+            )
+        others = devices - {"cpu", "cuda"}
+        if others:
+            reasons.append(f"the inputs are on {sorted(others)}; Triton runs on CUDA GPUs")
+    elif backend == "cuda":
+        if torch.version.cuda is None:
+            reasons.append(f"PyTorch {torch.__version__} is a CPU build")
+        elif not torch.cuda.is_available():
+            reasons.append("no CUDA GPU is visible (torch.cuda.is_available() is False)")
+        if not _cuda.load():
+            reasons.append(
+                "the CUDA extension snl_kernels._C is not built or failed to load "
+                f"({_cuda.load_error()}); build it with "
+                "`pip install --no-build-isolation -e .` where nvcc and a CUDA PyTorch are present"
+            )
+        if devices - {"cuda"}:
+            reasons.append(
+                f"the inputs are on {sorted(devices)}; the CUDA kernels need CUDA tensors"
+            )
+    return reasons
+
+
+def requested_backend(backend: str | None) -> str | None:
+    """The backend asked for by the argument or ``SNL_BACKEND``; None means automatic."""
+    if backend is None:
+        env = os.environ.get(ENV_VAR, "").strip().lower()
+        if env in ("", "auto"):
+            return None
+        if env not in BACKENDS:
+            raise ValueError(
+                f"{ENV_VAR} must be one of {', '.join(BACKENDS)} or auto, got {env!r}"
+            )
+        return env
+    if backend not in BACKENDS:
+        raise ValueError(
+            f"backend must be one of {', '.join(repr(b) for b in BACKENDS)} or None, "
+            f"got {backend!r}"
+        )
+    return backend
+
+
+def select_backend(
+    op: str,
+    backend: str | None,
+    tensors: Sequence[Tensor],
+    implemented: Sequence[str] = (),
+    prefer: Sequence[str] = ("cuda", "triton"),
+) -> str:
+    """Choose the backend that runs ``op`` on ``tensors``.
+
+    Args:
+        op: the op's name, for messages.
+        backend: the caller's ``backend=`` argument.
+        tensors: the op's tensor inputs (their devices matter).
+        implemented: the kernel backends ("triton", "cuda") that implement ``op``.
+        prefer: automatic mode's order of kernel backends.
+
+    Returns:
+        "torch", "triton" or "cuda".
+
+    Raises:
+        BackendUnavailableError: an explicitly requested backend cannot run, with every reason.
+        ValueError: the argument or ``SNL_BACKEND`` names no backend.
+    """
+    requested = requested_backend(backend)
+    if requested is not None:
+        why = unavailable_reasons(requested, op, tensors, implemented)
+        if why:
+            source = "backend=" if backend is not None else f"{ENV_VAR}="
+            raise BackendUnavailableError(
+                f"{op}: {source}{requested!r} cannot run: " + "; ".join(why)
+            )
+        return requested
+    if _devices(tensors) == {"cuda"}:
+        for candidate in prefer:
+            if not unavailable_reasons(candidate, op, tensors, implemented):
+                return candidate
+    return "torch"
+
+
+def availability(op: str = "cosine_distances", implemented: Sequence[str] = ("triton", "cuda"),
+                 device: str | None = None) -> dict[str, list[str]]:
+    """Reasons each backend is unavailable for ``op`` on ``device`` (empty list: available)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    probe = [torch.empty(1, device=device)]
+    return {b: unavailable_reasons(b, op, probe, implemented) for b in BACKENDS}
