@@ -9,6 +9,7 @@ import sys
 import torch
 
 from . import __version__, _cuda, dispatch
+
 # The op modules (their names are shadowed by the op functions in the package namespace).
 OPS = tuple(
     importlib.import_module(f"snl_kernels.{name}")

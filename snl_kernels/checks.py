@@ -75,7 +75,8 @@ def check_levels(op: str, teachers: object, students: object) -> None:
             )
         if len(levels) == 0:
             raise ValueError(f"{op}: {name} is an empty list; give at least one level")
-    assert isinstance(teachers, Sequence) and isinstance(students, Sequence)
+    assert isinstance(teachers, Sequence)
+    assert isinstance(students, Sequence)
     if len(teachers) != len(students):
         raise ValueError(
             f"{op}: teachers and students must have the same number of levels, "
@@ -159,7 +160,8 @@ def check_inter(op: str, teacher_a: object, teacher_b: object, student_a: object
     """Check the two levels of an inter-affinity pair (b no finer than a)."""
     check_features(op, teacher_a, student_a, ("teacher_a", "student_a"))
     check_features(op, teacher_b, student_b, ("teacher_b", "student_b"))
-    assert isinstance(teacher_a, Tensor) and isinstance(teacher_b, Tensor)
+    assert isinstance(teacher_a, Tensor)
+    assert isinstance(teacher_b, Tensor)
     check_same(op, ("teacher_a", "teacher_b"), [teacher_a, teacher_b], "batch")
     check_same(op, ("teacher_a", "teacher_b"), [teacher_a, teacher_b], "device")
     check_same(op, ("teacher_a", "teacher_b"), [teacher_a, teacher_b], "dtype")

@@ -134,7 +134,9 @@ _FORWARD_OPS = {
 }
 
 
-def cosine_distances(teacher: Tensor, student: Tensor, backend: str | None = None) -> CosineDistances:
+def cosine_distances(
+    teacher: Tensor, student: Tensor, backend: str | None = None
+) -> CosineDistances:
     """Pixel, channel and sample cosine distances from one read of the features.
 
     Args:

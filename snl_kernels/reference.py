@@ -76,7 +76,8 @@ def _distance(dot: Tensor, norm_a: Tensor, norm_b: Tensor) -> Tensor:
 
 def _cosine_distance(a: Tensor, b: Tensor, dim: int | tuple[int, ...]) -> Tensor:
     dot = (a * b).sum(dim)
-    return _distance(dot, torch.linalg.vector_norm(a, dim=dim), torch.linalg.vector_norm(b, dim=dim))
+    norm_a = torch.linalg.vector_norm(a, dim=dim)
+    return _distance(dot, norm_a, torch.linalg.vector_norm(b, dim=dim))
 
 
 # --------------------------------------------------------------------------- 2.1 cosines
@@ -102,7 +103,9 @@ def cosine_distances(teacher: Tensor, student: Tensor) -> CosineDistances:
     )
 
 
-def spatial_channel_loss(teachers: Sequence[Tensor], students: Sequence[Tensor]) -> SpatialChannelLoss:
+def spatial_channel_loss(
+    teachers: Sequence[Tensor], students: Sequence[Tensor]
+) -> SpatialChannelLoss:
     """Sum over levels of ``mean(pixel)``, ``mean(channel)`` and ``mean(sample)``.
 
     Args:

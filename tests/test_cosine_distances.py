@@ -46,7 +46,8 @@ def _check_against_oracle(backend, t, s, weights=None, need_teacher=True):
         lowp_out = reference.cosine_distances(t_lp, s_lp)
     for name in ("pixel", "channel", "sample"):
         a, r = getattr(out, name), getattr(ref, name)
-        assert a.dtype == torch.float32 and a.shape == r.shape, name
+        assert a.dtype == torch.float32, name
+        assert a.shape == r.shape, name
         assert_matches_oracle(a, r)
     if weights is None:
         g = torch.Generator().manual_seed(1)
@@ -60,7 +61,8 @@ def _check_against_oracle(backend, t, s, weights=None, need_teacher=True):
         lowp = torch.autograd.grad(
             _weighted(lowp_out, [w.float().to(t.device) for w in weights]), lp_inputs)
     for k, (grad, ref_grad) in enumerate(zip(grads, ref_grads, strict=True)):
-        assert grad.dtype == t.dtype and grad.shape == t.shape
+        assert grad.dtype == t.dtype
+        assert grad.shape == t.shape
         # Exactly-zero true gradients (C = 1) leave fp32 rounding: floor the scale.
         scale = max(ref_grad.abs().max().item(), 0.1)
         assert_matches_oracle(grad / scale, ref_grad / scale,
@@ -130,7 +132,8 @@ def test_zero_vectors_are_finite_and_match_reference(backend):
     t, s = t.requires_grad_(True), s.requires_grad_(True)
     out = snl_kernels.cosine_distances(t, s, backend=backend)
     assert all(torch.isfinite(o).all() for o in out)
-    assert out.pixel[0, 1, 2].item() == 1.0 and out.channel[0, 3].item() == 1.0
+    assert out.pixel[0, 1, 2].item() == 1.0
+    assert out.channel[0, 3].item() == 1.0
     _check_against_oracle(backend, t, s)
 
 

@@ -12,11 +12,10 @@ computed inside the kernel from the saved sums.
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-
-import torch
 
 BLOCK_N = 64
 BLOCK_C = 32

@@ -1,0 +1,123 @@
+"""Backend choice: argument, then SNL_BACKEND (read on every call), then automatic."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import HAS_GPU, NO_CUDA_BACKEND, NO_TRITON, features
+
+import snl_kernels
+from snl_kernels import dispatch
+
+
+def test_explicit_torch_is_the_reference():
+    t, s = features((2, 3, 4, 4), device="cpu")
+    got = snl_kernels.cosine_distances(t, s, backend="torch")
+    want = snl_kernels.reference.cosine_distances(t, s)
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_unknown_backend_argument():
+    t, s = features((1, 2, 2, 2), device="cpu")
+    with pytest.raises(ValueError, match=r"backend must be one of .*got 'cudnn'"):
+        snl_kernels.cosine_distances(t, s, backend="cudnn")
+
+
+def test_unknown_backend_env(monkeypatch):
+    monkeypatch.setenv("SNL_BACKEND", "fastest")
+    t, s = features((1, 2, 2, 2), device="cpu")
+    with pytest.raises(ValueError, match=r"SNL_BACKEND must be one of .*got 'fastest'"):
+        snl_kernels.cosine_distances(t, s)
+
+
+def test_env_is_read_on_every_call(monkeypatch):
+    tensors = [torch.zeros(1)]
+    monkeypatch.setenv("SNL_BACKEND", "torch")
+    assert dispatch.select_backend("op", None, tensors, ("triton",)) == "torch"
+    monkeypatch.setenv("SNL_BACKEND", "cuda")
+    with pytest.raises(snl_kernels.BackendUnavailableError, match=r"SNL_BACKEND='cuda'"):
+        dispatch.select_backend("op", None, tensors, ("triton",))
+    monkeypatch.setenv("SNL_BACKEND", "auto")
+    assert dispatch.select_backend("op", None, tensors, ("triton",)) == "torch"
+
+
+def test_argument_beats_env(monkeypatch):
+    monkeypatch.setenv("SNL_BACKEND", "cuda")
+    assert dispatch.select_backend("op", "torch", [torch.zeros(1)], ()) == "torch"
+
+
+@pytest.mark.skipif(NO_TRITON is not None, reason=NO_TRITON or "")
+@pytest.mark.skipif(HAS_GPU, reason="checks the CPU interpreter path")
+def test_env_selects_triton_interpreter_on_cpu(monkeypatch):
+    monkeypatch.setenv("SNL_BACKEND", "triton")
+    assert dispatch.select_backend("cosine_distances", None, [torch.zeros(1)],
+                                   ("triton", "cuda")) == "triton"
+
+
+def test_unimplemented_backend_lists_every_reason():
+    t, s = features((1, 2, 3, 3), device="cpu")
+    with pytest.raises(snl_kernels.BackendUnavailableError) as info:
+        snl_kernels.intra_affinity_loss(t, s, backend="cuda")
+    msg = str(info.value)
+    assert msg.startswith("intra_affinity_loss: backend='cuda' cannot run: ")
+    assert "intra_affinity_loss has no cuda implementation yet" in msg
+    if torch.version.cuda is None:
+        assert "is a CPU build" in msg
+    elif not HAS_GPU:
+        assert "no CUDA GPU is visible" in msg
+    if not HAS_GPU:
+        assert "the CUDA kernels need CUDA tensors" in msg
+
+
+@pytest.mark.skipif(NO_CUDA_BACKEND is None, reason="the CUDA backend is available here")
+def test_cuda_unavailable_reason_names_the_cause():
+    t, s = features((1, 2, 3, 3), device="cpu")
+    with pytest.raises(snl_kernels.BackendUnavailableError,
+                       match=r"cosine_distances: backend='cuda' cannot run: .*CUDA"):
+        snl_kernels.cosine_distances(t, s, backend="cuda")
+
+
+def test_automatic_falls_back_to_reference_on_cpu():
+    tensors = [torch.zeros(1)]
+    assert dispatch.select_backend("cosine_distances", None, tensors, ("triton", "cuda")) == "torch"
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU (none visible)")
+def test_automatic_picks_a_kernel_on_gpu():
+    chosen = dispatch.select_backend("cosine_distances", None, [torch.zeros(1, device="cuda")],
+                                     ("triton", "cuda"))
+    assert chosen in ("triton", "cuda")
+
+
+@pytest.mark.parametrize(
+    ("op", "args"),
+    [
+        ("intra_affinity_loss", lambda t, s: (t, s)),
+        ("inter_affinity_loss", lambda t, s: (t, t[:, :, ::2, ::2], s, s[:, :, ::2, ::2])),
+        ("cram", lambda t, s: (t, torch.randn(3, t.shape[1]), 0.0)),
+        ("anomaly_map", lambda t, s: ([t], [s], 8)),
+    ],
+)
+def test_reference_only_ops_fall_back_and_refuse(op, args):
+    t, s = features((2, 4, 4, 4), device="cpu")
+    fn = getattr(snl_kernels, op)
+    fn(*args(t, s))  # automatic: reference
+    with pytest.raises(snl_kernels.BackendUnavailableError, match=f"{op} has no triton"):
+        fn(*args(t, s), backend="triton")
+
+
+def test_info_command_prints_every_backend():
+    out = subprocess.run([sys.executable, "-m", "snl_kernels"], capture_output=True, text=True,
+                         check=True).stdout
+    assert f"snl-kernels {snl_kernels.__version__}" in out
+    assert f"torch       {torch.__version__}" in out
+    for op in ("cosine_distances", "intra_affinity_loss", "inter_affinity_loss", "cram",
+               "anomaly_map"):
+        assert f"  {op}\n" in out
+    assert out.count("    torch   available") == 5
+    if torch.version.cuda is None:
+        assert "is a CPU build" in out
