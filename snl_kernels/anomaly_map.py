@@ -1,20 +1,118 @@
 """Anomaly map (SPEC §2.5): per-level distances, upsampling, sum, blur and image score.
 
-Only the reference backend exists so far; the fused kernels (one read of the features
-through precomputed blur-and-upsample matrices) are tracked by the anomaly-map issue.
-Explicit ``backend="triton"`` or ``"cuda"`` raises ``BackendUnavailableError`` saying so;
-automatic mode uses the reference.
+Math. Per level k, ``m_k = 1 - cos over C`` of teacher and student, (B, H_k, W_k). Bilinear
+upsampling with ``align_corners=True`` to (H, W) acts on each axis separately as a matrix:
+``up(m_k) = U_k^h m_k U_k^w^T`` with U_k^h of shape (H, H_k). The Gaussian blur (radius
+``int(4 sigma + 0.5)``, weights normalised to 1, scipy "reflect" borders ``d c b a | a b c
+d``) is also separable and linear: ``blur(x) = G^h x G^w^T`` with G^h (H, H), the reflected
+taps folded into the matrix. In "add" mode everything is linear, so
+
+    map = G^h (sum_k U_k^h m_k U_k^w^T) G^w^T = sum_k M_k^h m_k M_k^w^T,  M_k = G U_k,
+
+with small precomputed operators M_k^h (H, H_k) and M_k^w (W, W_k): no full-resolution
+intermediate exists other than the output, and the features are read once. The score of
+an image is the max of its map. "mul" mode multiplies the upsampled maps, which is not
+linear: it runs the same per-level distance kernel, then upsamples, multiplies and blurs
+with PyTorch ops (slower, still correct).
+
+The operators are built in float64 and cached per (level sizes, output size, sigma,
+device). The kernels are inference-only (there is no backward): with inputs that require
+grad under grad mode, automatic mode uses the reference and an explicit kernel backend
+raises.
+
+Backends: ``torch`` (reference), ``triton`` (``snl_kernels/_triton/anomaly_map.py``).
 """
 
+import functools
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor
 
 from . import checks, dispatch, reference
 from .reference import AnomalyMap
 
 OP = "anomaly_map"
-IMPLEMENTED: tuple[str, ...] = ()
+IMPLEMENTED: tuple[str, ...] = ("triton",)
+
+
+def upsample_matrix(n_out: int, n_in: int) -> Tensor:
+    """(n_out, n_in) float64 matrix of 1-D linear interpolation with ``align_corners=True``."""
+    scale = (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
+    src = torch.arange(n_out, dtype=torch.float64) * scale
+    lo = src.floor().long().clamp(max=n_in - 1)
+    hi = (lo + 1).clamp(max=n_in - 1)
+    frac = src - lo.double()
+    mat = torch.zeros(n_out, n_in, dtype=torch.float64)
+    rows = torch.arange(n_out)
+    mat.index_put_((rows, lo), 1.0 - frac, accumulate=True)
+    mat.index_put_((rows, hi), frac, accumulate=True)
+    return mat
+
+
+def blur_matrix(n: int, sigma: float) -> Tensor:
+    """(n, n) float64 matrix of the 1-D Gaussian blur with scipy "reflect" borders."""
+    if sigma == 0:
+        return torch.eye(n, dtype=torch.float64)
+    r = reference.gaussian_radius(sigma)
+    weights = reference.gaussian_weights(sigma)
+    src = reference.reflect_index(n, r)  # source sample of each padded position
+    mat = torch.zeros(n, n, dtype=torch.float64)
+    for i in range(n):
+        mat[i].index_add_(0, src[i : i + 2 * r + 1], weights)
+    return mat
+
+
+@functools.lru_cache(maxsize=32)
+def operators(level_sizes: tuple[tuple[int, int], ...], size: tuple[int, int], sigma: float,
+              hk: int, wk: int, device: str) -> tuple[Tensor, Tensor]:
+    """Stacked blur-and-upsample operators, zero-padded: (L, H, hk) and (L, W, wk) float32."""
+    height, width = size
+    g_h, g_w = blur_matrix(height, sigma), blur_matrix(width, sigma)
+    mh = torch.zeros(len(level_sizes), height, hk, dtype=torch.float64)
+    mw = torch.zeros(len(level_sizes), width, wk, dtype=torch.float64)
+    for k, (h_k, w_k) in enumerate(level_sizes):
+        mh[k, :, :h_k] = g_h @ upsample_matrix(height, h_k)
+        mw[k, :, :w_k] = g_w @ upsample_matrix(width, w_k)
+    return mh.to(device, torch.float32), mw.to(device, torch.float32)
+
+
+_SCHEMA = (
+    "(Tensor[] teachers, Tensor[] students, int[] size, float sigma, str mode) -> (Tensor, Tensor)"
+)
+
+
+@torch.library.custom_op("snl_triton::anomaly_map", mutates_args=(), schema=_SCHEMA)
+def _triton_anomaly_map(teachers, students, size, sigma, mode):
+    from ._triton import anomaly_map as kernels
+
+    size = tuple(size)
+
+    m = kernels.pixel_distances(list(teachers), list(students), reference.EPS)
+    level_sizes = tuple((t.shape[2], t.shape[3]) for t in teachers)
+    if mode == "add":
+        mh, mw = operators(level_sizes, size, sigma, m.shape[2], m.shape[3], str(m.device))
+        return kernels.combine(m, mh, mw, *size)
+    product = None
+    for k, (h_k, w_k) in enumerate(level_sizes):
+        up = torch.nn.functional.interpolate(m[:, k : k + 1, :h_k, :w_k], size=size,
+                                             mode="bilinear", align_corners=True)
+        product = up if product is None else product * up
+    assert product is not None
+    g_h = blur_matrix(size[0], sigma).to(m.device, torch.float32)
+    g_w = blur_matrix(size[1], sigma).to(m.device, torch.float32)
+    maps = g_h @ product @ g_w.T
+    return maps, maps.amax(dim=(1, 2, 3))
+
+
+@torch.library.register_fake("snl_triton::anomaly_map")
+def _fake_anomaly_map(teachers, students, size, sigma, mode):
+    t = teachers[0]
+    return (t.new_empty((t.shape[0], 1, size[0], size[1]), dtype=torch.float32),
+            t.new_empty((t.shape[0],), dtype=torch.float32))
+
+
+_KERNEL_OPS = {"triton": torch.ops.snl_triton.anomaly_map}
 
 
 def anomaly_map(teachers: Sequence[Tensor], students: Sequence[Tensor],
@@ -23,7 +121,7 @@ def anomaly_map(teachers: Sequence[Tensor], students: Sequence[Tensor],
     """Anomaly maps (B, 1, H, W) and image scores (B,) from per-level features.
 
     Args:
-        teachers: per-level (B, C_k, H_k, W_k) teacher features.
+        teachers: per-level (B, C_k, H_k, W_k) teacher features (any number of levels).
         students: per-level student features matching ``teachers``.
         size: output size, an int or (H, W).
         sigma: Gaussian blur sigma in output pixels (0: no blur).
@@ -31,11 +129,25 @@ def anomaly_map(teachers: Sequence[Tensor], students: Sequence[Tensor],
         backend: "torch", "triton", "cuda" or None (``SNL_BACKEND``, then automatic).
 
     Returns:
-        ``AnomalyMap(maps (B, 1, H, W), scores (B,))``.
+        ``AnomalyMap(maps (B, 1, H, W), scores (B,))``, float32 (float64 for float64 inputs,
+        which only the reference takes).
+
+    Raises:
+        TypeError, ValueError: bad features, size, sigma or mode (the message names which).
+        BackendUnavailableError: the requested backend cannot run here (with the reasons).
     """
     checks.check_levels(OP, teachers, students)
-    checks.check_size(OP, size)
-    checks.check_sigma(OP, sigma)
+    out_size = checks.check_size(OP, size)
+    sigma = checks.check_sigma(OP, sigma)
     checks.check_choice(OP, "mode", mode, ("add", "mul"))
-    dispatch.select_backend(OP, backend, [*teachers, *students], IMPLEMENTED)
-    return reference.anomaly_map(teachers, students, size, sigma, mode)
+    tensors = [*teachers, *students]
+    why_not = None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        why_not = "the inputs require grad and the anomaly-map kernels are inference-only"
+    elif teachers[0].dtype == torch.float64:
+        why_not = "float64 inputs run on the reference only"
+    chosen = dispatch.select_backend(OP, backend, tensors, IMPLEMENTED, why_not=why_not)
+    if chosen == "torch":
+        return reference.anomaly_map(teachers, students, out_size, sigma, mode)
+    maps, scores = _KERNEL_OPS[chosen](list(teachers), list(students), list(out_size), sigma, mode)
+    return AnomalyMap(maps, scores)

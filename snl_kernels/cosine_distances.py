@@ -154,8 +154,8 @@ def cosine_distances(
         BackendUnavailableError: the requested backend cannot run here (with the reasons).
     """
     checks.check_features(OP, teacher, student)
-    implemented = IMPLEMENTED if teacher.dtype != torch.float64 else ()
-    chosen = dispatch.select_backend(OP, backend, (teacher, student), implemented)
+    why_not = "float64 inputs run on the reference only" if teacher.dtype == torch.float64 else None
+    chosen = dispatch.select_backend(OP, backend, (teacher, student), IMPLEMENTED, why_not=why_not)
     if chosen == "torch":
         return reference.cosine_distances(teacher, student)
     pixel, channel, sample, _, _ = _FORWARD_OPS[chosen](teacher, student)

@@ -70,15 +70,22 @@ def _devices(tensors: Sequence[Tensor]) -> set[str]:
 
 
 def unavailable_reasons(
-    backend: str, op: str, tensors: Sequence[Tensor], implemented: Sequence[str]
+    backend: str, op: str, tensors: Sequence[Tensor], implemented: Sequence[str],
+    why_not: str | None = None,
 ) -> list[str]:
-    """Every reason ``backend`` cannot run ``op`` on ``tensors`` (empty list: it can)."""
+    """Every reason ``backend`` cannot run ``op`` on ``tensors`` (empty list: it can).
+
+    ``why_not`` is a reason, specific to this call, that rules out every kernel backend
+    (e.g. float64 inputs, or gradients requested from an inference-only kernel).
+    """
     if backend == "torch":
         return []
     reasons: list[str] = []
     devices = _devices(tensors)
     if backend not in implemented:
         reasons.append(f"{op} has no {backend} implementation yet")
+    if why_not:
+        reasons.append(why_not)
     if backend == "triton":
         err = triton_import_error()
         if err:
@@ -134,6 +141,7 @@ def select_backend(
     tensors: Sequence[Tensor],
     implemented: Sequence[str] = (),
     prefer: Sequence[str] = ("cuda", "triton"),
+    why_not: str | None = None,
 ) -> str:
     """Choose the backend that runs ``op`` on ``tensors``.
 
@@ -143,6 +151,7 @@ def select_backend(
         tensors: the op's tensor inputs (their devices matter).
         implemented: the kernel backends ("triton", "cuda") that implement ``op``.
         prefer: automatic mode's order of kernel backends.
+        why_not: a reason specific to this call that rules out every kernel backend.
 
     Returns:
         "torch", "triton" or "cuda".
@@ -153,7 +162,7 @@ def select_backend(
     """
     requested = requested_backend(backend)
     if requested is not None:
-        why = unavailable_reasons(requested, op, tensors, implemented)
+        why = unavailable_reasons(requested, op, tensors, implemented, why_not)
         if why:
             source = "backend=" if backend is not None else f"{ENV_VAR}="
             raise BackendUnavailableError(
@@ -162,7 +171,7 @@ def select_backend(
         return requested
     if _devices(tensors) == {"cuda"}:
         for candidate in prefer:
-            if not unavailable_reasons(candidate, op, tensors, implemented):
+            if not unavailable_reasons(candidate, op, tensors, implemented, why_not):
                 return candidate
     return "torch"
 
