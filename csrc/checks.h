@@ -1,0 +1,59 @@
+// Input checks for the CUDA ops. Each failure names the argument (the macro stringifies the
+// variable, which carries the schema's argument name) and shows the offending value.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+
+namespace snl {
+
+inline void check_cuda(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.is_cuda(), name, " must be a CUDA tensor, got device ", x.device());
+}
+
+inline void check_same_device(const at::Tensor& x, const char* name, const at::Tensor& ref,
+                              const char* ref_name) {
+  TORCH_CHECK(x.device() == ref.device(), name, " must be on the same device as ", ref_name,
+              ", got ", x.device(), " and ", ref.device());
+}
+
+inline void check_float_dtype(const at::Tensor& x, const char* name) {
+  const at::ScalarType dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, name,
+              " must be float32, float16 or bfloat16, got ", dtype);
+}
+
+inline void check_dtype(const at::Tensor& x, const char* name, at::ScalarType dtype) {
+  TORCH_CHECK(x.scalar_type() == dtype, name, " must be ", dtype, ", got ", x.scalar_type());
+}
+
+inline void check_same_dtype(const at::Tensor& x, const char* name, const at::Tensor& ref,
+                             const char* ref_name) {
+  TORCH_CHECK(x.scalar_type() == ref.scalar_type(), name, " must have the dtype of ", ref_name,
+              ", got ", x.scalar_type(), " and ", ref.scalar_type());
+}
+
+inline void check_dim(const at::Tensor& x, const char* name, int64_t dim) {
+  TORCH_CHECK(x.dim() == dim, name, " must have ", dim, " dimensions, got shape ", x.sizes());
+}
+
+inline void check_shape(const at::Tensor& x, const char* name, at::IntArrayRef shape) {
+  TORCH_CHECK(x.sizes() == shape, name, " must have shape ", shape, ", got ", x.sizes());
+}
+
+inline void check_nonempty(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.numel() > 0, name, " must not be empty, got shape ", x.sizes());
+}
+
+}  // namespace snl
+
+#define CHECK_CUDA(x) ::snl::check_cuda(x, #x)
+#define CHECK_SAME_DEVICE(x, ref) ::snl::check_same_device(x, #x, ref, #ref)
+#define CHECK_FLOAT_DTYPE(x) ::snl::check_float_dtype(x, #x)
+#define CHECK_DTYPE(x, dtype) ::snl::check_dtype(x, #x, dtype)
+#define CHECK_SAME_DTYPE(x, ref) ::snl::check_same_dtype(x, #x, ref, #ref)
+#define CHECK_DIM(x, dim) ::snl::check_dim(x, #x, dim)
+#define CHECK_SHAPE(x, ...) ::snl::check_shape(x, #x, __VA_ARGS__)
+#define CHECK_NONEMPTY(x) ::snl::check_nonempty(x, #x)

@@ -1,0 +1,76 @@
+"""The CUDA extension ``snl_kernels._C``: it imports and registers the ``torch.ops.snl`` schemas.
+
+These run without a GPU. Where PyTorch is a CPU build they skip (the extension is not built
+there); where it is a CUDA build and the extension does not import they skip with the import
+error, unless ``SNL_REQUIRE_EXTENSION=1`` (set by CI in its CUDA environment), which turns that
+into a failure. Kernel correctness is tested in ``test_cosine_distances.py``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+
+SCHEMAS = {
+    "cosine_distances_fwd": (
+        "snl::cosine_distances_fwd(Tensor teacher, Tensor student) -> (Tensor pixel, "
+        "Tensor channel, Tensor sample, Tensor pixel_stats, Tensor channel_stats)"
+    ),
+    "cosine_distances_bwd": (
+        "snl::cosine_distances_bwd(Tensor teacher, Tensor student, Tensor pixel_stats, "
+        "Tensor channel_stats, Tensor grad_pixel, Tensor grad_channel, Tensor grad_sample, "
+        "bool teacher_requires_grad) -> (Tensor grad_teacher, Tensor grad_student)"
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def extension():
+    if torch.version.cuda is None:
+        pytest.skip("PyTorch is a CPU build; the CUDA extension is not built")
+    try:
+        return importlib.import_module("snl_kernels._C")
+    except Exception as exc:  # any failure to load (missing .so, bad symbol) reads the same
+        reason = f"snl_kernels._C does not import: {type(exc).__name__}: {exc}"
+        if os.environ.get("SNL_REQUIRE_EXTENSION") == "1":
+            pytest.fail(f"SNL_REQUIRE_EXTENSION=1, but {reason}")
+        pytest.skip(f"{reason} (build it: pip install --no-build-isolation -e .)")
+
+
+def test_extension_is_a_built_library(extension):
+    assert extension.__file__.endswith(".so"), extension.__file__
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+def test_schema(extension, name):
+    assert str(getattr(torch.ops.snl, name).default._schema) == SCHEMAS[name]
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+def test_cuda_kernel_registered(extension, name):
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"snl::{name}", "CUDA")
+
+
+def test_fwd_has_no_cpu_kernel(extension):
+    teacher = torch.randn(1, 2, 3, 4)
+    with pytest.raises(RuntimeError, match="'CPU' backend"):
+        torch.ops.snl.cosine_distances_fwd(teacher, teacher.clone())
+
+
+def test_bwd_has_no_cpu_kernel(extension):
+    B, C, H, W = 1, 2, 3, 4
+    teacher = torch.randn(B, C, H, W)
+    with pytest.raises(RuntimeError, match="'CPU' backend"):
+        torch.ops.snl.cosine_distances_bwd(
+            teacher,
+            teacher.clone(),
+            torch.zeros(B, 3, H * W),
+            torch.zeros(B, 3, C),
+            torch.zeros(B, H, W),
+            torch.zeros(B, C),
+            torch.zeros(B),
+            True,
+        )
