@@ -1,0 +1,36 @@
+"""Data sets: MVTec AD / VisA folders, and the embedded default made from scikit-image textures.
+
+``TrainDataset`` and ``TestDataset`` read any folder in the MVTec AD or VisA (1-class
+split) layout; ``make_default_dataset`` writes the default set, in the MVTec layout, from
+texture photographs that ship inside scikit-image (no download).
+"""
+
+from .folders import (
+    GOOD,
+    IMAGE_EXTENSIONS,
+    DatasetError,
+    Sample,
+    TestDataset,
+    TrainDataset,
+    list_classes,
+    load_image,
+    load_mask,
+)
+from .textures import DEFAULT_CLASSES, DEFECT_TYPES, TEXTURES, default_root, make_default_dataset
+
+__all__ = [
+    "DEFAULT_CLASSES",
+    "DEFECT_TYPES",
+    "GOOD",
+    "IMAGE_EXTENSIONS",
+    "TEXTURES",
+    "DatasetError",
+    "Sample",
+    "TestDataset",
+    "TrainDataset",
+    "default_root",
+    "list_classes",
+    "load_image",
+    "load_mask",
+    "make_default_dataset",
+]
