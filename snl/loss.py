@@ -1,0 +1,100 @@
+"""SNL's and RD4AD's training losses (SPEC §3), from teacher and student levels.
+
+SNL: ``L = w_ch sum_k L_ch^k + w_sp sum_k L_sp^k + w_intra sum_k L_intra^k
++ w_inter sum_{(1,2),(2,3)} L_inter + w_c L_c`` with ``L_ch = mean(pixel)``,
+``L_sp = mean(channel)`` (SPEC §2.1), the affinity losses of §2.2 and §2.3 and CRAM's
+compactness ``L_c = mean(compact)`` (§2.4). A weight of 0 switches its term off: it is
+neither computed nor reported. RD4AD: ``L = sum_k L_rd^k``, ``L_rd = mean(sample)``, the
+flattened per-sample cosine distance.
+
+The dicts hold each term unweighted (0-dim float32 tensors) and ``total``, the weighted sum.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .ops import Ops
+
+PAIRS = ((0, 1), (1, 2))
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """Weights of SNL's loss terms (0 switches a term off)."""
+
+    w_ch: float = 1.0
+    w_sp: float = 1.0
+    w_intra: float = 1.0
+    w_inter: float = 1.0
+    w_c: float = 0.1
+
+
+def common_dtype(teachers: Sequence[Tensor], students: Sequence[Tensor]):
+    """Cast each teacher/student pair to their common dtype (they differ under autocast)."""
+    pairs = []
+    for t, s in zip(teachers, students, strict=True):
+        dtype = torch.promote_types(t.dtype, s.dtype)
+        pairs.append((t.to(dtype), s.to(dtype)))
+    return [t for t, _ in pairs], [s for _, s in pairs]
+
+
+def snl_loss(ops: Ops, teachers: Sequence[Tensor], students: Sequence[Tensor],
+             compact: Tensor | None, weights: LossWeights, intra_distance: str = "l2",
+             inter_distance: str = "l2") -> dict[str, Tensor]:
+    """SNL's loss terms and their weighted ``total``.
+
+    Args:
+        ops: the op table (:func:`snl.ops.op_table`).
+        teachers: three (B, C_k, H_k, W_k) teacher levels, fine to coarse.
+        students: the student's levels, same shapes.
+        compact: (B, h, w) CRAM compactness, or None when there is no CRAM.
+        weights: the term weights.
+        intra_distance: "l2" or "l1" for the intra-affinity loss.
+        inter_distance: "l2" or "l1" for the inter-affinity loss.
+
+    Returns:
+        A dict with ``channel``, ``spatial``, ``intra``, ``inter``, ``compact`` (those whose
+        weight is not 0) and ``total``.
+    """
+    w = weights
+    terms: dict[str, Tensor] = {}
+    weighted: list[Tensor] = []
+    if w.w_ch or w.w_sp:
+        sc = ops.spatial_channel_loss(teachers, students)
+        if w.w_ch:
+            terms["channel"] = sc.channel
+            weighted.append(w.w_ch * sc.channel)
+        if w.w_sp:
+            terms["spatial"] = sc.spatial
+            weighted.append(w.w_sp * sc.spatial)
+    if w.w_intra:
+        terms["intra"] = torch.stack([
+            ops.intra_affinity_loss(t, s, intra_distance)
+            for t, s in zip(teachers, students, strict=True)
+        ]).sum()
+        weighted.append(w.w_intra * terms["intra"])
+    if w.w_inter:
+        terms["inter"] = torch.stack([
+            ops.inter_affinity_loss(teachers[a], teachers[b], students[a], students[b],
+                                    inter_distance)
+            for a, b in PAIRS
+        ]).sum()
+        weighted.append(w.w_inter * terms["inter"])
+    if w.w_c and compact is not None:
+        terms["compact"] = compact.mean()
+        weighted.append(w.w_c * terms["compact"])
+    if not weighted:
+        raise ValueError("every loss weight is 0: switch at least one term on")
+    terms["total"] = torch.stack(weighted).sum()
+    return terms
+
+
+def rd_loss(ops: Ops, teachers: Sequence[Tensor], students: Sequence[Tensor]) -> dict[str, Tensor]:
+    """RD4AD's loss ``sum_k mean(sample_k)`` as ``{"rd": ..., "total": ...}``."""
+    rd = ops.spatial_channel_loss(teachers, students).rd
+    return {"rd": rd, "total": rd}

@@ -1,0 +1,238 @@
+"""SNL: a frozen teacher, RD4AD's bottleneck, CRAM and a student decoder (SPEC §3).
+
+::
+
+    images (B, 3, H, W) -> teacher (frozen timm backbone) -> T_1, T_2, T_3 (strides 4, 8, 16)
+      -> OCBE -> e (B, D, H/32, W/32) -> CRAM -> z = mu + phi(e - mu)
+      -> decoder -> S_1, S_2, S_3 (same shapes as T_k)
+
+Training compares S_k with T_k (:mod:`snl.loss`); inference turns their per-pixel cosine
+distances into anomaly maps and scores (``anomaly_map`` op, blur sigma 4). Every op comes
+from :func:`snl.ops.op_table`: ``fused=True`` uses snl_kernels' kernels where they exist,
+``fused=False`` the plain-PyTorch reference; both give the same numbers.
+
+``structure="rd"`` is the RD4AD baseline: no CRAM, loss ``sum_k mean(sample_k)``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from snl_kernels import CramOutput
+
+from .config import Architecture, Normalization, architecture
+from .cram import CRAM
+from .loss import LossWeights, common_dtype, rd_loss, snl_loss
+from .ops import full_precision, op_table
+from .student import OCBE, Decoder
+from .teacher import build_teacher
+
+STRUCTURES = ("snl", "rd")
+DISTANCES = ("l2", "l1")
+MULTIPLE = 32  # the embedding is at stride 32
+
+
+class Features(NamedTuple):
+    """What one forward pass computes."""
+
+    teachers: list[Tensor]  #: (B, C_k, H / s_k, W / s_k), s_k = 4, 8, 16
+    students: list[Tensor]  #: same shapes
+    cram: CramOutput | None  #: CRAM's outputs (None for structure="rd")
+
+
+class SNL(nn.Module):
+    """Structural teacher-student normality learning for multi-class anomaly detection.
+
+    Args:
+        backbone: timm model name with feature levels at strides 4, 8 and 16
+            (``wide_resnet50_2`` as RD4AD, ``resnet50``, ``resnet18``,
+            ``tf_efficientnet_lite0``, ...); a pretrained tag may follow a dot
+            (``wide_resnet50_2.tv_in1k``: torchvision's weights, RD4AD's teacher).
+        pretrained: load ImageNet weights into the teacher (see :mod:`snl.weights` for the
+            sources tried; never a long network wait). False gives a random teacher, for
+            tests only.
+        weights: path of a local state dict for the teacher (timm or torchvision names);
+            takes precedence over ``pretrained``.
+        fused: snl_kernels' fused ops (True) or the plain-PyTorch reference (False).
+        structure: "snl" (CRAM and structural losses) or "rd" (RD4AD's baseline).
+        num_centers: K, CRAM's centres.
+        w_ch, w_sp, w_intra, w_inter, w_c: weights of the loss terms (0 switches one off).
+        intra_distance, inter_distance: "l2" or "l1" for the affinity losses.
+        sigma: Gaussian blur of the anomaly maps, in input pixels.
+        map_mode: "add" or "mul": how the levels' maps are combined.
+
+    Raises:
+        ValueError: an option out of range, an unknown backbone or one without the levels.
+        snl.WeightsUnavailableError: pretrained weights asked for and not to be had.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "wide_resnet50_2",
+        pretrained: bool = True,
+        weights: str | os.PathLike | None = None,
+        fused: bool = True,
+        structure: str = "snl",
+        num_centers: int = 16,
+        w_ch: float = 1.0,
+        w_sp: float = 1.0,
+        w_intra: float = 1.0,
+        w_inter: float = 1.0,
+        w_c: float = 0.1,
+        intra_distance: str = "l2",
+        inter_distance: str = "l2",
+        sigma: float = 4.0,
+        map_mode: str = "add",
+    ):
+        super().__init__()
+        _check_choice("structure", structure, STRUCTURES)
+        _check_choice("intra_distance", intra_distance, DISTANCES)
+        _check_choice("inter_distance", inter_distance, DISTANCES)
+        _check_choice("map_mode", map_mode, ("add", "mul"))
+        for name, value in (("w_ch", w_ch), ("w_sp", w_sp), ("w_intra", w_intra),
+                            ("w_inter", w_inter), ("w_c", w_c), ("sigma", sigma)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                math.isfinite(value) and value >= 0
+            ):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        self.loss_weights = LossWeights(w_ch, w_sp, w_intra, w_inter, w_c)
+        if structure == "snl" and not any((w_ch, w_sp, w_intra, w_inter, w_c)):
+            raise ValueError("every loss weight is 0: switch at least one term on")
+
+        self.arch: Architecture = architecture(backbone)
+        self._fused = bool(fused)
+        self.structure = structure
+        self.intra_distance = intra_distance
+        self.inter_distance = inter_distance
+        self.sigma = float(sigma)
+        self.map_mode = map_mode
+        arch = self.arch
+        self.teacher = build_teacher(arch, pretrained, weights)
+        self.ocbe = OCBE(arch.channels, arch.embed_dim, arch.block, arch.width_ratio,
+                         arch.ocbe_depth)
+        self.cram = (CRAM(arch.embed_dim, num_centers, fused=self.fused)
+                     if structure == "snl" else None)
+        self.decoder = Decoder(arch.channels, arch.embed_dim, arch.block, arch.width_ratio,
+                               arch.decoder_depths)
+
+    @property
+    def fused(self) -> bool:
+        """Whether the ops are snl_kernels' (True) or the reference (False); assignable."""
+        return self._fused
+
+    @fused.setter
+    def fused(self, value: bool) -> None:
+        self._fused = bool(value)
+        if self.cram is not None:
+            self.cram.fused = self._fused
+
+    @property
+    def normalization(self) -> Normalization:
+        """The teacher's input normalisation: ``(images - mean) / std`` on [0, 1] RGB."""
+        return self.arch.normalization
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        """The student side's parameters (OCBE, CRAM, decoder): what the optimizer gets."""
+        for part in (self.ocbe, self.cram, self.decoder):
+            if part is not None:
+                yield from part.parameters()
+
+    def check_images(self, images: object) -> Tensor:
+        """Check that ``images`` is a (B, 3, H, W) floating tensor with H, W multiples of 32."""
+        if not isinstance(images, Tensor):
+            raise TypeError(f"SNL: images must be a torch.Tensor, got {type(images).__name__}")
+        if not images.is_floating_point():
+            raise TypeError(f"SNL: images must be a floating tensor, got {images.dtype}")
+        shape = tuple(images.shape)
+        c = self.arch.in_chans
+        if images.dim() != 4:
+            raise ValueError(
+                f"SNL: images must be a 4-D tensor (B, {c}, H, W), got shape {shape}"
+                + ("; add a batch dimension with images[None]" if images.dim() == 3 else "")
+            )
+        if shape[1] != c:
+            raise ValueError(
+                f"SNL: images must have {c} channels for backbone {self.arch.backbone!r}, "
+                f"got {shape[1]} (shape {shape})"
+            )
+        if shape[0] == 0 or shape[2] % MULTIPLE or shape[3] % MULTIPLE or 0 in shape[2:]:
+            raise ValueError(
+                f"SNL: images' batch must be non-empty and height and width positive "
+                f"multiples of {MULTIPLE}, got shape {shape}"
+            )
+        return images
+
+    def forward(self, images: Tensor) -> Features:
+        """Teacher and student features of a batch.
+
+        Args:
+            images: (B, 3, H, W) normalised images, H and W multiples of 32.
+
+        Returns:
+            ``Features(teachers, students, cram)``.
+        """
+        self.check_images(images)
+        with torch.no_grad():
+            teachers = self.teacher(images)
+        embedding = self.ocbe(teachers)
+        cram_out = None
+        if self.cram is not None:
+            embedding, cram_out = self.cram(embedding)
+        return Features(teachers, self.decoder(embedding), cram_out)
+
+    def loss(self, images: Tensor) -> dict[str, Tensor]:
+        """Every loss term and ``total`` (SPEC §3) on a batch.
+
+        Args:
+            images: (B, 3, H, W) normalised images, H and W multiples of 32.
+
+        Returns:
+            structure "snl": ``channel``, ``spatial``, ``intra``, ``inter``, ``compact``
+            (unweighted; terms with weight 0 left out) and ``total`` (weighted sum);
+            structure "rd": ``rd`` and ``total``. 0-dim float32 tensors.
+        """
+        features = self(images)
+        teachers, students = common_dtype(features.teachers, features.students)
+        ops = op_table(self.fused)
+        with full_precision(images.device.type):
+            if self.structure == "rd":
+                return rd_loss(ops, teachers, students)
+            compact = features.cram.compact if features.cram is not None else None
+            return snl_loss(ops, teachers, students, compact, self.loss_weights,
+                            self.intra_distance, self.inter_distance)
+
+    @torch.no_grad()
+    def predict(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """Anomaly scores and maps at the input size (call ``model.eval()`` first).
+
+        Args:
+            images: (B, 3, H, W) normalised images, H and W multiples of 32.
+
+        Returns:
+            ``scores`` (B,) and ``maps`` (B, 1, H, W), float32: the sum over levels of the
+            upsampled per-pixel cosine distances, blurred by ``sigma``; a score is its map's
+            max.
+        """
+        features = self(images)
+        teachers, students = common_dtype(features.teachers, features.students)
+        size = (int(images.shape[-2]), int(images.shape[-1]))
+        with full_precision(images.device.type):
+            result = op_table(self.fused).anomaly_map(teachers, students, size, self.sigma,
+                                                      self.map_mode)
+        return result.scores, result.maps
+
+    def extra_repr(self) -> str:
+        return (f"backbone={self.arch.backbone!r}, structure={self.structure!r}, "
+                f"fused={self.fused}")
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        options = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"{name} must be one of {options}, got {value!r}")
