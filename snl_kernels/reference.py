@@ -21,9 +21,10 @@ Conventions:
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Sequence
+from typing import NamedTuple, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,31 @@ from torch import Tensor
 from . import checks
 
 EPS = 1e-8
+_F = TypeVar("_F", bound=Callable)
+
+
+def _device_type(args: Sequence[object]) -> str:
+    for a in args:
+        if isinstance(a, Tensor):
+            return a.device.type
+        if isinstance(a, (list, tuple)) and a and isinstance(a[0], Tensor):
+            return a[0].device.type
+    return "cpu"
+
+
+def full_precision(fn: _F) -> _F:
+    """Run ``fn`` with autocast off: the reference computes in float32 (or float64) even
+    inside ``torch.autocast``, which would otherwise recast its matmuls and convolutions."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        device_type = _device_type(args)
+        if device_type not in ("cpu", "cuda"):
+            return fn(*args, **kwargs)
+        with torch.autocast(device_type=device_type, enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 class CosineDistances(NamedTuple):
@@ -83,6 +109,7 @@ def _cosine_distance(a: Tensor, b: Tensor, dim: int | tuple[int, ...]) -> Tensor
 # --------------------------------------------------------------------------- 2.1 cosines
 
 
+@full_precision
 def cosine_distances(teacher: Tensor, student: Tensor) -> CosineDistances:
     """Pixel, channel and sample cosine distances between teacher and student features.
 
@@ -103,6 +130,7 @@ def cosine_distances(teacher: Tensor, student: Tensor) -> CosineDistances:
     )
 
 
+@full_precision
 def spatial_channel_loss(
     teachers: Sequence[Tensor], students: Sequence[Tensor]
 ) -> SpatialChannelLoss:
@@ -131,6 +159,7 @@ def _reduce(diff: Tensor, distance: str) -> Tensor:
     return diff.square().mean() if distance == "l2" else diff.abs().mean()
 
 
+@full_precision
 def intra_affinity_loss(teacher: Tensor, student: Tensor, distance: str = "l2") -> Tensor:
     """Distance between the pixel-to-pixel cosine affinities of teacher and student.
 
@@ -159,6 +188,7 @@ def intra_affinity_loss(teacher: Tensor, student: Tensor, distance: str = "l2") 
     return _reduce(affinity(teacher) - affinity(student), distance)
 
 
+@full_precision
 def inter_affinity_loss(
     teacher_a: Tensor,
     teacher_b: Tensor,
@@ -201,6 +231,7 @@ def inter_affinity_loss(
 # --------------------------------------------------------------------------- 2.4 CRAM
 
 
+@full_precision
 def cram(embedding: Tensor, centers: Tensor, log_tau: Tensor | float) -> CramOutput:
     """Central residual aggregation: soft assignment of each position to learned centres.
 
@@ -275,6 +306,7 @@ def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
     return F.conv2d(x, g.view(1, 1, 1, -1))
 
 
+@full_precision
 def anomaly_map(
     teachers: Sequence[Tensor],
     students: Sequence[Tensor],

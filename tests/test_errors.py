@@ -172,3 +172,14 @@ class TestCram:
     def test_log_tau_not_finite(self, fn):
         with pytest.raises(ValueError, match=r"log_tau must be finite, got nan"):
             fn(torch.randn(2, 8, 4, 4), torch.randn(5, 8), float("nan"))
+
+
+def test_reference_ignores_autocast():
+    """Under autocast the reference still computes in float32 (SPEC §2: fp32 accumulation)."""
+    t, s = _pair((2, 8, 6, 6))
+    want = reference.intra_affinity_loss(t, s)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = reference.intra_affinity_loss(t.bfloat16(), s.bfloat16())
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, reference.intra_affinity_loss(t.bfloat16(), s.bfloat16()))
+    torch.testing.assert_close(got, want, atol=1e-2, rtol=5e-2)
