@@ -1,0 +1,177 @@
+"""The snl command: train, resume, eval, predict, export, distributed training, checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+
+import pytest
+import torch
+
+from snl import checkpoint, cli
+from snl.data import make_default_dataset
+
+try:
+    import timm  # noqa: F401
+except Exception as exc:  # timm needs a torchvision matching the installed PyTorch
+    pytest.skip(f"timm is not importable ({type(exc).__name__}: {exc}); the command needs "
+                "the model extra: pip install '.[model]'", allow_module_level=True)
+
+TINY = {"size": 64, "n_train": 6, "n_test_good": 3, "n_test_defect": 2,
+        "classes": ["brick", "grass"]}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data") / "textures"
+    make_default_dataset(root, seed=0, **TINY)
+    return root
+
+
+def _config(data, **kw):
+    base = {"data": str(data), "backbone": "tf_efficientnet_lite0", "image_size": 64,
+            "epochs": 2, "batch_size": 4, "device": "cpu", "num_centers": 4}
+    base.update(kw)
+    return cli.TrainConfig(**base)
+
+
+def _states_equal(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_train_writes_run_folder_and_resume_is_exact(data, tmp_path, monkeypatch):
+    full = cli.train(_config(data), tmp_path / "full")
+    run = tmp_path / "full"
+    for name in ("config.json", "history.json", "metrics.json", "report.md", "roc.png"):
+        assert (run / name).is_file(), name
+    table = json.loads((run / "metrics.json").read_text())
+    assert set(table) == {"brick", "grass", "mean"}
+    assert 0.0 <= table["mean"]["pixel_auroc"] <= 1.0
+    assert "| **mean** |" in (run / "report.md").read_text()
+    assert list((run / "overlays").glob("*.png"))
+
+    # Crash right after the first epoch's checkpoint, then resume.
+    real_save = checkpoint.save_atomic
+
+    def save_then_crash(obj, path):
+        real_save(obj, path)
+        raise KeyboardInterrupt("simulated crash")
+
+    monkeypatch.setattr(checkpoint, "save_atomic", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        cli.train(_config(data), tmp_path / "crashed")
+    monkeypatch.setattr(checkpoint, "save_atomic", real_save)
+    assert checkpoint.load(tmp_path / "crashed" / "checkpoints" / "last.pt")["epoch"] == 1
+    resumed = cli.train(cli.TrainConfig(), tmp_path / "crashed", resume=True,
+                        evaluate_after=False)
+    _states_equal(full.state_dict(), resumed.state_dict())
+
+
+def test_eval_reproduces_and_predict_writes(data, tmp_path):
+    cli.train(_config(data, epochs=1), tmp_path / "run")
+    ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
+    assert cli.main(["eval", str(ckpt), "--data", str(data), "--out", str(tmp_path / "ev"),
+                     "--device", "cpu"]) == 0
+    run_metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    eval_metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert eval_metrics == run_metrics
+
+    images = sorted((data / "brick" / "test").glob("*/*.png"))[:2]
+    assert cli.main(["predict", str(ckpt), *map(str, images), "--out", str(tmp_path / "pred"),
+                     "--device", "cpu"]) == 0
+    scores = json.loads((tmp_path / "pred" / "scores.json").read_text())
+    assert [s["path"] for s in scores] == [str(p) for p in images]
+    assert all(os.path.isfile(s["overlay"]) for s in scores)
+    assert all(s["score"] > 0 for s in scores)
+
+
+def test_existing_run_needs_resume(data, tmp_path):
+    cli.train(_config(data, epochs=1), tmp_path / "runs" / "x", evaluate_after=False)
+    with pytest.raises(SystemExit, match="already holds a run; use --resume"):
+        cli.main(["train", "--data", str(data), "--out", str(tmp_path / "runs"), "--name", "x",
+                  "--device", "cpu"])
+
+
+def test_missing_data_folder_is_named(tmp_path):
+    with pytest.raises(ValueError, match="nowhere"):
+        cli.train(_config(tmp_path / "nowhere"), tmp_path / "run")
+
+
+def test_atomic_checkpoint_survives_a_crash_mid_write(tmp_path, monkeypatch):
+    path = tmp_path / "ck.pt"
+    checkpoint.save_atomic({"model": {"w": torch.ones(3)}, "config": {}}, path)
+
+    def torn_save(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", torn_save)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.save_atomic({"model": {"w": torch.zeros(3)}, "config": {}}, path)
+    monkeypatch.undo()
+    assert torch.equal(checkpoint.load(path)["model"]["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]
+
+
+def test_checkpoint_load_rejects_other_files(tmp_path):
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read checkpoint"):
+        checkpoint.load(tmp_path / "bad.pt")
+    torch.save({"x": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="is not an snl checkpoint"):
+        checkpoint.load(tmp_path / "other.pt")
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        checkpoint.load(tmp_path / "missing.pt")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world_size, port, config_dict, run_dir, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from snl import distributed
+
+    world = distributed.setup("cpu")
+    try:
+        model = cli.train(cli.TrainConfig(**config_dict), run_dir, world=world)
+        torch.save(model.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        distributed.teardown(world)
+
+
+def test_two_process_gloo_training_keeps_ranks_identical(data, tmp_path):
+    config = dataclasses.asdict(_config(data, epochs=1))
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), config, str(tmp_path / "run"),
+                                                   str(tmp_path)), nprocs=2, join=True)
+    a = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    b = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    _states_equal(a, b)
+    table = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert set(table) == {"brick", "grass", "mean"}
+    # Only rank 0 wrote files; a single-process run of the same model would use all images.
+    assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
+
+
+def test_onnx_export_matches_pytorch(data, tmp_path):
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime not installed")
+    pytest.importorskip("onnx", reason="onnx not installed")
+    cli.train(_config(data, epochs=1), tmp_path / "run", evaluate_after=False)
+    ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
+    out = cli.export_onnx(ckpt, tmp_path / "m.onnx")
+    model, _, _ = cli.load_run(ckpt, "cpu")
+    model.fused = False
+    images = torch.randn(2, 3, 64, 64)
+    scores, maps = model.predict(images)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    o_scores, o_maps = session.run(None, {"images": images.numpy()})
+    torch.testing.assert_close(torch.from_numpy(o_scores), scores, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.from_numpy(o_maps), maps, atol=1e-4, rtol=1e-4)
