@@ -50,8 +50,12 @@ def upsample_matrix(n_out: int, n_in: int) -> Tensor:
     return mat
 
 
+@functools.lru_cache(maxsize=64)
 def blur_matrix(n: int, sigma: float) -> Tensor:
-    """(n, n) float64 matrix of the 1-D Gaussian blur with scipy "reflect" borders."""
+    """(n, n) float64 matrix of the 1-D Gaussian blur with scipy "reflect" borders.
+
+    Cached (callers only read it: ``.to()`` to another dtype or device copies).
+    """
     if sigma == 0:
         return torch.eye(n, dtype=torch.float64)
     r = reference.gaussian_radius(sigma)
