@@ -28,4 +28,32 @@ TORCH_LIBRARY(snl, m) {
       "cosine_distances_bwd(Tensor teacher, Tensor student, Tensor pixel_stats, "
       "Tensor channel_stats, Tensor grad_pixel, Tensor grad_channel, Tensor grad_sample, "
       "bool teacher_requires_grad) -> (Tensor grad_teacher, Tensor grad_student)");
+  // Affinity losses: the loss is a 0-dim float32 tensor; a gradient not asked for is empty.
+  m.def(
+      "intra_affinity_fwd(Tensor teacher, Tensor student, str distance) -> Tensor");
+  m.def(
+      "intra_affinity_bwd(Tensor teacher, Tensor student, Tensor grad_loss, str distance, "
+      "bool teacher_requires_grad) -> (Tensor grad_teacher, Tensor grad_student)");
+  m.def(
+      "inter_affinity_fwd(Tensor teacher_a, Tensor teacher_b, Tensor student_a, "
+      "Tensor student_b, str distance) -> Tensor");
+  m.def(
+      "inter_affinity_bwd(Tensor teacher_a, Tensor teacher_b, Tensor student_a, "
+      "Tensor student_b, Tensor grad_loss, str distance, bool teacher_requires_grad) -> "
+      "(Tensor grad_teacher_a, Tensor grad_teacher_b, Tensor grad_student_a, "
+      "Tensor grad_student_b)");
+  m.def(
+      "cram_fwd(Tensor embedding, Tensor centers, Tensor log_tau) -> (Tensor central, "
+      "Tensor assign, Tensor compact, Tensor dist)");
+  m.def(
+      "cram_bwd(Tensor embedding, Tensor centers, Tensor log_tau, Tensor assign, Tensor dist, "
+      "Tensor grad_central, Tensor grad_assign, Tensor grad_compact) -> (Tensor grad_embedding, "
+      "Tensor grad_centers, Tensor grad_log_tau)");
+  // Anomaly map, add mode: per-level distances into a zero-padded (B, L, HK, WK) buffer, then
+  // maps[b] = sum_k mh[k] @ m[b, k] @ mw[k]^T and each map's max.
+  m.def(
+      "anomaly_map_distances(Tensor[] teachers, Tensor[] students, int hk, int wk) -> Tensor");
+  m.def(
+      "anomaly_map_combine(Tensor m, Tensor mh, Tensor mw, int height, int width) -> "
+      "(Tensor maps, Tensor scores)");
 }
