@@ -1,16 +1,141 @@
 """Inter-affinity distillation loss (SPEC §2.3): cross-level channel affinities.
 
-Only the reference backend exists so far; the fused kernels are tracked by the affinity
-issue. Explicit ``backend="triton"`` or ``"cuda"`` raises ``BackendUnavailableError`` saying
-so; automatic mode uses the reference.
+Math. For a finer level a and a coarser level b: ``P = adaptive_avg_pool(F_a to F_b's
+H, W)`` (C_a x N_b), ``Q = F_b`` (C_b x N_b); each channel's row is normalised,
+``P^ = P / max(|P|_row, eps)``, and ``G = P^ Q^^T`` (C_a x C_b, small). With
+``D_P = P^_S - P^_T`` and ``D_Q = Q^_S - Q^_T``,
+
+    Delta = G_T - G_S = -(P^_S D_Q^T + D_P Q^_T^T)
+
+one product of stacked operands whose rounding scales with the difference. The loss is
+``mean Delta^2`` ("l2") or ``mean |Delta|`` ("l1") over B C_a C_b. Each program forms a tile
+of Delta over all N_b pixels and reduces it to a partial sum.
+
+Backward, with ``Gd = dL/dDelta`` (``2 g Delta / M`` or ``g sign(Delta) / M``) written once
+(B C_a C_b floats): ``dL/dP^_S = -Gd Q^_S``, ``dL/dQ^_S = -Gd^T P^_S``, ``dL/dP^_T = Gd Q^_T``,
+``dL/dQ^_T = Gd^T P^_T``; then back through the row normalisation (``df = r (dx - x (x .
+dx))``) and, for P, the pooling (each input pixel gets its bins' gradients over the bin
+sizes). The pooled P_T and P_S (fp32, B C_a N_b each) are the only other intermediates;
+backward recomputes them.
+
+Backends: ``torch`` (reference), ``triton`` (``snl_kernels/_triton/affinity.py``), ``cuda``
+(``csrc/affinity.cu``); both kernel backends are ``torch.library`` ops with fake
+implementations and registered autograd.
 """
 
+import torch
 from torch import Tensor
 
-from . import checks, dispatch, reference
+from . import _cuda, checks, dispatch, reference
 
 OP = "inter_affinity_loss"
-IMPLEMENTED: tuple[str, ...] = ()
+EPS = reference.EPS
+IMPLEMENTED: tuple[str, ...] = (
+    ("triton", "cuda") if not _cuda.load() or _cuda.has_op("inter_affinity_fwd") else ("triton",)
+)
+
+_FWD_SCHEMA = (
+    "(Tensor teacher_a, Tensor teacher_b, Tensor student_a, Tensor student_b, str distance)"
+    " -> Tensor"
+)
+_BWD_SCHEMA = (
+    "(Tensor teacher_a, Tensor teacher_b, Tensor student_a, Tensor student_b, "
+    "Tensor grad_loss, str distance, bool teacher_requires_grad) "
+    "-> (Tensor, Tensor, Tensor, Tensor)"
+)
+
+
+def _kernels():
+    from ._triton import affinity as kernels
+
+    return kernels
+
+
+def _operands(k, teacher_a, teacher_b, student_a, student_b):
+    size = tuple(teacher_b.shape[-2:])
+    p_t, p_s = k.pool(teacher_a, size), k.pool(student_a, size)
+    norms = [k.inv_norms(x, False, EPS) for x in (p_t, p_s, teacher_b, student_b)]
+    return p_t, p_s, norms
+
+
+@torch.library.custom_op("snl_triton::inter_affinity_fwd", mutates_args=(), schema=_FWD_SCHEMA)
+def _triton_fwd(teacher_a, teacher_b, student_a, student_b, distance):
+    k = _kernels()
+    p_t, p_s, (r_pt, r_ps, r_qt, r_qs) = _operands(k, teacher_a, teacher_b, student_a, student_b)
+    parts = k.delta(p_s, p_t, student_b, teacher_b, r_ps, r_pt, r_qs, r_qt, pix_rows=False,
+                    l1=distance == "l1")
+    return parts.sum() / (teacher_a.shape[0] * teacher_a.shape[1] * teacher_b.shape[1])
+
+
+@torch.library.custom_op("snl_triton::inter_affinity_bwd", mutates_args=(), schema=_BWD_SCHEMA)
+def _triton_bwd(teacher_a, teacher_b, student_a, student_b, grad_loss, distance,
+                teacher_requires_grad):
+    k = _kernels()
+    B, C_a = teacher_a.shape[:2]
+    C_b = teacher_b.shape[1]
+    p_t, p_s, (r_pt, r_ps, r_qt, r_qs) = _operands(k, teacher_a, teacher_b, student_a, student_b)
+    coef = (1.0 if distance == "l1" else 2.0) / (B * C_a * C_b)
+    g = grad_loss.to(torch.float32).reshape(1)
+    gd = k.delta(p_s, p_t, student_b, teacher_b, r_ps, r_pt, r_qs, r_qt, pix_rows=False,
+                 l1=distance == "l1", grad=(g, coef))
+
+    def grads(sign, f_a, p, r_p, f_b, r_q):
+        # dL/dP^ = sign Gd Q^, dL/dQ^ = sign Gd^T P^, then the normalisations and the pooling.
+        d_p = k.norm_backward(p, r_p, k.scaled_mm(gd, f_b, r_q, sign), False, EPS)
+        d_q = k.scaled_mm(gd.transpose(1, 2), p, r_p, sign)
+        out_q = None if f_b.dtype == torch.float32 else torch.empty_like(f_b)
+        return k.unpool(d_p, f_a), k.norm_backward(f_b, r_q, d_q, False, EPS, out_q)
+
+    ga_s, gb_s = grads(-1.0, student_a, p_s, r_ps, student_b, r_qs)
+    if teacher_requires_grad:
+        ga_t, gb_t = grads(1.0, teacher_a, p_t, r_pt, teacher_b, r_qt)
+    else:
+        ga_t, gb_t = teacher_a.new_empty((0,)), teacher_b.new_empty((0,))
+    return ga_t, gb_t, ga_s, gb_s
+
+
+def _fake_fwd(teacher_a, teacher_b, student_a, student_b, distance):
+    return teacher_a.new_empty((), dtype=torch.float32)
+
+
+def _fake_bwd(teacher_a, teacher_b, student_a, student_b, grad_loss, distance,
+              teacher_requires_grad):
+    if teacher_requires_grad:
+        ga_t, gb_t = torch.empty_like(teacher_a), torch.empty_like(teacher_b)
+    else:
+        ga_t, gb_t = teacher_a.new_empty((0,)), teacher_b.new_empty((0,))
+    return ga_t, gb_t, torch.empty_like(student_a), torch.empty_like(student_b)
+
+
+def _setup_context(ctx, inputs, output):
+    *features, distance = inputs
+    ctx.distance = distance
+    ctx.save_for_backward(*features)
+
+
+def _make_backward(bwd_op):
+    def backward(ctx, grad_loss):
+        need = ctx.needs_input_grad
+        need_teacher = bool(need[0] or need[1])
+        grads = bwd_op(*ctx.saved_tensors, grad_loss.to(torch.float32), ctx.distance,
+                       need_teacher)
+        return (*(g if n else None for g, n in zip(grads, need[:4], strict=True)), None)
+
+    return backward
+
+
+def _register(fwd: str, bwd: str, bwd_op) -> None:
+    torch.library.register_fake(fwd)(_fake_fwd)
+    torch.library.register_fake(bwd)(_fake_bwd)
+    torch.library.register_autograd(fwd, _make_backward(bwd_op), setup_context=_setup_context)
+
+
+_register("snl_triton::inter_affinity_fwd", "snl_triton::inter_affinity_bwd", _triton_bwd)
+_FORWARD_OPS = {"triton": torch.ops.snl_triton.inter_affinity_fwd}
+if _cuda.has_op("inter_affinity_fwd"):
+    _register("snl::inter_affinity_fwd", "snl::inter_affinity_bwd",
+              torch.ops.snl.inter_affinity_bwd.default)
+    _FORWARD_OPS["cuda"] = torch.ops.snl.inter_affinity_fwd
 
 
 def inter_affinity_loss(teacher_a: Tensor, teacher_b: Tensor, student_a: Tensor,
@@ -27,9 +152,18 @@ def inter_affinity_loss(teacher_a: Tensor, teacher_b: Tensor, student_a: Tensor,
         backend: "torch", "triton", "cuda" or None (``SNL_BACKEND``, then automatic).
 
     Returns:
-        0-dim float32 loss (float64 for float64 inputs).
+        0-dim float32 loss (float64 for float64 inputs, which only the reference takes).
+
+    Raises:
+        TypeError, ValueError: bad features, levels or distance (the message names which).
+        BackendUnavailableError: the requested backend cannot run here (with the reasons).
     """
     checks.check_inter(OP, teacher_a, teacher_b, student_a, student_b, distance)
-    dispatch.select_backend(OP, backend, (teacher_a, teacher_b, student_a, student_b),
-                            IMPLEMENTED)
-    return reference.inter_affinity_loss(teacher_a, teacher_b, student_a, student_b, distance)
+    tensors = (teacher_a, teacher_b, student_a, student_b)
+    why_not = None
+    if teacher_a.dtype == torch.float64:
+        why_not = "float64 inputs run on the reference only"
+    chosen = dispatch.select_backend(OP, backend, tensors, IMPLEMENTED, why_not=why_not)
+    if chosen == "torch":
+        return reference.inter_affinity_loss(*tensors, distance)
+    return _FORWARD_OPS[chosen](*tensors, distance)

@@ -1,0 +1,581 @@
+"""Triton kernels of the affinity losses; the math is in ``snl_kernels/intra_affinity_loss.py``
+and ``snl_kernels/inter_affinity_loss.py``.
+
+Every operand is seen as a (B, R, K) matrix per sample: rows R and a reduction axis K, one of
+them the channels and the other the pixels of a (B, C, H, W) tensor read through its four
+strides (``PIX_ROWS`` says which), so any layout is read in place. Row or column scales (the
+inverse norms) are applied to tiles as they are loaded; the normalised features never exist
+in memory.
+
+Kernels:
+- ``_inv_norm_kernel``: 1 / max(|row|, eps) for every row.
+- ``_delta_kernel``: a tile of Delta = A_T B_T^T - A_S B_S^T formed from the stacked
+  operands, ``-(A_S (B_S - B_T)^T + (A_S - A_T) B_T^T)``, so rounding scales with the
+  difference; it writes the tile's sum of Delta^2 or |Delta| (a per-tile partial), or the
+  tile of dL/dDelta (inter-affinity backward, where C_a x C_b is small).
+- ``_intra_tiled_grad_kernel``: dL/dX = -+2 X G for a block of pixels and channels, recomputing
+  the Delta tiles of the pixel pairs on chip (no N x N matrix in memory).
+- ``_gram_kernel`` / ``_gram_apply_kernel``: the C x C Gram form of intra-affinity l2.
+- ``_scaled_mm_kernel``: the inter-affinity backward products (dL/dDelta) Q^ and (.)^T P^.
+- ``_norm_bwd_kernel``: back through x = f / max(|f|, eps), per row.
+- ``_pool_kernel`` / ``_unpool_kernel``: adaptive average pooling and its gradient.
+
+Per-tile partial sums are added by ``torch.sum`` over a fixed-size buffer: no atomics, the
+same bits on every run. Products run in full fp32 ("ieee") unless ``SNL_DOT_PRECISION`` says
+"tf32x3" or "tf32" (read at each launch; the Delta form keeps rounding proportional to the
+student-teacher difference, which is what makes tensor-core precision worth measuring).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+BLOCK_ROWS = 32
+BLOCK_K = 32
+BLOCK_GRAM = 32  # Gram tiles (five accumulators): BLOCK_GRAM x BLOCK_GRAM
+MAX_BLOCK_C = 128  # channels per program of the tiled backward
+BLOCK_ELEMENTS = 512  # elements per program of pooling and its gradient
+
+
+def _pow2(n: int, lo: int = 16, hi: int | None = None) -> int:
+    p = max(lo, triton.next_power_of_2(n))
+    return min(p, hi) if hi else p
+
+
+# --------------------------------------------------------------------------- loaders
+
+
+@triton.jit
+def _tile(ptr, rows, ks, R, K, W, s_c, s_h, s_w, PIX_ROWS: tl.constexpr):
+    """fp32 (len(rows), len(ks)) tile; rows are pixels and ks channels, or the reverse."""
+    if PIX_ROWS:
+        off = ((rows // W) * s_h + (rows % W) * s_w)[:, None] + (ks * s_c)[None, :]
+    else:
+        off = (rows * s_c)[:, None] + ((ks // W) * s_h + (ks % W) * s_w)[None, :]
+    mask = (rows < R)[:, None] & (ks < K)[None, :]
+    return tl.load(ptr + off, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _vec(ptr, idx, n):
+    return tl.load(ptr + idx, mask=idx < n, other=0.0)
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _inv_norm_kernel(
+    x_ptr, out_ptr, R, K, W, s_b, s_c, s_h, s_w,
+    EPS: tl.constexpr, PIX_ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    b = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ss = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        x = _tile(x_ptr + b * s_b, rows, ks, R, K, W, s_c, s_h, s_w, PIX_ROWS)
+        ss += tl.sum(x * x, axis=1)
+    tl.store(out_ptr + b * R + rows, 1.0 / tl.maximum(tl.sqrt(ss), EPS), mask=rows < R)
+
+
+@triton.jit
+def _delta_kernel(
+    as_ptr, at_ptr, bs_ptr, bt_ptr, ras_ptr, rat_ptr, rbs_ptr, rbt_ptr, out_ptr, g_ptr, coef,
+    Ra, Rb, K, W,
+    as_b, as_c, as_h, as_w, at_b, at_c, at_h, at_w,
+    bs_b, bs_c, bs_h, bs_w, bt_b, bt_c, bt_h, bt_w,
+    A_PIX: tl.constexpr, B_PIX: tl.constexpr, L1: tl.constexpr, WRITE_GRAD: tl.constexpr,
+    BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_i = tl.program_id(0)
+    pid_j = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    ri = pid_i * BI + tl.arange(0, BI)
+    rj = pid_j * BJ + tl.arange(0, BJ)
+    r_as = _vec(ras_ptr + b * Ra, ri, Ra)
+    r_at = _vec(rat_ptr + b * Ra, ri, Ra)
+    r_bs = _vec(rbs_ptr + b * Rb, rj, Rb)
+    r_bt = _vec(rbt_ptr + b * Rb, rj, Rb)
+    acc = tl.zeros([BI, BJ], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        ks = k0 + tl.arange(0, BK)
+        a_s = _tile(as_ptr + b * as_b, ri, ks, Ra, K, W, as_c, as_h, as_w, A_PIX) * r_as[:, None]
+        a_t = _tile(at_ptr + b * at_b, ri, ks, Ra, K, W, at_c, at_h, at_w, A_PIX) * r_at[:, None]
+        b_s = _tile(bs_ptr + b * bs_b, rj, ks, Rb, K, W, bs_c, bs_h, bs_w, B_PIX) * r_bs[:, None]
+        b_t = _tile(bt_ptr + b * bt_b, rj, ks, Rb, K, W, bt_c, bt_h, bt_w, B_PIX) * r_bt[:, None]
+        acc = tl.dot(a_s, tl.trans(b_s - b_t), acc, input_precision=PRECISION)
+        acc = tl.dot(a_s - a_t, tl.trans(b_t), acc, input_precision=PRECISION)
+    delta = -acc  # A_T B_T^T - A_S B_S^T; rows and columns past the ends are 0
+    if WRITE_GRAD:
+        # dL/dDelta = g coef Delta (l2, coef = 2 / M) or g coef sign(Delta) (l1, coef = 1 / M).
+        scale = tl.load(g_ptr) * coef
+        if L1:
+            grad = tl.where(delta > 0, scale, tl.where(delta < 0, -scale, 0.0))
+        else:
+            grad = delta * scale
+        mask = (ri < Ra)[:, None] & (rj < Rb)[None, :]
+        tl.store(out_ptr + (b * Ra + ri[:, None]) * Rb + rj[None, :], grad, mask=mask)
+    else:
+        if L1:
+            part = tl.sum(tl.sum(tl.abs(delta), axis=1), axis=0)
+        else:
+            part = tl.sum(tl.sum(delta * delta, axis=1), axis=0)
+        tl.store(out_ptr + (b * tl.num_programs(0) + pid_i) * tl.num_programs(1) + pid_j, part)
+
+
+@triton.jit
+def _intra_tiled_grad_kernel(
+    s_ptr, t_ptr, rs_ptr, rt_ptr, gs_ptr, gt_ptr, g_ptr, coef,
+    N, C, W,
+    s_b, s_c, s_h, s_w, t_b, t_c, t_h, t_w,
+    L1: tl.constexpr, TEACHER: tl.constexpr,
+    BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    # Rows are pixels: X^T (N, C). dX_S^T[i, c] = -2 sum_j G[i, j] X_S^T[j, c] (G symmetric),
+    # dX_T^T = +2 G X_T^T, with G = dL/dDelta from the Delta tile recomputed for every j.
+    pid_i = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    s_base = s_ptr + b * s_b
+    t_base = t_ptr + b * t_b
+    ri = pid_i * BI + tl.arange(0, BI)
+    cs = pid_c * BC + tl.arange(0, BC)
+    r_si = _vec(rs_ptr + b * N, ri, N)
+    r_ti = _vec(rt_ptr + b * N, ri, N)
+    acc_s = tl.zeros([BI, BC], dtype=tl.float32)
+    acc_t = tl.zeros([BI, BC], dtype=tl.float32)
+    for j0 in range(0, N, BJ):
+        rj = j0 + tl.arange(0, BJ)
+        r_sj = _vec(rs_ptr + b * N, rj, N)
+        r_tj = _vec(rt_ptr + b * N, rj, N)
+        d = tl.zeros([BI, BJ], dtype=tl.float32)
+        for k0 in range(0, C, BK):
+            ks = k0 + tl.arange(0, BK)
+            xs_i = _tile(s_base, ri, ks, N, C, W, s_c, s_h, s_w, True) * r_si[:, None]
+            xt_i = _tile(t_base, ri, ks, N, C, W, t_c, t_h, t_w, True) * r_ti[:, None]
+            xs_j = _tile(s_base, rj, ks, N, C, W, s_c, s_h, s_w, True) * r_sj[:, None]
+            xt_j = _tile(t_base, rj, ks, N, C, W, t_c, t_h, t_w, True) * r_tj[:, None]
+            d = tl.dot(xs_i, tl.trans(xs_j - xt_j), d, input_precision=PRECISION)
+            d = tl.dot(xs_i - xt_i, tl.trans(xt_j), d, input_precision=PRECISION)
+        delta = -d
+        if L1:
+            gd = tl.where(delta > 0, 1.0, tl.where(delta < 0, -1.0, 0.0))
+        else:
+            gd = delta
+        xs_c = _tile(s_base, rj, cs, N, C, W, s_c, s_h, s_w, True) * r_sj[:, None]
+        acc_s = tl.dot(gd, xs_c, acc_s, input_precision=PRECISION)
+        if TEACHER:
+            xt_c = _tile(t_base, rj, cs, N, C, W, t_c, t_h, t_w, True) * r_tj[:, None]
+            acc_t = tl.dot(gd, xt_c, acc_t, input_precision=PRECISION)
+    # coef: 2 * (2 / M) for l2, 2 * (1 / M) for l1; outputs are fp32 (B, C, N) buffers.
+    scale = tl.load(g_ptr) * coef
+    mask = (ri < N)[:, None] & (cs < C)[None, :]
+    off = (b * C + cs[None, :]) * N + ri[:, None]
+    tl.store(gs_ptr + off, -scale * acc_s, mask=mask)
+    if TEACHER:
+        tl.store(gt_ptr + off, scale * acc_t, mask=mask)
+
+
+@triton.jit
+def _gram_kernel(
+    s_ptr, t_ptr, rs_ptr, rt_ptr, out_ptr, g1_ptr, g2_ptr, g3_ptr, g4_ptr,
+    C, N, W,
+    s_b, s_c, s_h, s_w, t_b, t_c, t_h, t_w,
+    WRITE: tl.constexpr, TEACHER: tl.constexpr,
+    BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    # Rows are channels, the reduction runs over pixels (scaled by their inverse norms).
+    # Loss tile: <G_SS + G_TT, G_DD> + 2 <G_SD, G_DT>. WRITE: G_SS, G_SD (and G_TS, G_TD).
+    pid_i = tl.program_id(0)
+    pid_j = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    s_base = s_ptr + b * s_b
+    t_base = t_ptr + b * t_b
+    ci = pid_i * BI + tl.arange(0, BI)
+    cj = pid_j * BJ + tl.arange(0, BJ)
+    g_ss = tl.zeros([BI, BJ], dtype=tl.float32)
+    g_sd = tl.zeros([BI, BJ], dtype=tl.float32)
+    g_tt = tl.zeros([BI, BJ], dtype=tl.float32)
+    g_dd = tl.zeros([BI, BJ], dtype=tl.float32)
+    g_dt = tl.zeros([BI, BJ], dtype=tl.float32)
+    g_ts = tl.zeros([BI, BJ], dtype=tl.float32)
+    g_td = tl.zeros([BI, BJ], dtype=tl.float32)
+    for k0 in range(0, N, BK):
+        ks = k0 + tl.arange(0, BK)
+        r_s = _vec(rs_ptr + b * N, ks, N)
+        r_t = _vec(rt_ptr + b * N, ks, N)
+        xs_i = _tile(s_base, ci, ks, C, N, W, s_c, s_h, s_w, False) * r_s[None, :]
+        xt_i = _tile(t_base, ci, ks, C, N, W, t_c, t_h, t_w, False) * r_t[None, :]
+        xs_j = _tile(s_base, cj, ks, C, N, W, s_c, s_h, s_w, False) * r_s[None, :]
+        xt_j = _tile(t_base, cj, ks, C, N, W, t_c, t_h, t_w, False) * r_t[None, :]
+        d_j = xs_j - xt_j
+        g_ss = tl.dot(xs_i, tl.trans(xs_j), g_ss, input_precision=PRECISION)
+        g_sd = tl.dot(xs_i, tl.trans(d_j), g_sd, input_precision=PRECISION)
+        if WRITE:
+            if TEACHER:
+                g_ts = tl.dot(xt_i, tl.trans(xs_j), g_ts, input_precision=PRECISION)
+                g_td = tl.dot(xt_i, tl.trans(d_j), g_td, input_precision=PRECISION)
+        else:
+            d_i = xs_i - xt_i
+            g_tt = tl.dot(xt_i, tl.trans(xt_j), g_tt, input_precision=PRECISION)
+            g_dd = tl.dot(d_i, tl.trans(d_j), g_dd, input_precision=PRECISION)
+            g_dt = tl.dot(d_i, tl.trans(xt_j), g_dt, input_precision=PRECISION)
+    if WRITE:
+        mask = (ci < C)[:, None] & (cj < C)[None, :]
+        off = (b * C + ci[:, None]) * C + cj[None, :]
+        tl.store(g1_ptr + off, g_ss, mask=mask)
+        tl.store(g2_ptr + off, g_sd, mask=mask)
+        if TEACHER:
+            tl.store(g3_ptr + off, g_ts, mask=mask)
+            tl.store(g4_ptr + off, g_td, mask=mask)
+    else:
+        part = tl.sum(tl.sum((g_ss + g_tt) * g_dd + 2.0 * g_sd * g_dt, axis=1), axis=0)
+        tl.store(out_ptr + (b * tl.num_programs(0) + pid_i) * tl.num_programs(1) + pid_j, part)
+
+
+@triton.jit
+def _gram_apply_kernel(
+    s_ptr, t_ptr, rs_ptr, rt_ptr, g1_ptr, g2_ptr, out_ptr, g_ptr, coef,
+    C, N, W,
+    s_b, s_c, s_h, s_w, t_b, t_c, t_h, t_w,
+    BI: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    # out[c, n] = g coef (G1 D + G2 X_T)[c, n], D = X_S - X_T; fp32 (B, C, N) output.
+    pid_i = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    ci = pid_i * BI + tl.arange(0, BI)
+    ns = pid_n * BN + tl.arange(0, BN)
+    r_s = _vec(rs_ptr + b * N, ns, N)
+    r_t = _vec(rt_ptr + b * N, ns, N)
+    acc = tl.zeros([BI, BN], dtype=tl.float32)
+    for k0 in range(0, C, BK):
+        ks = k0 + tl.arange(0, BK)
+        gmask = (ci < C)[:, None] & (ks < C)[None, :]
+        goff = (b * C + ci[:, None]) * C + ks[None, :]
+        g1 = tl.load(g1_ptr + goff, mask=gmask, other=0.0)
+        g2 = tl.load(g2_ptr + goff, mask=gmask, other=0.0)
+        xs = _tile(s_ptr + b * s_b, ks, ns, C, N, W, s_c, s_h, s_w, False) * r_s[None, :]
+        xt = _tile(t_ptr + b * t_b, ks, ns, C, N, W, t_c, t_h, t_w, False) * r_t[None, :]
+        acc = tl.dot(g1, xs - xt, acc, input_precision=PRECISION)
+        acc = tl.dot(g2, xt, acc, input_precision=PRECISION)
+    mask = (ci < C)[:, None] & (ns < N)[None, :]
+    tl.store(out_ptr + (b * C + ci[:, None]) * N + ns[None, :], tl.load(g_ptr) * coef * acc,
+             mask=mask)
+
+
+@triton.jit
+def _scaled_mm_kernel(
+    g_ptr, y_ptr, ry_ptr, out_ptr, alpha, M, N, K, W,
+    g_b, g_m, g_k, y_b, y_c, y_h, y_w,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    # out[b, m, n] = alpha sum_k G[b, m, k] Y^[b, k, n], Y^ = rows of Y (channels) scaled by
+    # their inverse norms ry; G read through strides (a transpose is a stride swap).
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        ks = k0 + tl.arange(0, BK)
+        g = tl.load(g_ptr + b * g_b + rm[:, None] * g_m + ks[None, :] * g_k,
+                    mask=(rm < M)[:, None] & (ks < K)[None, :], other=0.0)
+        y = _tile(y_ptr + b * y_b, ks, rn, K, N, W, y_c, y_h, y_w, False)
+        y = y * _vec(ry_ptr + b * K, ks, K)[:, None]
+        acc = tl.dot(g, y, acc, input_precision=PRECISION)
+    mask = (rm < M)[:, None] & (rn < N)[None, :]
+    tl.store(out_ptr + (b * M + rm[:, None]) * N + rn[None, :], alpha * acc, mask=mask)
+
+
+@triton.jit
+def _norm_bwd_kernel(
+    f_ptr, r_ptr, gx_ptr, out_ptr, R, K, W,
+    f_b, f_c, f_h, f_w, gx_b, gx_c, gx_h, gx_w, o_b, o_c, o_h, o_w,
+    EPS: tl.constexpr, PIX_ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # x = f r, r = 1 / max(|f|, eps): df = r (dx - x (x . dx)) when |f| > eps, else r dx.
+    # Each program owns whole rows, so out may alias gx.
+    b = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r = _vec(r_ptr + b * R, rows, R)
+    dot = tl.zeros([BLOCK_R], dtype=tl.float32)
+    ss = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        f = _tile(f_ptr + b * f_b, rows, ks, R, K, W, f_c, f_h, f_w, PIX_ROWS)
+        dx = _tile(gx_ptr + b * gx_b, rows, ks, R, K, W, gx_c, gx_h, gx_w, PIX_ROWS)
+        ss += tl.sum(f * f, axis=1)
+        dot += tl.sum(f * dx, axis=1)
+    # x . dx = r (f . dx); the projection term drops where the norm was clamped.
+    proj = tl.where(tl.sqrt(ss) > EPS, r * r * dot, 0.0)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        f = _tile(f_ptr + b * f_b, rows, ks, R, K, W, f_c, f_h, f_w, PIX_ROWS)
+        dx = _tile(gx_ptr + b * gx_b, rows, ks, R, K, W, gx_c, gx_h, gx_w, PIX_ROWS)
+        df = r[:, None] * dx - proj[:, None] * r[:, None] * f
+        if PIX_ROWS:
+            off = ((rows // W) * o_h + (rows % W) * o_w)[:, None] + (ks * o_c)[None, :]
+        else:
+            off = (rows * o_c)[:, None] + ((ks // W) * o_h + (ks % W) * o_w)[None, :]
+        mask = (rows < R)[:, None] & (ks < K)[None, :]
+        tl.store(out_ptr + b * o_b + off, df.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bin(i, n_in, n_out):
+    # Adaptive pooling bin of output i: [floor(i n_in / n_out), ceil((i + 1) n_in / n_out)).
+    return (i * n_in) // n_out, ((i + 1) * n_in + n_out - 1) // n_out
+
+
+@triton.jit
+def _pool_kernel(
+    f_ptr, out_ptr, total, C, H_in, W_in, H_out, W_out,
+    f_b, f_c, f_h, f_w,
+    MAX_BH: tl.constexpr, MAX_BW: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # One element of out (B, C, H_out, W_out) fp32 contiguous per lane.
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < total
+    j = offs % W_out
+    i = (offs // W_out) % H_out
+    c = (offs // (W_out * H_out)) % C
+    b = offs // (W_out * H_out * C)
+    h0, h1 = _bin(i, H_in, H_out)
+    w0, w1 = _bin(j, W_in, W_out)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    base = f_ptr + b * f_b + c * f_c
+    for dh in range(0, MAX_BH):
+        for dw in range(0, MAX_BW):
+            h = h0 + dh
+            w = w0 + dw
+            m = mask & (h < h1) & (w < w1)
+            acc += tl.load(base + h * f_h + w * f_w, mask=m, other=0.0).to(tl.float32)
+    count = ((h1 - h0) * (w1 - w0)).to(tl.float32)
+    tl.store(out_ptr + offs, acc / count, mask=mask)
+
+
+@triton.jit
+def _unpool_kernel(
+    g_ptr, out_ptr, total, C, H_in, W_in, H_out, W_out,
+    o_b, o_c, o_h, o_w,
+    BLOCK: tl.constexpr,
+):
+    # out[b, c, h, w] = sum over the (at most 2 x 2) bins holding (h, w) of g / bin size;
+    # g (B, C, H_out, W_out) fp32 contiguous, H_out <= H_in and W_out <= W_in.
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < total
+    w = offs % W_in
+    h = (offs // W_in) % H_in
+    bc = offs // (W_in * H_in)
+    i_lo = (h * H_out) // H_in
+    i_hi = ((h + 1) * H_out + H_in - 1) // H_in  # exclusive
+    j_lo = (w * W_out) // W_in
+    j_hi = ((w + 1) * W_out + W_in - 1) // W_in
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    g_base = g_ptr + bc * H_out * W_out
+    for di in range(0, 2):
+        for dj in range(0, 2):
+            i = i_lo + di
+            j = j_lo + dj
+            m = mask & (i < i_hi) & (j < j_hi)
+            h0, h1 = _bin(i, H_in, H_out)
+            w0, w1 = _bin(j, W_in, W_out)
+            count = ((h1 - h0) * (w1 - w0)).to(tl.float32)
+            g = tl.load(g_base + i * W_out + j, mask=m, other=0.0)
+            acc += tl.where(m, g / count, 0.0)
+    out = out_ptr + (bc // C) * o_b + (bc % C) * o_c + h * o_h + w * o_w
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------- launchers
+
+INTERPRETED = not isinstance(_delta_kernel, triton.runtime.JITFunction)
+# Delta tiles, BLOCK_TILE x BLOCK_TILE: larger tiles re-read the operands fewer times on a
+# GPU; small ones keep the CPU interpreter (numpy per program) quick on test shapes.
+BLOCK_TILE = 32 if INTERPRETED else 64
+PRECISIONS = ("ieee", "tf32x3", "tf32")
+
+
+def dot_precision() -> str:
+    """The ``input_precision`` of the products: ``SNL_DOT_PRECISION``, default "ieee"."""
+    value = os.environ.get("SNL_DOT_PRECISION", "ieee")
+    if value not in PRECISIONS:
+        raise ValueError(f"SNL_DOT_PRECISION must be one of {', '.join(PRECISIONS)}, "
+                         f"got {value!r}")
+    return value
+
+
+
+def inv_norms(x: Tensor, pix_rows: bool, eps: float) -> Tensor:
+    """(B, R) float32 inverse norms of the rows (pixels or channels) of x (B, C, H, W)."""
+    B, C, H, W = x.shape
+    R, K = (H * W, C) if pix_rows else (C, H * W)
+    out = torch.empty((B, R), device=x.device, dtype=torch.float32)
+    _inv_norm_kernel[(triton.cdiv(R, BLOCK_ROWS), B)](
+        x, out, R, K, W, *x.stride(), EPS=eps, PIX_ROWS=pix_rows,
+        BLOCK_R=BLOCK_ROWS, BLOCK_K=BLOCK_K,
+    )
+    return out
+
+
+def delta(a_s: Tensor, a_t: Tensor, b_s: Tensor, b_t: Tensor, r_as: Tensor, r_at: Tensor,
+          r_bs: Tensor, r_bt: Tensor, pix_rows: bool, l1: bool,
+          grad: tuple[Tensor, float] | None = None) -> Tensor:
+    """Per-tile sums of Delta^2 or |Delta| (B, tiles_i, tiles_j), or dL/dDelta (B, Ra, Rb).
+
+    With rows the pixels (intra-affinity) a and b are the same features; with rows the
+    channels (inter-affinity) a is the pooled finer level and b the coarser level.
+    ``grad = (grad_loss, coef)`` asks for ``grad_loss * coef * (Delta or sign(Delta))``.
+    """
+    B, Ca, Ha, Wa = a_s.shape
+    _, Cb, _, _ = b_s.shape
+    Ra, Rb, K = (Ha * Wa, Ha * Wa, Ca) if pix_rows else (Ca, Cb, Ha * Wa)
+    bi = _pow2(Ra, hi=BLOCK_TILE)
+    bj = _pow2(Rb, hi=BLOCK_TILE)
+    bk = _pow2(K, hi=BLOCK_K)
+    grid = (triton.cdiv(Ra, bi), triton.cdiv(Rb, bj), B)
+    if grad is None:
+        out = torch.empty(grid[2:] + grid[:2], device=a_s.device, dtype=torch.float32)
+        g_loss, coef = out, 0.0
+    else:
+        out = torch.empty((B, Ra, Rb), device=a_s.device, dtype=torch.float32)
+        g_loss, coef = grad
+    _delta_kernel[grid](
+        a_s, a_t, b_s, b_t, r_as, r_at, r_bs, r_bt, out, g_loss, coef, Ra, Rb, K, Wa,
+        *a_s.stride(), *a_t.stride(), *b_s.stride(), *b_t.stride(),
+        A_PIX=pix_rows, B_PIX=pix_rows, L1=l1, WRITE_GRAD=grad is not None,
+        BI=bi, BJ=bj, BK=bk,
+        PRECISION=dot_precision(),
+    )
+    return out
+
+
+def intra_tiled_grad(s: Tensor, t: Tensor, r_s: Tensor, r_t: Tensor, grad_loss: Tensor,
+                     coef: float, l1: bool, teacher: bool) -> tuple[Tensor, Tensor | None]:
+    """dL/dX_S and dL/dX_T (normalised features) as fp32 (B, C, H, W) buffers."""
+    B, C, H, W = s.shape
+    N = H * W
+    g_s = torch.empty((B, C, H, W), device=s.device, dtype=torch.float32)
+    g_t = torch.empty_like(g_s) if teacher else g_s
+    bi = bj = _pow2(N, hi=BLOCK_TILE)
+    bc = _pow2(C, hi=MAX_BLOCK_C)
+    _intra_tiled_grad_kernel[(triton.cdiv(N, bi), triton.cdiv(C, bc), B)](
+        s, t, r_s, r_t, g_s, g_t, grad_loss, coef, N, C, W, *s.stride(), *t.stride(),
+        L1=l1, TEACHER=teacher, BI=bi, BJ=bj, BK=_pow2(C, hi=BLOCK_K), BC=bc,
+        PRECISION=dot_precision(), num_warps=8,
+    )
+    return g_s, g_t if teacher else None
+
+
+def gram_loss(s: Tensor, t: Tensor, r_s: Tensor, r_t: Tensor) -> Tensor:
+    """Per-tile sums of <G_SS + G_TT, G_DD> + 2 <G_SD, G_DT>, (B, tiles, tiles)."""
+    B, C, H, W = s.shape
+    bi = _pow2(C, hi=BLOCK_GRAM)
+    grid = (triton.cdiv(C, bi), triton.cdiv(C, bi), B)
+    out = torch.empty((B, grid[0], grid[1]), device=s.device, dtype=torch.float32)
+    _gram_kernel[grid](
+        s, t, r_s, r_t, out, out, out, out, out, C, H * W, W, *s.stride(), *t.stride(),
+        WRITE=False, TEACHER=False, BI=bi, BJ=bi, BK=_pow2(H * W, hi=BLOCK_K),
+        PRECISION=dot_precision(),
+    )
+    return out
+
+
+def gram_grad(s: Tensor, t: Tensor, r_s: Tensor, r_t: Tensor, grad_loss: Tensor, coef: float,
+              teacher: bool) -> tuple[Tensor, Tensor | None]:
+    """coef g (G_SS D + G_SD X_T) and -coef g (G_TS D + G_TD X_T), fp32 (B, C, H, W)."""
+    B, C, H, W = s.shape
+    N = H * W
+    grams = [torch.empty((B, C, C), device=s.device, dtype=torch.float32)
+             for _ in range(4 if teacher else 2)]
+    g3, g4 = (grams[2], grams[3]) if teacher else (grams[0], grams[1])
+    bi = _pow2(C, hi=BLOCK_GRAM)
+    bk = _pow2(N, hi=BLOCK_K)
+    _gram_kernel[(triton.cdiv(C, bi), triton.cdiv(C, bi), B)](
+        s, t, r_s, r_t, grams[0], grams[0], grams[1], g3, g4, C, N, W,
+        *s.stride(), *t.stride(), WRITE=True, TEACHER=teacher, BI=bi, BJ=bi, BK=bk,
+        PRECISION=dot_precision(),
+    )
+    bn = _pow2(N, hi=BLOCK_TILE)
+    grid = (triton.cdiv(C, bi), triton.cdiv(N, bn), B)
+    outs = []
+    for g1, g2, sign in ((grams[0], grams[1], 1.0), (g3, g4, -1.0))[: 2 if teacher else 1]:
+        out = torch.empty((B, C, H, W), device=s.device, dtype=torch.float32)
+        _gram_apply_kernel[grid](
+            s, t, r_s, r_t, g1, g2, out, grad_loss, sign * coef, C, N, W,
+            *s.stride(), *t.stride(), BI=bi, BN=bn, BK=_pow2(C, hi=BLOCK_K),
+            PRECISION=dot_precision(),
+        )
+        outs.append(out)
+    return outs[0], outs[1] if teacher else None
+
+
+def scaled_mm(g: Tensor, y: Tensor, r_y: Tensor, alpha: float) -> Tensor:
+    """alpha g @ (y's channel rows scaled by r_y): g (B, M, C_y), y (B, C_y, h, w) ->
+    float32 (B, M, h, w)."""
+    B, M, K = g.shape
+    _, _, H, W = y.shape
+    N = H * W
+    out = torch.empty((B, M, H, W), device=g.device, dtype=torch.float32)
+    bm = _pow2(M, hi=BLOCK_TILE)
+    bn = _pow2(N, hi=BLOCK_TILE)
+    _scaled_mm_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn), B)](
+        g, y, r_y, out, alpha, M, N, K, W, *g.stride(), *y.stride(),
+        BM=bm, BN=bn, BK=_pow2(K, hi=BLOCK_K),
+        PRECISION=dot_precision(),
+    )
+    return out
+
+
+def norm_backward(f: Tensor, r: Tensor, gx: Tensor, pix_rows: bool, eps: float,
+                  out: Tensor | None = None) -> Tensor:
+    """Gradient for f from the gradient gx of x = f / max(|row|, eps); in place when out is
+    None (gx must then be float32 and is overwritten)."""
+    B, C, H, W = f.shape
+    R, K = (H * W, C) if pix_rows else (C, H * W)
+    out = gx if out is None else out
+    _norm_bwd_kernel[(triton.cdiv(R, BLOCK_ROWS), B)](
+        f, r, gx, out, R, K, W, *f.stride(), *gx.stride(), *out.stride(),
+        EPS=eps, PIX_ROWS=pix_rows, BLOCK_R=BLOCK_ROWS, BLOCK_K=BLOCK_K,
+    )
+    return out
+
+
+def _max_bin(n_in: int, n_out: int) -> int:
+    return max(-(-(i + 1) * n_in // n_out) - (i * n_in) // n_out for i in range(n_out))
+
+
+def pool(f: Tensor, size: tuple[int, int]) -> Tensor:
+    """adaptive_avg_pool2d(f, size) as a float32 contiguous (B, C, h, w) tensor."""
+    B, C, H, W = f.shape
+    h, w = size
+    out = torch.empty((B, C, h, w), device=f.device, dtype=torch.float32)
+    _pool_kernel[(triton.cdiv(out.numel(), BLOCK_ELEMENTS),)](
+        f, out, out.numel(), C, H, W, h, w, *f.stride(),
+        MAX_BH=_max_bin(H, h), MAX_BW=_max_bin(W, w), BLOCK=BLOCK_ELEMENTS,
+    )
+    return out
+
+
+def unpool(g: Tensor, like: Tensor) -> Tensor:
+    """Gradient of adaptive_avg_pool2d for input ``like`` from g (B, C, h, w) float32."""
+    B, C, H, W = like.shape
+    h, w = g.shape[2:]
+    out = torch.empty((B, C, H, W), device=g.device, dtype=like.dtype)
+    _unpool_kernel[(triton.cdiv(out.numel(), BLOCK_ELEMENTS),)](
+        g, out, out.numel(), C, H, W, h, w, *out.stride(), BLOCK=BLOCK_ELEMENTS,
+    )
+    return out
