@@ -21,18 +21,21 @@ Backward, with upstream gradients G_mu, G_a, G_c:
 
 so backward is one more read of E and G_mu; the (B N, K) quantities stay on chip.
 
-Backends: ``torch`` (reference), ``triton`` (``snl_kernels/_triton/cram.py``). The Triton
-kernels are ``torch.library`` ops with fake implementations and registered autograd.
+Backends: ``torch`` (reference), ``triton`` (``snl_kernels/_triton/cram.py``) and ``cuda``
+(``csrc/cram.cu``, K <= 256). Both kernel backends are ``torch.library`` ops with fake
+implementations and registered autograd.
 """
 
 import torch
 from torch import Tensor
 
-from . import checks, dispatch, reference
+from . import _cuda, checks, dispatch, reference
 from .reference import CramOutput
 
 OP = "cram"
-IMPLEMENTED: tuple[str, ...] = ("triton",)
+IMPLEMENTED: tuple[str, ...] = ("triton", "cuda")
+# The CUDA kernels keep a position's K distances in registers: at most 256 centres.
+CUDA_MAX_K = 256
 
 _FWD_SCHEMA = (
     "(Tensor embedding, Tensor centers, Tensor log_tau) -> (Tensor, Tensor, Tensor, Tensor)"
@@ -61,7 +64,6 @@ def _triton_bwd(embedding, centers, log_tau, assign, dist, grad_central, grad_as
                                grad_assign, grad_compact)
 
 
-@torch.library.register_fake("snl_triton::cram_fwd")
 def _fake_fwd(embedding, centers, log_tau):
     B, D, H, W = embedding.shape
     K = centers.shape[0]
@@ -70,7 +72,6 @@ def _fake_fwd(embedding, centers, log_tau):
             embedding.new_empty((B, H, W), **f32), embedding.new_empty((B * H * W, K), **f32))
 
 
-@torch.library.register_fake("snl_triton::cram_bwd")
 def _fake_bwd(embedding, centers, log_tau, assign, dist, grad_central, grad_assign,
               grad_compact):
     return torch.empty_like(embedding), torch.empty_like(centers), torch.empty_like(log_tau)
@@ -81,23 +82,38 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(embedding, centers, log_tau, output[1], output[3])
 
 
-def _backward(ctx, grad_central, grad_assign, grad_compact, _grad_dist):
-    embedding, centers, log_tau, assign, dist = ctx.saved_tensors
+def _make_backward(bwd_op):
+    def backward(ctx, grad_central, grad_assign, grad_compact, _grad_dist):
+        embedding, centers, log_tau, assign, dist = ctx.saved_tensors
 
-    def upstream(g, like):
-        return torch.zeros_like(like) if g is None else g.to(torch.float32)
+        def upstream(g, like):
+            return torch.zeros_like(like) if g is None else g.to(torch.float32)
 
-    grads = torch.ops.snl_triton.cram_bwd(
-        embedding, centers, log_tau, assign, dist,
-        upstream(grad_central, embedding.to(torch.float32)), upstream(grad_assign, assign),
-        upstream(grad_compact, dist[:, 0].reshape(assign.shape[0], *assign.shape[2:])),
-    )
-    return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad, strict=True))
+        grads = bwd_op(
+            embedding, centers, log_tau, assign, dist,
+            upstream(grad_central, embedding.to(torch.float32)), upstream(grad_assign, assign),
+            upstream(grad_compact, dist[:, 0].reshape(assign.shape[0], *assign.shape[2:])),
+        )
+        return tuple(g if need else None
+                     for g, need in zip(grads, ctx.needs_input_grad, strict=True))
+
+    return backward
 
 
-torch.library.register_autograd("snl_triton::cram_fwd", _backward, setup_context=_setup_context)
+def _register(fwd: str, bwd: str, bwd_op) -> None:
+    torch.library.register_fake(fwd)(_fake_fwd)
+    torch.library.register_fake(bwd)(_fake_bwd)
+    torch.library.register_autograd(fwd, _make_backward(bwd_op), setup_context=_setup_context)
 
-_FORWARD_OPS = {"triton": torch.ops.snl_triton.cram_fwd}
+
+_register("snl_triton::cram_fwd", "snl_triton::cram_bwd", _triton_bwd)
+if _cuda.has_op("cram_fwd"):
+    _register("snl::cram_fwd", "snl::cram_bwd", torch.ops.snl.cram_bwd.default)
+
+_FORWARD_OPS = {
+    "triton": lambda e, c, t: torch.ops.snl_triton.cram_fwd(e, c, t),
+    "cuda": lambda e, c, t: torch.ops.snl.cram_fwd(e, c, t),
+}
 
 
 def cram(embedding: Tensor, centers: Tensor, log_tau: Tensor | float,
@@ -122,8 +138,10 @@ def cram(embedding: Tensor, centers: Tensor, log_tau: Tensor | float,
     why_not = None
     if torch.float64 in (embedding.dtype, centers.dtype):
         why_not = "float64 inputs run on the reference only"
+    # Automatic mode leaves K > CUDA_MAX_K to Triton; backend="cuda" then raises the op's error.
+    prefer = ("cuda", "triton") if centers.shape[0] <= CUDA_MAX_K else ("triton",)
     chosen = dispatch.select_backend(OP, backend, (embedding, centers), IMPLEMENTED,
-                                     why_not=why_not)
+                                     prefer=prefer, why_not=why_not)
     if chosen == "torch":
         return reference.cram(embedding, centers, log_tau)
     if isinstance(log_tau, Tensor):

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE, DTYPES, NO_TRITON, requires_gpu
+from conftest import ATOL, DEVICE, DTYPES, NO_CUDA_BACKEND, kernel_backends, requires_gpu
 
 import snl_kernels
 from snl_kernels import reference
 
-triton_only = pytest.mark.skipif(NO_TRITON is not None, reason=NO_TRITON or "")
+cuda_backend = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(NO_CUDA_BACKEND is not None, reason=NO_CUDA_BACKEND or ""),
+]
 
-# (B, D, h, w, K, log_tau), each with the reason it is here. BLOCK_P = 32, BLOCK_D = 64.
+# (B, D, h, w, K, log_tau), each with the reason it is here. Triton: BLOCK_P = 32,
+# BLOCK_D = 64. CUDA: 8 positions per K-side block, 32 x 128 channels per D-side block,
+# 32-channel chunks, centres in groups of a power of two >= 32.
 SHAPES = {
     "odd-positions-and-dims": (2, 40, 3, 5, 7, 1.0),
     "one-centre": (1, 130, 4, 4, 1, 0.5),
@@ -19,19 +24,21 @@ SHAPES = {
     "one-position": (1, 16, 1, 1, 3, -2.0),
     "positions-one-past-block": (1, 24, 3, 11, 5, 1.5),
     "k-256": (1, 32, 2, 4, 256, 2.0),
+    "channels-past-a-wide-block": (1, 129, 3, 3, 40, 3.0),
 }
 
 
-def _inputs(B, D, h, w, K, log_tau, dtype=torch.float32, scale=1.0, seed=0):
+def _inputs(B, D, h, w, K, log_tau, dtype=torch.float32, scale=1.0, seed=0, centers_dtype=None):
     g = torch.Generator().manual_seed(seed)
     e = (scale * torch.randn(B, D, h, w, generator=g, dtype=torch.float64)).to(DEVICE, dtype)
-    c = (scale * torch.randn(K, D, generator=g, dtype=torch.float64)).to(DEVICE, dtype)
+    c = (scale * torch.randn(K, D, generator=g, dtype=torch.float64)).to(DEVICE,
+                                                                         centers_dtype or dtype)
     t = torch.tensor(log_tau, dtype=torch.float32, device=DEVICE)
     return [x.requires_grad_(True) for x in (e, c, t)]
 
 
-def _check(e, c, t, atol=1e-5, grad_rtol=1e-4):
-    out = snl_kernels.cram(e, c, t, backend="triton")
+def _check(backend, e, c, t, atol=1e-5, grad_rtol=1e-4):
+    out = snl_kernels.cram(e, c, t, backend=backend)
     e64, c64, t64 = (x.detach().double().requires_grad_(True) for x in (e, c, t))
     ref = reference.cram(e64, c64, t64)
     gen = torch.Generator().manual_seed(5)
@@ -55,82 +62,168 @@ def _check(e, c, t, atol=1e-5, grad_rtol=1e-4):
         assert err <= grad_rtol * max(r.norm().item(), 1.0), (name, err, r.norm().item())
 
 
-@triton_only
+@pytest.mark.parametrize("backend", kernel_backends())
 @pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
-def test_matches_reference(shape):
-    _check(*_inputs(*shape))
+def test_matches_reference(backend, shape):
+    _check(backend, *_inputs(*shape))
 
 
-@triton_only
+@pytest.mark.parametrize("backend", kernel_backends())
 @pytest.mark.parametrize(
     ("log_tau", "scale"),
     [(-20.0, 1.0), (20.0, 1.0), (0.0, 30.0)],
     ids=["tiny-tau", "huge-tau", "large-distances"],
 )
-def test_extreme_temperatures_and_distances_are_finite(log_tau, scale):
-    _check(*_inputs(2, 48, 4, 4, 9, log_tau, scale=scale), atol=2e-5)
+def test_extreme_temperatures_and_distances_are_finite(backend, log_tau, scale):
+    _check(backend, *_inputs(2, 48, 4, 4, 9, log_tau, scale=scale), atol=2e-5)
 
 
-@triton_only
+@pytest.mark.parametrize("backend", kernel_backends())
 @pytest.mark.parametrize("dtype", DTYPES[1:], ids=str)
-def test_low_precision_inputs(dtype):
-    _check(*_inputs(2, 40, 3, 5, 7, 1.0, dtype=dtype), grad_rtol=1e-2)
+def test_low_precision_inputs(backend, dtype):
+    _check(backend, *_inputs(2, 40, 3, 5, 7, 1.0, dtype=dtype), grad_rtol=1e-2)
 
 
-@triton_only
-def test_float_log_tau_and_subset_of_gradients():
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_centres_in_another_dtype(backend):
+    # Each gradient comes back in the dtype of its input.
+    e, c, t = _inputs(2, 40, 3, 5, 7, 1.0, dtype=torch.bfloat16, centers_dtype=torch.float32)
+    _check(backend, e, c, t, grad_rtol=1e-2)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_float_log_tau_and_subset_of_gradients(backend):
     e, c, _ = _inputs(2, 16, 2, 3, 4, 0.7)
-    out = snl_kernels.cram(e, c, 0.7, backend="triton")
+    out = snl_kernels.cram(e, c, 0.7, backend=backend)
     out.compact.mean().backward()
     e64, c64 = (x.detach().double().requires_grad_(True) for x in (e, c))
     reference.cram(e64, c64, 0.7).compact.mean().backward()
-    torch.testing.assert_close(e.grad.double(), e64.grad, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(c.grad.double(), c64.grad, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(e.grad.double(), e64.grad.to(e.device), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(c.grad.double(), c64.grad.to(c.device), atol=1e-6, rtol=1e-5)
 
 
-@triton_only
-def test_any_strides():
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_any_strides(backend):
     e, c, t = _inputs(2, 24, 4, 6, 5, 1.0)
     e_cl = e.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
     c_t = c.detach().T.contiguous().T.requires_grad_(True)
-    a = snl_kernels.cram(e, c, t, backend="triton")
-    b = snl_kernels.cram(e_cl, c_t, t, backend="triton")
+    a = snl_kernels.cram(e, c, t, backend=backend)
+    b = snl_kernels.cram(e_cl, c_t, t, backend=backend)
     for x, y in zip(a, b, strict=True):
         torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-6)
+    # .sum() sends expanded (zero-stride) upstream gradients.
     sum(x.sum() for x in a).backward()
     sum(x.sum() for x in b).backward()
     torch.testing.assert_close(e.grad, e_cl.grad, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(c.grad, c_t.grad, atol=1e-6, rtol=1e-6)
+    assert e_cl.grad.is_contiguous(memory_format=torch.channels_last)
 
 
-@triton_only
-def test_deterministic_bits():
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_sliced_embedding(backend):
+    e, _, t = _inputs(2, 48, 6, 10, 5, 1.0)
+    c = _inputs(1, 24, 1, 1, 5, 1.0, seed=1)[1]
+    view = e.detach()[:, ::2, 1:, ::3].requires_grad_(True)  # (2, 24, 5, 4), no dense layout
+    same = view.detach().contiguous().requires_grad_(True)
+    a = snl_kernels.cram(view, c, t, backend=backend)
+    b = snl_kernels.cram(same, c, t, backend=backend)
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-6)
+    sum(x.sum() for x in a).backward()
+    sum(x.sum() for x in b).backward()
+    torch.testing.assert_close(view.grad, same.grad, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_deterministic_bits(backend):
     e, c, t = _inputs(2, 40, 4, 4, 9, 1.0)
     runs = []
     for _ in range(2):
-        out = snl_kernels.cram(e, c, t, backend="triton")
+        out = snl_kernels.cram(e, c, t, backend=backend)
         runs.append([*out, *torch.autograd.grad(sum(o.sum() for o in out), (e, c, t))])
     for x, y in zip(*runs, strict=True):
         assert torch.equal(x, y)
 
 
-@triton_only
-def test_opcheck():
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_opcheck(backend):
+    ns = {"triton": torch.ops.snl_triton, "cuda": getattr(torch.ops, "snl", None)}[backend]
     e, c, t = _inputs(2, 16, 2, 3, 5, 0.5)
-    torch.library.opcheck(torch.ops.snl_triton.cram_fwd.default, (e, c, t))
+    torch.library.opcheck(ns.cram_fwd.default, (e, c, t))
+    central, assign, compact, dist = ns.cram_fwd(e.detach(), c.detach(), t.detach())
+    grads = [torch.randn_like(x) for x in (central, assign, compact)]
+    torch.library.opcheck(ns.cram_bwd.default,
+                          (e.detach(), c.detach(), t.detach(), assign, dist, *grads))
 
 
-def test_float64_is_refused_by_kernels():
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_float64_is_refused_by_kernels(backend):
     e = torch.randn(1, 4, 2, 2, dtype=torch.float64)
     with pytest.raises(snl_kernels.BackendUnavailableError,
                        match="float64 inputs run on the reference only"):
-        snl_kernels.cram(e, torch.randn(3, 4, dtype=torch.float64), 0.0, backend="triton")
+        snl_kernels.cram(e, torch.randn(3, 4, dtype=torch.float64), 0.0, backend=backend)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("cuda", marks=cuda_backend)])
+class TestCudaOpErrors:
+    """The CUDA ops check their own inputs: each error names the argument and the value."""
+
+    def _args(self, K=5, D=8):
+        e, c, t = _inputs(2, D, 3, 3, K, 0.5)
+        return e.detach(), c.detach(), t.detach()
+
+    def test_too_many_centres(self, backend):
+        e, c, t = _inputs(1, 8, 2, 2, 257, 0.5)
+        with pytest.raises(RuntimeError, match=r"centers must hold 1 to 256 centres for the "
+                                               r"CUDA kernels, got K=257"):
+            snl_kernels.cram(e, c, t, backend=backend)
+
+    def test_cpu_embedding(self, backend):
+        e, c, t = self._args()
+        with pytest.raises(RuntimeError, match=r"embedding must be a CUDA tensor, got device cpu"):
+            torch.ops.snl.cram_fwd(e.cpu(), c, t)
+
+    def test_float64_embedding(self, backend):
+        e, c, t = self._args()
+        with pytest.raises(RuntimeError, match=r"embedding must be float32, float16 or "
+                                               r"bfloat16, got Double"):
+            torch.ops.snl.cram_fwd(e.double(), c, t)
+
+    def test_centre_width(self, backend):
+        e, c, t = self._args()
+        with pytest.raises(RuntimeError, match=r"centers must have width D=8 \(the channels of "
+                                               r"embedding\), got shape \[5, 7\]"):
+            torch.ops.snl.cram_fwd(e, c[:, :7], t)
+
+    def test_log_tau_not_scalar(self, backend):
+        e, c, t = self._args()
+        with pytest.raises(RuntimeError, match=r"log_tau must hold one element, got shape \[2\]"):
+            torch.ops.snl.cram_fwd(e, c, t.reshape(1).expand(2))
+
+    def test_backward_shapes(self, backend):
+        e, c, t = self._args()
+        central, assign, compact, dist = torch.ops.snl.cram_fwd(e, c, t)
+        with pytest.raises(RuntimeError, match=r"assign must have shape \[2, 5, 3, 3\], "
+                                               r"got \[2, 4, 3, 3\]"):
+            torch.ops.snl.cram_bwd(e, c, t, assign[:, :4], dist, central, assign, compact)
+        with pytest.raises(RuntimeError, match=r"grad_compact must be Float, got Half"):
+            torch.ops.snl.cram_bwd(e, c, t, assign, dist, central, assign, compact.half())
 
 
 @requires_gpu
 @pytest.mark.gpu
+def test_automatic_mode_leaves_many_centres_to_triton():
+    e, c, t = _inputs(1, 8, 2, 2, 257, 0.5)
+    out = snl_kernels.cram(e, c, t)
+    ref = reference.cram(e.detach().double(), c.detach().double(), t.detach().double())
+    torch.testing.assert_close(out.assign.double(), ref.assign, atol=1e-5, rtol=0)
+
+
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", kernel_backends())
 @pytest.mark.parametrize("batch", [16, 1])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_wrn50_bottleneck_on_gpu(batch, dtype):
+def test_wrn50_bottleneck_on_gpu(backend, batch, dtype):
     e, c, t = _inputs(batch, 2048, 8, 8, 64, float(torch.tensor(2048.0).sqrt().log()), dtype=dtype)
-    _check(e, c, t, grad_rtol=1e-4 if dtype == torch.float32 else 1e-2)
+    _check(backend, e, c, t, atol=ATOL[dtype], grad_rtol=1e-4 if dtype == torch.float32 else 1e-2)
