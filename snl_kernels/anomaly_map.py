@@ -20,7 +20,19 @@ device). The kernels are inference-only (there is no backward): with inputs that
 grad under grad mode, automatic mode uses the reference and an explicit kernel backend
 raises.
 
-Backends: ``torch`` (reference), ``triton`` (``snl_kernels/_triton/anomaly_map.py``).
+Memory plan of the kernels. Distances: one launch per level reads T and S once (any strides,
+fp32/fp16/bf16, fp32 sums) and writes ``1 - cos`` into a zero-padded (B, L, HK, WK) float32
+buffer, a few MB. Combine: one launch, a block per output tile of one map, forms
+``sum_k Mh_k[rows] @ m_k @ Mw_k[cols]^T`` in fp32 FMA (no tf32) with the small operands on
+chip, writes the tile and its maximum; the score is the max of the tile maxima (exact, so
+deterministic).
+
+Backends: ``torch`` (reference), ``triton`` (``snl_kernels/_triton/anomaly_map.py``) and
+``cuda`` (``csrc/anomaly_map.cu``: ``snl::anomaly_map_distances`` and
+``snl::anomaly_map_combine``). Both kernel backends are ``torch.library`` custom ops
+(``snl_triton::anomaly_map``, ``snl_cuda::anomaly_map``) with fake implementations, and run
+the same "mul" path after their distance kernel. ``cuda`` is offered only when the built
+extension has these kernels.
 """
 
 import functools
@@ -29,11 +41,18 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from . import checks, dispatch, reference
+from . import _cuda, checks, dispatch, reference
 from .reference import AnomalyMap
 
 OP = "anomaly_map"
-IMPLEMENTED: tuple[str, ...] = ("triton",)
+# "cuda" unless the extension loaded without these kernels (built from older sources): then
+# dispatch must not pick it. An extension that did not load at all keeps "cuda", so that
+# dispatch gives its reason (not built, CPU build, no GPU).
+_CUDA_OPS = ("anomaly_map_distances", "anomaly_map_combine")
+IMPLEMENTED: tuple[str, ...] = (
+    ("triton", "cuda") if not _cuda.load() or all(_cuda.has_op(op) for op in _CUDA_OPS)
+    else ("triton",)
+)
 
 
 def upsample_matrix(n_out: int, n_in: int) -> Tensor:
@@ -86,17 +105,15 @@ _SCHEMA = (
 )
 
 
-@torch.library.custom_op("snl_triton::anomaly_map", mutates_args=(), schema=_SCHEMA)
-def _triton_anomaly_map(teachers, students, size, sigma, mode):
-    from ._triton import anomaly_map as kernels
-
+def _kernel_anomaly_map(distances, combine, teachers, students, size, sigma, mode):
+    """The body of both kernel ops: ``distances`` gives the padded (B, L, HK, WK) buffer,
+    ``combine(m, mh, mw, H, W)`` the add-mode maps and scores."""
     size = tuple(size)
-
-    m = kernels.pixel_distances(list(teachers), list(students), reference.EPS)
+    m = distances(list(teachers), list(students))
     level_sizes = tuple((t.shape[2], t.shape[3]) for t in teachers)
     if mode == "add":
         mh, mw = operators(level_sizes, size, sigma, m.shape[2], m.shape[3], str(m.device))
-        return kernels.combine(m, mh, mw, *size)
+        return combine(m, mh, mw, *size)
     product = None
     for k, (h_k, w_k) in enumerate(level_sizes):
         up = torch.nn.functional.interpolate(m[:, k : k + 1, :h_k, :w_k], size=size,
@@ -109,14 +126,49 @@ def _triton_anomaly_map(teachers, students, size, sigma, mode):
     return maps, maps.amax(dim=(1, 2, 3))
 
 
-@torch.library.register_fake("snl_triton::anomaly_map")
+@torch.library.custom_op("snl_triton::anomaly_map", mutates_args=(), schema=_SCHEMA)
+def _triton_anomaly_map(teachers, students, size, sigma, mode):
+    from ._triton import anomaly_map as kernels
+
+    return _kernel_anomaly_map(
+        lambda ts, ss: kernels.pixel_distances(ts, ss, reference.EPS), kernels.combine,
+        teachers, students, size, sigma, mode)
+
+
+def _cuda_distances(teachers: list[Tensor], students: list[Tensor]) -> Tensor:
+    hk = max(t.shape[2] for t in teachers)
+    wk = max(t.shape[3] for t in teachers)
+    return torch.ops.snl.anomaly_map_distances(teachers, students, hk, wk)
+
+
+@torch.library.custom_op("snl_cuda::anomaly_map", mutates_args=(), schema=_SCHEMA)
+def _cuda_anomaly_map(teachers, students, size, sigma, mode):
+    return _kernel_anomaly_map(_cuda_distances, torch.ops.snl.anomaly_map_combine,
+                               teachers, students, size, sigma, mode)
+
+
 def _fake_anomaly_map(teachers, students, size, sigma, mode):
     t = teachers[0]
     return (t.new_empty((t.shape[0], 1, size[0], size[1]), dtype=torch.float32),
             t.new_empty((t.shape[0],), dtype=torch.float32))
 
 
-_KERNEL_OPS = {"triton": torch.ops.snl_triton.anomaly_map}
+torch.library.register_fake("snl_triton::anomaly_map")(_fake_anomaly_map)
+torch.library.register_fake("snl_cuda::anomaly_map")(_fake_anomaly_map)
+
+if all(_cuda.has_op(op) for op in _CUDA_OPS):
+
+    @torch.library.register_fake("snl::anomaly_map_distances")
+    def _fake_distances(teachers, students, hk, wk):
+        t = teachers[0]
+        return t.new_empty((t.shape[0], len(teachers), hk, wk), dtype=torch.float32)
+
+    @torch.library.register_fake("snl::anomaly_map_combine")
+    def _fake_combine(m, mh, mw, height, width):
+        return (m.new_empty((m.shape[0], 1, height, width)), m.new_empty((m.shape[0],)))
+
+
+_KERNEL_OPS = {"triton": torch.ops.snl_triton.anomaly_map, "cuda": torch.ops.snl_cuda.anomaly_map}
 
 
 def anomaly_map(teachers: Sequence[Tensor], students: Sequence[Tensor],
