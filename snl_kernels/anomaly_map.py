@@ -45,14 +45,8 @@ from . import _cuda, checks, dispatch, reference
 from .reference import AnomalyMap
 
 OP = "anomaly_map"
-# "cuda" unless the extension loaded without these kernels (built from older sources): then
-# dispatch must not pick it. An extension that did not load at all keeps "cuda", so that
-# dispatch gives its reason (not built, CPU build, no GPU).
-_CUDA_OPS = ("anomaly_map_distances", "anomaly_map_combine")
-IMPLEMENTED: tuple[str, ...] = (
-    ("triton", "cuda") if not _cuda.load() or all(_cuda.has_op(op) for op in _CUDA_OPS)
-    else ("triton",)
-)
+_CUDA_OPS = dispatch.CUDA_OPS[OP]
+IMPLEMENTED: tuple[str, ...] = ("triton", "cuda")
 
 
 def upsample_matrix(n_out: int, n_in: int) -> Tensor:

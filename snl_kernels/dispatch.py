@@ -28,6 +28,15 @@ from . import _cuda
 
 BACKENDS = ("torch", "triton", "cuda")
 ENV_VAR = "SNL_BACKEND"
+# The CUDA extension's ops behind each public op: an extension built from older sources
+# loads but lacks some, and the reason then says to rebuild.
+CUDA_OPS = {
+    "cosine_distances": ("cosine_distances_fwd", "cosine_distances_bwd"),
+    "intra_affinity_loss": ("intra_affinity_fwd", "intra_affinity_bwd"),
+    "inter_affinity_loss": ("inter_affinity_fwd", "inter_affinity_bwd"),
+    "cram": ("cram_fwd", "cram_bwd"),
+    "anomaly_map": ("anomaly_map_distances", "anomaly_map_combine"),
+}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -109,6 +118,15 @@ def unavailable_reasons(
                 f"({_cuda.load_error()}); build it with "
                 "`pip install --no-build-isolation -e .` where nvcc and a CUDA PyTorch are present"
             )
+        else:
+            missing = [name for name in CUDA_OPS.get(op, ()) if not _cuda.has_op(name)]
+            if missing:
+                reasons.append(
+                    "the CUDA extension snl_kernels._C was built without "
+                    + ", ".join(f"snl::{name}" for name in missing)
+                    + " (built from older sources); rebuild it with "
+                    "`pip install --no-build-isolation -e .`"
+                )
         if devices - {"cuda"}:
             reasons.append(
                 f"the inputs are on {sorted(devices)}; the CUDA kernels need CUDA tensors"

@@ -30,9 +30,7 @@ from . import _cuda, checks, dispatch, reference
 
 OP = "inter_affinity_loss"
 EPS = reference.EPS
-IMPLEMENTED: tuple[str, ...] = (
-    ("triton", "cuda") if not _cuda.load() or _cuda.has_op("inter_affinity_fwd") else ("triton",)
-)
+IMPLEMENTED: tuple[str, ...] = ("triton", "cuda")
 
 _FWD_SCHEMA = (
     "(Tensor teacher_a, Tensor teacher_b, Tensor student_a, Tensor student_b, str distance)"

@@ -35,10 +35,7 @@ from . import _cuda, checks, dispatch, reference
 
 OP = "intra_affinity_loss"
 EPS = reference.EPS
-# "cuda" is listed unless the extension loads but lacks the op (then the reason is clear).
-IMPLEMENTED: tuple[str, ...] = (
-    ("triton", "cuda") if not _cuda.load() or _cuda.has_op("intra_affinity_fwd") else ("triton",)
-)
+IMPLEMENTED: tuple[str, ...] = ("triton", "cuda")
 
 _FWD_SCHEMA = "(Tensor teacher, Tensor student, str distance) -> Tensor"
 _BWD_SCHEMA = (

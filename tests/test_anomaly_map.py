@@ -290,12 +290,14 @@ def test_cuda_backend_refuses_cpu_inputs_with_reasons():
                                 backend="cuda")
 
 
-def test_cuda_offered_only_when_the_extension_has_its_kernels():
-    from snl_kernels import _cuda
+def test_cuda_reason_names_kernels_missing_from_an_older_build(monkeypatch):
+    from snl_kernels import _cuda, dispatch
 
-    built = all(_cuda.has_op(op) for op in ("anomaly_map_distances", "anomaly_map_combine"))
-    # Not loaded: dispatch explains why; loaded without these kernels: never picked.
-    assert ("cuda" in IMPLEMENTED) == (built or not _cuda.load())
+    # An extension that loads but lacks this op's kernels (built from older sources).
+    monkeypatch.setattr(_cuda, "load", lambda: True)
+    monkeypatch.setattr(_cuda, "has_op", lambda name: name != "anomaly_map_combine")
+    why = dispatch.unavailable_reasons("cuda", "anomaly_map", [], IMPLEMENTED)
+    assert any("built without snl::anomaly_map_combine" in r and "rebuild" in r for r in why)
 
 
 @requires_gpu
