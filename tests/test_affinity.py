@@ -290,6 +290,28 @@ def test_opcheck(backend):
     torch.library.opcheck(ns.inter_affinity_bwd.default, (*(v.detach() for v in x), g, "l1", True))
 
 
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_traces_fullgraph_with_aot_autograd(backend):
+    # Dynamo and AOTAutograd through the fake implementations and registered autograd,
+    # on any device (Inductor itself is the GPU test below).
+    torch._dynamo.reset()
+
+    def loss(t, s, t2, s2):
+        return (snl_kernels.intra_affinity_loss(t, s, "l1", backend=backend)
+                + snl_kernels.inter_affinity_loss(t, t2, s, s2, "l2", backend=backend))
+
+    t, s = _pair((1, 6, 4, 4))
+    t2, s2 = _pair((1, 8, 2, 2), seed=1)
+    s.requires_grad_(True)
+    s2.requires_grad_(True)
+    got = torch.compile(loss, backend="aot_eager", fullgraph=True)(t, s, t2, s2)
+    grads = torch.autograd.grad(got, (s, s2))
+    want = loss(t, s, t2, s2)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(grads, torch.autograd.grad(want, (s, s2)), strict=True):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_float64_is_refused_by_kernels(backend):
     t, s = _pair((1, 3, 2, 2), torch.float64)

@@ -1,0 +1,147 @@
+"""Compile every Triton kernel of snl_kernels for a GPU target, on a machine without a GPU.
+
+The CPU interpreter (``TRITON_INTERPRET=1``) runs the kernels' arithmetic but not Triton's
+compiler: layout, shape and type rules of real code generation go unchecked there. This
+script replaces ``JITFunction.run`` with one that compiles the launch's specialisation to
+a cubin with ``triton.compile`` (no driver, no GPU needed) instead of running it, then calls
+each Triton op on CPU tensors of every dtype and flag combination the library uses, so
+that every specialisation a GPU run would compile is compiled here.
+
+    python scripts/triton_compile_check.py [--arch 90]
+
+Prints one line per compiled specialisation and exits 1 if any failed. The launch results
+are garbage (nothing runs); only compilation is checked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import sys
+import time
+import traceback
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("unset TRITON_INTERPRET: this script compiles kernels, it does not interpret them")
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
+
+_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16",
+          torch.float64: "*fp64", torch.int64: "*i64", torch.int32: "*i32"}
+_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+
+
+class Compiler:
+    def __init__(self, arch: int):
+        self.target = GPUTarget("cuda", arch, 32)
+        self.done: dict[tuple, str | None] = {}
+
+    def run(self, fn: JITFunction, *args, grid, warmup, **kwargs):
+        options = {k: kwargs.pop(k) for k in _OPTIONS if k in kwargs}
+        bound = inspect.signature(fn.fn).bind(*args, **kwargs)
+        bound.apply_defaults()
+        signature, constexprs = {}, {}
+        for index, param in enumerate(fn.params):
+            value = bound.arguments[param.name]
+            if param.is_constexpr:
+                signature[param.name] = "constexpr"
+                constexprs[(index,)] = value
+            elif isinstance(value, torch.Tensor):
+                signature[param.name] = _TYPES[value.dtype]
+            elif isinstance(value, bool):
+                signature[param.name] = "i1"
+            elif isinstance(value, int):
+                signature[param.name] = "i32" if -2**31 <= value < 2**31 else "i64"
+            elif isinstance(value, float):
+                signature[param.name] = "fp32"
+            else:
+                raise TypeError(f"{fn.__name__}: argument {param.name} of type {type(value)}")
+        key = (fn.__name__, tuple(sorted(signature.items())),
+               tuple(sorted((k[0], repr(v)) for k, v in constexprs.items())),
+               tuple(sorted(options.items())))
+        if key in self.done:
+            return None
+        consts = {fn.params[k[0]].name: v for k, v in constexprs.items()}
+        dtypes = sorted({v[1:] for v in signature.values() if v.startswith("*")})
+        label = f"{fn.__name__} {'/'.join(dtypes)} {consts} {options or ''}"
+        start = time.perf_counter()
+        try:
+            triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=self.target,
+                           options=options)
+        except Exception:
+            self.done[key] = traceback.format_exc(limit=3)
+            print(f"FAIL {label}\n{self.done[key]}", flush=True)
+        else:
+            self.done[key] = None
+            print(f"ok   {label} ({time.perf_counter() - start:.1f} s)", flush=True)
+        return None
+
+
+def feats(shape, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g).to(dtype)
+
+
+def exercise() -> None:
+    """Call every Triton op with the dtypes and flags the library launches."""
+    import snl_kernels  # noqa: F401  (registers the snl_triton ops)
+
+    ops = torch.ops.snl_triton
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        # cosine distances
+        t, s = feats((2, 40, 5, 7), dtype), feats((2, 40, 5, 7), dtype, 1)
+        out = ops.cosine_distances_fwd(t, s)
+        g = [torch.randn_like(o) for o in out[:3]]
+        for need_teacher in (True, False):
+            ops.cosine_distances_bwd(t, s, out[3], out[4], *g, need_teacher)
+        # anomaly map, both modes
+        teachers = [feats((2, 8, 8, 8), dtype), feats((2, 16, 4, 4), dtype)]
+        students = [feats((2, 8, 8, 8), dtype, 1), feats((2, 16, 4, 4), dtype, 2)]
+        for mode in ("add", "mul"):
+            ops.anomaly_map(teachers, students, [32, 24], 4.0, mode)
+        # CRAM, with centres in the embedding's dtype and in fp32
+        e = feats((2, 64, 4, 4), dtype)
+        for c in (feats((8, 64), dtype, 3), feats((256, 64), torch.float32, 3)):
+            tau = torch.tensor(0.5)
+            central, assign, compact, dist = ops.cram_fwd(e, c, tau)
+            ops.cram_bwd(e, c, tau, assign, dist, torch.randn_like(central),
+                         torch.randn_like(assign), torch.randn_like(compact))
+        # affinity: Gram and tiled paths, l1 and l2, with and without the teacher's gradient
+        grad = torch.tensor(1.0)
+        for shape in ((2, 20, 6, 6), (1, 48, 4, 4)):
+            t, s = feats(shape, dtype), feats(shape, dtype, 1)
+            for distance in ("l2", "l1"):
+                ops.intra_affinity_fwd(t, s, distance)
+                for need_teacher in (True, False):
+                    ops.intra_affinity_bwd(t, s, grad, distance, need_teacher)
+        x = [feats((2, 12, 8, 8), dtype), feats((2, 20, 4, 4), dtype, 1),
+             feats((2, 12, 8, 8), dtype, 2), feats((2, 20, 4, 4), dtype, 3)]
+        for distance in ("l2", "l1"):
+            ops.inter_affinity_fwd(*x, distance)
+            for need_teacher in (True, False):
+                ops.inter_affinity_bwd(*x, grad, distance, need_teacher)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability (90: H100/H200)")
+    args = parser.parse_args()
+    compiler = Compiler(args.arch)
+    JITFunction.run = lambda fn, *a, grid, warmup, **kw: compiler.run(fn, *a, grid=grid,
+                                                                      warmup=warmup, **kw)
+    start = time.perf_counter()
+    exercise()
+    failed = [k for k, v in compiler.done.items() if v is not None]
+    print(f"{len(compiler.done)} specialisations compiled for sm_{args.arch} in "
+          f"{time.perf_counter() - start:.0f} s, {len(failed)} failed "
+          f"(triton {triton.__version__})")
+    return 1 if failed or not compiler.done else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
