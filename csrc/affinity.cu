@@ -1,0 +1,1283 @@
+// snl::intra_affinity_fwd / _bwd and snl::inter_affinity_fwd / _bwd. Math, paths and access
+// plan: snl_kernels/intra_affinity_loss.py and snl_kernels/inter_affinity_loss.py.
+//
+// Every product runs in the tiled fp32 FMA kernels below, not in cuBLAS: results do not depend
+// on torch.backends.cuda.matmul.allow_tf32, and normalised operands (and D = X_S - X_T) are
+// formed on chip from strided reads of the inputs, so no fp32 copy of a feature map is made.
+// No N x N matrix is ever written to memory. Sums run in a fixed order (per-block partials,
+// then one block summing them in float64): the same inputs give the same bits.
+
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <tuple>
+
+#include "checks.h"
+#include "common.cuh"
+
+namespace snl {
+namespace {
+
+constexpr int kThreads = 256;
+// Output tiles are kTile x kTile, 16 x 16 threads with 4 x 4 outputs each, and the contraction
+// runs in chunks of kChunk: 4 KB of shared memory per operand tile.
+constexpr int kTile = 64;
+constexpr int kChunk = 16;
+constexpr int kSub = kTile / 16;
+// Channels per block of the tiled intra backward: each block recomputes the whole Delta tile
+// over all C, so fewer, wider channel blocks recompute less (C = 1024: 8 times).
+constexpr int kBwdChannels = 128;
+constexpr int kBwdSub = kBwdChannels / 16;
+constexpr int64_t kMaxGridY = 65535;
+// Backward scratch (Gram matrices K, fp32 gradients for fp16/bf16 inputs) is bounded by
+// processing the batch in chunks.
+constexpr int64_t kScratchBytes = int64_t{32} << 20;
+
+// A (B, C, H, W) tensor read with its strides: NCHW, channels_last or any view.
+template <typename scalar_t>
+struct Feature {
+  const scalar_t* ptr;
+  int64_t sb, sc, sh, sw, W;
+
+  __device__ __forceinline__ int64_t pixel_offset(int64_t b, int64_t n) const {
+    return b * sb + (n / W) * sh + (n % W) * sw;
+  }
+  // fp32 from here on, whatever the input dtype.
+  __device__ __forceinline__ float at(int64_t pixel_off, int64_t c) const {
+    return static_cast<float>(ptr[pixel_off + c * sc]);
+  }
+  __device__ __forceinline__ float value(int64_t b, int64_t c, int64_t n) const {
+    return at(pixel_offset(b, n), c);
+  }
+};
+
+template <typename scalar_t>
+Feature<scalar_t> feature_of(const at::Tensor& x) {
+  return {x.const_data_ptr<scalar_t>(), x.stride(0), x.stride(1), x.stride(2), x.stride(3),
+          x.size(3)};
+}
+
+// adaptive_avg_pool2d of a (B, C, Ha, Wa) tensor to (Hb, Wb), one output pixel at a time: bin
+// [floor(o * Ha / Hb), ceil((o + 1) * Ha / Hb)) per axis, so bins may be uneven and overlap.
+template <typename scalar_t>
+struct PooledFeature {
+  Feature<scalar_t> f;
+  int64_t Ha, Wa, Hb, Wb;
+
+  __device__ __forceinline__ float value(int64_t b, int64_t c, int64_t n) const {
+    const int64_t oh = n / Wb, ow = n % Wb;
+    const int64_t h0 = oh * Ha / Hb, h1 = ((oh + 1) * Ha + Hb - 1) / Hb;
+    const int64_t w0 = ow * Wa / Wb, w1 = ((ow + 1) * Wa + Wb - 1) / Wb;
+    const scalar_t* base = f.ptr + b * f.sb + c * f.sc;
+    float sum = 0.0f;
+    for (int64_t h = h0; h < h1; ++h) {
+      for (int64_t w = w0; w < w1; ++w) sum += static_cast<float>(base[h * f.sh + w * f.sw]);
+    }
+    return sum / static_cast<float>((h1 - h0) * (w1 - w0));
+  }
+};
+
+// Sum of one value per thread, in a fixed tree order; the result is valid in thread 0.
+__device__ float block_sum(float v) {
+  __shared__ float partial[kThreads];
+  partial[threadIdx.x] = v;
+  __syncthreads();
+  for (int stride = kThreads / 2; stride > 0; stride /= 2) {
+    if (static_cast<int>(threadIdx.x) < stride) partial[threadIdx.x] += partial[threadIdx.x + stride];
+    __syncthreads();
+  }
+  const float total = partial[0];
+  __syncthreads();  // partial is reused by the next call
+  return total;
+}
+
+// One block: out = scale * sum(partials), accumulated in float64 in a fixed order.
+__global__ void __launch_bounds__(kThreads) sum_partials_kernel(
+    const float* __restrict__ partials, int64_t count, double scale, float* __restrict__ out) {
+  __shared__ double partial[kThreads];
+  double acc = 0.0;
+  for (int64_t i = threadIdx.x; i < count; i += kThreads) acc += partials[i];
+  partial[threadIdx.x] = acc;
+  __syncthreads();
+  for (int stride = kThreads / 2; stride > 0; stride /= 2) {
+    if (static_cast<int>(threadIdx.x) < stride) partial[threadIdx.x] += partial[threadIdx.x + stride];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) out[0] = static_cast<float>(partial[0] * scale);
+}
+
+// dL/dDelta for one entry: 2 g Delta / M (l2) or g sign(Delta) / M (l1), sign(0) = 0;
+// scale is 2 / M (l2) or 1 / M (l1).
+template <bool kL1>
+__device__ __forceinline__ float delta_grad(float delta, float g_scale) {
+  if (kL1) return delta > 0.0f ? g_scale : (delta < 0.0f ? -g_scale : 0.0f);
+  return g_scale * delta;
+}
+
+template <bool kL1>
+__device__ __forceinline__ float delta_loss(float delta) {
+  return kL1 ? fabsf(delta) : delta * delta;
+}
+
+// ---- Intra-affinity: per-pixel normalisation ----
+
+// inv_norm (B, 2, N): 1 / max(|F[b, :, n]|, eps) of teacher (0) and student (1). Block = 32
+// pixels x 8 channel groups; lanes take consecutive pixels.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) pixel_inv_norm_kernel(
+    Feature<scalar_t> teacher, Feature<scalar_t> student, int64_t b0, int64_t C, int64_t N,
+    float* __restrict__ inv_norm) {
+  __shared__ float sums[2][8][32];
+  const int lane = threadIdx.x % 32, group = threadIdx.x / 32;
+  const int64_t b = b0 + blockIdx.y;
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * 32 + lane;
+  float tt = 0.0f, ss = 0.0f;
+  if (n < N) {
+    const int64_t off_t = teacher.pixel_offset(b, n), off_s = student.pixel_offset(b, n);
+    for (int64_t c = group; c < C; c += 8) {
+      const float t = teacher.at(off_t, c), s = student.at(off_s, c);
+      tt += t * t;
+      ss += s * s;
+    }
+  }
+  sums[0][group][lane] = tt;
+  sums[1][group][lane] = ss;
+  __syncthreads();
+  if (threadIdx.x < 64 && n < N) {
+    const int which = threadIdx.x / 32;
+    float total = 0.0f;
+    for (int g = 0; g < 8; ++g) total += sums[which][g][lane];
+    inv_norm[(b * 2 + which) * N + n] = 1.0f / fmaxf(sqrtf(total), kEps);
+  }
+}
+
+// Rows of the stacked operands: X_S, X_T, or D = X_S - X_T (formed in fp32 from the normalised
+// values, so its rounding error scales with the difference).
+enum Stack : int { kS = 0, kT = 1, kD = 2 };
+
+template <typename scalar_t>
+__device__ __forceinline__ float stacked_value(int kind, const Feature<scalar_t>& teacher,
+                                               const Feature<scalar_t>& student, int64_t off_t,
+                                               int64_t off_s, int64_t c, float rt, float rs) {
+  if (kind == kS) return student.at(off_s, c) * rs;
+  if (kind == kT) return teacher.at(off_t, c) * rt;
+  return student.at(off_s, c) * rs - teacher.at(off_t, c) * rt;
+}
+
+// Gram path, forward (l2, C < N). Tile (I, J) of the C x C Grams of one sample, accumulated over
+// pixels: ||Delta||^2 = <G_SS + G_TT, G_DD> + 2 <G_SD, G_DT>. Only tiles I <= J run: G_SS, G_TT
+// and G_DD are symmetric, so an off-diagonal tile counts twice in the first sum; the second is
+// not symmetric tile by tile, so the tile also forms the mirror's G_SD[J, I] = G_DS[I, J] and
+// G_DT[J, I] = G_TD[I, J].
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) intra_gram_fwd_kernel(
+    Feature<scalar_t> teacher, Feature<scalar_t> student, const float* __restrict__ inv_norm,
+    int64_t b0, int64_t C, int64_t N, int64_t n_tiles, float* __restrict__ partials) {
+  // [operand: S, T, D][side: rows I, cols J][pixel][channel]
+  __shared__ float tile[3][2][kChunk][kTile];
+  const int64_t b = b0 + blockIdx.y;
+  const int64_t tI = blockIdx.x / n_tiles, tJ = blockIdx.x % n_tiles;
+  float* partial = partials + b * n_tiles * n_tiles + blockIdx.x;
+  if (tI > tJ) {
+    if (threadIdx.x == 0) *partial = 0.0f;
+    return;
+  }
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+  const int kk = threadIdx.x % kChunk;  // the pixel this thread loads
+  const float* rt_row = inv_norm + b * 2 * N;
+  const float* rs_row = rt_row + N;
+
+  const bool mirror = tI < tJ;
+  float ss[kSub][kSub] = {}, tt[kSub][kSub] = {}, dd[kSub][kSub] = {};
+  float sd[kSub][kSub] = {}, dt[kSub][kSub] = {}, ds[kSub][kSub] = {}, td[kSub][kSub] = {};
+  for (int64_t n0 = 0; n0 < N; n0 += kChunk) {
+    const int64_t n = n0 + kk;
+    const bool valid_n = n < N;
+    const int64_t off_t = valid_n ? teacher.pixel_offset(b, n) : 0;
+    const int64_t off_s = valid_n ? student.pixel_offset(b, n) : 0;
+    const float rt = valid_n ? rt_row[n] : 0.0f, rs = valid_n ? rs_row[n] : 0.0f;
+#pragma unroll
+    for (int e = 0; e < kTile * kChunk / kThreads; ++e) {
+      const int ci = threadIdx.x / kChunk + e * (kThreads / kChunk);
+#pragma unroll
+      for (int side = 0; side < 2; ++side) {
+        const int64_t c = (side == 0 ? tI : tJ) * kTile + ci;
+        float xs = 0.0f, xt = 0.0f;
+        if (valid_n && c < C) {
+          xs = student.at(off_s, c) * rs;
+          xt = teacher.at(off_t, c) * rt;
+        }
+        tile[kS][side][kk][ci] = xs;
+        tile[kT][side][kk][ci] = xt;
+        tile[kD][side][kk][ci] = xs - xt;
+      }
+    }
+    __syncthreads();
+#pragma unroll 4
+    for (int k = 0; k < kChunk; ++k) {
+      float as[kSub], at_[kSub], ad[kSub], bs[kSub], bt[kSub], bd[kSub];
+#pragma unroll
+      for (int i = 0; i < kSub; ++i) {
+        as[i] = tile[kS][0][k][ty + 16 * i];
+        at_[i] = tile[kT][0][k][ty + 16 * i];
+        ad[i] = tile[kD][0][k][ty + 16 * i];
+        bs[i] = tile[kS][1][k][tx + 16 * i];
+        bt[i] = tile[kT][1][k][tx + 16 * i];
+        bd[i] = tile[kD][1][k][tx + 16 * i];
+      }
+#pragma unroll
+      for (int i = 0; i < kSub; ++i) {
+#pragma unroll
+        for (int j = 0; j < kSub; ++j) {
+          ss[i][j] += as[i] * bs[j];
+          tt[i][j] += at_[i] * bt[j];
+          dd[i][j] += ad[i] * bd[j];
+          sd[i][j] += as[i] * bd[j];
+          dt[i][j] += ad[i] * bt[j];
+        }
+      }
+      if (mirror) {
+#pragma unroll
+        for (int i = 0; i < kSub; ++i) {
+#pragma unroll
+          for (int j = 0; j < kSub; ++j) {
+            ds[i][j] += ad[i] * bs[j];
+            td[i][j] += at_[i] * bd[j];
+          }
+        }
+      }
+    }
+    __syncthreads();
+  }
+  // Entries outside C x C are sums of zeros: no mask needed.
+  const float weight = mirror ? 2.0f : 1.0f;
+  float v = 0.0f;
+#pragma unroll
+  for (int i = 0; i < kSub; ++i) {
+#pragma unroll
+    for (int j = 0; j < kSub; ++j) {
+      v += weight * (ss[i][j] + tt[i][j]) * dd[i][j] +
+           2.0f * (sd[i][j] * dt[i][j] + ds[i][j] * td[i][j]);
+    }
+  }
+  const float total = block_sum(v);
+  if (threadIdx.x == 0) *partial = total;
+}
+
+// Gram path, backward step 1: K = U V^T over pixels, U = [X_S; X_T] (R = C or 2C rows: X_T only
+// when the teacher gradient is asked for), V = [X_S; D] (2C rows). K (chunk, R, 2C).
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) intra_gram_k_kernel(
+    Feature<scalar_t> teacher, Feature<scalar_t> student, const float* __restrict__ inv_norm,
+    int64_t b0, int64_t C, int64_t N, int64_t R, int64_t n_col_tiles, float* __restrict__ K) {
+  __shared__ float u_tile[kChunk][kTile];
+  __shared__ float v_tile[kChunk][kTile];
+  const int64_t bb = blockIdx.y, b = b0 + bb;
+  const int64_t u0 = (blockIdx.x / n_col_tiles) * kTile, v0 = (blockIdx.x % n_col_tiles) * kTile;
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+  const int kk = threadIdx.x % kChunk;
+  const float* rt_row = inv_norm + b * 2 * N;
+  const float* rs_row = rt_row + N;
+
+  float acc[kSub][kSub] = {};
+  for (int64_t n0 = 0; n0 < N; n0 += kChunk) {
+    const int64_t n = n0 + kk;
+    const bool valid_n = n < N;
+    const int64_t off_t = valid_n ? teacher.pixel_offset(b, n) : 0;
+    const int64_t off_s = valid_n ? student.pixel_offset(b, n) : 0;
+    const float rt = valid_n ? rt_row[n] : 0.0f, rs = valid_n ? rs_row[n] : 0.0f;
+#pragma unroll
+    for (int e = 0; e < kTile * kChunk / kThreads; ++e) {
+      const int ci = threadIdx.x / kChunk + e * (kThreads / kChunk);
+      const int64_t u = u0 + ci, v = v0 + ci;
+      u_tile[kk][ci] = valid_n && u < R ? stacked_value(u < C ? kS : kT, teacher, student, off_t,
+                                                        off_s, u % C, rt, rs)
+                                        : 0.0f;
+      v_tile[kk][ci] = valid_n && v < 2 * C ? stacked_value(v < C ? kS : kD, teacher, student,
+                                                            off_t, off_s, v % C, rt, rs)
+                                            : 0.0f;
+    }
+    __syncthreads();
+#pragma unroll 4
+    for (int k = 0; k < kChunk; ++k) {
+      float a[kSub], bv[kSub];
+#pragma unroll
+      for (int i = 0; i < kSub; ++i) {
+        a[i] = u_tile[k][ty + 16 * i];
+        bv[i] = v_tile[k][tx + 16 * i];
+      }
+#pragma unroll
+      for (int i = 0; i < kSub; ++i) {
+#pragma unroll
+        for (int j = 0; j < kSub; ++j) acc[i][j] += a[i] * bv[j];
+      }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < kSub; ++i) {
+    const int64_t u = u0 + ty + 16 * i;
+#pragma unroll
+    for (int j = 0; j < kSub; ++j) {
+      const int64_t v = v0 + tx + 16 * j;
+      if (u < R && v < 2 * C) K[(bb * R + u) * 2 * C + v] = acc[i][j];
+    }
+  }
+}
+
+// Gram path, backward step 2: dX = K W over 2C, W = [D; X_T]. Rows u < C give
+// dL/dX_S = g (4/M) (G_SS D + G_SD X_T); rows u >= C give dL/dX_T = -g (4/M) (G_TS D + G_TD X_T).
+// dx_s / dx_t: (chunk, C, N) fp32, before the normalisation backward.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) intra_gram_dx_kernel(
+    Feature<scalar_t> teacher, Feature<scalar_t> student, const float* __restrict__ inv_norm,
+    const float* __restrict__ K, const float* __restrict__ grad_loss, float scale, int64_t b0,
+    int64_t C, int64_t N, int64_t R, int64_t n_pixel_tiles, float* dx_s, float* dx_t) {
+  __shared__ float k_tile[kChunk][kTile];
+  __shared__ float w_tile[kChunk][kTile];
+  const int64_t bb = blockIdx.y, b = b0 + bb;
+  const int64_t u0 = (blockIdx.x / n_pixel_tiles) * kTile;
+  const int64_t n0 = (blockIdx.x % n_pixel_tiles) * kTile;
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+  // W loads: a fixed pixel per thread, so its offsets and inverse norms are read once.
+  const int p = threadIdx.x % kTile;
+  const int64_t n = n0 + p;
+  const bool valid_n = n < N;
+  const int64_t off_t = valid_n ? teacher.pixel_offset(b, n) : 0;
+  const int64_t off_s = valid_n ? student.pixel_offset(b, n) : 0;
+  const float rt = valid_n ? inv_norm[b * 2 * N + n] : 0.0f;
+  const float rs = valid_n ? inv_norm[(b * 2 + 1) * N + n] : 0.0f;
+  const float* k_rows = K + bb * R * 2 * C;
+
+  float acc[kSub][kSub] = {};
+  for (int64_t v0 = 0; v0 < 2 * C; v0 += kChunk) {
+#pragma unroll
+    for (int e = 0; e < kTile * kChunk / kThreads; ++e) {
+      // K tile: consecutive threads read consecutive v.
+      const int kv = threadIdx.x % kChunk;
+      const int ui = threadIdx.x / kChunk + e * (kThreads / kChunk);
+      const int64_t u = u0 + ui, v = v0 + kv;
+      k_tile[kv][ui] = u < R && v < 2 * C ? k_rows[u * 2 * C + v] : 0.0f;
+      // W tile: consecutive threads read consecutive pixels.
+      const int wv = threadIdx.x / kTile + e * (kThreads / kTile);
+      const int64_t vw = v0 + wv;
+      w_tile[wv][p] = valid_n && vw < 2 * C ? stacked_value(vw < C ? kD : kT, teacher, student,
+                                                            off_t, off_s, vw % C, rt, rs)
+                                            : 0.0f;
+    }
+    __syncthreads();
+#pragma unroll 4
+    for (int k = 0; k < kChunk; ++k) {
+      float a[kSub], bw[kSub];
+#pragma unroll
+      for (int i = 0; i < kSub; ++i) {
+        a[i] = k_tile[k][ty + 16 * i];
+        bw[i] = w_tile[k][tx + 16 * i];
+      }
+#pragma unroll
+      for (int i = 0; i < kSub; ++i) {
+#pragma unroll
+        for (int j = 0; j < kSub; ++j) acc[i][j] += a[i] * bw[j];
+      }
+    }
+    __syncthreads();
+  }
+  const float coef = grad_loss[0] * scale;
+#pragma unroll
+  for (int i = 0; i < kSub; ++i) {
+    const int64_t u = u0 + ty + 16 * i;
+    if (u >= R) continue;
+#pragma unroll
+    for (int j = 0; j < kSub; ++j) {
+      const int64_t nj = n0 + tx + 16 * j;
+      if (nj >= N) continue;
+      if (u < C) {
+        dx_s[(bb * C + u) * N + nj] = coef * acc[i][j];
+      } else {
+        dx_t[(bb * C + u - C) * N + nj] = -coef * acc[i][j];
+      }
+    }
+  }
+}
+
+// Tiled path, forward (l1; l2 when N <= C). Tile (I, J) of Delta = -(X_S^T D + D^T X_T) of one
+// sample over all channels, reduced on chip. Delta is symmetric: tiles I <= J only.
+template <typename scalar_t, bool kL1>
+__global__ void __launch_bounds__(kThreads) intra_tiled_fwd_kernel(
+    Feature<scalar_t> teacher, Feature<scalar_t> student, const float* __restrict__ inv_norm,
+    int64_t b0, int64_t C, int64_t N, int64_t n_tiles, float* __restrict__ partials) {
+  // [X_S rows I, D rows I, D cols J, X_T cols J][channel][pixel]
+  __shared__ float tile[4][kChunk][kTile];
+  const int64_t b = b0 + blockIdx.y;
+  const int64_t tI = blockIdx.x / n_tiles, tJ = blockIdx.x % n_tiles;
+  float* partial = partials + b * n_tiles * n_tiles + blockIdx.x;
+  if (tI > tJ) {
+    if (threadIdx.x == 0) *partial = 0.0f;
+    return;
+  }
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+  const int p = threadIdx.x % kTile;
+  const int64_t ni = tI * kTile + p, nj = tJ * kTile + p;
+  const bool valid_i = ni < N, valid_j = nj < N;
+  const int64_t off_ti = valid_i ? teacher.pixel_offset(b, ni) : 0;
+  const int64_t off_si = valid_i ? student.pixel_offset(b, ni) : 0;
+  const int64_t off_tj = valid_j ? teacher.pixel_offset(b, nj) : 0;
+  const int64_t off_sj = valid_j ? student.pixel_offset(b, nj) : 0;
+  const float* rt_row = inv_norm + b * 2 * N;
+  const float* rs_row = rt_row + N;
+  const float rti = valid_i ? rt_row[ni] : 0.0f, rsi = valid_i ? rs_row[ni] : 0.0f;
+  const float rtj = valid_j ? rt_row[nj] : 0.0f, rsj = valid_j ? rs_row[nj] : 0.0f;
+
+  float acc[kSub][kSub] = {};
+  for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
+#pragma unroll
+    for (int e = 0; e < kTile * kChunk / kThreads; ++e) {
+      const int kc = threadIdx.x / kTile + e * (kThreads / kTile);
+      const int64_t c = c0 + kc;
+      float xsi = 0.0f, xti = 0.0f, xsj = 0.0f, xtj = 0.0f;
+      if (c < C && valid_i) {
+        xsi = student.at(off_si, c) * rsi;
+        xti = teacher.at(off_ti, c) * rti;
+      }
+      if (c < C && valid_j) {
+        xsj = student.at(off_sj, c) * rsj;
+        xtj = teacher.at(off_tj, c) * rtj;
+      }
+      tile[0][kc][p] = xsi;
+      tile[1][kc][p] = xsi - xti;
+      tile[2][kc][p] = xsj - xtj;
+      tile[3][kc][p] = xtj;
+    }
+    __syncthreads();
+#pragma unroll 4
+    for (int k = 0; k < kChunk; ++k) {
+      float as[kSub], ad[kSub], bd[kSub], bt[kSub];
+#pragma unroll
+      for (int i = 0; i < kSub; ++i) {
+        as[i] = tile[0][k][ty + 16 * i];
+        ad[i] = tile[1][k][ty + 16 * i];
+        bd[i] = tile[2][k][tx + 16 * i];
+        bt[i] = tile[3][k][tx + 16 * i];
+      }
+#pragma unroll
+      for (int i = 0; i < kSub; ++i) {
+#pragma unroll
+        for (int j = 0; j < kSub; ++j) acc[i][j] += as[i] * bd[j] + ad[i] * bt[j];
+      }
+    }
+    __syncthreads();
+  }
+  // acc = -Delta; entries outside N x N are sums of zeros.
+  float v = 0.0f;
+#pragma unroll
+  for (int i = 0; i < kSub; ++i) {
+#pragma unroll
+    for (int j = 0; j < kSub; ++j) v += delta_loss<kL1>(acc[i][j]);
+  }
+  const float total = block_sum(v);
+  if (threadIdx.x == 0) *partial = (tI == tJ ? 1.0f : 2.0f) * total;
+}
+
+// Tiled path, backward. Block = pixels I x kBwdChannels channels of one sample. For each pixel
+// block J: recompute the Delta tile (J x I) over all C, G = dL/dDelta into shared memory, then
+// dX_S[c, I] += -2 X_S[c, J] G[J, I] and dX_T[c, I] += 2 X_T[c, J] G[J, I] (G is symmetric).
+// dx_s / dx_t: (chunk, C, N) fp32, before the normalisation backward; dx_t may be null.
+template <typename scalar_t, bool kL1>
+__global__ void __launch_bounds__(kThreads) intra_tiled_bwd_kernel(
+    Feature<scalar_t> teacher, Feature<scalar_t> student, const float* __restrict__ inv_norm,
+    const float* __restrict__ grad_loss, float scale, int64_t b0, int64_t C, int64_t N,
+    int64_t n_tiles, float* dx_s, float* dx_t) {
+  // Phase 1: [X_S rows J, D rows J, D cols I, X_T cols I][channel][pixel].
+  // Phase 2: [X_S, X_T][pixel of J (kChunk)][channel (kBwdChannels)], same storage.
+  __shared__ float tile[4 * kChunk * kTile];
+  __shared__ float grad[kTile][kTile];  // G[j][i]
+  static_assert(2 * kChunk * kBwdChannels <= 4 * kChunk * kTile, "phase 2 tiles must fit");
+  float(*delta_tile)[kChunk][kTile] = reinterpret_cast<float(*)[kChunk][kTile]>(tile);
+  float(*x_tile)[kChunk][kBwdChannels] = reinterpret_cast<float(*)[kChunk][kBwdChannels]>(tile);
+
+  const bool with_teacher = dx_t != nullptr;
+  const int64_t bb = blockIdx.y, b = b0 + bb;
+  const int64_t i0 = (blockIdx.x % n_tiles) * kTile;
+  const int64_t c_base = (blockIdx.x / n_tiles) * kBwdChannels;
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+  const float* rt_row = inv_norm + b * 2 * N;
+  const float* rs_row = rt_row + N;
+  const float g_scale = grad_loss[0] * scale;
+
+  // Phase 1 loads: a fixed pixel of I per thread.
+  const int p = threadIdx.x % kTile;
+  const int64_t ni = i0 + p;
+  const bool valid_i = ni < N;
+  const int64_t off_ti = valid_i ? teacher.pixel_offset(b, ni) : 0;
+  const int64_t off_si = valid_i ? student.pixel_offset(b, ni) : 0;
+  const float rti = valid_i ? rt_row[ni] : 0.0f, rsi = valid_i ? rs_row[ni] : 0.0f;
+  // Phase 2 loads: a fixed pixel offset within each kChunk of J per thread.
+  const int jj = threadIdx.x % kChunk;
+
+  float acc_s[kBwdSub][kSub] = {}, acc_t[kBwdSub][kSub] = {};
+  for (int64_t j0 = 0; j0 < N; j0 += kTile) {
+    const int64_t nj = j0 + p;
+    const bool valid_j = nj < N;
+    const int64_t off_tj = valid_j ? teacher.pixel_offset(b, nj) : 0;
+    const int64_t off_sj = valid_j ? student.pixel_offset(b, nj) : 0;
+    const float rtj = valid_j ? rt_row[nj] : 0.0f, rsj = valid_j ? rs_row[nj] : 0.0f;
+
+    float acc[kSub][kSub] = {};  // -Delta[j][i]
+    for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
+#pragma unroll
+      for (int e = 0; e < kTile * kChunk / kThreads; ++e) {
+        const int kc = threadIdx.x / kTile + e * (kThreads / kTile);
+        const int64_t c = c0 + kc;
+        float xsj = 0.0f, xtj = 0.0f, xsi = 0.0f, xti = 0.0f;
+        if (c < C && valid_j) {
+          xsj = student.at(off_sj, c) * rsj;
+          xtj = teacher.at(off_tj, c) * rtj;
+        }
+        if (c < C && valid_i) {
+          xsi = student.at(off_si, c) * rsi;
+          xti = teacher.at(off_ti, c) * rti;
+        }
+        delta_tile[0][kc][p] = xsj;
+        delta_tile[1][kc][p] = xsj - xtj;
+        delta_tile[2][kc][p] = xsi - xti;
+        delta_tile[3][kc][p] = xti;
+      }
+      __syncthreads();
+#pragma unroll 4
+      for (int k = 0; k < kChunk; ++k) {
+        float as[kSub], ad[kSub], bd[kSub], bt[kSub];
+#pragma unroll
+        for (int i = 0; i < kSub; ++i) {
+          as[i] = delta_tile[0][k][ty + 16 * i];
+          ad[i] = delta_tile[1][k][ty + 16 * i];
+          bd[i] = delta_tile[2][k][tx + 16 * i];
+          bt[i] = delta_tile[3][k][tx + 16 * i];
+        }
+#pragma unroll
+        for (int i = 0; i < kSub; ++i) {
+#pragma unroll
+          for (int j = 0; j < kSub; ++j) acc[i][j] += as[i] * bd[j] + ad[i] * bt[j];
+        }
+      }
+      __syncthreads();
+    }
+#pragma unroll
+    for (int i = 0; i < kSub; ++i) {
+#pragma unroll
+      for (int j = 0; j < kSub; ++j) {
+        const bool valid = j0 + ty + 16 * i < N && i0 + tx + 16 * j < N;
+        grad[ty + 16 * i][tx + 16 * j] = valid ? delta_grad<kL1>(-acc[i][j], g_scale) : 0.0f;
+      }
+    }
+
+    for (int64_t jc = 0; jc < kTile; jc += kChunk) {
+      const int64_t njc = j0 + jc + jj;
+      const bool valid_jc = njc < N;
+      const int64_t off_tc = valid_jc ? teacher.pixel_offset(b, njc) : 0;
+      const int64_t off_sc = valid_jc ? student.pixel_offset(b, njc) : 0;
+      const float rtc = valid_jc ? rt_row[njc] : 0.0f, rsc = valid_jc ? rs_row[njc] : 0.0f;
+      __syncthreads();  // previous readers of tile (and writers of grad) are done
+#pragma unroll
+      for (int e = 0; e < kBwdChannels * kChunk / kThreads; ++e) {
+        const int ci = threadIdx.x / kChunk + e * (kThreads / kChunk);
+        const int64_t c = c_base + ci;
+        const bool valid = valid_jc && c < C;
+        x_tile[0][jj][ci] = valid ? student.at(off_sc, c) * rsc : 0.0f;
+        if (with_teacher) x_tile[1][jj][ci] = valid ? teacher.at(off_tc, c) * rtc : 0.0f;
+      }
+      __syncthreads();
+#pragma unroll 4
+      for (int k = 0; k < kChunk; ++k) {
+        float gv[kSub];
+#pragma unroll
+        for (int j = 0; j < kSub; ++j) gv[j] = grad[jc + k][tx + 16 * j];
+#pragma unroll
+        for (int i = 0; i < kBwdSub; ++i) {
+          const float xs = x_tile[0][k][ty + 16 * i];
+#pragma unroll
+          for (int j = 0; j < kSub; ++j) acc_s[i][j] += xs * gv[j];
+        }
+        if (with_teacher) {
+#pragma unroll
+          for (int i = 0; i < kBwdSub; ++i) {
+            const float xt = x_tile[1][k][ty + 16 * i];
+#pragma unroll
+            for (int j = 0; j < kSub; ++j) acc_t[i][j] += xt * gv[j];
+          }
+        }
+      }
+    }
+    __syncthreads();  // tile and grad are rewritten for the next J
+  }
+#pragma unroll
+  for (int i = 0; i < kBwdSub; ++i) {
+    const int64_t c = c_base + ty + 16 * i;
+    if (c >= C) continue;
+#pragma unroll
+    for (int j = 0; j < kSub; ++j) {
+      const int64_t n = i0 + tx + 16 * j;
+      if (n >= N) continue;
+      dx_s[(bb * C + c) * N + n] = -2.0f * acc_s[i][j];
+      if (with_teacher) dx_t[(bb * C + c) * N + n] = 2.0f * acc_t[i][j];
+    }
+  }
+}
+
+// Backward of x = f / max(|f|, eps) over channels, per pixel: df = r (dx - x (x . dx)), or r dx
+// where the norm is clamped (a clamped norm has zero slope). dx (chunk, C, N) fp32; out
+// (B, C, N) contiguous, may alias dx (each element is read, then written, by one thread).
+// Block = 32 pixels x 8 channel groups, as pixel_inv_norm_kernel.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) pixel_normalize_bwd_kernel(
+    Feature<scalar_t> f, const float* dx, int64_t b0, int64_t C, int64_t N, scalar_t* out) {
+  __shared__ float sums[2][8][32];
+  const int lane = threadIdx.x % 32, group = threadIdx.x / 32;
+  const int64_t bb = blockIdx.y, b = b0 + bb;
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * 32 + lane;
+  const bool valid = n < N;
+  const int64_t off = valid ? f.pixel_offset(b, n) : 0;
+  const float* dx_col = dx + bb * C * N + n;
+  scalar_t* out_col = out + b * C * N + n;
+  float ff = 0.0f, fd = 0.0f;
+  if (valid) {
+    for (int64_t c = group; c < C; c += 8) {
+      const float v = f.at(off, c);
+      ff += v * v;
+      fd += v * dx_col[c * N];
+    }
+  }
+  sums[0][group][lane] = ff;
+  sums[1][group][lane] = fd;
+  __syncthreads();
+  if (!valid) return;
+  ff = 0.0f;
+  fd = 0.0f;
+  for (int g = 0; g < 8; ++g) {
+    ff += sums[0][g][lane];
+    fd += sums[1][g][lane];
+  }
+  const float norm = sqrtf(ff);
+  const float r = 1.0f / fmaxf(norm, kEps);
+  // x (x . dx) r = f r^3 (f . dx)
+  const float k = norm > kEps ? r * r * r * fd : 0.0f;
+  for (int64_t c = group; c < C; c += 8) {
+    out_col[c * N] = static_cast<scalar_t>(r * dx_col[c * N] - k * f.at(off, c));
+  }
+}
+
+// ---- Inter-affinity ----
+
+// inv_norm (B, C): 1 / max(|row|, eps) of each channel's pooled (or plain) spatial vector.
+// Block = one row.
+template <typename Source>
+__global__ void __launch_bounds__(kThreads) row_inv_norm_kernel(Source src, int64_t C, int64_t N,
+                                                                float* __restrict__ inv_norm) {
+  const int64_t row = blockIdx.x;
+  const int64_t b = row / C, c = row % C;
+  float ss = 0.0f;
+  for (int64_t n = threadIdx.x; n < N; n += kThreads) {
+    const float v = src.value(b, c, n);
+    ss += v * v;
+  }
+  const float total = block_sum(ss);
+  if (threadIdx.x == 0) inv_norm[row] = 1.0f / fmaxf(sqrtf(total), kEps);
+}
+
+// Tile (I, J) of Delta = G_T - G_S = -(P^_S DQ^T + DP Q^_T^T) over N_b (C_a x C_b, one sample),
+// DP = P^_S - P^_T, DQ = Q^_S - Q^_T. Forward: Delta^2 or |Delta| summed into partials.
+// Backward: grad = dL/dDelta (B, C_a, C_b).
+template <typename SourceA, typename SourceB, bool kL1, bool kBackward>
+__global__ void __launch_bounds__(kThreads) inter_delta_kernel(
+    SourceA pa_t, SourceA pa_s, SourceB q_t, SourceB q_s, const float* __restrict__ inv_p,
+    const float* __restrict__ inv_q, const float* __restrict__ grad_loss, float scale, int64_t b0,
+    int64_t B, int64_t Ca, int64_t Cb, int64_t N, int64_t n_col_tiles,
+    float* __restrict__ partials, float* __restrict__ grad) {
+  // [P^_S rows, DP rows, DQ cols, Q^_T cols][pixel][channel]
+  __shared__ float tile[4][kChunk][kTile];
+  const int64_t b = b0 + blockIdx.y;
+  const int64_t i0 = (blockIdx.x / n_col_tiles) * kTile, j0 = (blockIdx.x % n_col_tiles) * kTile;
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+  const int kk = threadIdx.x % kChunk;
+  // inv_p / inv_q: (2, B, C): teacher, then student.
+  const float* rp_t = inv_p + b * Ca;
+  const float* rp_s = inv_p + (B + b) * Ca;
+  const float* rq_t = inv_q + b * Cb;
+  const float* rq_s = inv_q + (B + b) * Cb;
+
+  float acc[kSub][kSub] = {};  // -Delta
+  for (int64_t n0 = 0; n0 < N; n0 += kChunk) {
+    const int64_t n = n0 + kk;
+    const bool valid_n = n < N;
+#pragma unroll
+    for (int e = 0; e < kTile * kChunk / kThreads; ++e) {
+      const int ci = threadIdx.x / kChunk + e * (kThreads / kChunk);
+      const int64_t i = i0 + ci, j = j0 + ci;
+      float ps = 0.0f, pt = 0.0f, qs = 0.0f, qt = 0.0f;
+      if (valid_n && i < Ca) {
+        ps = pa_s.value(b, i, n) * rp_s[i];
+        pt = pa_t.value(b, i, n) * rp_t[i];
+      }
+      if (valid_n && j < Cb) {
+        qs = q_s.value(b, j, n) * rq_s[j];
+        qt = q_t.value(b, j, n) * rq_t[j];
+      }
+      tile[0][kk][ci] = ps;
+      tile[1][kk][ci] = ps - pt;
+      tile[2][kk][ci] = qs - qt;
+      tile[3][kk][ci] = qt;
+    }
+    __syncthreads();
+#pragma unroll 4
+    for (int k = 0; k < kChunk; ++k) {
+      float as[kSub], ad[kSub], bd[kSub], bt[kSub];
+#pragma unroll
+      for (int i = 0; i < kSub; ++i) {
+        as[i] = tile[0][k][ty + 16 * i];
+        ad[i] = tile[1][k][ty + 16 * i];
+        bd[i] = tile[2][k][tx + 16 * i];
+        bt[i] = tile[3][k][tx + 16 * i];
+      }
+#pragma unroll
+      for (int i = 0; i < kSub; ++i) {
+#pragma unroll
+        for (int j = 0; j < kSub; ++j) acc[i][j] += as[i] * bd[j] + ad[i] * bt[j];
+      }
+    }
+    __syncthreads();
+  }
+  if (kBackward) {
+    const float g_scale = grad_loss[0] * scale;
+#pragma unroll
+    for (int i = 0; i < kSub; ++i) {
+      const int64_t ci = i0 + ty + 16 * i;
+#pragma unroll
+      for (int j = 0; j < kSub; ++j) {
+        const int64_t cj = j0 + tx + 16 * j;
+        if (ci < Ca && cj < Cb) grad[(b * Ca + ci) * Cb + cj] = delta_grad<kL1>(-acc[i][j], g_scale);
+      }
+    }
+  } else {
+    float v = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kSub; ++i) {
+#pragma unroll
+      for (int j = 0; j < kSub; ++j) v += delta_loss<kL1>(acc[i][j]);
+    }
+    const float total = block_sum(v);
+    if (threadIdx.x == 0) partials[b * gridDim.x + blockIdx.x] = total;
+  }
+}
+
+// out[b, r, n] = sign * sum_k A[b, r, k] X^[b, k, n], A = grad (a_sr = C_b, a_sk = 1) or its
+// transpose (a_sr = 1, a_sk = C_b), X^ = src rows scaled by inv_norm (B, K). out (B, R, N) fp32.
+template <typename Source>
+__global__ void __launch_bounds__(kThreads) inter_row_grad_kernel(
+    const float* __restrict__ grad, int64_t a_sb, int64_t a_sr, int64_t a_sk, Source src,
+    const float* __restrict__ inv_norm, float sign, int64_t b0, int64_t R, int64_t K, int64_t N,
+    int64_t n_pixel_tiles, float* out) {
+  __shared__ float a_tile[kChunk][kTile];
+  __shared__ float x_tile[kChunk][kTile];
+  const int64_t b = b0 + blockIdx.y;
+  const int64_t r0 = (blockIdx.x / n_pixel_tiles) * kTile;
+  const int64_t n0 = (blockIdx.x % n_pixel_tiles) * kTile;
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+  const int p = threadIdx.x % kTile;
+  const int64_t n = n0 + p;
+  const bool valid_n = n < N;
+  const float* a = grad + b * a_sb;
+  const float* rinv = inv_norm + b * K;
+
+  float acc[kSub][kSub] = {};
+  for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
+#pragma unroll
+    for (int e = 0; e < kTile * kChunk / kThreads; ++e) {
+      const int ka = threadIdx.x % kChunk;
+      const int ri = threadIdx.x / kChunk + e * (kThreads / kChunk);
+      const int64_t r = r0 + ri, k = k0 + ka;
+      a_tile[ka][ri] = r < R && k < K ? a[r * a_sr + k * a_sk] : 0.0f;
+      const int kx = threadIdx.x / kTile + e * (kThreads / kTile);
+      const int64_t kxx = k0 + kx;
+      x_tile[kx][p] = valid_n && kxx < K ? src.value(b, kxx, n) * rinv[kxx] : 0.0f;
+    }
+    __syncthreads();
+#pragma unroll 4
+    for (int k = 0; k < kChunk; ++k) {
+      float av[kSub], xv[kSub];
+#pragma unroll
+      for (int i = 0; i < kSub; ++i) {
+        av[i] = a_tile[k][ty + 16 * i];
+        xv[i] = x_tile[k][tx + 16 * i];
+      }
+#pragma unroll
+      for (int i = 0; i < kSub; ++i) {
+#pragma unroll
+        for (int j = 0; j < kSub; ++j) acc[i][j] += av[i] * xv[j];
+      }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < kSub; ++i) {
+    const int64_t r = r0 + ty + 16 * i;
+#pragma unroll
+    for (int j = 0; j < kSub; ++j) {
+      const int64_t nj = n0 + tx + 16 * j;
+      if (r < R && nj < N) out[(b * R + r) * N + nj] = sign * acc[i][j];
+    }
+  }
+}
+
+// Backward of x = v / max(|v|, eps) over each row's N pixels: dv = r (dx - x (x . dx)), or r dx
+// where the norm is clamped. dx (B * C, N) fp32; out (B * C, N) contiguous, may alias dx (each
+// element is read, then written, by one thread). Block = one row.
+template <typename Source, typename out_t>
+__global__ void __launch_bounds__(kThreads) row_normalize_bwd_kernel(Source src, const float* dx,
+                                                                     int64_t C, int64_t N,
+                                                                     out_t* out) {
+  const int64_t row = blockIdx.x;
+  const int64_t b = row / C, c = row % C;
+  const float* dx_row = dx + row * N;
+  float vv = 0.0f, vd = 0.0f;
+  for (int64_t n = threadIdx.x; n < N; n += kThreads) {
+    const float v = src.value(b, c, n);
+    vv += v * v;
+    vd += v * dx_row[n];
+  }
+  vv = block_sum(vv);
+  vd = block_sum(vd);
+  __shared__ float row_coef[2];
+  if (threadIdx.x == 0) {
+    const float norm = sqrtf(vv);
+    const float r = 1.0f / fmaxf(norm, kEps);
+    row_coef[0] = r;
+    row_coef[1] = norm > kEps ? r * r * r * vd : 0.0f;
+  }
+  __syncthreads();
+  const float r = row_coef[0], k = row_coef[1];
+  out_t* out_row = out + row * N;
+  for (int64_t n = threadIdx.x; n < N; n += kThreads) {
+    out_row[n] = static_cast<out_t>(r * dx_row[n] - k * src.value(b, c, n));
+  }
+}
+
+// Backward of adaptive_avg_pool2d: each input pixel gathers dP / bin size from every output bin
+// that contains it (bins may overlap). dp (B, C, Hb * Wb) fp32; out (B, C, Ha, Wa) contiguous.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) pool_bwd_kernel(const float* __restrict__ dp,
+                                                            int64_t total, int64_t Ha, int64_t Wa,
+                                                            int64_t Hb, int64_t Wb,
+                                                            scalar_t* __restrict__ out) {
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const int64_t w = idx % Wa, h = (idx / Wa) % Ha, row = idx / (Ha * Wa);
+    const float* dp_row = dp + row * Hb * Wb;
+    // Candidate bins: oh in [floor(h Hb / Ha), ceil((h + 1) Hb / Ha)), then an exact test.
+    const int64_t oh0 = h * Hb / Ha, ow0 = w * Wb / Wa;
+    int64_t oh1 = ((h + 1) * Hb + Ha - 1) / Ha, ow1 = ((w + 1) * Wb + Wa - 1) / Wa;
+    oh1 = oh1 < Hb ? oh1 : Hb;
+    ow1 = ow1 < Wb ? ow1 : Wb;
+    float sum = 0.0f;
+    for (int64_t oh = oh0; oh < oh1; ++oh) {
+      const int64_t h0 = oh * Ha / Hb, h1 = ((oh + 1) * Ha + Hb - 1) / Hb;
+      if (h < h0 || h >= h1) continue;
+      for (int64_t ow = ow0; ow < ow1; ++ow) {
+        const int64_t w0 = ow * Wa / Wb, w1 = ((ow + 1) * Wa + Wb - 1) / Wb;
+        if (w < w0 || w >= w1) continue;
+        sum += dp_row[oh * Wb + ow] / static_cast<float>((h1 - h0) * (w1 - w0));
+      }
+    }
+    out[idx] = static_cast<scalar_t>(sum);
+  }
+}
+
+// ---- Host side: checks, launches, registration ----
+
+bool is_l1(c10::string_view distance) {
+  TORCH_CHECK(distance == "l2" || distance == "l1", "distance must be \"l2\" or \"l1\", got \"",
+              distance, "\"");
+  return distance == "l1";
+}
+
+void check_features(const at::Tensor& teacher, const at::Tensor& student) {
+  CHECK_CUDA(teacher);
+  CHECK_CUDA(student);
+  CHECK_SAME_DEVICE(student, teacher);
+  CHECK_DIM(teacher, 4);
+  CHECK_SHAPE(student, teacher.sizes());
+  CHECK_FLOAT_DTYPE(teacher);
+  CHECK_SAME_DTYPE(student, teacher);
+  CHECK_NONEMPTY(teacher);
+}
+
+void check_inter_features(const at::Tensor& teacher_a, const at::Tensor& teacher_b,
+                          const at::Tensor& student_a, const at::Tensor& student_b) {
+  check_features(teacher_a, student_a);
+  check_features(teacher_b, student_b);
+  CHECK_SAME_DEVICE(teacher_b, teacher_a);
+  CHECK_SAME_DTYPE(teacher_b, teacher_a);
+  TORCH_CHECK(teacher_b.size(0) == teacher_a.size(0),
+              "teacher_b must have the batch size of teacher_a, got ", teacher_b.size(0), " and ",
+              teacher_a.size(0));
+  TORCH_CHECK(teacher_b.size(2) <= teacher_a.size(2) && teacher_b.size(3) <= teacher_a.size(3),
+              "level b must not be finer than level a, got teacher_a spatial size ",
+              teacher_a.sizes().slice(2), " and teacher_b ", teacher_b.sizes().slice(2));
+}
+
+at::Tensor checked_grad_loss(const at::Tensor& grad_loss, const at::Tensor& ref) {
+  CHECK_SAME_DEVICE(grad_loss, ref);
+  CHECK_DTYPE(grad_loss, at::kFloat);
+  TORCH_CHECK(grad_loss.numel() == 1, "grad_loss must hold one element, got shape ",
+              grad_loss.sizes());
+  return grad_loss.contiguous();
+}
+
+// Gram path where it is cheaper: l2 and fewer channels than pixels (2 C^2 N per Gram against
+// N^2 C per Delta). Forward and backward must agree on it.
+bool use_gram_path(bool l1, int64_t C, int64_t N) { return !l1 && C < N; }
+
+// Samples per backward chunk such that the chunk's scratch stays within kScratchBytes.
+int64_t samples_per_chunk(int64_t B, int64_t bytes_per_sample) {
+  int64_t chunk = bytes_per_sample > 0 ? std::max<int64_t>(1, kScratchBytes / bytes_per_sample) : B;
+  chunk = std::min({chunk, B, kMaxGridY});
+  const int64_t n_chunks = ceil_div(B, chunk);
+  return ceil_div(B, n_chunks);  // balanced chunks
+}
+
+unsigned grid_x(int64_t n) {
+  TORCH_CHECK(n <= int64_t{0x7fffffff}, "problem too large for one launch: ", n, " blocks");
+  return static_cast<unsigned>(n);
+}
+
+void launch_sum(const at::Tensor& partials, double scale, at::Tensor& out, cudaStream_t stream) {
+  sum_partials_kernel<<<1, kThreads, 0, stream>>>(partials.const_data_ptr<float>(),
+                                                   partials.numel(), scale,
+                                                   out.mutable_data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t>
+void launch_pixel_inv_norm(const Feature<scalar_t>& t, const Feature<scalar_t>& s, int64_t B,
+                           int64_t C, int64_t N, at::Tensor& inv_norm, cudaStream_t stream) {
+  for (int64_t b0 = 0; b0 < B; b0 += kMaxGridY) {
+    const dim3 grid(grid_x(ceil_div(N, 32)), static_cast<unsigned>(std::min(B - b0, kMaxGridY)));
+    pixel_inv_norm_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
+        t, s, b0, C, N, inv_norm.mutable_data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+at::Tensor intra_affinity_fwd_cuda(const at::Tensor& teacher, const at::Tensor& student,
+                                   c10::string_view distance) {
+  check_features(teacher, student);
+  const bool l1 = is_l1(distance);
+  const at::cuda::CUDAGuard device_guard(teacher.device());
+  const int64_t B = teacher.size(0), C = teacher.size(1);
+  const int64_t N = teacher.size(2) * teacher.size(3);
+  const bool gram = use_gram_path(l1, C, N);
+  const int64_t n_tiles = ceil_div(gram ? C : N, kTile);
+
+  const auto f32 = teacher.options().dtype(at::kFloat);
+  at::Tensor inv_norm = at::empty({B, 2, N}, f32);
+  at::Tensor partials = at::empty({B, n_tiles * n_tiles}, f32);
+  at::Tensor loss = at::empty({}, f32);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+
+  SNL_DISPATCH_FEATURE_TYPES(teacher.scalar_type(), "intra_affinity_fwd", [&] {
+    const auto t = feature_of<scalar_t>(teacher), s = feature_of<scalar_t>(student);
+    launch_pixel_inv_norm(t, s, B, C, N, inv_norm, stream);
+    const float* inv = inv_norm.const_data_ptr<float>();
+    float* part = partials.mutable_data_ptr<float>();
+    for (int64_t b0 = 0; b0 < B; b0 += kMaxGridY) {
+      const dim3 grid(grid_x(n_tiles * n_tiles),
+                      static_cast<unsigned>(std::min(B - b0, kMaxGridY)));
+      if (gram) {
+        intra_gram_fwd_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(t, s, inv, b0, C, N,
+                                                                       n_tiles, part);
+      } else if (l1) {
+        intra_tiled_fwd_kernel<scalar_t, true><<<grid, kThreads, 0, stream>>>(t, s, inv, b0, C,
+                                                                              N, n_tiles, part);
+      } else {
+        intra_tiled_fwd_kernel<scalar_t, false><<<grid, kThreads, 0, stream>>>(t, s, inv, b0, C,
+                                                                               N, n_tiles, part);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  launch_sum(partials, 1.0 / (static_cast<double>(B) * N * N), loss, stream);
+  return loss;
+}
+
+std::tuple<at::Tensor, at::Tensor> intra_affinity_bwd_cuda(const at::Tensor& teacher,
+                                                           const at::Tensor& student,
+                                                           const at::Tensor& grad_loss,
+                                                           c10::string_view distance,
+                                                           bool teacher_requires_grad) {
+  check_features(teacher, student);
+  const bool l1 = is_l1(distance);
+  const at::Tensor grad_loss_c = checked_grad_loss(grad_loss, teacher);
+  const at::cuda::CUDAGuard device_guard(teacher.device());
+  const int64_t B = teacher.size(0), C = teacher.size(1);
+  const int64_t N = teacher.size(2) * teacher.size(3);
+  const bool gram = use_gram_path(l1, C, N);
+  const double M = static_cast<double>(B) * N * N;
+
+  const auto f32 = teacher.options().dtype(at::kFloat);
+  at::Tensor grad_student = at::empty(student.sizes(), student.options());
+  at::Tensor grad_teacher = teacher_requires_grad ? at::empty(teacher.sizes(), teacher.options())
+                                                  : at::empty({0}, teacher.options());
+  at::Tensor inv_norm = at::empty({B, 2, N}, f32);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+
+  // fp32 gradients are accumulated straight into the outputs (contiguous, (C, N) per sample);
+  // fp16/bf16 ones go through an fp32 scratch first.
+  const bool direct = teacher.scalar_type() == at::kFloat;
+  const int64_t n_halves = teacher_requires_grad ? 2 : 1;
+  const int64_t R = n_halves * C;  // rows of K: [X_S] or [X_S; X_T]
+  const int64_t bytes_per_sample =
+      (gram ? R * 2 * C * 4 : 0) + (direct ? 0 : n_halves * C * N * 4);
+  const int64_t chunk = samples_per_chunk(B, bytes_per_sample);
+  at::Tensor K = gram ? at::empty({chunk, R, 2 * C}, f32) : at::empty({0}, f32);
+  at::Tensor scratch = direct ? at::empty({0}, f32) : at::empty({n_halves, chunk, C, N}, f32);
+
+  SNL_DISPATCH_FEATURE_TYPES(teacher.scalar_type(), "intra_affinity_bwd", [&] {
+    const auto t = feature_of<scalar_t>(teacher), s = feature_of<scalar_t>(student);
+    launch_pixel_inv_norm(t, s, B, C, N, inv_norm, stream);
+    const float* inv = inv_norm.const_data_ptr<float>();
+    const float* g = grad_loss_c.const_data_ptr<float>();
+    scalar_t* gs_ptr = grad_student.mutable_data_ptr<scalar_t>();
+    scalar_t* gt_ptr = teacher_requires_grad ? grad_teacher.mutable_data_ptr<scalar_t>() : nullptr;
+
+    for (int64_t b0 = 0; b0 < B; b0 += chunk) {
+      const int64_t nb = std::min(chunk, B - b0);
+      float* dx_s = direct ? reinterpret_cast<float*>(gs_ptr) + b0 * C * N
+                           : scratch.mutable_data_ptr<float>();
+      float* dx_t = nullptr;
+      if (teacher_requires_grad) {
+        dx_t = direct ? reinterpret_cast<float*>(gt_ptr) + b0 * C * N
+                      : scratch.mutable_data_ptr<float>() + chunk * C * N;
+      }
+      if (gram) {
+        const int64_t n_col_tiles = ceil_div(2 * C, kTile);
+        const dim3 k_grid(grid_x(ceil_div(R, kTile) * n_col_tiles), static_cast<unsigned>(nb));
+        intra_gram_k_kernel<scalar_t><<<k_grid, kThreads, 0, stream>>>(
+            t, s, inv, b0, C, N, R, n_col_tiles, K.mutable_data_ptr<float>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        const int64_t n_pixel_tiles = ceil_div(N, kTile);
+        const dim3 dx_grid(grid_x(ceil_div(R, kTile) * n_pixel_tiles), static_cast<unsigned>(nb));
+        intra_gram_dx_kernel<scalar_t><<<dx_grid, kThreads, 0, stream>>>(
+            t, s, inv, K.const_data_ptr<float>(), g, static_cast<float>(4.0 / M), b0, C, N, R,
+            n_pixel_tiles, dx_s, dx_t);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      } else {
+        const int64_t n_tiles = ceil_div(N, kTile);
+        const dim3 grid(grid_x(n_tiles * ceil_div(C, kBwdChannels)), static_cast<unsigned>(nb));
+        const float scale = static_cast<float>((l1 ? 1.0 : 2.0) / M);
+        if (l1) {
+          intra_tiled_bwd_kernel<scalar_t, true><<<grid, kThreads, 0, stream>>>(
+              t, s, inv, g, scale, b0, C, N, n_tiles, dx_s, dx_t);
+        } else {
+          intra_tiled_bwd_kernel<scalar_t, false><<<grid, kThreads, 0, stream>>>(
+              t, s, inv, g, scale, b0, C, N, n_tiles, dx_s, dx_t);
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      const dim3 norm_grid(grid_x(ceil_div(N, 32)), static_cast<unsigned>(nb));
+      pixel_normalize_bwd_kernel<scalar_t><<<norm_grid, kThreads, 0, stream>>>(s, dx_s, b0, C, N,
+                                                                               gs_ptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (teacher_requires_grad) {
+        pixel_normalize_bwd_kernel<scalar_t><<<norm_grid, kThreads, 0, stream>>>(t, dx_t, b0, C,
+                                                                                 N, gt_ptr);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    }
+  });
+  return {grad_teacher, grad_student};
+}
+
+// Inverse row norms of (P_T, P_S) and (Q_T, Q_S): inv_p (2, B, C_a), inv_q (2, B, C_b).
+template <typename scalar_t>
+void launch_inter_inv_norms(const PooledFeature<scalar_t>& pa_t,
+                            const PooledFeature<scalar_t>& pa_s, const Feature<scalar_t>& q_t,
+                            const Feature<scalar_t>& q_s, int64_t B, int64_t Ca, int64_t Cb,
+                            int64_t N, at::Tensor& inv_p, at::Tensor& inv_q, cudaStream_t stream) {
+  float* p = inv_p.mutable_data_ptr<float>();
+  float* q = inv_q.mutable_data_ptr<float>();
+  row_inv_norm_kernel<<<grid_x(B * Ca), kThreads, 0, stream>>>(pa_t, Ca, N, p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  row_inv_norm_kernel<<<grid_x(B * Ca), kThreads, 0, stream>>>(pa_s, Ca, N, p + B * Ca);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  row_inv_norm_kernel<<<grid_x(B * Cb), kThreads, 0, stream>>>(q_t, Cb, N, q);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  row_inv_norm_kernel<<<grid_x(B * Cb), kThreads, 0, stream>>>(q_s, Cb, N, q + B * Cb);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t>
+PooledFeature<scalar_t> pooled_of(const at::Tensor& fa, const at::Tensor& fb) {
+  return {feature_of<scalar_t>(fa), fa.size(2), fa.size(3), fb.size(2), fb.size(3)};
+}
+
+at::Tensor inter_affinity_fwd_cuda(const at::Tensor& teacher_a, const at::Tensor& teacher_b,
+                                   const at::Tensor& student_a, const at::Tensor& student_b,
+                                   c10::string_view distance) {
+  check_inter_features(teacher_a, teacher_b, student_a, student_b);
+  const bool l1 = is_l1(distance);
+  const at::cuda::CUDAGuard device_guard(teacher_a.device());
+  const int64_t B = teacher_a.size(0), Ca = teacher_a.size(1), Cb = teacher_b.size(1);
+  const int64_t N = teacher_b.size(2) * teacher_b.size(3);
+  const int64_t n_row_tiles = ceil_div(Ca, kTile), n_col_tiles = ceil_div(Cb, kTile);
+
+  const auto f32 = teacher_a.options().dtype(at::kFloat);
+  at::Tensor inv_p = at::empty({2, B, Ca}, f32);
+  at::Tensor inv_q = at::empty({2, B, Cb}, f32);
+  at::Tensor partials = at::empty({B, n_row_tiles * n_col_tiles}, f32);
+  at::Tensor loss = at::empty({}, f32);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+
+  SNL_DISPATCH_FEATURE_TYPES(teacher_a.scalar_type(), "inter_affinity_fwd", [&] {
+    const auto pa_t = pooled_of<scalar_t>(teacher_a, teacher_b);
+    const auto pa_s = pooled_of<scalar_t>(student_a, student_b);
+    const auto q_t = feature_of<scalar_t>(teacher_b), q_s = feature_of<scalar_t>(student_b);
+    launch_inter_inv_norms(pa_t, pa_s, q_t, q_s, B, Ca, Cb, N, inv_p, inv_q, stream);
+    for (int64_t b0 = 0; b0 < B; b0 += kMaxGridY) {
+      const dim3 grid(grid_x(n_row_tiles * n_col_tiles),
+                      static_cast<unsigned>(std::min(B - b0, kMaxGridY)));
+      if (l1) {
+        inter_delta_kernel<PooledFeature<scalar_t>, Feature<scalar_t>, true, false>
+            <<<grid, kThreads, 0, stream>>>(
+                pa_t, pa_s, q_t, q_s, inv_p.const_data_ptr<float>(), inv_q.const_data_ptr<float>(),
+                nullptr, 0.0f, b0, B, Ca, Cb, N, n_col_tiles, partials.mutable_data_ptr<float>(),
+                nullptr);
+      } else {
+        inter_delta_kernel<PooledFeature<scalar_t>, Feature<scalar_t>, false, false>
+            <<<grid, kThreads, 0, stream>>>(
+                pa_t, pa_s, q_t, q_s, inv_p.const_data_ptr<float>(), inv_q.const_data_ptr<float>(),
+                nullptr, 0.0f, b0, B, Ca, Cb, N, n_col_tiles, partials.mutable_data_ptr<float>(),
+                nullptr);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  launch_sum(partials, 1.0 / (static_cast<double>(B) * Ca * Cb), loss, stream);
+  return loss;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> inter_affinity_bwd_cuda(
+    const at::Tensor& teacher_a, const at::Tensor& teacher_b, const at::Tensor& student_a,
+    const at::Tensor& student_b, const at::Tensor& grad_loss, c10::string_view distance,
+    bool teacher_requires_grad) {
+  check_inter_features(teacher_a, teacher_b, student_a, student_b);
+  const bool l1 = is_l1(distance);
+  const at::Tensor grad_loss_c = checked_grad_loss(grad_loss, teacher_a);
+  const at::cuda::CUDAGuard device_guard(teacher_a.device());
+  const int64_t B = teacher_a.size(0), Ca = teacher_a.size(1), Cb = teacher_b.size(1);
+  const int64_t Ha = teacher_a.size(2), Wa = teacher_a.size(3);
+  const int64_t N = teacher_b.size(2) * teacher_b.size(3);
+  const int64_t n_row_tiles = ceil_div(Ca, kTile), n_col_tiles = ceil_div(Cb, kTile);
+  const double M = static_cast<double>(B) * Ca * Cb;
+
+  const auto f32 = teacher_a.options().dtype(at::kFloat);
+  at::Tensor grad_student_a = at::empty(student_a.sizes(), student_a.options());
+  at::Tensor grad_student_b = at::empty(student_b.sizes(), student_b.options());
+  at::Tensor grad_teacher_a = teacher_requires_grad
+                                  ? at::empty(teacher_a.sizes(), teacher_a.options())
+                                  : at::empty({0}, teacher_a.options());
+  at::Tensor grad_teacher_b = teacher_requires_grad
+                                  ? at::empty(teacher_b.sizes(), teacher_b.options())
+                                  : at::empty({0}, teacher_b.options());
+  at::Tensor inv_p = at::empty({2, B, Ca}, f32);
+  at::Tensor inv_q = at::empty({2, B, Cb}, f32);
+  at::Tensor grad = at::empty({B, Ca, Cb}, f32);  // dL/dDelta
+  // dL/dP^ for one of student / teacher at a time, normalisation backward in place.
+  at::Tensor grad_p = at::empty({B, Ca, N}, f32);
+  // dL/dQ^: fp32 outputs take it directly; fp16/bf16 go through this scratch.
+  const bool direct = teacher_a.scalar_type() == at::kFloat;
+  at::Tensor grad_q = direct ? at::empty({0}, f32) : at::empty({B, Cb, N}, f32);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+
+  SNL_DISPATCH_FEATURE_TYPES(teacher_a.scalar_type(), "inter_affinity_bwd", [&] {
+    using Pooled = PooledFeature<scalar_t>;
+    using Plain = Feature<scalar_t>;
+    const Pooled pa_t = pooled_of<scalar_t>(teacher_a, teacher_b);
+    const Pooled pa_s = pooled_of<scalar_t>(student_a, student_b);
+    const Plain q_t = feature_of<scalar_t>(teacher_b), q_s = feature_of<scalar_t>(student_b);
+    launch_inter_inv_norms(pa_t, pa_s, q_t, q_s, B, Ca, Cb, N, inv_p, inv_q, stream);
+    const float* rp = inv_p.const_data_ptr<float>();
+    const float* rq = inv_q.const_data_ptr<float>();
+    float* gd = grad.mutable_data_ptr<float>();
+
+    for (int64_t b0 = 0; b0 < B; b0 += kMaxGridY) {
+      const int64_t nb = std::min(B - b0, kMaxGridY);
+      const dim3 grid(grid_x(n_row_tiles * n_col_tiles), static_cast<unsigned>(nb));
+      const float scale = static_cast<float>((l1 ? 1.0 : 2.0) / M);
+      if (l1) {
+        inter_delta_kernel<Pooled, Plain, true, true><<<grid, kThreads, 0, stream>>>(
+            pa_t, pa_s, q_t, q_s, rp, rq, grad_loss_c.const_data_ptr<float>(), scale, b0, B, Ca,
+            Cb, N, n_col_tiles, nullptr, gd);
+      } else {
+        inter_delta_kernel<Pooled, Plain, false, true><<<grid, kThreads, 0, stream>>>(
+            pa_t, pa_s, q_t, q_s, rp, rq, grad_loss_c.const_data_ptr<float>(), scale, b0, B, Ca,
+            Cb, N, n_col_tiles, nullptr, gd);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+
+    // Student: dP^_S = -grad Q^_S, dQ^_S = -grad^T P^_S; teacher: the same with sign +1.
+    const int64_t n_pixel_tiles = ceil_div(N, kTile);
+    for (int side = 0; side < (teacher_requires_grad ? 2 : 1); ++side) {
+      const bool student_side = side == 0;
+      const float sign = student_side ? -1.0f : 1.0f;
+      const Pooled& pa = student_side ? pa_s : pa_t;
+      const Plain& q = student_side ? q_s : q_t;
+      const float* rp_side = rp + (student_side ? B * Ca : 0);
+      const float* rq_side = rq + (student_side ? B * Cb : 0);
+      at::Tensor& out_a = student_side ? grad_student_a : grad_teacher_a;
+      at::Tensor& out_b = student_side ? grad_student_b : grad_teacher_b;
+      float* gp = grad_p.mutable_data_ptr<float>();
+      float* gq = direct ? reinterpret_cast<float*>(out_b.mutable_data_ptr<scalar_t>())
+                         : grad_q.mutable_data_ptr<float>();
+      for (int64_t b0 = 0; b0 < B; b0 += kMaxGridY) {
+        const unsigned nb = static_cast<unsigned>(std::min(B - b0, kMaxGridY));
+        inter_row_grad_kernel<Plain><<<dim3(grid_x(n_row_tiles * n_pixel_tiles), nb), kThreads,
+                                       0, stream>>>(gd, Ca * Cb, Cb, 1, q, rq_side, sign, b0, Ca,
+                                                    Cb, N, n_pixel_tiles, gp);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        inter_row_grad_kernel<Pooled><<<dim3(grid_x(n_col_tiles * n_pixel_tiles), nb), kThreads,
+                                        0, stream>>>(gd, Ca * Cb, 1, Cb, pa, rp_side, sign, b0,
+                                                     Cb, Ca, N, n_pixel_tiles, gq);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      row_normalize_bwd_kernel<Pooled, float><<<grid_x(B * Ca), kThreads, 0, stream>>>(
+          pa, gp, Ca, N, gp);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      row_normalize_bwd_kernel<Plain, scalar_t><<<grid_x(B * Cb), kThreads, 0, stream>>>(
+          q, gq, Cb, N, out_b.mutable_data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const int64_t total = B * Ca * Ha * Wa;
+      const int64_t blocks = std::min<int64_t>(ceil_div(total, kThreads), int64_t{1} << 20);
+      pool_bwd_kernel<scalar_t><<<grid_x(blocks), kThreads, 0, stream>>>(
+          gp, total, Ha, Wa, teacher_b.size(2), teacher_b.size(3),
+          out_a.mutable_data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return {grad_teacher_a, grad_teacher_b, grad_student_a, grad_student_b};
+}
+
+}  // namespace
+}  // namespace snl
+
+TORCH_LIBRARY_IMPL(snl, CUDA, m) {
+  m.impl("intra_affinity_fwd", &snl::intra_affinity_fwd_cuda);
+  m.impl("intra_affinity_bwd", &snl::intra_affinity_bwd_cuda);
+  m.impl("inter_affinity_fwd", &snl::inter_affinity_fwd_cuda);
+  m.impl("inter_affinity_bwd", &snl::inter_affinity_bwd_cuda);
+}
