@@ -14,12 +14,11 @@
 #include <tuple>
 
 #include "checks.h"
+#include "common.cuh"
 
 namespace snl {
 namespace {
 
-constexpr float kEps = 1e-8f;
-constexpr int kWarpSize = 32;
 constexpr int kWarps = 8;  // combine and score blocks
 constexpr int kThreads = kWarps * kWarpSize;
 // Grid y is limited to 65535; kernels loop over the samples that do not fit.
@@ -37,29 +36,11 @@ constexpr int kRowsPerThread = kTileH / kWarps;     // warp w owns tile rows 2w,
 constexpr int kColsPerThread = kTileW / kWarpSize;  // lane l owns columns l, l + 32, ...
 static_assert(kTileH % kWarps == 0 && kTileW % kWarpSize == 0, "tile must split over the warps");
 
-constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 // Warps per distance block: 32 when a level has few 32-pixel blocks (deep levels, small batch),
 // so that enough loads are in flight; else 8. A function of the shape only, so the order of the
 // channel sums (and the bits) is the same on every GPU.
 inline int distance_warps(int64_t B, int64_t N) {
   return ceil_div(N, kWarpSize) * B >= 1024 ? 8 : 32;
-}
-
-// Element strides of a (B, C, H, W) tensor: NCHW, channels_last or any view.
-struct Strides4 {
-  int64_t b, c, h, w;
-};
-
-Strides4 strides_of(const at::Tensor& x) {
-  return {x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
-}
-
-__device__ __forceinline__ float cosine_distance(float dot, float tt, float ss) {
-  // Each norm is clamped on its own, as torch.nn.functional.cosine_similarity does.
-  const float nt = fmaxf(sqrtf(tt), kEps);
-  const float ns = fmaxf(sqrtf(ss), kEps);
-  return 1.0f - dot / (nt * ns);
 }
 
 // max that propagates NaN, as torch.amax does (fmaxf would drop it).

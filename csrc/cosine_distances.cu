@@ -13,12 +13,11 @@
 #include <tuple>
 
 #include "checks.h"
+#include "common.cuh"
 
 namespace snl {
 namespace {
 
-constexpr float kEps = 1e-8f;
-constexpr int kWarpSize = 32;
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * kWarpSize;
 // Channels per backward block: enough work per thread to amortise its pixel coefficients,
@@ -27,8 +26,6 @@ constexpr int kBwdChannels = 32;
 // Grid y and z are limited to 65535; kernels loop over what does not fit.
 constexpr int64_t kMaxGridYZ = 65535;
 
-constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 // Pixels per lane in the forward kernel: as many as keep >= 256 blocks in flight. A function of
 // the shape only, so the order of the channel sums (and their bits) is the same on every GPU.
 inline int fwd_pixels_per_lane(int64_t B, int64_t N) {
@@ -36,23 +33,6 @@ inline int fwd_pixels_per_lane(int64_t B, int64_t N) {
     if (ceil_div(N, int64_t{kWarpSize} * p) * B >= 256) return p;
   }
   return 1;
-}
-
-// Element strides of a (B, C, H, W) tensor: NCHW, channels_last or any view.
-struct Strides4 {
-  int64_t b, c, h, w;
-};
-
-__device__ __forceinline__ int64_t pixel_offset(const Strides4& st, int64_t b, int64_t n,
-                                                int64_t W) {
-  return b * st.b + (n / W) * st.h + (n % W) * st.w;
-}
-
-__device__ __forceinline__ float cosine_distance(float dot, float tt, float ss) {
-  // Each norm is clamped on its own, as torch.nn.functional.cosine_similarity does.
-  const float nt = fmaxf(sqrtf(tt), kEps);
-  const float ns = fmaxf(sqrtf(ss), kEps);
-  return 1.0f - dot / (nt * ns);
 }
 
 // Gradient of g * (1 - cos) for one cosine: d/dt = cross * s + self_t * t,
@@ -74,13 +54,6 @@ __device__ __forceinline__ CosineGradCoef cosine_distance_grad_coef(float dot, f
   k.self_t = norm_t > kEps ? g * cos / (nt * nt) : 0.0f;
   k.self_s = norm_s > kEps ? g * cos / (ns * ns) : 0.0f;
   return k;
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int mask = kWarpSize / 2; mask > 0; mask /= 2) {
-    v += __shfl_xor_sync(0xffffffffu, v, mask);
-  }
-  return v;
 }
 
 // Sums each row of stats (3, C) over C in a fixed order (strided per thread, then a tree), so
@@ -294,17 +267,6 @@ __global__ void __launch_bounds__(kThreads) cosine_distances_bwd_kernel(
 }
 
 // ---- Host side: checks, launches, registration ----
-
-// float32, float16, bfloat16: float64 is rejected by check_features, so it is not instantiated.
-#define SNL_DISPATCH_FEATURE_TYPES(TYPE, NAME, ...)          \
-  AT_DISPATCH_SWITCH(TYPE, NAME,                             \
-                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
-                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)  \
-                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
-
-Strides4 strides_of(const at::Tensor& x) {
-  return {x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
-}
 
 void check_features(const at::Tensor& teacher, const at::Tensor& student) {
   CHECK_CUDA(teacher);

@@ -19,11 +19,11 @@
 #include <tuple>
 
 #include "checks.h"
+#include "common.cuh"
 
 namespace snl {
 namespace {
 
-constexpr int kWarpSize = 32;
 // K-side: one warp per position in the softmax.
 constexpr int kTile = 8;
 constexpr int kThreads = kTile * kWarpSize;
@@ -39,13 +39,6 @@ constexpr int kWideThreads = 128;
 constexpr int kKChunk = 32;  // centres per shared-memory chunk
 constexpr int64_t kMaxGridY = 65535;
 
-constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Element strides of a (B, C, H, W) tensor: NCHW, channels_last or any view.
-struct Strides4 {
-  int64_t b, c, h, w;
-};
-
 // Offset of position p = b * N + n (channel 0).
 __device__ __forceinline__ int64_t position_offset(const Strides4& st, int64_t p, int64_t N,
                                                    int64_t W) {
@@ -56,13 +49,6 @@ __device__ __forceinline__ int64_t position_offset(const Strides4& st, int64_t p
 // Offset of position p in a contiguous (B, K, N) tensor (assign, delta) at centre 0.
 __device__ __forceinline__ int64_t centre_major_offset(int64_t p, int64_t N, int64_t K) {
   return (p / N) * K * N + p % N;
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int mask = kWarpSize / 2; mask > 0; mask /= 2) {
-    v += __shfl_xor_sync(0xffffffffu, v, mask);
-  }
-  return v;
 }
 
 __device__ __forceinline__ float warp_max(float v) {
@@ -429,17 +415,6 @@ __global__ void __launch_bounds__(kThreads) cram_bwd_log_tau_kernel(
 }
 
 // ---- Host side: checks, launches, registration ----
-
-// float32, float16, bfloat16: float64 is rejected by check_inputs, so it is not instantiated.
-#define SNL_DISPATCH_FEATURE_TYPES(TYPE, NAME, ...)            \
-  AT_DISPATCH_SWITCH(TYPE, NAME,                               \
-                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
-                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)  \
-                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
-
-Strides4 strides_of(const at::Tensor& x) {
-  return {x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
-}
 
 // Threads per centre group in centre_products: K rounded up to a power of two, at least a warp.
 int centre_group_size(int64_t K) {
