@@ -20,6 +20,15 @@ BLOCK_P = 32
 BLOCK_D = 64
 
 
+def _blocks(kp: int) -> tuple[int, int]:
+    """(BLOCK_P, BLOCK_D) for KP padded centres: the (KP, BLOCK_D) centre chunk and the
+    (BLOCK_P, KP) tiles shrink as KP grows (at KP = 256 the default tiles took 75-80 s per
+    kernel to compile for sm_90 and would spill registers)."""
+    if kp <= 64:
+        return BLOCK_P, BLOCK_D
+    return (BLOCK_P if kp <= 128 else 16), max(16, 4096 // kp)
+
+
 @triton.jit
 def _row_offsets(offs_p, N, W, stride_b, stride_h, stride_w):
     b = (offs_p // N).to(tl.int64)
@@ -163,10 +172,12 @@ def forward(embedding: Tensor, centers: Tensor, log_tau: Tensor):
     assign = torch.empty((B, K, H, W), **f32)
     compact = torch.empty((B, H, W), **f32)
     dist = torch.empty((P, K), **f32)
-    _cram_fwd_kernel[(triton.cdiv(P, BLOCK_P),)](
+    KP = _pad_k(K)
+    block_p, block_d = _blocks(KP)
+    _cram_fwd_kernel[(triton.cdiv(P, block_p),)](
         embedding, centers, log_tau, central, assign, compact, dist,
         P, N, W, D, K, *embedding.stride(), *centers.stride(),
-        KP=_pad_k(K), BLOCK_P=BLOCK_P, BLOCK_D=BLOCK_D,
+        KP=KP, BLOCK_P=block_p, BLOCK_D=block_d,
     )
     return central, assign, compact, dist
 
@@ -178,7 +189,8 @@ def backward(embedding: Tensor, centers: Tensor, log_tau: Tensor, assign: Tensor
     K = centers.shape[0]
     N, P = H * W, B * H * W
     KP = _pad_k(K)
-    programs = triton.cdiv(P, BLOCK_P)
+    block_p, block_d = _blocks(KP)
+    programs = triton.cdiv(P, block_p)
     f32 = dict(device=embedding.device, dtype=torch.float32)
     grad_embedding = torch.empty_like(embedding)
     g_c_partial = torch.empty((programs, KP, D), **f32)
@@ -190,7 +202,7 @@ def backward(embedding: Tensor, centers: Tensor, log_tau: Tensor, assign: Tensor
         P, N, W, D, K,
         *embedding.stride(), *centers.stride(), *grad_central.stride(),
         *grad_embedding.stride(),
-        KP=KP, BLOCK_P=BLOCK_P, BLOCK_D=BLOCK_D,
+        KP=KP, BLOCK_P=block_p, BLOCK_D=block_d,
     )
     # Sums over programs in a fixed order: deterministic.
     grad_centers = g_c_partial[:, :K].sum(dim=0).to(centers.dtype)
