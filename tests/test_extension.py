@@ -3,7 +3,7 @@
 These run without a GPU. Where PyTorch is a CPU build they skip (the extension is not built
 there); where it is a CUDA build and the extension does not import they skip with the import
 error, unless ``SNL_REQUIRE_EXTENSION=1`` (set by CI in its CUDA environment), which turns that
-into a failure. Kernel correctness is tested in ``test_cosine_distances.py``.
+into a failure. Kernel correctness is tested in each op's ``test_<op>.py``.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import os
 
 import pytest
 import torch
+
+from snl_kernels.dispatch import CUDA_OPS
 
 SCHEMAS = {
     "cosine_distances_fwd": (
@@ -51,6 +53,13 @@ def test_schema(extension, name):
 
 @pytest.mark.parametrize("name", sorted(SCHEMAS))
 def test_cuda_kernel_registered(extension, name):
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"snl::{name}", "CUDA")
+
+
+@pytest.mark.parametrize("name", sorted(n for names in CUDA_OPS.values() for n in names))
+def test_every_op_of_the_library_has_its_cuda_kernel(extension, name):
+    # dispatch.CUDA_OPS lists the kernels behind each public op; a build that lacks one would
+    # make the cuda backend of that op unavailable.
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"snl::{name}", "CUDA")
 
 
