@@ -81,7 +81,7 @@ def _triton_bwd(teacher_a, teacher_b, student_a, student_b, grad_loss, distance,
         # dL/dP^ = sign Gd Q^, dL/dQ^ = sign Gd^T P^, then the normalisations and the pooling.
         d_p = k.norm_backward(p, r_p, k.scaled_mm(gd, f_b, r_q, sign), False, EPS)
         d_q = k.scaled_mm(gd.transpose(1, 2), p, r_p, sign)
-        out_q = None if f_b.dtype == torch.float32 else torch.empty_like(f_b)
+        out_q = None if f_b.dtype == torch.float32 else f_b.new_empty(f_b.shape)
         return k.unpool(d_p, f_a), k.norm_backward(f_b, r_q, d_q, False, EPS, out_q)
 
     ga_s, gb_s = grads(-1.0, student_a, p_s, r_ps, student_b, r_qs)
@@ -99,10 +99,11 @@ def _fake_fwd(teacher_a, teacher_b, student_a, student_b, distance):
 def _fake_bwd(teacher_a, teacher_b, student_a, student_b, grad_loss, distance,
               teacher_requires_grad):
     if teacher_requires_grad:
-        ga_t, gb_t = torch.empty_like(teacher_a), torch.empty_like(teacher_b)
+        ga_t, gb_t = teacher_a.new_empty(teacher_a.shape), teacher_b.new_empty(teacher_b.shape)
     else:
         ga_t, gb_t = teacher_a.new_empty((0,)), teacher_b.new_empty((0,))
-    return ga_t, gb_t, torch.empty_like(student_a), torch.empty_like(student_b)
+    # Gradients are contiguous whatever the inputs' layout, in both backends.
+    return ga_t, gb_t, student_a.new_empty(student_a.shape), student_b.new_empty(student_b.shape)
 
 
 def _setup_context(ctx, inputs, output):

@@ -84,7 +84,7 @@ def _triton_bwd(teacher, student, grad_loss, distance, teacher_requires_grad):
                                       teacher_requires_grad)
 
     def finish(f, r, gx):
-        out = None if f.dtype == torch.float32 else torch.empty_like(f)
+        out = None if f.dtype == torch.float32 else f.new_empty(f.shape)
         return k.norm_backward(f, r, gx, True, EPS, out)
 
     grad_teacher = finish(teacher, r_t, g_t) if g_t is not None else teacher.new_empty((0,))
@@ -96,8 +96,9 @@ def _fake_fwd(teacher, student, distance):
 
 
 def _fake_bwd(teacher, student, grad_loss, distance, teacher_requires_grad):
-    grad_teacher = torch.empty_like(teacher) if teacher_requires_grad else teacher.new_empty((0,))
-    return grad_teacher, torch.empty_like(student)
+    # Gradients are contiguous (B, C, H, W) whatever the inputs' layout, in both backends.
+    grad_teacher = teacher.new_empty(teacher.shape if teacher_requires_grad else (0,))
+    return grad_teacher, student.new_empty(student.shape)
 
 
 def _setup_context(ctx, inputs, output):

@@ -283,11 +283,16 @@ def test_opcheck(backend):
     torch.library.opcheck(ns.intra_affinity_fwd.default, (t, s.clone().requires_grad_(True), "l1"))
     for distance, need_teacher in (("l2", True), ("l1", False)):
         torch.library.opcheck(ns.intra_affinity_bwd.default, (t, s, g, distance, need_teacher))
+    # channels_last inputs: the fakes must give the real gradients' strides (contiguous).
+    t_cl, s_cl = (v.contiguous(memory_format=torch.channels_last) for v in (t, s))
+    torch.library.opcheck(ns.intra_affinity_bwd.default, (t_cl, s_cl, g, "l1", True))
     x = [x for x, _ in _inter_inputs(((1, 4, 4, 4), (6, 2, 2)))]
     torch.library.opcheck(ns.inter_affinity_fwd.default,
                           (x[0], x[1], x[2].requires_grad_(True), x[3].requires_grad_(True),
                            "l2"))
     torch.library.opcheck(ns.inter_affinity_bwd.default, (*(v.detach() for v in x), g, "l1", True))
+    x_cl = [v.detach().contiguous(memory_format=torch.channels_last) for v in x]
+    torch.library.opcheck(ns.inter_affinity_bwd.default, (*x_cl, g, "l2", False))
 
 
 @pytest.mark.parametrize("backend", kernel_backends())

@@ -90,12 +90,17 @@ def _delta_kernel(
     as_b, as_c, as_h, as_w, at_b, at_c, at_h, at_w,
     bs_b, bs_c, bs_h, bs_w, bt_b, bt_c, bt_h, bt_w,
     A_PIX: tl.constexpr, B_PIX: tl.constexpr, L1: tl.constexpr, WRITE_GRAD: tl.constexpr,
-    BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr,
+    SYMMETRIC: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     pid_i = tl.program_id(0)
     pid_j = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
+    # SYMMETRIC (a and b the same features, square tiles): tile (j, i) is tile (i, j)
+    # transposed, so tiles below the diagonal skip their work and those above count twice.
+    k_end = K
+    if SYMMETRIC:
+        k_end = tl.where(pid_j >= pid_i, K, 0)
     ri = pid_i * BI + tl.arange(0, BI)
     rj = pid_j * BJ + tl.arange(0, BJ)
     r_as = _vec(ras_ptr + b * Ra, ri, Ra)
@@ -103,7 +108,7 @@ def _delta_kernel(
     r_bs = _vec(rbs_ptr + b * Rb, rj, Rb)
     r_bt = _vec(rbt_ptr + b * Rb, rj, Rb)
     acc = tl.zeros([BI, BJ], dtype=tl.float32)
-    for k0 in range(0, K, BK):
+    for k0 in range(0, k_end, BK):
         ks = k0 + tl.arange(0, BK)
         a_s = _tile(as_ptr + b * as_b, ri, ks, Ra, K, W, as_c, as_h, as_w, A_PIX) * r_as[:, None]
         a_t = _tile(at_ptr + b * at_b, ri, ks, Ra, K, W, at_c, at_h, at_w, A_PIX) * r_at[:, None]
@@ -126,6 +131,8 @@ def _delta_kernel(
             part = tl.sum(tl.sum(tl.abs(delta), axis=1), axis=0)
         else:
             part = tl.sum(tl.sum(delta * delta, axis=1), axis=0)
+        if SYMMETRIC:
+            part = tl.where(pid_j > pid_i, 2.0 * part, part)
         tl.store(out_ptr + (b * tl.num_programs(0) + pid_i) * tl.num_programs(1) + pid_j, part)
 
 
@@ -448,6 +455,9 @@ def delta(a_s: Tensor, a_t: Tensor, b_s: Tensor, b_t: Tensor, r_as: Tensor, r_at
     Ra, Rb, K = (Ha * Wa, Ha * Wa, Ca) if pix_rows else (Ca, Cb, Ha * Wa)
     bi = _pow2(Ra, hi=BLOCK_TILE)
     bj = _pow2(Rb, hi=BLOCK_TILE)
+    # Delta of one level's pixel affinities is symmetric: half the tiles of the loss suffice.
+    symmetric = (grad is None and a_s is b_s and a_t is b_t and r_as is r_bs and r_at is r_bt
+                 and bi == bj)
     bk = _pow2(K, hi=BLOCK_K)
     grid = (triton.cdiv(Ra, bi), triton.cdiv(Rb, bj), B)
     if grad is None:
@@ -460,7 +470,7 @@ def delta(a_s: Tensor, a_t: Tensor, b_s: Tensor, b_t: Tensor, r_as: Tensor, r_at
         a_s, a_t, b_s, b_t, r_as, r_at, r_bs, r_bt, out, g_loss, coef, Ra, Rb, K, Wa,
         *a_s.stride(), *a_t.stride(), *b_s.stride(), *b_t.stride(),
         A_PIX=pix_rows, B_PIX=pix_rows, L1=l1, WRITE_GRAD=grad is not None,
-        BI=bi, BJ=bj, BK=bk,
+        SYMMETRIC=symmetric, BI=bi, BJ=bj, BK=bk,
         PRECISION=dot_precision(),
     )
     return out
