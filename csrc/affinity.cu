@@ -31,6 +31,11 @@ constexpr int kThreads = 256;
 constexpr int kTile = 64;
 constexpr int kChunk = 16;
 constexpr int kSub = kTile / 16;
+// Shared tiles written with threadIdx % 16 on the row and threadIdx / 16 on the column get
+// rows of width + kPad floats: a row stride of 2 mod 32 banks puts a warp's 32 stores on 32
+// banks (a stride of 64 put 16 of them on one bank).
+constexpr int kPad = 2;
+constexpr int kTilePad = kTile + kPad;
 // Channels per block of the tiled intra backward: each block recomputes the whole Delta tile
 // over all C, so fewer, wider channel blocks recompute less (C = 1024: 8 times).
 constexpr int kBwdChannels = 128;
@@ -181,7 +186,7 @@ __global__ void __launch_bounds__(kThreads) intra_gram_fwd_kernel(
     Feature<scalar_t> teacher, Feature<scalar_t> student, const float* __restrict__ inv_norm,
     int64_t b0, int64_t C, int64_t N, int64_t n_tiles, float* __restrict__ partials) {
   // [operand: S, T, D][side: rows I, cols J][pixel][channel]
-  __shared__ float tile[3][2][kChunk][kTile];
+  __shared__ float tile[3][2][kChunk][kTilePad];
   const int64_t b = b0 + blockIdx.y;
   const int64_t tI = blockIdx.x / n_tiles, tJ = blockIdx.x % n_tiles;
   float* partial = partials + b * n_tiles * n_tiles + blockIdx.x;
@@ -277,8 +282,8 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) intra_gram_k_kernel(
     Feature<scalar_t> teacher, Feature<scalar_t> student, const float* __restrict__ inv_norm,
     int64_t b0, int64_t C, int64_t N, int64_t R, int64_t n_col_tiles, float* __restrict__ K) {
-  __shared__ float u_tile[kChunk][kTile];
-  __shared__ float v_tile[kChunk][kTile];
+  __shared__ float u_tile[kChunk][kTilePad];
+  __shared__ float v_tile[kChunk][kTilePad];
   const int64_t bb = blockIdx.y, b = b0 + bb;
   const int64_t u0 = (blockIdx.x / n_col_tiles) * kTile, v0 = (blockIdx.x % n_col_tiles) * kTile;
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
@@ -340,7 +345,7 @@ __global__ void __launch_bounds__(kThreads) intra_gram_dx_kernel(
     Feature<scalar_t> teacher, Feature<scalar_t> student, const float* __restrict__ inv_norm,
     const float* __restrict__ K, const float* __restrict__ grad_loss, float scale, int64_t b0,
     int64_t C, int64_t N, int64_t R, int64_t n_pixel_tiles, float* dx_s, float* dx_t) {
-  __shared__ float k_tile[kChunk][kTile];
+  __shared__ float k_tile[kChunk][kTilePad];
   __shared__ float w_tile[kChunk][kTile];
   const int64_t bb = blockIdx.y, b = b0 + bb;
   const int64_t u0 = (blockIdx.x / n_pixel_tiles) * kTile;
@@ -407,6 +412,91 @@ __global__ void __launch_bounds__(kThreads) intra_gram_dx_kernel(
   }
 }
 
+// One kChunk step of acc[i][j] += A_S[k][i] B_D[k][j] + A_D[k][i] B_T[k][j] for the outputs
+// (ty + 16 i, tx + 16 j), tile = [A_S, A_D, B_D, B_T][k][column].
+__device__ __forceinline__ void delta_chunk_fma(const float (*tile)[kChunk][kTilePad],
+                                                float (&acc)[kSub][kSub]) {
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll 4
+  for (int k = 0; k < kChunk; ++k) {
+    float as[kSub], ad[kSub], bd[kSub], bt[kSub];
+#pragma unroll
+    for (int i = 0; i < kSub; ++i) {
+      as[i] = tile[0][k][ty + 16 * i];
+      ad[i] = tile[1][k][ty + 16 * i];
+      bd[i] = tile[2][k][tx + 16 * i];
+      bt[i] = tile[3][k][tx + 16 * i];
+    }
+#pragma unroll
+    for (int i = 0; i < kSub; ++i) {
+#pragma unroll
+      for (int j = 0; j < kSub; ++j) acc[i][j] += as[i] * bd[j] + ad[i] * bt[j];
+    }
+  }
+}
+
+// Stores entry (k, col) of the operands of delta_chunk_fma from the student / teacher values of a
+// row (xs_r, xt_r) and of a column (xs_c, xt_c): A_S = xs_r, A_D = xs_r - xt_r, B_D = xs_c - xt_c,
+// B_T = xt_c.
+__device__ __forceinline__ void store_delta_operands(float (*tile)[kChunk][kTilePad], int k,
+                                                     int col, float xs_r, float xt_r, float xs_c,
+                                                     float xt_c) {
+  tile[0][k][col] = xs_r;
+  tile[1][k][col] = xs_r - xt_r;
+  tile[2][k][col] = xs_c - xt_c;
+  tile[3][k][col] = xt_c;
+}
+
+// Pixel n of sample b: where teacher and student read it, and its inverse norms; all zero when
+// n >= N.
+struct PixelRef {
+  bool valid;
+  int64_t off_t, off_s;
+  float rt, rs;
+};
+
+template <typename scalar_t>
+__device__ __forceinline__ PixelRef pixel_ref(const Feature<scalar_t>& teacher,
+                                              const Feature<scalar_t>& student,
+                                              const float* __restrict__ inv_norm, int64_t b,
+                                              int64_t n, int64_t N) {
+  if (n >= N) return {false, 0, 0, 0.0f, 0.0f};
+  const float* rt_row = inv_norm + b * 2 * N;
+  return {true, teacher.pixel_offset(b, n), student.pixel_offset(b, n), rt_row[n], rt_row[N + n]};
+}
+
+// acc[i][j] += -Delta[row pixel ty + 16 i][col pixel tx + 16 j] of one sample over all C:
+// X_S and D of the row pixel block times D and X_T of the column pixel block. Thread t loads
+// pixel t % kTile of both blocks (row: pr, column: pc). tile: [4][kChunk][kTilePad] shared.
+template <typename scalar_t>
+__device__ __forceinline__ void accumulate_delta_tile(const Feature<scalar_t>& teacher,
+                                                      const Feature<scalar_t>& student, int64_t C,
+                                                      const PixelRef& pr, const PixelRef& pc,
+                                                      float (*tile)[kChunk][kTilePad],
+                                                      float (&acc)[kSub][kSub]) {
+  const int p = threadIdx.x % kTile;
+  for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
+#pragma unroll
+    for (int e = 0; e < kTile * kChunk / kThreads; ++e) {
+      const int kc = threadIdx.x / kTile + e * (kThreads / kTile);
+      const int64_t c = c0 + kc;
+      float xsr = 0.0f, xtr = 0.0f, xsc = 0.0f, xtc = 0.0f;
+      if (c < C && pr.valid) {
+        xsr = student.at(pr.off_s, c) * pr.rs;
+        xtr = teacher.at(pr.off_t, c) * pr.rt;
+      }
+      if (c < C && pc.valid) {
+        xsc = student.at(pc.off_s, c) * pc.rs;
+        xtc = teacher.at(pc.off_t, c) * pc.rt;
+      }
+      store_delta_operands(tile, kc, p, xsr, xtr, xsc, xtc);
+    }
+    __syncthreads();
+    delta_chunk_fma(tile, acc);
+    __syncthreads();
+  }
+}
+
 // Tiled path, forward (l1; l2 when N <= C). Tile (I, J) of Delta = -(X_S^T D + D^T X_T) of one
 // sample over all channels, reduced on chip. Delta is symmetric: tiles I <= J only.
 template <typename scalar_t, bool kL1>
@@ -414,7 +504,7 @@ __global__ void __launch_bounds__(kThreads) intra_tiled_fwd_kernel(
     Feature<scalar_t> teacher, Feature<scalar_t> student, const float* __restrict__ inv_norm,
     int64_t b0, int64_t C, int64_t N, int64_t n_tiles, float* __restrict__ partials) {
   // [X_S rows I, D rows I, D cols J, X_T cols J][channel][pixel]
-  __shared__ float tile[4][kChunk][kTile];
+  __shared__ float tile[4][kChunk][kTilePad];
   const int64_t b = b0 + blockIdx.y;
   const int64_t tI = blockIdx.x / n_tiles, tJ = blockIdx.x % n_tiles;
   float* partial = partials + b * n_tiles * n_tiles + blockIdx.x;
@@ -422,58 +512,11 @@ __global__ void __launch_bounds__(kThreads) intra_tiled_fwd_kernel(
     if (threadIdx.x == 0) *partial = 0.0f;
     return;
   }
-  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   const int p = threadIdx.x % kTile;
-  const int64_t ni = tI * kTile + p, nj = tJ * kTile + p;
-  const bool valid_i = ni < N, valid_j = nj < N;
-  const int64_t off_ti = valid_i ? teacher.pixel_offset(b, ni) : 0;
-  const int64_t off_si = valid_i ? student.pixel_offset(b, ni) : 0;
-  const int64_t off_tj = valid_j ? teacher.pixel_offset(b, nj) : 0;
-  const int64_t off_sj = valid_j ? student.pixel_offset(b, nj) : 0;
-  const float* rt_row = inv_norm + b * 2 * N;
-  const float* rs_row = rt_row + N;
-  const float rti = valid_i ? rt_row[ni] : 0.0f, rsi = valid_i ? rs_row[ni] : 0.0f;
-  const float rtj = valid_j ? rt_row[nj] : 0.0f, rsj = valid_j ? rs_row[nj] : 0.0f;
-
+  const PixelRef pi = pixel_ref(teacher, student, inv_norm, b, tI * kTile + p, N);
+  const PixelRef pj = pixel_ref(teacher, student, inv_norm, b, tJ * kTile + p, N);
   float acc[kSub][kSub] = {};
-  for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
-#pragma unroll
-    for (int e = 0; e < kTile * kChunk / kThreads; ++e) {
-      const int kc = threadIdx.x / kTile + e * (kThreads / kTile);
-      const int64_t c = c0 + kc;
-      float xsi = 0.0f, xti = 0.0f, xsj = 0.0f, xtj = 0.0f;
-      if (c < C && valid_i) {
-        xsi = student.at(off_si, c) * rsi;
-        xti = teacher.at(off_ti, c) * rti;
-      }
-      if (c < C && valid_j) {
-        xsj = student.at(off_sj, c) * rsj;
-        xtj = teacher.at(off_tj, c) * rtj;
-      }
-      tile[0][kc][p] = xsi;
-      tile[1][kc][p] = xsi - xti;
-      tile[2][kc][p] = xsj - xtj;
-      tile[3][kc][p] = xtj;
-    }
-    __syncthreads();
-#pragma unroll 4
-    for (int k = 0; k < kChunk; ++k) {
-      float as[kSub], ad[kSub], bd[kSub], bt[kSub];
-#pragma unroll
-      for (int i = 0; i < kSub; ++i) {
-        as[i] = tile[0][k][ty + 16 * i];
-        ad[i] = tile[1][k][ty + 16 * i];
-        bd[i] = tile[2][k][tx + 16 * i];
-        bt[i] = tile[3][k][tx + 16 * i];
-      }
-#pragma unroll
-      for (int i = 0; i < kSub; ++i) {
-#pragma unroll
-        for (int j = 0; j < kSub; ++j) acc[i][j] += as[i] * bd[j] + ad[i] * bt[j];
-      }
-    }
-    __syncthreads();
-  }
+  accumulate_delta_tile(teacher, student, C, pi, pj, tile, acc);
   // acc = -Delta; entries outside N x N are sums of zeros.
   float v = 0.0f;
 #pragma unroll
@@ -495,79 +538,32 @@ __global__ void __launch_bounds__(kThreads) intra_tiled_bwd_kernel(
     const float* __restrict__ grad_loss, float scale, int64_t b0, int64_t C, int64_t N,
     int64_t n_tiles, float* dx_s, float* dx_t) {
   // Phase 1: [X_S rows J, D rows J, D cols I, X_T cols I][channel][pixel].
-  // Phase 2: [X_S, X_T][pixel of J (kChunk)][channel (kBwdChannels)], same storage.
-  __shared__ float tile[4 * kChunk * kTile];
+  // Phase 2: [X_S, X_T][pixel of J (kChunk)][channel (kBwdChannels + kPad)], same storage.
+  constexpr int kXRow = kBwdChannels + kPad;
+  __shared__ float tile[4 * kChunk * kTilePad];
   __shared__ float grad[kTile][kTile];  // G[j][i]
-  static_assert(2 * kChunk * kBwdChannels <= 4 * kChunk * kTile, "phase 2 tiles must fit");
-  float(*delta_tile)[kChunk][kTile] = reinterpret_cast<float(*)[kChunk][kTile]>(tile);
-  float(*x_tile)[kChunk][kBwdChannels] = reinterpret_cast<float(*)[kChunk][kBwdChannels]>(tile);
+  static_assert(2 * kChunk * kXRow <= 4 * kChunk * kTilePad, "phase 2 tiles must fit");
+  float(*delta_tile)[kChunk][kTilePad] = reinterpret_cast<float(*)[kChunk][kTilePad]>(tile);
+  float(*x_tile)[kChunk][kXRow] = reinterpret_cast<float(*)[kChunk][kXRow]>(tile);
 
   const bool with_teacher = dx_t != nullptr;
   const int64_t bb = blockIdx.y, b = b0 + bb;
   const int64_t i0 = (blockIdx.x % n_tiles) * kTile;
   const int64_t c_base = (blockIdx.x / n_tiles) * kBwdChannels;
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-  const float* rt_row = inv_norm + b * 2 * N;
-  const float* rs_row = rt_row + N;
   const float g_scale = grad_loss[0] * scale;
 
-  // Phase 1 loads: a fixed pixel of I per thread.
+  // Phase 1 loads: a fixed pixel of I (and of J) per thread.
   const int p = threadIdx.x % kTile;
-  const int64_t ni = i0 + p;
-  const bool valid_i = ni < N;
-  const int64_t off_ti = valid_i ? teacher.pixel_offset(b, ni) : 0;
-  const int64_t off_si = valid_i ? student.pixel_offset(b, ni) : 0;
-  const float rti = valid_i ? rt_row[ni] : 0.0f, rsi = valid_i ? rs_row[ni] : 0.0f;
+  const PixelRef pi = pixel_ref(teacher, student, inv_norm, b, i0 + p, N);
   // Phase 2 loads: a fixed pixel offset within each kChunk of J per thread.
   const int jj = threadIdx.x % kChunk;
 
   float acc_s[kBwdSub][kSub] = {}, acc_t[kBwdSub][kSub] = {};
   for (int64_t j0 = 0; j0 < N; j0 += kTile) {
-    const int64_t nj = j0 + p;
-    const bool valid_j = nj < N;
-    const int64_t off_tj = valid_j ? teacher.pixel_offset(b, nj) : 0;
-    const int64_t off_sj = valid_j ? student.pixel_offset(b, nj) : 0;
-    const float rtj = valid_j ? rt_row[nj] : 0.0f, rsj = valid_j ? rs_row[nj] : 0.0f;
-
+    const PixelRef pj = pixel_ref(teacher, student, inv_norm, b, j0 + p, N);
     float acc[kSub][kSub] = {};  // -Delta[j][i]
-    for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
-#pragma unroll
-      for (int e = 0; e < kTile * kChunk / kThreads; ++e) {
-        const int kc = threadIdx.x / kTile + e * (kThreads / kTile);
-        const int64_t c = c0 + kc;
-        float xsj = 0.0f, xtj = 0.0f, xsi = 0.0f, xti = 0.0f;
-        if (c < C && valid_j) {
-          xsj = student.at(off_sj, c) * rsj;
-          xtj = teacher.at(off_tj, c) * rtj;
-        }
-        if (c < C && valid_i) {
-          xsi = student.at(off_si, c) * rsi;
-          xti = teacher.at(off_ti, c) * rti;
-        }
-        delta_tile[0][kc][p] = xsj;
-        delta_tile[1][kc][p] = xsj - xtj;
-        delta_tile[2][kc][p] = xsi - xti;
-        delta_tile[3][kc][p] = xti;
-      }
-      __syncthreads();
-#pragma unroll 4
-      for (int k = 0; k < kChunk; ++k) {
-        float as[kSub], ad[kSub], bd[kSub], bt[kSub];
-#pragma unroll
-        for (int i = 0; i < kSub; ++i) {
-          as[i] = delta_tile[0][k][ty + 16 * i];
-          ad[i] = delta_tile[1][k][ty + 16 * i];
-          bd[i] = delta_tile[2][k][tx + 16 * i];
-          bt[i] = delta_tile[3][k][tx + 16 * i];
-        }
-#pragma unroll
-        for (int i = 0; i < kSub; ++i) {
-#pragma unroll
-          for (int j = 0; j < kSub; ++j) acc[i][j] += as[i] * bd[j] + ad[i] * bt[j];
-        }
-      }
-      __syncthreads();
-    }
+    accumulate_delta_tile(teacher, student, C, pj, pi, delta_tile, acc);
 #pragma unroll
     for (int i = 0; i < kSub; ++i) {
 #pragma unroll
@@ -578,19 +574,15 @@ __global__ void __launch_bounds__(kThreads) intra_tiled_bwd_kernel(
     }
 
     for (int64_t jc = 0; jc < kTile; jc += kChunk) {
-      const int64_t njc = j0 + jc + jj;
-      const bool valid_jc = njc < N;
-      const int64_t off_tc = valid_jc ? teacher.pixel_offset(b, njc) : 0;
-      const int64_t off_sc = valid_jc ? student.pixel_offset(b, njc) : 0;
-      const float rtc = valid_jc ? rt_row[njc] : 0.0f, rsc = valid_jc ? rs_row[njc] : 0.0f;
+      const PixelRef pc = pixel_ref(teacher, student, inv_norm, b, j0 + jc + jj, N);
       __syncthreads();  // previous readers of tile (and writers of grad) are done
 #pragma unroll
       for (int e = 0; e < kBwdChannels * kChunk / kThreads; ++e) {
         const int ci = threadIdx.x / kChunk + e * (kThreads / kChunk);
         const int64_t c = c_base + ci;
-        const bool valid = valid_jc && c < C;
-        x_tile[0][jj][ci] = valid ? student.at(off_sc, c) * rsc : 0.0f;
-        if (with_teacher) x_tile[1][jj][ci] = valid ? teacher.at(off_tc, c) * rtc : 0.0f;
+        const bool valid = pc.valid && c < C;
+        x_tile[0][jj][ci] = valid ? student.at(pc.off_s, c) * pc.rs : 0.0f;
+        if (with_teacher) x_tile[1][jj][ci] = valid ? teacher.at(pc.off_t, c) * pc.rt : 0.0f;
       }
       __syncthreads();
 #pragma unroll 4
@@ -692,7 +684,7 @@ __global__ void __launch_bounds__(kThreads) row_inv_norm_kernel(Source src, int6
 
 // Tile (I, J) of Delta = G_T - G_S = -(P^_S DQ^T + DP Q^_T^T) over N_b (C_a x C_b, one sample),
 // DP = P^_S - P^_T, DQ = Q^_S - Q^_T. Forward: Delta^2 or |Delta| summed into partials.
-// Backward: grad = dL/dDelta (B, C_a, C_b).
+// Backward: grad = dL/dDelta (chunk, C_a, C_b) of samples b0 + blockIdx.y.
 template <typename SourceA, typename SourceB, bool kL1, bool kBackward>
 __global__ void __launch_bounds__(kThreads) inter_delta_kernel(
     SourceA pa_t, SourceA pa_s, SourceB q_t, SourceB q_s, const float* __restrict__ inv_p,
@@ -700,7 +692,7 @@ __global__ void __launch_bounds__(kThreads) inter_delta_kernel(
     int64_t B, int64_t Ca, int64_t Cb, int64_t N, int64_t n_col_tiles,
     float* __restrict__ partials, float* __restrict__ grad) {
   // [P^_S rows, DP rows, DQ cols, Q^_T cols][pixel][channel]
-  __shared__ float tile[4][kChunk][kTile];
+  __shared__ float tile[4][kChunk][kTilePad];
   const int64_t b = b0 + blockIdx.y;
   const int64_t i0 = (blockIdx.x / n_col_tiles) * kTile, j0 = (blockIdx.x % n_col_tiles) * kTile;
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
@@ -728,28 +720,10 @@ __global__ void __launch_bounds__(kThreads) inter_delta_kernel(
         qs = q_s.value(b, j, n) * rq_s[j];
         qt = q_t.value(b, j, n) * rq_t[j];
       }
-      tile[0][kk][ci] = ps;
-      tile[1][kk][ci] = ps - pt;
-      tile[2][kk][ci] = qs - qt;
-      tile[3][kk][ci] = qt;
+      store_delta_operands(tile, kk, ci, ps, pt, qs, qt);
     }
     __syncthreads();
-#pragma unroll 4
-    for (int k = 0; k < kChunk; ++k) {
-      float as[kSub], ad[kSub], bd[kSub], bt[kSub];
-#pragma unroll
-      for (int i = 0; i < kSub; ++i) {
-        as[i] = tile[0][k][ty + 16 * i];
-        ad[i] = tile[1][k][ty + 16 * i];
-        bd[i] = tile[2][k][tx + 16 * i];
-        bt[i] = tile[3][k][tx + 16 * i];
-      }
-#pragma unroll
-      for (int i = 0; i < kSub; ++i) {
-#pragma unroll
-        for (int j = 0; j < kSub; ++j) acc[i][j] += as[i] * bd[j] + ad[i] * bt[j];
-      }
-    }
+    delta_chunk_fma(tile, acc);
     __syncthreads();
   }
   if (kBackward) {
@@ -760,7 +734,9 @@ __global__ void __launch_bounds__(kThreads) inter_delta_kernel(
 #pragma unroll
       for (int j = 0; j < kSub; ++j) {
         const int64_t cj = j0 + tx + 16 * j;
-        if (ci < Ca && cj < Cb) grad[(b * Ca + ci) * Cb + cj] = delta_grad<kL1>(-acc[i][j], g_scale);
+        if (ci < Ca && cj < Cb) {
+          grad[(blockIdx.y * Ca + ci) * Cb + cj] = delta_grad<kL1>(-acc[i][j], g_scale);
+        }
       }
     }
   } else {
@@ -775,23 +751,24 @@ __global__ void __launch_bounds__(kThreads) inter_delta_kernel(
   }
 }
 
-// out[b, r, n] = sign * sum_k A[b, r, k] X^[b, k, n], A = grad (a_sr = C_b, a_sk = 1) or its
-// transpose (a_sr = 1, a_sk = C_b), X^ = src rows scaled by inv_norm (B, K). out (B, R, N) fp32.
+// out[bb, r, n] = sign * sum_k A[bb, r, k] X^[b, k, n], b = b0 + bb, A = grad (a_sr = C_b,
+// a_sk = 1) or its transpose (a_sr = 1, a_sk = C_b), X^ = src rows scaled by inv_norm (B, K).
+// grad (chunk, C_a, C_b) and out (chunk, R, N) fp32 start at sample b0.
 template <typename Source>
 __global__ void __launch_bounds__(kThreads) inter_row_grad_kernel(
     const float* __restrict__ grad, int64_t a_sb, int64_t a_sr, int64_t a_sk, Source src,
     const float* __restrict__ inv_norm, float sign, int64_t b0, int64_t R, int64_t K, int64_t N,
     int64_t n_pixel_tiles, float* out) {
-  __shared__ float a_tile[kChunk][kTile];
+  __shared__ float a_tile[kChunk][kTilePad];
   __shared__ float x_tile[kChunk][kTile];
-  const int64_t b = b0 + blockIdx.y;
+  const int64_t bb = blockIdx.y, b = b0 + bb;
   const int64_t r0 = (blockIdx.x / n_pixel_tiles) * kTile;
   const int64_t n0 = (blockIdx.x % n_pixel_tiles) * kTile;
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   const int p = threadIdx.x % kTile;
   const int64_t n = n0 + p;
   const bool valid_n = n < N;
-  const float* a = grad + b * a_sb;
+  const float* a = grad + bb * a_sb;
   const float* rinv = inv_norm + b * K;
 
   float acc[kSub][kSub] = {};
@@ -829,20 +806,20 @@ __global__ void __launch_bounds__(kThreads) inter_row_grad_kernel(
 #pragma unroll
     for (int j = 0; j < kSub; ++j) {
       const int64_t nj = n0 + tx + 16 * j;
-      if (r < R && nj < N) out[(b * R + r) * N + nj] = sign * acc[i][j];
+      if (r < R && nj < N) out[(bb * R + r) * N + nj] = sign * acc[i][j];
     }
   }
 }
 
 // Backward of x = v / max(|v|, eps) over each row's N pixels: dv = r (dx - x (x . dx)), or r dx
-// where the norm is clamped. dx (B * C, N) fp32; out (B * C, N) contiguous, may alias dx (each
-// element is read, then written, by one thread). Block = one row.
+// where the norm is clamped. Block = one row, source row row0 + blockIdx.x. dx (rows, N) fp32;
+// out (rows, N) contiguous, may alias dx (each element is read, then written, by one thread).
 template <typename Source, typename out_t>
 __global__ void __launch_bounds__(kThreads) row_normalize_bwd_kernel(Source src, const float* dx,
-                                                                     int64_t C, int64_t N,
-                                                                     out_t* out) {
+                                                                     int64_t row0, int64_t C,
+                                                                     int64_t N, out_t* out) {
   const int64_t row = blockIdx.x;
-  const int64_t b = row / C, c = row % C;
+  const int64_t b = (row0 + row) / C, c = (row0 + row) % C;
   const float* dx_row = dx + row * N;
   float vv = 0.0f, vd = 0.0f;
   for (int64_t n = threadIdx.x; n < N; n += kThreads) {
@@ -1195,12 +1172,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> inter_affinity_bwd_cu
                                   : at::empty({0}, teacher_b.options());
   at::Tensor inv_p = at::empty({2, B, Ca}, f32);
   at::Tensor inv_q = at::empty({2, B, Cb}, f32);
-  at::Tensor grad = at::empty({B, Ca, Cb}, f32);  // dL/dDelta
-  // dL/dP^ for one of student / teacher at a time, normalisation backward in place.
-  at::Tensor grad_p = at::empty({B, Ca, N}, f32);
-  // dL/dQ^: fp32 outputs take it directly; fp16/bf16 go through this scratch.
+  // Per chunk of samples: grad = dL/dDelta; grad_p = dL/dP^ for one of student / teacher at a
+  // time, normalisation backward in place; dL/dQ^ straight into fp32 outputs, through grad_q
+  // for fp16/bf16.
   const bool direct = teacher_a.scalar_type() == at::kFloat;
-  at::Tensor grad_q = direct ? at::empty({0}, f32) : at::empty({B, Cb, N}, f32);
+  const int64_t bytes_per_sample = (Ca * Cb + Ca * N + (direct ? 0 : Cb * N)) * 4;
+  const int64_t chunk = samples_per_chunk(B, bytes_per_sample);
+  at::Tensor grad = at::empty({chunk, Ca, Cb}, f32);
+  at::Tensor grad_p = at::empty({chunk, Ca, N}, f32);
+  at::Tensor grad_q = direct ? at::empty({0}, f32) : at::empty({chunk, Cb, N}, f32);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
   SNL_DISPATCH_FEATURE_TYPES(teacher_a.scalar_type(), "inter_affinity_bwd", [&] {
@@ -1213,11 +1193,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> inter_affinity_bwd_cu
     const float* rp = inv_p.const_data_ptr<float>();
     const float* rq = inv_q.const_data_ptr<float>();
     float* gd = grad.mutable_data_ptr<float>();
+    float* gp = grad_p.mutable_data_ptr<float>();
+    const float scale = static_cast<float>((l1 ? 1.0 : 2.0) / M);
+    const int64_t n_pixel_tiles = ceil_div(N, kTile);
 
-    for (int64_t b0 = 0; b0 < B; b0 += kMaxGridY) {
-      const int64_t nb = std::min(B - b0, kMaxGridY);
+    for (int64_t b0 = 0; b0 < B; b0 += chunk) {
+      const int64_t nb = std::min(chunk, B - b0);
       const dim3 grid(grid_x(n_row_tiles * n_col_tiles), static_cast<unsigned>(nb));
-      const float scale = static_cast<float>((l1 ? 1.0 : 2.0) / M);
       if (l1) {
         inter_delta_kernel<Pooled, Plain, true, true><<<grid, kThreads, 0, stream>>>(
             pa_t, pa_s, q_t, q_s, rp, rq, grad_loss_c.const_data_ptr<float>(), scale, b0, B, Ca,
@@ -1228,45 +1210,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> inter_affinity_bwd_cu
             Cb, N, n_col_tiles, nullptr, gd);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
 
-    // Student: dP^_S = -grad Q^_S, dQ^_S = -grad^T P^_S; teacher: the same with sign +1.
-    const int64_t n_pixel_tiles = ceil_div(N, kTile);
-    for (int side = 0; side < (teacher_requires_grad ? 2 : 1); ++side) {
-      const bool student_side = side == 0;
-      const float sign = student_side ? -1.0f : 1.0f;
-      const Pooled& pa = student_side ? pa_s : pa_t;
-      const Plain& q = student_side ? q_s : q_t;
-      const float* rp_side = rp + (student_side ? B * Ca : 0);
-      const float* rq_side = rq + (student_side ? B * Cb : 0);
-      at::Tensor& out_a = student_side ? grad_student_a : grad_teacher_a;
-      at::Tensor& out_b = student_side ? grad_student_b : grad_teacher_b;
-      float* gp = grad_p.mutable_data_ptr<float>();
-      float* gq = direct ? reinterpret_cast<float*>(out_b.mutable_data_ptr<scalar_t>())
-                         : grad_q.mutable_data_ptr<float>();
-      for (int64_t b0 = 0; b0 < B; b0 += kMaxGridY) {
-        const unsigned nb = static_cast<unsigned>(std::min(B - b0, kMaxGridY));
-        inter_row_grad_kernel<Plain><<<dim3(grid_x(n_row_tiles * n_pixel_tiles), nb), kThreads,
+      // Student: dP^_S = -grad Q^_S, dQ^_S = -grad^T P^_S; teacher: the same with sign +1.
+      for (int side = 0; side < (teacher_requires_grad ? 2 : 1); ++side) {
+        const bool student_side = side == 0;
+        const float sign = student_side ? -1.0f : 1.0f;
+        const Pooled& pa = student_side ? pa_s : pa_t;
+        const Plain& q = student_side ? q_s : q_t;
+        const float* rp_side = rp + (student_side ? B * Ca : 0);
+        const float* rq_side = rq + (student_side ? B * Cb : 0);
+        at::Tensor& out_a = student_side ? grad_student_a : grad_teacher_a;
+        at::Tensor& out_b = student_side ? grad_student_b : grad_teacher_b;
+        scalar_t* out_b_chunk = out_b.mutable_data_ptr<scalar_t>() + b0 * Cb * N;
+        float* gq = direct ? reinterpret_cast<float*>(out_b_chunk)
+                           : grad_q.mutable_data_ptr<float>();
+        const unsigned ny = static_cast<unsigned>(nb);
+        inter_row_grad_kernel<Plain><<<dim3(grid_x(n_row_tiles * n_pixel_tiles), ny), kThreads,
                                        0, stream>>>(gd, Ca * Cb, Cb, 1, q, rq_side, sign, b0, Ca,
                                                     Cb, N, n_pixel_tiles, gp);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        inter_row_grad_kernel<Pooled><<<dim3(grid_x(n_col_tiles * n_pixel_tiles), nb), kThreads,
+        inter_row_grad_kernel<Pooled><<<dim3(grid_x(n_col_tiles * n_pixel_tiles), ny), kThreads,
                                         0, stream>>>(gd, Ca * Cb, 1, Cb, pa, rp_side, sign, b0,
                                                      Cb, Ca, N, n_pixel_tiles, gq);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
+        row_normalize_bwd_kernel<Pooled, float><<<grid_x(nb * Ca), kThreads, 0, stream>>>(
+            pa, gp, b0 * Ca, Ca, N, gp);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        row_normalize_bwd_kernel<Plain, scalar_t><<<grid_x(nb * Cb), kThreads, 0, stream>>>(
+            q, gq, b0 * Cb, Cb, N, out_b_chunk);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        const int64_t total = nb * Ca * Ha * Wa;
+        const int64_t blocks = std::min<int64_t>(ceil_div(total, kThreads), int64_t{1} << 20);
+        pool_bwd_kernel<scalar_t><<<grid_x(blocks), kThreads, 0, stream>>>(
+            gp, total, Ha, Wa, teacher_b.size(2), teacher_b.size(3),
+            out_a.mutable_data_ptr<scalar_t>() + b0 * Ca * Ha * Wa);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
-      row_normalize_bwd_kernel<Pooled, float><<<grid_x(B * Ca), kThreads, 0, stream>>>(
-          pa, gp, Ca, N, gp);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      row_normalize_bwd_kernel<Plain, scalar_t><<<grid_x(B * Cb), kThreads, 0, stream>>>(
-          q, gq, Cb, N, out_b.mutable_data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      const int64_t total = B * Ca * Ha * Wa;
-      const int64_t blocks = std::min<int64_t>(ceil_div(total, kThreads), int64_t{1} << 20);
-      pool_bwd_kernel<scalar_t><<<grid_x(blocks), kThreads, 0, stream>>>(
-          gp, total, Ha, Wa, teacher_b.size(2), teacher_b.size(3),
-          out_a.mutable_data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
   return {grad_teacher_a, grad_teacher_b, grad_student_a, grad_student_b};
