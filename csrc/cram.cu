@@ -3,9 +3,10 @@
 // Two kinds of kernels. K-side (distances, softmax, softmax backward): a block owns kTile
 // positions and all K centres, streams D through shared memory and keeps the (kTile, K) tile on
 // chip. D-side (central, embedding gradient, centre partials): a block owns kWideTile positions
-// and kWideThreads channels, one channel per thread with its positions in registers, and walks
-// K. The embedding is read once per direction (forward: K-side; backward: D-side). Every sum
-// runs in a fixed order and there are no atomics: the same bits on every run.
+// (the embedding gradient: several such tiles in turn) and kWideThreads channels, one channel per
+// thread with its positions in registers, and walks K. The embedding is read once per direction
+// (forward: K-side; backward: D-side). Every sum runs in a fixed order and there are no atomics:
+// the same bits on every run.
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -15,6 +16,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <tuple>
 
@@ -37,6 +39,9 @@ constexpr int kCenterStride = kMaxK + 1;
 constexpr int kWideTile = 32;
 constexpr int kWideThreads = 128;
 constexpr int kKChunk = 32;  // centres per shared-memory chunk
+// Slices of the centre-gradient partials (slices, K, D) at most: block x of the embedding-gradient
+// kernel sums tiles x, x + slices, ... into slice x (at K = 64, D = 2048: 128 MB).
+constexpr int64_t kMaxCenterSlices = 256;
 constexpr int64_t kMaxGridY = 65535;
 
 // Offset of position p = b * N + n (channel 0).
@@ -306,9 +311,10 @@ __global__ void __launch_bounds__(kThreads) cram_bwd_delta_kernel(
   }
 }
 
-// Backward, D-side: grad_embedding = 2 e sum_k delta - 2 delta @ C, and this tile's part of the
-// centre gradient, sum_p (a G_mu - 2 delta e) + 2 c sum_p delta, into center_partials
-// (tiles, K, D). Reads the embedding once and G_mu a second time.
+// Backward, D-side: grad_embedding = 2 e sum_k delta - 2 delta @ C, and the centre gradient
+// parts sum_p (a G_mu - 2 delta e) + 2 c sum_p delta of tiles blockIdx.x, + gridDim.x, ...,
+// summed in that order into slice blockIdx.x of center_partials (slices, K, D). Reads the
+// embedding once and G_mu a second time.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kWideThreads) cram_bwd_embedding_kernel(
     const scalar_t* __restrict__ embedding, Strides4 st_e, const float* __restrict__ grad_central,
@@ -322,79 +328,84 @@ __global__ void __launch_bounds__(kWideThreads) cram_bwd_embedding_kernel(
   __shared__ int64_t off_e[kWideTile], off_g[kWideTile], off_ge[kWideTile];
   __shared__ float row_s[kWideTile];
   const int t = threadIdx.x;
-  const int64_t tile = blockIdx.x;
-  const int64_t p0 = tile * kWideTile;
+  const int64_t tiles = (P + kWideTile - 1) / kWideTile;
   const int64_t d = static_cast<int64_t>(blockIdx.y) * kWideThreads + t;
   const bool d_ok = d < D;
-  if (t < kWideTile) {
-    const int64_t pos = p0 + t;
-    const bool ok = pos < P;
-    base[t] = ok ? centre_major_offset(pos, N, K) : -1;
-    off_e[t] = ok ? position_offset(st_e, pos, N, W) : 0;
-    off_g[t] = ok ? position_offset(st_g, pos, N, W) : 0;
-    off_ge[t] = ok ? position_offset(st_ge, pos, N, W) : 0;
-    row_s[t] = ok ? delta_sum[pos] : 0.0f;
-  }
-  __syncthreads();
-
-  float e[kWideTile], gm[kWideTile], acc[kWideTile];
-#pragma unroll
-  for (int p = 0; p < kWideTile; ++p) {
-    const bool ok = d_ok && base[p] >= 0;
-    e[p] = ok ? static_cast<float>(embedding[off_e[p] + d * st_e.c]) : 0.0f;
-    gm[p] = ok ? grad_central[off_g[p] + d * st_g.c] : 0.0f;
-    acc[p] = 0.0f;
-  }
-  float* part = center_partials + tile * K * D;
-  for (int k0 = 0; k0 < K; k0 += kKChunk) {
-    __syncthreads();  // the previous chunk is no longer read
-    load_centre_chunk(assign, base, N, K, k0, a_s);
-    load_centre_chunk(delta, base, N, K, k0, delta_s);
-    __syncthreads();
-    if (!d_ok) continue;
-    const int count = min(kKChunk, K - k0);
-    for (int kk = 0; kk < count; ++kk) {
-      const int64_t k = k0 + kk;
-      const float cv = centers[k * D + d];
-      const float4* a4 = reinterpret_cast<const float4*>(a_s + kk * kWideTile);
-      const float4* l4 = reinterpret_cast<const float4*>(delta_s + kk * kWideTile);
-      float gc = 0.0f, col = 0.0f;
-#pragma unroll
-      for (int q = 0; q < kWideTile / 4; ++q) {
-        const float4 a = a4[q], l = l4[q];
-        const float av[4] = {a.x, a.y, a.z, a.w};
-        const float lv[4] = {l.x, l.y, l.z, l.w};
-#pragma unroll
-        for (int r = 0; r < 4; ++r) {
-          const int p = 4 * q + r;
-          acc[p] = fmaf(lv[r], cv, acc[p]);
-          gc = fmaf(av[r], gm[p], gc);
-          gc = fmaf(-2.0f * lv[r], e[p], gc);
-          col += lv[r];
-        }
-      }
-      part[k * D + d] = fmaf(2.0f * cv, col, gc);
+  float* part = center_partials + static_cast<int64_t>(blockIdx.x) * K * D;
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const bool first = tile == blockIdx.x;
+    const int64_t p0 = tile * kWideTile;
+    __syncthreads();  // the previous tile's positions are no longer read
+    if (t < kWideTile) {
+      const int64_t pos = p0 + t;
+      const bool ok = pos < P;
+      base[t] = ok ? centre_major_offset(pos, N, K) : -1;
+      off_e[t] = ok ? position_offset(st_e, pos, N, W) : 0;
+      off_g[t] = ok ? position_offset(st_g, pos, N, W) : 0;
+      off_ge[t] = ok ? position_offset(st_ge, pos, N, W) : 0;
+      row_s[t] = ok ? delta_sum[pos] : 0.0f;
     }
-  }
-  if (!d_ok) return;
+    __syncthreads();
+
+    float e[kWideTile], gm[kWideTile], acc[kWideTile];
 #pragma unroll
-  for (int p = 0; p < kWideTile; ++p) {
-    if (base[p] >= 0) {
-      grad_embedding[off_ge[p] + d * st_ge.c] =
-          static_cast<scalar_t>(2.0f * (e[p] * row_s[p] - acc[p]));
+    for (int p = 0; p < kWideTile; ++p) {
+      const bool ok = d_ok && base[p] >= 0;
+      e[p] = ok ? static_cast<float>(embedding[off_e[p] + d * st_e.c]) : 0.0f;
+      gm[p] = ok ? grad_central[off_g[p] + d * st_g.c] : 0.0f;
+      acc[p] = 0.0f;
+    }
+    for (int k0 = 0; k0 < K; k0 += kKChunk) {
+      __syncthreads();  // the previous chunk is no longer read
+      load_centre_chunk(assign, base, N, K, k0, a_s);
+      load_centre_chunk(delta, base, N, K, k0, delta_s);
+      __syncthreads();
+      if (!d_ok) continue;
+      const int count = min(kKChunk, K - k0);
+      for (int kk = 0; kk < count; ++kk) {
+        const int64_t k = k0 + kk;
+        const float cv = centers[k * D + d];
+        const float4* a4 = reinterpret_cast<const float4*>(a_s + kk * kWideTile);
+        const float4* l4 = reinterpret_cast<const float4*>(delta_s + kk * kWideTile);
+        float gc = 0.0f, col = 0.0f;
+#pragma unroll
+        for (int q = 0; q < kWideTile / 4; ++q) {
+          const float4 a = a4[q], l = l4[q];
+          const float av[4] = {a.x, a.y, a.z, a.w};
+          const float lv[4] = {l.x, l.y, l.z, l.w};
+#pragma unroll
+          for (int r = 0; r < 4; ++r) {
+            const int p = 4 * q + r;
+            acc[p] = fmaf(lv[r], cv, acc[p]);
+            gc = fmaf(av[r], gm[p], gc);
+            gc = fmaf(-2.0f * lv[r], e[p], gc);
+            col += lv[r];
+          }
+        }
+        const float v = fmaf(2.0f * cv, col, gc);
+        part[k * D + d] = first ? v : part[k * D + d] + v;
+      }
+    }
+    if (!d_ok) continue;
+#pragma unroll
+    for (int p = 0; p < kWideTile; ++p) {
+      if (base[p] >= 0) {
+        grad_embedding[off_ge[p] + d * st_ge.c] =
+            static_cast<scalar_t>(2.0f * (e[p] * row_s[p] - acc[p]));
+      }
     }
   }
 }
 
-// grad_centers = center_partials summed over tiles in tile order, cast to the centres' dtype.
+// grad_centers = center_partials summed over slices in slice order, cast to the centres' dtype.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) cram_bwd_centers_kernel(
-    const float* __restrict__ center_partials, int64_t tiles, int64_t K, int64_t D,
+    const float* __restrict__ center_partials, int64_t slices, int64_t K, int64_t D,
     scalar_t* __restrict__ grad_centers, int64_t stride_k, int64_t stride_d) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (i >= K * D) return;
   float s = 0.0f;
-  for (int64_t tile = 0; tile < tiles; ++tile) s += center_partials[tile * K * D + i];
+  for (int64_t slice = 0; slice < slices; ++slice) s += center_partials[slice * K * D + i];
   grad_centers[(i / D) * stride_k + (i % D) * stride_d] = static_cast<scalar_t>(s);
 }
 
@@ -522,8 +533,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cram_bwd_cuda(
   at::Tensor delta = at::empty({B, K, N}, f32);
   at::Tensor delta_sum = at::empty({P}, f32);
   at::Tensor log_tau_terms = at::empty({P}, f32);
-  const int64_t tiles = ceil_div(P, kWideTile);
-  at::Tensor center_partials = at::empty({tiles, K, D}, f32);
+  const int64_t slices = std::min(ceil_div(P, kWideTile), kMaxCenterSlices);
+  at::Tensor center_partials = at::empty({slices, K, D}, f32);
   at::Tensor grad_log_tau_f32 = at::empty({1}, f32);
   // Same strides as the inputs (empty_like preserves a dense layout such as channels_last).
   at::Tensor grad_embedding = at::empty_like(embedding);
@@ -541,7 +552,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cram_bwd_cuda(
       log_tau_terms.mutable_data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-  const dim3 wide_grid(static_cast<unsigned>(tiles),
+  const dim3 wide_grid(static_cast<unsigned>(slices),
                        static_cast<unsigned>(ceil_div(D, kWideThreads)));
   SNL_DISPATCH_FEATURE_TYPES(embedding.scalar_type(), "cram_bwd", [&] {
     cram_bwd_embedding_kernel<scalar_t><<<wide_grid, kWideThreads, 0, stream>>>(
@@ -556,7 +567,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cram_bwd_cuda(
   SNL_DISPATCH_FEATURE_TYPES(centers.scalar_type(), "cram_bwd_centers", [&] {
     cram_bwd_centers_kernel<scalar_t>
         <<<static_cast<unsigned>(ceil_div(K * D, kThreads)), kThreads, 0, stream>>>(
-            center_partials.const_data_ptr<float>(), tiles, K, D,
+            center_partials.const_data_ptr<float>(), slices, K, D,
             grad_centers.mutable_data_ptr<scalar_t>(), grad_centers.stride(0),
             grad_centers.stride(1));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
