@@ -882,17 +882,6 @@ bool is_l1(c10::string_view distance) {
   return distance == "l1";
 }
 
-void check_features(const at::Tensor& teacher, const at::Tensor& student) {
-  CHECK_CUDA(teacher);
-  CHECK_CUDA(student);
-  CHECK_SAME_DEVICE(student, teacher);
-  CHECK_DIM(teacher, 4);
-  CHECK_SHAPE(student, teacher.sizes());
-  CHECK_FLOAT_DTYPE(teacher);
-  CHECK_SAME_DTYPE(student, teacher);
-  CHECK_NONEMPTY(teacher);
-}
-
 void check_inter_features(const at::Tensor& teacher_a, const at::Tensor& teacher_b,
                           const at::Tensor& student_a, const at::Tensor& student_b) {
   check_features(teacher_a, student_a);

@@ -57,3 +57,20 @@ inline void check_nonempty(const at::Tensor& x, const char* name) {
 #define CHECK_DIM(x, dim) ::snl::check_dim(x, #x, dim)
 #define CHECK_SHAPE(x, ...) ::snl::check_shape(x, #x, __VA_ARGS__)
 #define CHECK_NONEMPTY(x) ::snl::check_nonempty(x, #x)
+
+namespace snl {
+
+// A (teacher, student) pair of (B, C, H, W) CUDA feature maps: same device, shape and dtype
+// (float32, float16 or bfloat16), not empty.
+inline void check_features(const at::Tensor& teacher, const at::Tensor& student) {
+  CHECK_CUDA(teacher);
+  CHECK_CUDA(student);
+  CHECK_SAME_DEVICE(student, teacher);
+  CHECK_DIM(teacher, 4);
+  CHECK_SHAPE(student, teacher.sizes());
+  CHECK_FLOAT_DTYPE(teacher);
+  CHECK_SAME_DTYPE(student, teacher);
+  CHECK_NONEMPTY(teacher);
+}
+
+}  // namespace snl

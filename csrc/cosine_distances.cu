@@ -268,17 +268,6 @@ __global__ void __launch_bounds__(kThreads) cosine_distances_bwd_kernel(
 
 // ---- Host side: checks, launches, registration ----
 
-void check_features(const at::Tensor& teacher, const at::Tensor& student) {
-  CHECK_CUDA(teacher);
-  CHECK_CUDA(student);
-  CHECK_SAME_DEVICE(student, teacher);
-  CHECK_DIM(teacher, 4);
-  CHECK_SHAPE(student, teacher.sizes());
-  CHECK_FLOAT_DTYPE(teacher);
-  CHECK_SAME_DTYPE(student, teacher);
-  CHECK_NONEMPTY(teacher);
-}
-
 // The small fp32 operands of the backward, made contiguous: upstream grads of a mean arrive
 // expanded, with zero strides.
 at::Tensor checked_fp32(const at::Tensor& x, const char* name, at::IntArrayRef shape,
