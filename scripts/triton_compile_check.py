@@ -21,7 +21,10 @@ from __future__ import annotations
 import argparse
 import inspect
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
 
@@ -74,15 +77,34 @@ class Compiler:
         label = f"{fn.__name__} {'/'.join(dtypes)} {consts} {options or ''}"
         start = time.perf_counter()
         try:
-            triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=self.target,
-                           options=options)
+            compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs),
+                                      target=self.target, options=options)
         except Exception:
             self.done[key] = traceback.format_exc(limit=3)
             print(f"FAIL {label}\n{self.done[key]}", flush=True)
         else:
             self.done[key] = None
-            print(f"ok   {label} ({time.perf_counter() - start:.1f} s)", flush=True)
+            shared = getattr(compiled.metadata, "shared", "?")
+            print(f"ok   {label} ({time.perf_counter() - start:.1f} s) "
+                  f"[{resource_usage(compiled.asm['cubin'])}, {shared} B shared]", flush=True)
         return None
+
+
+def resource_usage(cubin: bytes) -> str:
+    """Registers and local memory (spills) per thread, from the cuobjdump Triton ships."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return ""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True,
+                             text=True).stdout
+    found = re.search(r"REG:(\d+) STACK:\d+ SHARED:\d+ LOCAL:(\d+)", out)
+    if not found:
+        return "resources unknown"
+    reg, local = found.groups()
+    return f"{reg} regs, {local} B local{' (SPILLS)' if local != '0' else ''}"
 
 
 def feats(shape, dtype, seed=0):
@@ -117,16 +139,27 @@ def exercise(quick: bool) -> None:
             central, assign, compact, dist = ops.cram_fwd(e, c, tau)
             ops.cram_bwd(e, c, tau, assign, dist, torch.randn_like(central),
                          torch.randn_like(assign), torch.randn_like(compact))
-        # affinity: Gram and tiled paths, l1 and l2, with and without the teacher's gradient
-        grad = torch.tensor(1.0)
-        for shape in ((2, 20, 6, 6), (1, 48, 4, 4)):
-            t, s = feats(shape, dtype), feats(shape, dtype, 1)
-            for distance in ("l2", "l1"):
-                ops.intra_affinity_fwd(t, s, distance)
-                for need_teacher in (True, False):
-                    ops.intra_affinity_bwd(t, s, grad, distance, need_teacher)
-        x = [feats((2, 12, 8, 8), dtype), feats((2, 20, 4, 4), dtype, 1),
-             feats((2, 12, 8, 8), dtype, 2), feats((2, 20, 4, 4), dtype, 3)]
+        # affinity: Gram and tiled paths, l1 and l2, with and without the teacher's gradient,
+        # at each product precision (default: chosen by distance and size)
+        for precision in ("",) if quick else ("", "ieee", "tf32", "tf32x3"):
+            os.environ["SNL_DOT_PRECISION"] = precision
+            affinity(ops, dtype)
+        os.environ.pop("SNL_DOT_PRECISION")
+
+
+def affinity(ops, dtype) -> None:
+    grad = torch.tensor(1.0)
+    # Small shapes (small blocks) and shapes with the GPU's full blocks: 64-pixel tiles, 256
+    # channels per backward program, 256+ pixels (tf32 for l2 by default).
+    for shape in ((2, 20, 6, 6), (1, 48, 4, 4), (1, 64, 32, 32), (1, 256, 16, 16)):
+        t, s = feats(shape, dtype), feats(shape, dtype, 1)
+        for distance in ("l2", "l1"):
+            _, signs = ops.intra_affinity_fwd(t, s, distance)
+            for need_teacher in (True, False):
+                ops.intra_affinity_bwd(t, s, grad, signs, distance, need_teacher)
+    for (ca, ha), (cb, hb) in (((12, 8), (20, 4)), ((256, 16), (512, 8))):
+        x = [feats((1, ca, ha, ha), dtype), feats((1, cb, hb, hb), dtype, 1),
+             feats((1, ca, ha, ha), dtype, 2), feats((1, cb, hb, hb), dtype, 3)]
         for distance in ("l2", "l1"):
             ops.inter_affinity_fwd(*x, distance)
             for need_teacher in (True, False):

@@ -74,13 +74,15 @@ def _triton_bwd(teacher_a, teacher_b, student_a, student_b, grad_loss, distance,
     p_t, p_s, (r_pt, r_ps, r_qt, r_qs) = _operands(k, teacher_a, teacher_b, student_a, student_b)
     coef = (1.0 if distance == "l1" else 2.0) / (B * C_a * C_b)
     g = grad_loss.to(torch.float32).reshape(1)
+    l1 = distance == "l1"
     gd = k.delta(p_s, p_t, student_b, teacher_b, r_ps, r_pt, r_qs, r_qt, pix_rows=False,
-                 l1=distance == "l1", grad=(g, coef))
+                 l1=l1, grad=(g, coef))
+    precision = k.dot_precision(l1, min(C_a, C_b))  # as delta's
 
     def grads(sign, f_a, p, r_p, f_b, r_q):
         # dL/dP^ = sign Gd Q^, dL/dQ^ = sign Gd^T P^, then the normalisations and the pooling.
-        d_p = k.norm_backward(p, r_p, k.scaled_mm(gd, f_b, r_q, sign), False, EPS)
-        d_q = k.scaled_mm(gd.transpose(1, 2), p, r_p, sign)
+        d_p = k.norm_backward(p, r_p, k.scaled_mm(gd, f_b, r_q, sign, precision), False, EPS)
+        d_q = k.scaled_mm(gd.transpose(1, 2), p, r_p, sign, precision)
         out_q = None if f_b.dtype == torch.float32 else f_b.new_empty(f_b.shape)
         return k.unpool(d_p, f_a), k.norm_backward(f_b, r_q, d_q, False, EPS, out_q)
 

@@ -17,11 +17,23 @@ so rounding errors scale with the difference, not with the affinities (the plain
 - Tiled (l1, and l2 when N <= C): tiles of Delta formed on chip from the stacked operands
   and reduced there. Backward: ``dL/dX_S = -2 X_S G``, ``dL/dX_T = 2 X_T G`` with
   ``G = dL/dDelta`` (``2 g Delta / M`` or ``g sign(Delta) / M``, symmetric), the Delta tiles
-  recomputed on chip for each block of pixels and channels.
+  recomputed on chip for each block of pixels and channels. Except Triton l1: its forward
+  keeps the signs of Delta as bits (B N^2 / 8 bytes; 32 MB at WRN50 level 1, B = 16), so its
+  backward is one product with the +-1 matrix instead of three (Delta recomputed twice
+  over, then the product): about half of l1's fwd+bwd work.
 
 Then through the normalisation, per pixel: ``df = r (dx - x (x . dx))`` with ``r = 1 /
 max(|f|, eps)`` (the projection drops where the norm is clamped). Backward recomputes the
 norms; nothing but the inputs is saved.
+
+Precision. The products run on tensor cores unless ``SNL_DOT_PRECISION`` says otherwise
+(``snl_kernels._triton.affinity.dot_precision`` has the rule and the measured errors): for
+l2 from 256 pixels, one tf32 product with operands rounded to nearest; for l1 (whose
+gradient is sign(Delta)) and small l2, three tf32 products in Triton and fp32 FMA in CUDA.
+For l1, Delta is set to exactly 0 where the reference's is, i.e. where a zero teacher vector
+and a zero student vector meet (row or column): the difference form's ``+-x . y`` terms
+cancel there only up to the order of the hardware's sums, and a stray sign would move the
+gradient by the 1 / eps of a clamped norm.
 
 Backends: ``torch`` (reference, materialises N x N), ``triton``
 (``snl_kernels/_triton/affinity.py``), ``cuda`` (``csrc/affinity.cu``), both kernel backends
@@ -37,9 +49,12 @@ OP = "intra_affinity_loss"
 EPS = reference.EPS
 IMPLEMENTED: tuple[str, ...] = ("triton", "cuda")
 
-_FWD_SCHEMA = "(Tensor teacher, Tensor student, str distance) -> Tensor"
-_BWD_SCHEMA = (
-    "(Tensor teacher, Tensor student, Tensor grad_loss, str distance, "
+# The Triton forward also returns l1's signs of Delta (int32 bit words, see _signs_shape; empty
+# for l2), which its backward reads instead of recomputing Delta. The CUDA ops (csrc/ops.cpp)
+# take and return the loss alone and recompute.
+_TRITON_FWD_SCHEMA = "(Tensor teacher, Tensor student, str distance) -> (Tensor, Tensor)"
+_TRITON_BWD_SCHEMA = (
+    "(Tensor teacher, Tensor student, Tensor grad_loss, Tensor signs, str distance, "
     "bool teacher_requires_grad) -> (Tensor, Tensor)"
 )
 
@@ -55,22 +70,34 @@ def _kernels():
     return kernels
 
 
-@torch.library.custom_op("snl_triton::intra_affinity_fwd", mutates_args=(), schema=_FWD_SCHEMA)
+def _signs_shape(teacher: Tensor, distance: str) -> tuple[int, ...]:
+    """l1: bit j % 32 of word [b, i, j // 32] is Delta[b, i, j] > 0 (upper triangle of tiles
+    only; B N^2 / 8 bytes, 32 MB for WRN50 level 1 at B = 16). l2: nothing."""
+    B, _, H, W = teacher.shape
+    N = H * W
+    return (B, N, (N + 31) // 32) if distance == "l1" else (0,)
+
+
+@torch.library.custom_op("snl_triton::intra_affinity_fwd", mutates_args=(),
+                         schema=_TRITON_FWD_SCHEMA)
 def _triton_fwd(teacher, student, distance):
     k = _kernels()
     B, C, H, W = teacher.shape
     N = H * W
     r_t, r_s = k.inv_norms(teacher, True, EPS), k.inv_norms(student, True, EPS)
+    signs = teacher.new_empty(_signs_shape(teacher, distance), dtype=torch.int32)
     if use_grams(C, N, distance):
         parts = k.gram_loss(student, teacher, r_s, r_t)
     else:
         parts = k.delta(student, teacher, student, teacher, r_s, r_t, r_s, r_t,
-                        pix_rows=True, l1=distance == "l1")
-    return parts.sum() / (B * N * N)
+                        pix_rows=True, l1=distance == "l1",
+                        signs=signs if distance == "l1" else None)
+    return parts.sum() / (B * N * N), signs
 
 
-@torch.library.custom_op("snl_triton::intra_affinity_bwd", mutates_args=(), schema=_BWD_SCHEMA)
-def _triton_bwd(teacher, student, grad_loss, distance, teacher_requires_grad):
+@torch.library.custom_op("snl_triton::intra_affinity_bwd", mutates_args=(),
+                         schema=_TRITON_BWD_SCHEMA)
+def _triton_bwd(teacher, student, grad_loss, signs, distance, teacher_requires_grad):
     k = _kernels()
     B, C, H, W = teacher.shape
     M = B * H * W * H * W
@@ -81,7 +108,8 @@ def _triton_bwd(teacher, student, grad_loss, distance, teacher_requires_grad):
     else:
         coef = (2.0 if distance == "l1" else 4.0) / M
         g_s, g_t = k.intra_tiled_grad(student, teacher, r_s, r_t, g, coef, distance == "l1",
-                                      teacher_requires_grad)
+                                      teacher_requires_grad,
+                                      signs if distance == "l1" else None)
 
     def finish(f, r, gx):
         out = None if f.dtype == torch.float32 else f.new_empty(f.shape)
@@ -91,11 +119,16 @@ def _triton_bwd(teacher, student, grad_loss, distance, teacher_requires_grad):
     return grad_teacher, finish(student, r_s, g_s)
 
 
-def _fake_fwd(teacher, student, distance):
+def _fake_loss(teacher, student, distance):
     return teacher.new_empty((), dtype=torch.float32)
 
 
-def _fake_bwd(teacher, student, grad_loss, distance, teacher_requires_grad):
+def _fake_triton_fwd(teacher, student, distance):
+    signs = teacher.new_empty(_signs_shape(teacher, distance), dtype=torch.int32)
+    return _fake_loss(teacher, student, distance), signs
+
+
+def _fake_grads(teacher, student, teacher_requires_grad):
     # Gradients are contiguous (B, C, H, W) whatever the inputs' layout, in both backends.
     grad_teacher = teacher.new_empty(teacher.shape if teacher_requires_grad else (0,))
     return grad_teacher, student.new_empty(student.shape)
@@ -104,32 +137,39 @@ def _fake_bwd(teacher, student, grad_loss, distance, teacher_requires_grad):
 def _setup_context(ctx, inputs, output):
     teacher, student, distance = inputs
     ctx.distance = distance
-    ctx.save_for_backward(teacher, student)
+    # Triton: (loss, signs); CUDA: the loss alone.
+    if isinstance(output, tuple):
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(teacher, student, output[1])
+    else:
+        ctx.save_for_backward(teacher, student)
 
 
 def _make_backward(bwd_op):
-    def backward(ctx, grad_loss):
-        teacher, student = ctx.saved_tensors
+    def backward(ctx, grad_loss, *grad_signs):
+        teacher, student, *signs = ctx.saved_tensors
         need_teacher = bool(ctx.needs_input_grad[0])
         grad_teacher, grad_student = bwd_op(teacher, student, grad_loss.to(torch.float32),
-                                            ctx.distance, need_teacher)
+                                            *signs, ctx.distance, need_teacher)
         return (grad_teacher if need_teacher else None,
                 grad_student if ctx.needs_input_grad[1] else None, None)
 
     return backward
 
 
-def _register(fwd: str, bwd: str, bwd_op) -> None:
-    torch.library.register_fake(fwd)(_fake_fwd)
-    torch.library.register_fake(bwd)(_fake_bwd)
-    torch.library.register_autograd(fwd, _make_backward(bwd_op), setup_context=_setup_context)
-
-
-_register("snl_triton::intra_affinity_fwd", "snl_triton::intra_affinity_bwd", _triton_bwd)
-_FORWARD_OPS = {"triton": lambda t, s, d: torch.ops.snl_triton.intra_affinity_fwd(t, s, d)}
+torch.library.register_fake("snl_triton::intra_affinity_fwd")(_fake_triton_fwd)
+torch.library.register_fake("snl_triton::intra_affinity_bwd")(
+    lambda t, s, g, signs, d, need_teacher: _fake_grads(t, s, need_teacher))
+torch.library.register_autograd("snl_triton::intra_affinity_fwd", _make_backward(_triton_bwd),
+                                setup_context=_setup_context)
+_FORWARD_OPS = {"triton": lambda t, s, d: torch.ops.snl_triton.intra_affinity_fwd(t, s, d)[0]}
 if _cuda.has_op("intra_affinity_fwd"):
-    _register("snl::intra_affinity_fwd", "snl::intra_affinity_bwd",
-              torch.ops.snl.intra_affinity_bwd.default)
+    torch.library.register_fake("snl::intra_affinity_fwd")(_fake_loss)
+    torch.library.register_fake("snl::intra_affinity_bwd")(
+        lambda t, s, g, d, need_teacher: _fake_grads(t, s, need_teacher))
+    torch.library.register_autograd("snl::intra_affinity_fwd",
+                                    _make_backward(torch.ops.snl.intra_affinity_bwd.default),
+                                    setup_context=_setup_context)
     _FORWARD_OPS["cuda"] = lambda t, s, d: torch.ops.snl.intra_affinity_fwd(t, s, d)
 
 

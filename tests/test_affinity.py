@@ -219,6 +219,7 @@ def test_inter_any_strides_and_zero_channels(backend):
     inputs = _inter_inputs(((2, 6, 8, 8), (10, 4, 4)))
     t_a, t_b, s_a, s_b = (x for x, _ in inputs)
     t_b[0, 3] = 0  # a zero channel map: its norm is clamped
+    s_a[0, 2] = 0  # with t_b's: Delta[0, 2, 3] is exactly 0 (sign 0 for l1)
     views = [t_a.contiguous(memory_format=torch.channels_last), t_b.transpose(2, 3).contiguous()
              .transpose(2, 3), s_a, s_b.contiguous(memory_format=torch.channels_last)]
     for distance in ("l2", "l1"):
@@ -246,25 +247,70 @@ def test_inter_deterministic_bits(backend):
 triton_only = pytest.mark.skipif(NO_TRITON is not None, reason=NO_TRITON or "")
 
 
-@triton_only
-def test_bad_dot_precision_is_named(monkeypatch):
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_bad_dot_precision_is_named(monkeypatch, backend):
     monkeypatch.setenv("SNL_DOT_PRECISION", "fp64")
     t, s = _pair((1, 4, 2, 2))
     with pytest.raises(ValueError, match="SNL_DOT_PRECISION must be one of ieee, tf32x3, tf32, "
                                          "got 'fp64'"):
-        snl_kernels.intra_affinity_loss(t, s, backend="triton")
+        snl_kernels.intra_affinity_loss(t, s, backend=backend)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("precision", ["ieee", "tf32x3"])
+@pytest.mark.parametrize("distance", ["l2", "l1"])
+def test_forced_precisions_keep_the_accuracy_bar(monkeypatch, backend, distance, precision):
+    # The interpreter computes exactly what the tensor cores do: _dot rounds the operands
+    # itself (and splits them for tf32x3), and its products of tf32 values are exact in fp32.
+    # (CUDA runs tf32x3 as fp32 FMA.) The near-equal student is the hard case.
+    monkeypatch.setenv("SNL_DOT_PRECISION", precision)
+    for shape in [(2, 12, 6, 6), (1, 48, 4, 4)]:
+        t, s = _pair(shape, noise=0.01)
+        _check(*_intra(backend, distance), [(t, True), (s, False)])
+    _check(*_inter(backend, distance), _inter_inputs(INTER["pool-2x2"], noise=0.01))
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("noise", [0.7, 0.01])
+@pytest.mark.parametrize("shape", [(1, 16, 16, 16), (1, 256, 16, 16)], ids=["grams", "tiled"])
+def test_tf32_products_keep_the_l2_bar_from_256_pixels(monkeypatch, backend, shape, noise):
+    # l2 from TF32_MIN_ROWS pixels runs one tf32 product per operand pair by default (CUDA:
+    # WMMA on sm_80 and newer, kTf32MinPixels).
+    from snl_kernels._triton import affinity
+
+    monkeypatch.delenv("SNL_DOT_PRECISION", raising=False)
+    assert shape[2] * shape[3] == affinity.TF32_MIN_ROWS
+    assert affinity.dot_precision(False, affinity.TF32_MIN_ROWS) == "tf32"
+    # One channel block in the tiled backward: 8x fewer interpreted programs.
+    monkeypatch.setattr(affinity, "MAX_BLOCK_C", 256)
+    t, s = _pair(shape, noise=noise)
+    _check(*_intra(backend, "l2"), [(t, True), (s, False)])
+    # The rounding is real: full fp32 products give a different loss.
+    monkeypatch.setenv("SNL_DOT_PRECISION", "ieee")
+    ieee = snl_kernels.intra_affinity_loss(t, s, "l2", backend=backend).item()
+    monkeypatch.delenv("SNL_DOT_PRECISION")
+    tf32 = snl_kernels.intra_affinity_loss(t, s, "l2", backend=backend).item()
+    assert abs(tf32 - ieee) > 1e-7 * abs(ieee)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_tf32_inter_keeps_the_l2_bar(monkeypatch, backend):
+    # 256 channels on both sides: Triton's default for l2 (CUDA's inter-affinity is FMA).
+    monkeypatch.delenv("SNL_DOT_PRECISION", raising=False)
+    for noise in (0.7, 0.01):
+        _check(*_inter(backend, "l2"), _inter_inputs(((1, 256, 8, 8), (256, 4, 4)), noise=noise))
 
 
 @triton_only
-@pytest.mark.parametrize("distance", ["l2", "l1"])
-def test_tf32x3_products_keep_the_accuracy_bar(monkeypatch, distance):
-    # On a GPU the products run on tensor cores in three tf32 passes; the interpreter
-    # computes them in fp32 either way. The near-equal student is the hard case.
-    monkeypatch.setenv("SNL_DOT_PRECISION", "tf32x3")
-    for shape in [(2, 12, 6, 6), (1, 48, 4, 4)]:
-        t, s = _pair(shape, noise=0.01)
-        _check(*_intra("triton", distance), [(t, True), (s, False)])
-    _check(*_inter("triton", distance), _inter_inputs(INTER["pool-2x2"], noise=0.01))
+def test_default_precision_by_distance_and_size(monkeypatch):
+    from snl_kernels._triton.affinity import TF32_MIN_ROWS, dot_precision
+
+    monkeypatch.delenv("SNL_DOT_PRECISION", raising=False)
+    assert dot_precision(False, TF32_MIN_ROWS) == "tf32"
+    assert dot_precision(False, TF32_MIN_ROWS - 1) == "tf32x3"
+    assert dot_precision(True, 4096) == "tf32x3"  # l1: sign(Delta) needs ~fp32 products
+    monkeypatch.setenv("SNL_DOT_PRECISION", "ieee")
+    assert dot_precision(False, 4096) == "ieee"
 
 
 # --------------------------------------------------------------------------- registration
@@ -281,11 +327,18 @@ def test_opcheck(backend):
     g = torch.tensor(0.5, device=DEVICE)
     # (The interpreter is slow: each case once, not every combination.)
     torch.library.opcheck(ns.intra_affinity_fwd.default, (t, s.clone().requires_grad_(True), "l1"))
+
+    def bwd_args(t, s, distance, need_teacher):
+        # The Triton ops pass l1's signs of Delta from the forward to the backward.
+        if backend != "triton":
+            return (t, s, g, distance, need_teacher)
+        return (t, s, g, ns.intra_affinity_fwd(t, s, distance)[1], distance, need_teacher)
+
     for distance, need_teacher in (("l2", True), ("l1", False)):
-        torch.library.opcheck(ns.intra_affinity_bwd.default, (t, s, g, distance, need_teacher))
+        torch.library.opcheck(ns.intra_affinity_bwd.default, bwd_args(t, s, distance, need_teacher))
     # channels_last inputs: the fakes must give the real gradients' strides (contiguous).
     t_cl, s_cl = (v.contiguous(memory_format=torch.channels_last) for v in (t, s))
-    torch.library.opcheck(ns.intra_affinity_bwd.default, (t_cl, s_cl, g, "l1", True))
+    torch.library.opcheck(ns.intra_affinity_bwd.default, bwd_args(t_cl, s_cl, "l1", True))
     x = [x for x, _ in _inter_inputs(((1, 4, 4, 4), (6, 2, 2)))]
     torch.library.opcheck(ns.inter_affinity_fwd.default,
                           (x[0], x[1], x[2].requires_grad_(True), x[3].requires_grad_(True),

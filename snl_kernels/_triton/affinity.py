@@ -13,17 +13,20 @@ Kernels:
   operands, ``-(A_S (B_S - B_T)^T + (A_S - A_T) B_T^T)``, so rounding scales with the
   difference; it writes the tile's sum of Delta^2 or |Delta| (a per-tile partial), or the
   tile of dL/dDelta (inter-affinity backward, where C_a x C_b is small).
-- ``_intra_tiled_grad_kernel``: dL/dX = -+2 X G for a block of pixels and channels, recomputing
-  the Delta tiles of the pixel pairs on chip (no N x N matrix in memory).
+- ``_intra_tiled_grad_kernel``: dL/dX = -+2 X G for a block of pixels and channels, G from
+  the Delta tiles of the pixel pairs recomputed on chip (l2), or for l1 from the forward's
+  sign bits of Delta (N^2 / 8 bytes per sample; no N x N float matrix in memory).
 - ``_gram_kernel`` / ``_gram_apply_kernel``: the C x C Gram form of intra-affinity l2.
 - ``_scaled_mm_kernel``: the inter-affinity backward products (dL/dDelta) Q^ and (.)^T P^.
 - ``_norm_bwd_kernel``: back through x = f / max(|f|, eps), per row.
 - ``_pool_kernel`` / ``_unpool_kernel``: adaptive average pooling and its gradient.
 
 Per-tile partial sums are added by ``torch.sum`` over a fixed-size buffer: no atomics, the
-same bits on every run. Products run in full fp32 ("ieee") unless ``SNL_DOT_PRECISION`` says
-"tf32x3" or "tf32" (read at each launch; the Delta form keeps rounding proportional to the
-student-teacher difference, which is what makes tensor-core precision worth measuring).
+same bits on every run. Products run on tensor cores: tf32 operands rounded to nearest for l2
+(from 256 rows of Delta), three tf32 products ("tf32x3", about fp32) for l1 and small l2, or as
+``SNL_DOT_PRECISION`` says (read at each launch; see ``dot_precision``). The Delta form keeps
+rounding proportional to the student-teacher difference, which is what makes tf32 accurate
+enough.
 """
 
 from __future__ import annotations
@@ -65,6 +68,52 @@ def _vec(ptr, idx, n):
     return tl.load(ptr + idx, mask=idx < n, other=0.0)
 
 
+@triton.jit
+def _zero_pairs(r_as, r_at, r_bs, r_bt):
+    """Where Delta[i, j] is exactly 0 because of zero vectors (negative inverse norms).
+
+    A_T[i, j] is 0 when row i or column j of the teacher is a zero vector, A_S[i, j] likewise;
+    when both are, Delta is exactly 0 (the reference's sign(0) = 0). The difference form sums
+    +-x_i . y_j pairs that cancel only up to the order of the hardware's sums, and a stray
+    sign there moves an l1 gradient by the 1 / eps of a clamped norm.
+    """
+    teacher = (r_at < 0.0)[:, None] | (r_bt < 0.0)[None, :]
+    student = (r_as < 0.0)[:, None] | (r_bs < 0.0)[None, :]
+    return teacher & student
+
+
+@triton.jit
+def _tf32(x):
+    """x rounded to the nearest tf32 value (ties away from zero, as cvt.rna.tf32.f32)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    return ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr):
+    """acc + a @ b from fp32 tiles at PRECISION (see ``dot_precision``).
+
+    "tf32": one tensor-core product of the operands rounded to nearest. Tensor cores read
+    only the top 19 bits of an fp32 register, i.e. truncate, a bias of about -3.5e-4 per
+    operand that shifts the l2 loss by 1.4e-3 (round to nearest: about 1e-5). "tf32x3":
+    each operand split into a rounded high part and a rounded remainder, three products
+    (the low x low one is dropped), about fp32 accuracy. Both are written out here rather
+    than left to ``input_precision`` so that the CPU interpreter (whose products are fp32
+    whatever the precision) computes exactly what the tensor cores do.
+    """
+    if PRECISION == "ieee":
+        out = tl.dot(a, b, acc, input_precision="ieee")
+    elif PRECISION == "tf32":
+        out = tl.dot(_tf32(a), _tf32(b), acc, input_precision="tf32")
+    else:
+        a_hi = _tf32(a)
+        b_hi = _tf32(b)
+        out = tl.dot(_tf32(a - a_hi), b_hi, acc, input_precision="tf32")
+        out = tl.dot(a_hi, _tf32(b - b_hi), out, input_precision="tf32")
+        out = tl.dot(a_hi, b_hi, out, input_precision="tf32")
+    return out
+
+
 # --------------------------------------------------------------------------- kernels
 
 
@@ -73,25 +122,30 @@ def _inv_norm_kernel(
     x_ptr, out_ptr, R, K, W, s_b, s_c, s_h, s_w,
     EPS: tl.constexpr, PIX_ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    # A row that is exactly zero gets -1 / eps: x = f r is 0 all the same, and the sign marks
+    # the zero vectors for _zero_pairs (consumers of r as a norm take |r|).
     b = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     ss = tl.zeros([BLOCK_R], dtype=tl.float32)
+    big = tl.zeros([BLOCK_R], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         x = _tile(x_ptr + b * s_b, rows, ks, R, K, W, s_c, s_h, s_w, PIX_ROWS)
         ss += tl.sum(x * x, axis=1)
-    tl.store(out_ptr + b * R + rows, 1.0 / tl.maximum(tl.sqrt(ss), EPS), mask=rows < R)
+        big = tl.maximum(big, tl.max(tl.abs(x), axis=1))
+    r = 1.0 / tl.maximum(tl.sqrt(ss), EPS)
+    tl.store(out_ptr + b * R + rows, tl.where(big == 0.0, -r, r), mask=rows < R)
 
 
 @triton.jit
 def _delta_kernel(
     as_ptr, at_ptr, bs_ptr, bt_ptr, ras_ptr, rat_ptr, rbs_ptr, rbt_ptr, out_ptr, g_ptr, coef,
-    Ra, Rb, K, W,
+    sign_ptr, Ra, Rb, K, W, WORDS,
     as_b, as_c, as_h, as_w, at_b, at_c, at_h, at_w,
     bs_b, bs_c, bs_h, bs_w, bt_b, bt_c, bt_h, bt_w,
     A_PIX: tl.constexpr, B_PIX: tl.constexpr, L1: tl.constexpr, WRITE_GRAD: tl.constexpr,
-    SYMMETRIC: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr,
-    PRECISION: tl.constexpr,
+    SYMMETRIC: tl.constexpr, WRITE_SIGNS: tl.constexpr, BITS: tl.constexpr,
+    BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_i = tl.program_id(0)
     pid_j = tl.program_id(1)
@@ -114,9 +168,19 @@ def _delta_kernel(
         a_t = _tile(at_ptr + b * at_b, ri, ks, Ra, K, W, at_c, at_h, at_w, A_PIX) * r_at[:, None]
         b_s = _tile(bs_ptr + b * bs_b, rj, ks, Rb, K, W, bs_c, bs_h, bs_w, B_PIX) * r_bs[:, None]
         b_t = _tile(bt_ptr + b * bt_b, rj, ks, Rb, K, W, bt_c, bt_h, bt_w, B_PIX) * r_bt[:, None]
-        acc = tl.dot(a_s, tl.trans(b_s - b_t), acc, input_precision=PRECISION)
-        acc = tl.dot(a_s - a_t, tl.trans(b_t), acc, input_precision=PRECISION)
+        acc = _dot(a_s, tl.trans(b_s - b_t), acc, PRECISION)
+        acc = _dot(a_s - a_t, tl.trans(b_t), acc, PRECISION)
     delta = -acc  # A_T B_T^T - A_S B_S^T; rows and columns past the ends are 0
+    if L1:
+        delta = tl.where(_zero_pairs(r_as, r_at, r_bs, r_bt), 0.0, delta)
+    if WRITE_SIGNS:
+        # Bit j % 32 of word (i, j // 32) says Delta[i, j] > 0, for the tiles computed (the
+        # upper triangle of tiles); BITS = min(BJ, 32) columns per word of this tile.
+        bits = (delta > 0).to(tl.int32) << (rj % 32)[None, :]
+        words = tl.sum(tl.reshape(bits, [BI, BJ // BITS, BITS]), axis=2)
+        cols = (pid_j * BJ) // 32 + tl.arange(0, BJ // BITS)
+        keep = (ri < Ra)[:, None] & ((cols < WORDS) & (cols * 0 + pid_j >= pid_i))[None, :]
+        tl.store(sign_ptr + (b * Ra + ri[:, None]) * WORDS + cols[None, :], words, mask=keep)
     if WRITE_GRAD:
         # dL/dDelta = g coef Delta (l2, coef = 2 / M) or g coef sign(Delta) (l1, coef = 1 / M).
         scale = tl.load(g_ptr) * coef
@@ -138,10 +202,10 @@ def _delta_kernel(
 
 @triton.jit
 def _intra_tiled_grad_kernel(
-    s_ptr, t_ptr, rs_ptr, rt_ptr, gs_ptr, gt_ptr, g_ptr, coef,
-    N, C, W,
+    s_ptr, t_ptr, rs_ptr, rt_ptr, gs_ptr, gt_ptr, g_ptr, coef, sign_ptr,
+    N, C, W, WORDS,
     s_b, s_c, s_h, s_w, t_b, t_c, t_h, t_w,
-    L1: tl.constexpr, TEACHER: tl.constexpr,
+    L1: tl.constexpr, TEACHER: tl.constexpr, SIGNS: tl.constexpr,
     BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -162,25 +226,37 @@ def _intra_tiled_grad_kernel(
         rj = j0 + tl.arange(0, BJ)
         r_sj = _vec(rs_ptr + b * N, rj, N)
         r_tj = _vec(rt_ptr + b * N, rj, N)
-        d = tl.zeros([BI, BJ], dtype=tl.float32)
-        for k0 in range(0, C, BK):
-            ks = k0 + tl.arange(0, BK)
-            xs_i = _tile(s_base, ri, ks, N, C, W, s_c, s_h, s_w, True) * r_si[:, None]
-            xt_i = _tile(t_base, ri, ks, N, C, W, t_c, t_h, t_w, True) * r_ti[:, None]
-            xs_j = _tile(s_base, rj, ks, N, C, W, s_c, s_h, s_w, True) * r_sj[:, None]
-            xt_j = _tile(t_base, rj, ks, N, C, W, t_c, t_h, t_w, True) * r_tj[:, None]
-            d = tl.dot(xs_i, tl.trans(xs_j - xt_j), d, input_precision=PRECISION)
-            d = tl.dot(xs_i - xt_i, tl.trans(xt_j), d, input_precision=PRECISION)
-        delta = -d
-        if L1:
-            gd = tl.where(delta > 0, 1.0, tl.where(delta < 0, -1.0, 0.0))
+        if SIGNS:
+            # l1 from the forward's sign bits: Delta is symmetric and only tiles (I, J) with
+            # I <= J (in units of BI = the forward's tile) were stored.
+            up = (ri // BI)[:, None] <= (rj // BI)[None, :]
+            row = tl.where(up, ri[:, None], rj[None, :])
+            col = tl.where(up, rj[None, :], ri[:, None])
+            inside = (ri < N)[:, None] & (rj < N)[None, :]
+            word = tl.load(sign_ptr + (b * N + row) * WORDS + col // 32, mask=inside, other=0)
+            gd = tl.where(((word >> (col % 32)) & 1) != 0, 1.0, -1.0)
+            gd = tl.where(inside & ~_zero_pairs(r_si, r_ti, r_sj, r_tj), gd, 0.0)
         else:
-            gd = delta
+            d = tl.zeros([BI, BJ], dtype=tl.float32)
+            for k0 in range(0, C, BK):
+                ks = k0 + tl.arange(0, BK)
+                xs_i = _tile(s_base, ri, ks, N, C, W, s_c, s_h, s_w, True) * r_si[:, None]
+                xt_i = _tile(t_base, ri, ks, N, C, W, t_c, t_h, t_w, True) * r_ti[:, None]
+                xs_j = _tile(s_base, rj, ks, N, C, W, s_c, s_h, s_w, True) * r_sj[:, None]
+                xt_j = _tile(t_base, rj, ks, N, C, W, t_c, t_h, t_w, True) * r_tj[:, None]
+                d = _dot(xs_i, tl.trans(xs_j - xt_j), d, PRECISION)
+                d = _dot(xs_i - xt_i, tl.trans(xt_j), d, PRECISION)
+            delta = -d
+            if L1:
+                delta = tl.where(_zero_pairs(r_si, r_ti, r_sj, r_tj), 0.0, delta)
+                gd = tl.where(delta > 0, 1.0, tl.where(delta < 0, -1.0, 0.0))
+            else:
+                gd = delta
         xs_c = _tile(s_base, rj, cs, N, C, W, s_c, s_h, s_w, True) * r_sj[:, None]
-        acc_s = tl.dot(gd, xs_c, acc_s, input_precision=PRECISION)
+        acc_s = _dot(gd, xs_c, acc_s, PRECISION)
         if TEACHER:
             xt_c = _tile(t_base, rj, cs, N, C, W, t_c, t_h, t_w, True) * r_tj[:, None]
-            acc_t = tl.dot(gd, xt_c, acc_t, input_precision=PRECISION)
+            acc_t = _dot(gd, xt_c, acc_t, PRECISION)
     # coef: 2 * (2 / M) for l2, 2 * (1 / M) for l1; outputs are fp32 (B, C, N) buffers.
     scale = tl.load(g_ptr) * coef
     mask = (ri < N)[:, None] & (cs < C)[None, :]
@@ -224,17 +300,17 @@ def _gram_kernel(
         xs_j = _tile(s_base, cj, ks, C, N, W, s_c, s_h, s_w, False) * r_s[None, :]
         xt_j = _tile(t_base, cj, ks, C, N, W, t_c, t_h, t_w, False) * r_t[None, :]
         d_j = xs_j - xt_j
-        g_ss = tl.dot(xs_i, tl.trans(xs_j), g_ss, input_precision=PRECISION)
-        g_sd = tl.dot(xs_i, tl.trans(d_j), g_sd, input_precision=PRECISION)
+        g_ss = _dot(xs_i, tl.trans(xs_j), g_ss, PRECISION)
+        g_sd = _dot(xs_i, tl.trans(d_j), g_sd, PRECISION)
         if WRITE:
             if TEACHER:
-                g_ts = tl.dot(xt_i, tl.trans(xs_j), g_ts, input_precision=PRECISION)
-                g_td = tl.dot(xt_i, tl.trans(d_j), g_td, input_precision=PRECISION)
+                g_ts = _dot(xt_i, tl.trans(xs_j), g_ts, PRECISION)
+                g_td = _dot(xt_i, tl.trans(d_j), g_td, PRECISION)
         else:
             d_i = xs_i - xt_i
-            g_tt = tl.dot(xt_i, tl.trans(xt_j), g_tt, input_precision=PRECISION)
-            g_dd = tl.dot(d_i, tl.trans(d_j), g_dd, input_precision=PRECISION)
-            g_dt = tl.dot(d_i, tl.trans(xt_j), g_dt, input_precision=PRECISION)
+            g_tt = _dot(xt_i, tl.trans(xt_j), g_tt, PRECISION)
+            g_dd = _dot(d_i, tl.trans(d_j), g_dd, PRECISION)
+            g_dt = _dot(d_i, tl.trans(xt_j), g_dt, PRECISION)
     if WRITE:
         mask = (ci < C)[:, None] & (cj < C)[None, :]
         off = (b * C + ci[:, None]) * C + cj[None, :]
@@ -273,8 +349,8 @@ def _gram_apply_kernel(
         g2 = tl.load(g2_ptr + goff, mask=gmask, other=0.0)
         xs = _tile(s_ptr + b * s_b, ks, ns, C, N, W, s_c, s_h, s_w, False) * r_s[None, :]
         xt = _tile(t_ptr + b * t_b, ks, ns, C, N, W, t_c, t_h, t_w, False) * r_t[None, :]
-        acc = tl.dot(g1, xs - xt, acc, input_precision=PRECISION)
-        acc = tl.dot(g2, xt, acc, input_precision=PRECISION)
+        acc = _dot(g1, xs - xt, acc, PRECISION)
+        acc = _dot(g2, xt, acc, PRECISION)
     mask = (ci < C)[:, None] & (ns < N)[None, :]
     tl.store(out_ptr + (b * C + ci[:, None]) * N + ns[None, :], tl.load(g_ptr) * coef * acc,
              mask=mask)
@@ -301,7 +377,7 @@ def _scaled_mm_kernel(
                     mask=(rm < M)[:, None] & (ks < K)[None, :], other=0.0)
         y = _tile(y_ptr + b * y_b, ks, rn, K, N, W, y_c, y_h, y_w, False)
         y = y * _vec(ry_ptr + b * K, ks, K)[:, None]
-        acc = tl.dot(g, y, acc, input_precision=PRECISION)
+        acc = _dot(g, y, acc, PRECISION)
     mask = (rm < M)[:, None] & (rn < N)[None, :]
     tl.store(out_ptr + (b * M + rm[:, None]) * N + rn[None, :], alpha * acc, mask=mask)
 
@@ -316,7 +392,7 @@ def _norm_bwd_kernel(
     # Each program owns whole rows, so out may alias gx.
     b = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    r = _vec(r_ptr + b * R, rows, R)
+    r = tl.abs(_vec(r_ptr + b * R, rows, R))  # negative: a zero row (see _inv_norm_kernel)
     dot = tl.zeros([BLOCK_R], dtype=tl.float32)
     ss = tl.zeros([BLOCK_R], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -419,14 +495,30 @@ MAX_BLOCK_C = 32 if INTERPRETED else 256
 PRECISIONS = ("ieee", "tf32x3", "tf32")
 
 
-def dot_precision() -> str:
-    """The ``input_precision`` of the products: ``SNL_DOT_PRECISION``, default "ieee"."""
-    value = os.environ.get("SNL_DOT_PRECISION", "ieee")
+# Fewest rows (and columns) of Delta for which one tf32 product keeps the l2 bar: the loss's
+# rounding errors average over the N^2 entries; below 256 pixels the relative loss error of
+# single tf32 products reaches 1e-4 (emulated, see BENCHMARKS.md).
+TF32_MIN_ROWS = 256
+
+
+def dot_precision(l1: bool, rows: int) -> str:
+    """Precision of the affinity products: ``SNL_DOT_PRECISION`` if set, else chosen.
+
+    ``rows``: the smaller side of Delta (N for intra-affinity, min(C_a, C_b) for inter).
+    Chosen: "tf32" (operands rounded to nearest, one tensor-core product) for l2 when
+    ``rows >= TF32_MIN_ROWS``: loss error ~1e-5..6e-5 and gradient ~4e-4..5e-4 against
+    float64, student within 1% of the teacher included. "tf32x3" (three tf32 products, about
+    fp32) otherwise: for l1, whose gradient sign(Delta) flips wherever rounding moves a small
+    Delta across zero (one tf32 product puts it 3e-3..2e-2 off at the WRN50 shapes), and for
+    small l2 problems, which cost little anyway. "ieee": full fp32 on the CUDA cores.
+    """
+    value = os.environ.get("SNL_DOT_PRECISION")
+    if not value:
+        return "tf32" if not l1 and rows >= TF32_MIN_ROWS else "tf32x3"
     if value not in PRECISIONS:
         raise ValueError(f"SNL_DOT_PRECISION must be one of {', '.join(PRECISIONS)}, "
                          f"got {value!r}")
     return value
-
 
 
 def inv_norms(x: Tensor, pix_rows: bool, eps: float) -> Tensor:
@@ -443,12 +535,14 @@ def inv_norms(x: Tensor, pix_rows: bool, eps: float) -> Tensor:
 
 def delta(a_s: Tensor, a_t: Tensor, b_s: Tensor, b_t: Tensor, r_as: Tensor, r_at: Tensor,
           r_bs: Tensor, r_bt: Tensor, pix_rows: bool, l1: bool,
-          grad: tuple[Tensor, float] | None = None) -> Tensor:
+          grad: tuple[Tensor, float] | None = None, signs: Tensor | None = None) -> Tensor:
     """Per-tile sums of Delta^2 or |Delta| (B, tiles_i, tiles_j), or dL/dDelta (B, Ra, Rb).
 
     With rows the pixels (intra-affinity) a and b are the same features; with rows the
     channels (inter-affinity) a is the pooled finer level and b the coarser level.
     ``grad = (grad_loss, coef)`` asks for ``grad_loss * coef * (Delta or sign(Delta))``.
+    ``signs`` (int32 (B, Ra, ceil(Rb / 32)), intra-affinity l1): also store Delta > 0 as bits,
+    for the tiles computed (the upper triangle of tiles when symmetric).
     """
     B, Ca, Ha, Wa = a_s.shape
     _, Cb, _, _ = b_s.shape
@@ -467,18 +561,22 @@ def delta(a_s: Tensor, a_t: Tensor, b_s: Tensor, b_t: Tensor, r_as: Tensor, r_at
         out = torch.empty((B, Ra, Rb), device=a_s.device, dtype=torch.float32)
         g_loss, coef = grad
     _delta_kernel[grid](
-        a_s, a_t, b_s, b_t, r_as, r_at, r_bs, r_bt, out, g_loss, coef, Ra, Rb, K, Wa,
+        a_s, a_t, b_s, b_t, r_as, r_at, r_bs, r_bt, out, g_loss, coef,
+        out if signs is None else signs, Ra, Rb, K, Wa, triton.cdiv(Rb, 32),
         *a_s.stride(), *a_t.stride(), *b_s.stride(), *b_t.stride(),
         A_PIX=pix_rows, B_PIX=pix_rows, L1=l1, WRITE_GRAD=grad is not None,
-        SYMMETRIC=symmetric, BI=bi, BJ=bj, BK=bk,
-        PRECISION=dot_precision(),
+        SYMMETRIC=symmetric, WRITE_SIGNS=signs is not None, BITS=min(bj, 32),
+        BI=bi, BJ=bj, BK=bk,
+        PRECISION=dot_precision(l1, min(Ra, Rb)),
     )
     return out
 
 
 def intra_tiled_grad(s: Tensor, t: Tensor, r_s: Tensor, r_t: Tensor, grad_loss: Tensor,
-                     coef: float, l1: bool, teacher: bool) -> tuple[Tensor, Tensor | None]:
-    """dL/dX_S and dL/dX_T (normalised features) as fp32 (B, C, H, W) buffers."""
+                     coef: float, l1: bool, teacher: bool,
+                     signs: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """dL/dX_S and dL/dX_T (normalised features) as fp32 (B, C, H, W) buffers; for l1 from
+    the forward's ``signs`` of Delta when given, else from Delta tiles recomputed."""
     B, C, H, W = s.shape
     N = H * W
     g_s = torch.empty((B, C, H, W), device=s.device, dtype=torch.float32)
@@ -486,9 +584,11 @@ def intra_tiled_grad(s: Tensor, t: Tensor, r_s: Tensor, r_t: Tensor, grad_loss: 
     bi = bj = _pow2(N, hi=BLOCK_TILE)
     bc = _pow2(C, hi=MAX_BLOCK_C)
     _intra_tiled_grad_kernel[(triton.cdiv(N, bi), triton.cdiv(C, bc), B)](
-        s, t, r_s, r_t, g_s, g_t, grad_loss, coef, N, C, W, *s.stride(), *t.stride(),
-        L1=l1, TEACHER=teacher, BI=bi, BJ=bj, BK=_pow2(C, hi=BLOCK_K), BC=bc,
-        PRECISION=dot_precision(), num_warps=8,
+        s, t, r_s, r_t, g_s, g_t, grad_loss, coef, g_s if signs is None else signs,
+        N, C, W, triton.cdiv(N, 32), *s.stride(), *t.stride(),
+        L1=l1, TEACHER=teacher, SIGNS=signs is not None, BI=bi, BJ=bj,
+        BK=_pow2(C, hi=BLOCK_K), BC=bc,
+        PRECISION=dot_precision(l1, N), num_warps=8,
     )
     return g_s, g_t if teacher else None
 
@@ -502,7 +602,7 @@ def gram_loss(s: Tensor, t: Tensor, r_s: Tensor, r_t: Tensor) -> Tensor:
     _gram_kernel[grid](
         s, t, r_s, r_t, out, out, out, out, out, C, H * W, W, *s.stride(), *t.stride(),
         WRITE=False, TEACHER=False, BI=bi, BJ=bi, BK=_pow2(H * W, hi=BLOCK_K),
-        PRECISION=dot_precision(),
+        PRECISION=dot_precision(False, H * W),
     )
     return out
 
@@ -520,7 +620,7 @@ def gram_grad(s: Tensor, t: Tensor, r_s: Tensor, r_t: Tensor, grad_loss: Tensor,
     _gram_kernel[(triton.cdiv(C, bi), triton.cdiv(C, bi), B)](
         s, t, r_s, r_t, grams[0], grams[0], grams[1], g3, g4, C, N, W,
         *s.stride(), *t.stride(), WRITE=True, TEACHER=teacher, BI=bi, BJ=bi, BK=bk,
-        PRECISION=dot_precision(),
+        PRECISION=dot_precision(False, N),
     )
     bn = _pow2(N, hi=BLOCK_TILE)
     grid = (triton.cdiv(C, bi), triton.cdiv(N, bn), B)
@@ -530,15 +630,15 @@ def gram_grad(s: Tensor, t: Tensor, r_s: Tensor, r_t: Tensor, grad_loss: Tensor,
         _gram_apply_kernel[grid](
             s, t, r_s, r_t, g1, g2, out, grad_loss, sign * coef, C, N, W,
             *s.stride(), *t.stride(), BI=bi, BN=bn, BK=_pow2(C, hi=BLOCK_K),
-            PRECISION=dot_precision(),
+            PRECISION=dot_precision(False, N),
         )
         outs.append(out)
     return outs[0], outs[1] if teacher else None
 
 
-def scaled_mm(g: Tensor, y: Tensor, r_y: Tensor, alpha: float) -> Tensor:
+def scaled_mm(g: Tensor, y: Tensor, r_y: Tensor, alpha: float, precision: str) -> Tensor:
     """alpha g @ (y's channel rows scaled by r_y): g (B, M, C_y), y (B, C_y, h, w) ->
-    float32 (B, M, h, w)."""
+    float32 (B, M, h, w); products at ``precision`` (see ``dot_precision``)."""
     B, M, K = g.shape
     _, _, H, W = y.shape
     N = H * W
@@ -548,7 +648,7 @@ def scaled_mm(g: Tensor, y: Tensor, r_y: Tensor, alpha: float) -> Tensor:
     _scaled_mm_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn), B)](
         g, y, r_y, out, alpha, M, N, K, W, *g.stride(), *y.stride(),
         BM=bm, BN=bn, BK=_pow2(K, hi=BLOCK_K),
-        PRECISION=dot_precision(),
+        PRECISION=precision,
     )
     return out
 
