@@ -1,22 +1,31 @@
 // snl::intra_affinity_fwd / _bwd and snl::inter_affinity_fwd / _bwd. Math, paths and access
 // plan: snl_kernels/intra_affinity_loss.py and snl_kernels/inter_affinity_loss.py.
 //
-// Every product runs in the tiled fp32 FMA kernels below, not in cuBLAS: results do not depend
-// on torch.backends.cuda.matmul.allow_tf32, and normalised operands (and D = X_S - X_T) are
+// Every product runs in the tiled kernels below, not in cuBLAS: results do not depend on
+// torch.backends.cuda.matmul.allow_tf32, and normalised operands (and D = X_S - X_T) are
 // formed on chip from strided reads of the inputs, so no fp32 copy of a feature map is made.
 // No N x N matrix is ever written to memory. Sums run in a fixed order (per-block partials,
 // then one block summing them in float64): the same inputs give the same bits.
+//
+// Products run in one of two precisions, chosen per call by use_tensor_cores (host side, from
+// SNL_DOT_PRECISION): fp32 FMA kernels ("ieee"; every inter-affinity and l1 product), or, for
+// the intra-affinity l2 products on sm_80 and newer, TF32 tensor cores (WMMA) with operands
+// rounded to nearest tf32 and fp32 accumulation (the default for l2 from 256 pixels: loss error ~1e-5,
+// gradient error ~5e-4 against float64).
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <mma.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 #include <tuple>
 
 #include "checks.h"
@@ -36,6 +45,15 @@ constexpr int kSub = kTile / 16;
 // banks (a stride of 64 put 16 of them on one bank).
 constexpr int kPad = 2;
 constexpr int kTilePad = kTile + kPad;
+// Tensor-core kernels: the same tiles, rows of kTile + kMmaPad floats. load_matrix_sync needs
+// a row stride that is a multiple of 4 floats and 32-byte aligned fragment pointers (kPad = 2
+// gives neither); a stride of 8 mod 32 banks also puts the 32 lanes of a fragment load (4
+// rows x 8 columns of the tile) on 32 banks.
+constexpr int kMmaPad = 8;
+constexpr int kMmaRow = kTile + kMmaPad;
+// Row width of the shared tiles of the FMA (kTf32 = false) and tensor-core kernels.
+template <bool kTf32>
+constexpr int kRowOf = kTf32 ? kMmaRow : kTilePad;
 // Channels per block of the tiled intra backward: each block recomputes the whole Delta tile
 // over all C, so fewer, wider channel blocks recompute less (C = 1024: 8 times).
 constexpr int kBwdChannels = 128;
@@ -131,36 +149,142 @@ __device__ __forceinline__ float delta_loss(float delta) {
   return kL1 ? fabsf(delta) : delta * delta;
 }
 
+// ---- Tensor cores (TF32 WMMA, sm_80 and newer) ----
+//
+// An output tile of kTile x kTile is 4 x 4 fragments of 16 x 16; warp w holds two of them,
+// rows 16 (w % 4) .. + 15, columns 32 (w / 4) .. + 31 (warp_row, warp_col). Shared tiles keep
+// the FMA kernels' [k][column] layout: an A operand (rows i, contraction k) stored as
+// tile[k][i] is a col_major fragment, a B operand (k, columns j) stored as tile[k][j] a
+// row_major one, both with ldm = the tile's row width.
+//
+// Operands are rounded to tf32 to nearest as they are stored in shared memory, once per value
+// (tf32_operand): the tensor cores would otherwise drop their low 13 bits, a truncation whose
+// bias moves the l2 loss by ~1e-3; rounded, the errors are unbiased (loss ~1e-5, gradients
+// ~5e-4). Accumulation is fp32, in a fixed order. Which fragment element a lane holds is
+// unspecified: elementwise work between accumulators is fine, anything that needs an element's
+// (row, column) goes through shared memory (for_each_element).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#define SNL_TF32_MMA 1
+#else
+#define SNL_TF32_MMA 0
+#endif
+
+// x as stored in a shared operand tile: rounded to nearest tf32 for the tensor-core kernels.
+template <bool kTf32>
+__device__ __forceinline__ float tf32_operand(float x) {
+#if SNL_TF32_MMA
+  if (kTf32) return nvcuda::wmma::__float_to_tf32(x);
+#endif
+  return x;
+}
+
+#if SNL_TF32_MMA
+// Contraction depth of one m16n16k8 tf32 product.
+constexpr int kMmaK = 8;
+constexpr int kWarps = kThreads / 32;
+namespace wmma = nvcuda::wmma;
+using Tf32 = wmma::precision::tf32;
+using FragA = wmma::fragment<wmma::matrix_a, 16, 16, kMmaK, Tf32, wmma::col_major>;
+using FragB = wmma::fragment<wmma::matrix_b, 16, 16, kMmaK, Tf32, wmma::row_major>;
+using FragC = wmma::fragment<wmma::accumulator, 16, 16, kMmaK, float>;
+
+__device__ __forceinline__ int warp_row() { return 16 * (threadIdx.x / 32 % 4); }
+__device__ __forceinline__ int warp_col() { return 32 * (threadIdx.x / 32 / 4); }
+
+template <int kFrags>
+__device__ __forceinline__ void zero_fragments(FragC (&acc)[kFrags]) {
+#pragma unroll
+  for (int f = 0; f < kFrags; ++f) wmma::fill_fragment(acc[f], 0.0f);
+}
+
+// acc[f] += A B over one kChunk for the warp's fragments, A = a[k][row], B = b[k][column]
+// (shared, row width kRow, rows k of the chunk).
+template <int kRow>
+__device__ __forceinline__ void warp_chunk_mma(const float* a, const float* b, FragC (&acc)[2]) {
+#pragma unroll
+  for (int k = 0; k < kChunk; k += kMmaK) {
+    FragA fa;
+    wmma::load_matrix_sync(fa, a + k * kRow + warp_row(), kRow);
+#pragma unroll
+    for (int f = 0; f < 2; ++f) {
+      FragB fb;
+      wmma::load_matrix_sync(fb, b + k * kRow + warp_col() + 16 * f, kRow);
+      wmma::mma_sync(acc[f], fa, fb, acc[f]);
+    }
+  }
+}
+
+// Calls out(row0 + r, col0 + c, value) for each element (r, c) of a 16 x 16 accumulator,
+// lanes on consecutive columns, through stage (this warp's 16 x 16 floats of shared memory,
+// 32-byte aligned).
+template <typename Out>
+__device__ __forceinline__ void for_each_element(const FragC& frag, float* stage, int64_t row0,
+                                                 int64_t col0, Out out) {
+  wmma::store_matrix_sync(stage, frag, 16, wmma::mem_row_major);
+  __syncwarp();
+  for (int e = threadIdx.x % 32; e < 16 * 16; e += 32) {
+    out(row0 + e / 16, col0 + e % 16, stage[e]);
+  }
+  __syncwarp();  // stage is rewritten by the next call
+}
+#endif  // SNL_TF32_MMA
+
 // ---- Intra-affinity: per-pixel normalisation ----
 
-// inv_norm (B, 2, N): 1 / max(|F[b, :, n]|, eps) of teacher (0) and student (1). Block = 32
-// pixels x 8 channel groups; lanes take consecutive pixels.
+// inv_norm (B, 2, N): 1 / max(|F[b, :, n]|, eps) of teacher (0) and student (1), negated for a
+// vector that is exactly zero (x = f r is 0 all the same; the sign marks it for zero_pair).
+// Block = 32 pixels x 8 channel groups; lanes take consecutive pixels.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) pixel_inv_norm_kernel(
     Feature<scalar_t> teacher, Feature<scalar_t> student, int64_t b0, int64_t C, int64_t N,
     float* __restrict__ inv_norm) {
   __shared__ float sums[2][8][32];
+  __shared__ float biggest[2][8][32];
   const int lane = threadIdx.x % 32, group = threadIdx.x / 32;
   const int64_t b = b0 + blockIdx.y;
   const int64_t n = static_cast<int64_t>(blockIdx.x) * 32 + lane;
-  float tt = 0.0f, ss = 0.0f;
+  float tt = 0.0f, ss = 0.0f, t_max = 0.0f, s_max = 0.0f;
   if (n < N) {
     const int64_t off_t = teacher.pixel_offset(b, n), off_s = student.pixel_offset(b, n);
     for (int64_t c = group; c < C; c += 8) {
       const float t = teacher.at(off_t, c), s = student.at(off_s, c);
       tt += t * t;
       ss += s * s;
+      t_max = fmaxf(t_max, fabsf(t));
+      s_max = fmaxf(s_max, fabsf(s));
     }
   }
   sums[0][group][lane] = tt;
   sums[1][group][lane] = ss;
+  biggest[0][group][lane] = t_max;
+  biggest[1][group][lane] = s_max;
   __syncthreads();
   if (threadIdx.x < 64 && n < N) {
     const int which = threadIdx.x / 32;
-    float total = 0.0f;
-    for (int g = 0; g < 8; ++g) total += sums[which][g][lane];
-    inv_norm[(b * 2 + which) * N + n] = 1.0f / fmaxf(sqrtf(total), kEps);
+    float total = 0.0f, largest = 0.0f;
+    for (int g = 0; g < 8; ++g) {
+      total += sums[which][g][lane];
+      largest = fmaxf(largest, biggest[which][g][lane]);
+    }
+    const float r = 1.0f / fmaxf(sqrtf(total), kEps);
+    inv_norm[(b * 2 + which) * N + n] = largest == 0.0f ? -r : r;
   }
+}
+
+// Whether Delta[i][j] is exactly 0 because zero vectors meet (marked by negative inverse norms):
+// A_T[i][j] = 0 when teacher vector i or j is zero, A_S[i][j] likewise, and the reference's
+// sign(0) = 0 there. The difference form sums +-x . y terms that cancel only up to the order
+// of the sums (and FMA contraction), and a stray sign would move an l1 gradient by the 1 / eps
+// of a clamped norm. r*_i: inverse norms of row i, r*_j: of column j.
+__device__ __forceinline__ bool zero_pair(float rt_i, float rs_i, float rt_j, float rs_j) {
+  return (rt_i < 0.0f || rt_j < 0.0f) && (rs_i < 0.0f || rs_j < 0.0f);
+}
+
+// zero_pair for pixels i and j (< N) of sample b, from inv_norm (B, 2, N).
+__device__ __forceinline__ bool zero_pixel_pair(const float* __restrict__ inv_norm, int64_t b,
+                                                int64_t N, int64_t i, int64_t j) {
+  const float* rt = inv_norm + b * 2 * N;
+  return zero_pair(rt[i], rt[N + i], rt[j], rt[N + j]);
 }
 
 // Rows of the stacked operands: X_S, X_T, or D = X_S - X_T (formed in fp32 from the normalised
@@ -174,6 +298,38 @@ __device__ __forceinline__ float stacked_value(int kind, const Feature<scalar_t>
   if (kind == kS) return student.at(off_s, c) * rs;
   if (kind == kT) return teacher.at(off_t, c) * rt;
   return student.at(off_s, c) * rs - teacher.at(off_t, c) * rt;
+}
+
+// Gram path: stores pixels n0 .. n0 + kChunk of the operands of channel blocks I (side 0) and
+// J (side 1), tile[S, T, D][side][pixel][channel]; rounded to tf32 for the tensor-core kernel.
+// Thread t loads pixel n0 + t % kChunk.
+template <bool kTf32, typename scalar_t>
+__device__ __forceinline__ void store_gram_operands(
+    const Feature<scalar_t>& teacher, const Feature<scalar_t>& student, const float* rt_row,
+    const float* rs_row, int64_t b, int64_t n0, int64_t tI, int64_t tJ, int64_t C, int64_t N,
+    float (*tile)[2][kChunk][kRowOf<kTf32>]) {
+  const int kk = threadIdx.x % kChunk;
+  const int64_t n = n0 + kk;
+  const bool valid_n = n < N;
+  const int64_t off_t = valid_n ? teacher.pixel_offset(b, n) : 0;
+  const int64_t off_s = valid_n ? student.pixel_offset(b, n) : 0;
+  const float rt = valid_n ? rt_row[n] : 0.0f, rs = valid_n ? rs_row[n] : 0.0f;
+#pragma unroll
+  for (int e = 0; e < kTile * kChunk / kThreads; ++e) {
+    const int ci = threadIdx.x / kChunk + e * (kThreads / kChunk);
+#pragma unroll
+    for (int side = 0; side < 2; ++side) {
+      const int64_t c = (side == 0 ? tI : tJ) * kTile + ci;
+      float xs = 0.0f, xt = 0.0f;
+      if (valid_n && c < C) {
+        xs = student.at(off_s, c) * rs;
+        xt = teacher.at(off_t, c) * rt;
+      }
+      tile[kS][side][kk][ci] = tf32_operand<kTf32>(xs);
+      tile[kT][side][kk][ci] = tf32_operand<kTf32>(xt);
+      tile[kD][side][kk][ci] = tf32_operand<kTf32>(xs - xt);
+    }
+  }
 }
 
 // Gram path, forward (l2, C < N). Tile (I, J) of the C x C Grams of one sample, accumulated over
@@ -195,7 +351,6 @@ __global__ void __launch_bounds__(kThreads) intra_gram_fwd_kernel(
     return;
   }
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-  const int kk = threadIdx.x % kChunk;  // the pixel this thread loads
   const float* rt_row = inv_norm + b * 2 * N;
   const float* rs_row = rt_row + N;
 
@@ -203,27 +358,7 @@ __global__ void __launch_bounds__(kThreads) intra_gram_fwd_kernel(
   float ss[kSub][kSub] = {}, tt[kSub][kSub] = {}, dd[kSub][kSub] = {};
   float sd[kSub][kSub] = {}, dt[kSub][kSub] = {}, ds[kSub][kSub] = {}, td[kSub][kSub] = {};
   for (int64_t n0 = 0; n0 < N; n0 += kChunk) {
-    const int64_t n = n0 + kk;
-    const bool valid_n = n < N;
-    const int64_t off_t = valid_n ? teacher.pixel_offset(b, n) : 0;
-    const int64_t off_s = valid_n ? student.pixel_offset(b, n) : 0;
-    const float rt = valid_n ? rt_row[n] : 0.0f, rs = valid_n ? rs_row[n] : 0.0f;
-#pragma unroll
-    for (int e = 0; e < kTile * kChunk / kThreads; ++e) {
-      const int ci = threadIdx.x / kChunk + e * (kThreads / kChunk);
-#pragma unroll
-      for (int side = 0; side < 2; ++side) {
-        const int64_t c = (side == 0 ? tI : tJ) * kTile + ci;
-        float xs = 0.0f, xt = 0.0f;
-        if (valid_n && c < C) {
-          xs = student.at(off_s, c) * rs;
-          xt = teacher.at(off_t, c) * rt;
-        }
-        tile[kS][side][kk][ci] = xs;
-        tile[kT][side][kk][ci] = xt;
-        tile[kD][side][kk][ci] = xs - xt;
-      }
-    }
+    store_gram_operands<false>(teacher, student, rt_row, rs_row, b, n0, tI, tJ, C, N, tile);
     __syncthreads();
 #pragma unroll 4
     for (int k = 0; k < kChunk; ++k) {
@@ -276,6 +411,35 @@ __global__ void __launch_bounds__(kThreads) intra_gram_fwd_kernel(
   if (threadIdx.x == 0) *partial = total;
 }
 
+// Gram path, backward step 1: stores pixels n0 .. n0 + kChunk of U = [X_S; X_T] rows u0 .. and
+// V = [X_S; D] rows v0 .. (u_tile / v_tile [pixel][row]); rounded to tf32 for the tensor-core
+// kernel. Thread t loads pixel n0 + t % kChunk.
+template <bool kTf32, typename scalar_t>
+__device__ __forceinline__ void store_k_operands(
+    const Feature<scalar_t>& teacher, const Feature<scalar_t>& student, const float* rt_row,
+    const float* rs_row, int64_t b, int64_t n0, int64_t u0, int64_t v0, int64_t C, int64_t N,
+    int64_t R, float (*u_tile)[kRowOf<kTf32>], float (*v_tile)[kRowOf<kTf32>]) {
+  const int kk = threadIdx.x % kChunk;
+  const int64_t n = n0 + kk;
+  const bool valid_n = n < N;
+  const int64_t off_t = valid_n ? teacher.pixel_offset(b, n) : 0;
+  const int64_t off_s = valid_n ? student.pixel_offset(b, n) : 0;
+  const float rt = valid_n ? rt_row[n] : 0.0f, rs = valid_n ? rs_row[n] : 0.0f;
+#pragma unroll
+  for (int e = 0; e < kTile * kChunk / kThreads; ++e) {
+    const int ci = threadIdx.x / kChunk + e * (kThreads / kChunk);
+    const int64_t u = u0 + ci, v = v0 + ci;
+    u_tile[kk][ci] = tf32_operand<kTf32>(
+        valid_n && u < R
+            ? stacked_value(u < C ? kS : kT, teacher, student, off_t, off_s, u % C, rt, rs)
+            : 0.0f);
+    v_tile[kk][ci] = tf32_operand<kTf32>(
+        valid_n && v < 2 * C
+            ? stacked_value(v < C ? kS : kD, teacher, student, off_t, off_s, v % C, rt, rs)
+            : 0.0f);
+  }
+}
+
 // Gram path, backward step 1: K = U V^T over pixels, U = [X_S; X_T] (R = C or 2C rows: X_T only
 // when the teacher gradient is asked for), V = [X_S; D] (2C rows). K (chunk, R, 2C).
 template <typename scalar_t>
@@ -287,28 +451,12 @@ __global__ void __launch_bounds__(kThreads) intra_gram_k_kernel(
   const int64_t bb = blockIdx.y, b = b0 + bb;
   const int64_t u0 = (blockIdx.x / n_col_tiles) * kTile, v0 = (blockIdx.x % n_col_tiles) * kTile;
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-  const int kk = threadIdx.x % kChunk;
   const float* rt_row = inv_norm + b * 2 * N;
   const float* rs_row = rt_row + N;
 
   float acc[kSub][kSub] = {};
   for (int64_t n0 = 0; n0 < N; n0 += kChunk) {
-    const int64_t n = n0 + kk;
-    const bool valid_n = n < N;
-    const int64_t off_t = valid_n ? teacher.pixel_offset(b, n) : 0;
-    const int64_t off_s = valid_n ? student.pixel_offset(b, n) : 0;
-    const float rt = valid_n ? rt_row[n] : 0.0f, rs = valid_n ? rs_row[n] : 0.0f;
-#pragma unroll
-    for (int e = 0; e < kTile * kChunk / kThreads; ++e) {
-      const int ci = threadIdx.x / kChunk + e * (kThreads / kChunk);
-      const int64_t u = u0 + ci, v = v0 + ci;
-      u_tile[kk][ci] = valid_n && u < R ? stacked_value(u < C ? kS : kT, teacher, student, off_t,
-                                                        off_s, u % C, rt, rs)
-                                        : 0.0f;
-      v_tile[kk][ci] = valid_n && v < 2 * C ? stacked_value(v < C ? kS : kD, teacher, student,
-                                                            off_t, off_s, v % C, rt, rs)
-                                            : 0.0f;
-    }
+    store_k_operands<false>(teacher, student, rt_row, rs_row, b, n0, u0, v0, C, N, R, u_tile, v_tile);
     __syncthreads();
 #pragma unroll 4
     for (int k = 0; k < kChunk; ++k) {
@@ -412,6 +560,182 @@ __global__ void __launch_bounds__(kThreads) intra_gram_dx_kernel(
   }
 }
 
+// ---- Gram path on tensor cores: the kernels above, products in TF32 WMMA ----
+
+// intra_gram_fwd_kernel's tile (I, J) on tensor cores: the same seven Gram blocks (the last two
+// only off the diagonal), each warp two fragments of each.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) intra_gram_fwd_mma_kernel(
+    Feature<scalar_t> teacher, Feature<scalar_t> student, const float* __restrict__ inv_norm,
+    int64_t b0, int64_t C, int64_t N, int64_t n_tiles, float* __restrict__ partials) {
+#if SNL_TF32_MMA
+  // [operand: S, T, D][side: rows I, cols J][pixel][channel], tf32
+  __shared__ __align__(32) float tile[3][2][kChunk][kMmaRow];
+  const int64_t b = b0 + blockIdx.y;
+  const int64_t tI = blockIdx.x / n_tiles, tJ = blockIdx.x % n_tiles;
+  float* partial = partials + b * n_tiles * n_tiles + blockIdx.x;
+  if (tI > tJ) {
+    if (threadIdx.x == 0) *partial = 0.0f;
+    return;
+  }
+  const float* rt_row = inv_norm + b * 2 * N;
+  const float* rs_row = rt_row + N;
+  const int row = warp_row(), col = warp_col();
+
+  const bool mirror = tI < tJ;
+  FragC ss[2], tt[2], dd[2], sd[2], dt[2], ds[2], td[2];
+  zero_fragments(ss);
+  zero_fragments(tt);
+  zero_fragments(dd);
+  zero_fragments(sd);
+  zero_fragments(dt);
+  zero_fragments(ds);
+  zero_fragments(td);
+  for (int64_t n0 = 0; n0 < N; n0 += kChunk) {
+    store_gram_operands<true>(teacher, student, rt_row, rs_row, b, n0, tI, tJ, C, N, tile);
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < kChunk; k += kMmaK) {
+      FragA as, at_, ad;
+      wmma::load_matrix_sync(as, &tile[kS][0][k][row], kMmaRow);
+      wmma::load_matrix_sync(at_, &tile[kT][0][k][row], kMmaRow);
+      wmma::load_matrix_sync(ad, &tile[kD][0][k][row], kMmaRow);
+#pragma unroll
+      for (int f = 0; f < 2; ++f) {
+        FragB bs, bt, bd;
+        wmma::load_matrix_sync(bs, &tile[kS][1][k][col + 16 * f], kMmaRow);
+        wmma::load_matrix_sync(bt, &tile[kT][1][k][col + 16 * f], kMmaRow);
+        wmma::load_matrix_sync(bd, &tile[kD][1][k][col + 16 * f], kMmaRow);
+        wmma::mma_sync(ss[f], as, bs, ss[f]);
+        wmma::mma_sync(tt[f], at_, bt, tt[f]);
+        wmma::mma_sync(dd[f], ad, bd, dd[f]);
+        wmma::mma_sync(sd[f], as, bd, sd[f]);
+        wmma::mma_sync(dt[f], ad, bt, dt[f]);
+        if (mirror) {
+          wmma::mma_sync(ds[f], ad, bs, ds[f]);
+          wmma::mma_sync(td[f], at_, bd, td[f]);
+        }
+      }
+    }
+    __syncthreads();
+  }
+  // Elementwise over fragments of one type (the same element order); entries outside C x C
+  // are sums of zeros.
+  const float weight = mirror ? 2.0f : 1.0f;
+  float v = 0.0f;
+#pragma unroll
+  for (int f = 0; f < 2; ++f) {
+#pragma unroll
+    for (int e = 0; e < FragC::num_elements; ++e) {
+      v += weight * (ss[f].x[e] + tt[f].x[e]) * dd[f].x[e] +
+           2.0f * (sd[f].x[e] * dt[f].x[e] + ds[f].x[e] * td[f].x[e]);
+    }
+  }
+  const float total = block_sum(v);
+  if (threadIdx.x == 0) *partial = total;
+#else
+  __trap();  // launched only on sm_80 and newer (use_tensor_cores)
+#endif
+}
+
+// intra_gram_k_kernel on tensor cores: K = U V^T over pixels.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) intra_gram_k_mma_kernel(
+    Feature<scalar_t> teacher, Feature<scalar_t> student, const float* __restrict__ inv_norm,
+    int64_t b0, int64_t C, int64_t N, int64_t R, int64_t n_col_tiles, float* __restrict__ K) {
+#if SNL_TF32_MMA
+  __shared__ __align__(32) float u_tile[kChunk][kMmaRow];
+  __shared__ __align__(32) float v_tile[kChunk][kMmaRow];
+  __shared__ __align__(32) float stage[kWarps][16 * 16];
+  const int64_t bb = blockIdx.y, b = b0 + bb;
+  const int64_t u0 = (blockIdx.x / n_col_tiles) * kTile, v0 = (blockIdx.x % n_col_tiles) * kTile;
+  const float* rt_row = inv_norm + b * 2 * N;
+  const float* rs_row = rt_row + N;
+
+  FragC acc[2];
+  zero_fragments(acc);
+  for (int64_t n0 = 0; n0 < N; n0 += kChunk) {
+    store_k_operands<true>(teacher, student, rt_row, rs_row, b, n0, u0, v0, C, N, R, u_tile, v_tile);
+    __syncthreads();
+    warp_chunk_mma<kMmaRow>(&u_tile[0][0], &v_tile[0][0], acc);
+    __syncthreads();
+  }
+  float* k_rows = K + bb * R * 2 * C;
+#pragma unroll
+  for (int f = 0; f < 2; ++f) {
+    for_each_element(acc[f], stage[threadIdx.x / 32], u0 + warp_row(), v0 + warp_col() + 16 * f,
+                     [&](int64_t u, int64_t v, float value) {
+                       if (u < R && v < 2 * C) k_rows[u * 2 * C + v] = value;
+                     });
+  }
+#else
+  __trap();  // launched only on sm_80 and newer (use_tensor_cores)
+#endif
+}
+
+// intra_gram_dx_kernel on tensor cores: dX = K W over 2C, K rounded to tf32 as it is loaded.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) intra_gram_dx_mma_kernel(
+    Feature<scalar_t> teacher, Feature<scalar_t> student, const float* __restrict__ inv_norm,
+    const float* __restrict__ K, const float* __restrict__ grad_loss, float scale, int64_t b0,
+    int64_t C, int64_t N, int64_t R, int64_t n_pixel_tiles, float* dx_s, float* dx_t) {
+#if SNL_TF32_MMA
+  __shared__ __align__(32) float k_tile[kChunk][kMmaRow];
+  __shared__ __align__(32) float w_tile[kChunk][kMmaRow];
+  __shared__ __align__(32) float stage[kWarps][16 * 16];
+  const int64_t bb = blockIdx.y, b = b0 + bb;
+  const int64_t u0 = (blockIdx.x / n_pixel_tiles) * kTile;
+  const int64_t n0 = (blockIdx.x % n_pixel_tiles) * kTile;
+  // W loads: a fixed pixel per thread, so its offsets and inverse norms are read once.
+  const int p = threadIdx.x % kTile;
+  const int64_t n = n0 + p;
+  const bool valid_n = n < N;
+  const int64_t off_t = valid_n ? teacher.pixel_offset(b, n) : 0;
+  const int64_t off_s = valid_n ? student.pixel_offset(b, n) : 0;
+  const float rt = valid_n ? inv_norm[b * 2 * N + n] : 0.0f;
+  const float rs = valid_n ? inv_norm[(b * 2 + 1) * N + n] : 0.0f;
+  const float* k_rows = K + bb * R * 2 * C;
+
+  FragC acc[2];
+  zero_fragments(acc);
+  for (int64_t v0 = 0; v0 < 2 * C; v0 += kChunk) {
+#pragma unroll
+    for (int e = 0; e < kTile * kChunk / kThreads; ++e) {
+      // K tile: consecutive threads read consecutive v.
+      const int kv = threadIdx.x % kChunk;
+      const int ui = threadIdx.x / kChunk + e * (kThreads / kChunk);
+      const int64_t u = u0 + ui, v = v0 + kv;
+      k_tile[kv][ui] = tf32_operand<true>(u < R && v < 2 * C ? k_rows[u * 2 * C + v] : 0.0f);
+      // W tile: consecutive threads read consecutive pixels.
+      const int wv = threadIdx.x / kTile + e * (kThreads / kTile);
+      const int64_t vw = v0 + wv;
+      w_tile[wv][p] = tf32_operand<true>(
+          valid_n && vw < 2 * C
+              ? stacked_value(vw < C ? kD : kT, teacher, student, off_t, off_s, vw % C, rt, rs)
+              : 0.0f);
+    }
+    __syncthreads();
+    warp_chunk_mma<kMmaRow>(&k_tile[0][0], &w_tile[0][0], acc);
+    __syncthreads();
+  }
+  const float coef = grad_loss[0] * scale;
+#pragma unroll
+  for (int f = 0; f < 2; ++f) {
+    for_each_element(acc[f], stage[threadIdx.x / 32], u0 + warp_row(), n0 + warp_col() + 16 * f,
+                     [&](int64_t u, int64_t nj, float value) {
+                       if (u >= R || nj >= N) return;
+                       if (u < C) {
+                         dx_s[(bb * C + u) * N + nj] = coef * value;
+                       } else {
+                         dx_t[(bb * C + u - C) * N + nj] = -coef * value;
+                       }
+                     });
+  }
+#else
+  __trap();  // launched only on sm_80 and newer (use_tensor_cores)
+#endif
+}
+
 // One kChunk step of acc[i][j] += A_S[k][i] B_D[k][j] + A_D[k][i] B_T[k][j] for the outputs
 // (ty + 16 i, tx + 16 j), tile = [A_S, A_D, B_D, B_T][k][column].
 __device__ __forceinline__ void delta_chunk_fma(const float (*tile)[kChunk][kTilePad],
@@ -435,17 +759,39 @@ __device__ __forceinline__ void delta_chunk_fma(const float (*tile)[kChunk][kTil
   }
 }
 
-// Stores entry (k, col) of the operands of delta_chunk_fma from the student / teacher values of a
-// row (xs_r, xt_r) and of a column (xs_c, xt_c): A_S = xs_r, A_D = xs_r - xt_r, B_D = xs_c - xt_c,
-// B_T = xt_c.
-__device__ __forceinline__ void store_delta_operands(float (*tile)[kChunk][kTilePad], int k,
+// Stores entry (k, col) of the operands of delta_chunk_fma (delta_chunk_mma with kTf32) from
+// the student / teacher values of a row (xs_r, xt_r) and of a column (xs_c, xt_c): A_S = xs_r,
+// A_D = xs_r - xt_r, B_D = xs_c - xt_c, B_T = xt_c.
+template <bool kTf32 = false>
+__device__ __forceinline__ void store_delta_operands(float (*tile)[kChunk][kRowOf<kTf32>], int k,
                                                      int col, float xs_r, float xt_r, float xs_c,
                                                      float xt_c) {
-  tile[0][k][col] = xs_r;
-  tile[1][k][col] = xs_r - xt_r;
-  tile[2][k][col] = xs_c - xt_c;
-  tile[3][k][col] = xt_c;
+  tile[0][k][col] = tf32_operand<kTf32>(xs_r);
+  tile[1][k][col] = tf32_operand<kTf32>(xs_r - xt_r);
+  tile[2][k][col] = tf32_operand<kTf32>(xs_c - xt_c);
+  tile[3][k][col] = tf32_operand<kTf32>(xt_c);
 }
+
+#if SNL_TF32_MMA
+// delta_chunk_fma on tensor cores: acc[f] += A_S^T B_D + A_D^T B_T for the warp's fragments.
+__device__ __forceinline__ void delta_chunk_mma(const float (*tile)[kChunk][kMmaRow],
+                                                FragC (&acc)[2]) {
+#pragma unroll
+  for (int k = 0; k < kChunk; k += kMmaK) {
+    FragA as, ad;
+    wmma::load_matrix_sync(as, &tile[0][k][warp_row()], kMmaRow);
+    wmma::load_matrix_sync(ad, &tile[1][k][warp_row()], kMmaRow);
+#pragma unroll
+    for (int f = 0; f < 2; ++f) {
+      FragB bd, bt;
+      wmma::load_matrix_sync(bd, &tile[2][k][warp_col() + 16 * f], kMmaRow);
+      wmma::load_matrix_sync(bt, &tile[3][k][warp_col() + 16 * f], kMmaRow);
+      wmma::mma_sync(acc[f], as, bd, acc[f]);
+      wmma::mma_sync(acc[f], ad, bt, acc[f]);
+    }
+  }
+}
+#endif  // SNL_TF32_MMA
 
 // Pixel n of sample b: where teacher and student read it, and its inverse norms; all zero when
 // n >= N.
@@ -465,15 +811,16 @@ __device__ __forceinline__ PixelRef pixel_ref(const Feature<scalar_t>& teacher,
   return {true, teacher.pixel_offset(b, n), student.pixel_offset(b, n), rt_row[n], rt_row[N + n]};
 }
 
-// acc[i][j] += -Delta[row pixel ty + 16 i][col pixel tx + 16 j] of one sample over all C:
-// X_S and D of the row pixel block times D and X_T of the column pixel block. Thread t loads
-// pixel t % kTile of both blocks (row: pr, column: pc). tile: [4][kChunk][kTilePad] shared.
-template <typename scalar_t>
+// -Delta[row pixel][col pixel] of one sample over all C: X_S and D of the row pixel block times
+// D and X_T of the column pixel block, accumulated by chunk_product() (delta_chunk_fma or
+// delta_chunk_mma) once per kChunk channels stored in tile ([4][kChunk][kRowOf<kTf32>]
+// shared). Thread t loads pixel t % kTile of both blocks (row: pr, column: pc).
+template <bool kTf32, typename scalar_t, typename ChunkProduct>
 __device__ __forceinline__ void accumulate_delta_tile(const Feature<scalar_t>& teacher,
                                                       const Feature<scalar_t>& student, int64_t C,
                                                       const PixelRef& pr, const PixelRef& pc,
-                                                      float (*tile)[kChunk][kTilePad],
-                                                      float (&acc)[kSub][kSub]) {
+                                                      float (*tile)[kChunk][kRowOf<kTf32>],
+                                                      ChunkProduct chunk_product) {
   const int p = threadIdx.x % kTile;
   for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
 #pragma unroll
@@ -489,10 +836,10 @@ __device__ __forceinline__ void accumulate_delta_tile(const Feature<scalar_t>& t
         xsc = student.at(pc.off_s, c) * pc.rs;
         xtc = teacher.at(pc.off_t, c) * pc.rt;
       }
-      store_delta_operands(tile, kc, p, xsr, xtr, xsc, xtc);
+      store_delta_operands<kTf32>(tile, kc, p, xsr, xtr, xsc, xtc);
     }
     __syncthreads();
-    delta_chunk_fma(tile, acc);
+    chunk_product();
     __syncthreads();
   }
 }
@@ -516,13 +863,19 @@ __global__ void __launch_bounds__(kThreads) intra_tiled_fwd_kernel(
   const PixelRef pi = pixel_ref(teacher, student, inv_norm, b, tI * kTile + p, N);
   const PixelRef pj = pixel_ref(teacher, student, inv_norm, b, tJ * kTile + p, N);
   float acc[kSub][kSub] = {};
-  accumulate_delta_tile(teacher, student, C, pi, pj, tile, acc);
+  accumulate_delta_tile<false>(teacher, student, C, pi, pj, tile,
+                              [&] { delta_chunk_fma(tile, acc); });
   // acc = -Delta; entries outside N x N are sums of zeros.
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   float v = 0.0f;
 #pragma unroll
   for (int i = 0; i < kSub; ++i) {
 #pragma unroll
-    for (int j = 0; j < kSub; ++j) v += delta_loss<kL1>(acc[i][j]);
+    for (int j = 0; j < kSub; ++j) {
+      const int64_t ni = tI * kTile + ty + 16 * i, nj = tJ * kTile + tx + 16 * j;
+      if (kL1 && ni < N && nj < N && zero_pixel_pair(inv_norm, b, N, ni, nj)) continue;
+      v += delta_loss<kL1>(acc[i][j]);
+    }
   }
   const float total = block_sum(v);
   if (threadIdx.x == 0) *partial = (tI == tJ ? 1.0f : 2.0f) * total;
@@ -563,12 +916,14 @@ __global__ void __launch_bounds__(kThreads) intra_tiled_bwd_kernel(
   for (int64_t j0 = 0; j0 < N; j0 += kTile) {
     const PixelRef pj = pixel_ref(teacher, student, inv_norm, b, j0 + p, N);
     float acc[kSub][kSub] = {};  // -Delta[j][i]
-    accumulate_delta_tile(teacher, student, C, pj, pi, delta_tile, acc);
+    accumulate_delta_tile<false>(teacher, student, C, pj, pi, delta_tile,
+                                 [&] { delta_chunk_fma(delta_tile, acc); });
 #pragma unroll
     for (int i = 0; i < kSub; ++i) {
 #pragma unroll
       for (int j = 0; j < kSub; ++j) {
-        const bool valid = j0 + ty + 16 * i < N && i0 + tx + 16 * j < N;
+        const int64_t nj = j0 + ty + 16 * i, ni = i0 + tx + 16 * j;
+        const bool valid = nj < N && ni < N && !(kL1 && zero_pixel_pair(inv_norm, b, N, nj, ni));
         grad[ty + 16 * i][tx + 16 * j] = valid ? delta_grad<kL1>(-acc[i][j], g_scale) : 0.0f;
       }
     }
@@ -622,6 +977,152 @@ __global__ void __launch_bounds__(kThreads) intra_tiled_bwd_kernel(
   }
 }
 
+// ---- Tiled path for l2 on tensor cores (l1 stays on FMA: its gradient sign(Delta) flips where
+// tf32 rounding moves a small Delta across zero) ----
+
+// intra_tiled_fwd_kernel<scalar_t, false> on tensor cores.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) intra_tiled_fwd_mma_kernel(
+    Feature<scalar_t> teacher, Feature<scalar_t> student, const float* __restrict__ inv_norm,
+    int64_t b0, int64_t C, int64_t N, int64_t n_tiles, float* __restrict__ partials) {
+#if SNL_TF32_MMA
+  // [X_S rows I, D rows I, D cols J, X_T cols J][channel][pixel], tf32
+  __shared__ __align__(32) float tile[4][kChunk][kMmaRow];
+  const int64_t b = b0 + blockIdx.y;
+  const int64_t tI = blockIdx.x / n_tiles, tJ = blockIdx.x % n_tiles;
+  float* partial = partials + b * n_tiles * n_tiles + blockIdx.x;
+  if (tI > tJ) {
+    if (threadIdx.x == 0) *partial = 0.0f;
+    return;
+  }
+  const int p = threadIdx.x % kTile;
+  const PixelRef pi = pixel_ref(teacher, student, inv_norm, b, tI * kTile + p, N);
+  const PixelRef pj = pixel_ref(teacher, student, inv_norm, b, tJ * kTile + p, N);
+  FragC acc[2];
+  zero_fragments(acc);
+  accumulate_delta_tile<true>(teacher, student, C, pi, pj, tile,
+                              [&] { delta_chunk_mma(tile, acc); });
+  // acc = -Delta; entries outside N x N are sums of zeros.
+  float v = 0.0f;
+#pragma unroll
+  for (int f = 0; f < 2; ++f) {
+#pragma unroll
+    for (int e = 0; e < FragC::num_elements; ++e) v += delta_loss<false>(acc[f].x[e]);
+  }
+  const float total = block_sum(v);
+  if (threadIdx.x == 0) *partial = (tI == tJ ? 1.0f : 2.0f) * total;
+#else
+  __trap();  // launched only on sm_80 and newer (use_tensor_cores)
+#endif
+}
+
+// intra_tiled_bwd_kernel<scalar_t, false> on tensor cores. Phase 1 as the forward; phase 2
+// (dX_S = -2 X_S G, dX_T = 2 X_T G for the block's kBwdChannels x kTile outputs): warp w holds
+// channels 16 w .. + 15 of every pixel column of I, 4 fragments per operand.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) intra_tiled_bwd_mma_kernel(
+    Feature<scalar_t> teacher, Feature<scalar_t> student, const float* __restrict__ inv_norm,
+    const float* __restrict__ grad_loss, float scale, int64_t b0, int64_t C, int64_t N,
+    int64_t n_tiles, float* dx_s, float* dx_t) {
+#if SNL_TF32_MMA
+  // Phase 1: [X_S rows J, D rows J, D cols I, X_T cols I][channel][pixel].
+  // Phase 2: [X_S, X_T][pixel of J (kChunk)][channel (kBwdChannels + kMmaPad)], same storage.
+  // All tf32.
+  constexpr int kXRow = kBwdChannels + kMmaPad;
+  constexpr int kPixelFrags = kTile / 16;
+  static_assert(kBwdChannels == 16 * kWarps, "phase 2: one 16-channel row of fragments per warp");
+  __shared__ __align__(32) float tile[4 * kChunk * kMmaRow];
+  __shared__ __align__(32) float grad[kTile][kMmaRow];  // G[j][i], tf32
+  __shared__ __align__(32) float stage[kWarps][16 * 16];
+  static_assert(2 * kChunk * kXRow <= 4 * kChunk * kMmaRow, "phase 2 tiles must fit");
+  float(*delta_tile)[kChunk][kMmaRow] = reinterpret_cast<float(*)[kChunk][kMmaRow]>(tile);
+  float(*x_tile)[kChunk][kXRow] = reinterpret_cast<float(*)[kChunk][kXRow]>(tile);
+
+  const bool with_teacher = dx_t != nullptr;
+  const int64_t bb = blockIdx.y, b = b0 + bb;
+  const int64_t i0 = (blockIdx.x % n_tiles) * kTile;
+  const int64_t c_base = (blockIdx.x / n_tiles) * kBwdChannels;
+  const int warp = threadIdx.x / 32;
+  const float g_scale = grad_loss[0] * scale;
+
+  // Phase 1 loads: a fixed pixel of I (and of J) per thread.
+  const int p = threadIdx.x % kTile;
+  const PixelRef pi = pixel_ref(teacher, student, inv_norm, b, i0 + p, N);
+  // Phase 2 loads: a fixed pixel offset within each kChunk of J per thread.
+  const int jj = threadIdx.x % kChunk;
+
+  FragC acc_s[kPixelFrags], acc_t[kPixelFrags];
+  zero_fragments(acc_s);
+  zero_fragments(acc_t);
+  for (int64_t j0 = 0; j0 < N; j0 += kTile) {
+    const PixelRef pj = pixel_ref(teacher, student, inv_norm, b, j0 + p, N);
+    FragC acc[2];  // -Delta[j][i]
+    zero_fragments(acc);
+    accumulate_delta_tile<true>(teacher, student, C, pj, pi, delta_tile,
+                                [&] { delta_chunk_mma(delta_tile, acc); });
+    // G = dL/dDelta = g_scale Delta, elementwise, then rounded: it is phase 2's B operand.
+    // Entries outside N x N are sums of zeros, so G is 0 there without a mask.
+#pragma unroll
+    for (int f = 0; f < 2; ++f) {
+#pragma unroll
+      for (int e = 0; e < FragC::num_elements; ++e) {
+        acc[f].x[e] = tf32_operand<true>(delta_grad<false>(-acc[f].x[e], g_scale));
+      }
+      wmma::store_matrix_sync(&grad[warp_row()][warp_col() + 16 * f], acc[f], kMmaRow,
+                              wmma::mem_row_major);
+    }
+
+    for (int64_t jc = 0; jc < kTile; jc += kChunk) {
+      const PixelRef pc = pixel_ref(teacher, student, inv_norm, b, j0 + jc + jj, N);
+      __syncthreads();  // previous readers of tile (and writers of grad) are done
+#pragma unroll
+      for (int e = 0; e < kBwdChannels * kChunk / kThreads; ++e) {
+        const int ci = threadIdx.x / kChunk + e * (kThreads / kChunk);
+        const int64_t c = c_base + ci;
+        const bool valid = pc.valid && c < C;
+        x_tile[0][jj][ci] = tf32_operand<true>(valid ? student.at(pc.off_s, c) * pc.rs : 0.0f);
+        if (with_teacher) {
+          x_tile[1][jj][ci] = tf32_operand<true>(valid ? teacher.at(pc.off_t, c) * pc.rt : 0.0f);
+        }
+      }
+      __syncthreads();
+#pragma unroll
+      for (int k = 0; k < kChunk; k += kMmaK) {
+        FragB g[kPixelFrags];
+#pragma unroll
+        for (int f = 0; f < kPixelFrags; ++f) {
+          wmma::load_matrix_sync(g[f], &grad[jc + k][16 * f], kMmaRow);
+        }
+        FragA x;
+        wmma::load_matrix_sync(x, &x_tile[0][k][16 * warp], kXRow);
+#pragma unroll
+        for (int f = 0; f < kPixelFrags; ++f) wmma::mma_sync(acc_s[f], x, g[f], acc_s[f]);
+        if (with_teacher) {
+          wmma::load_matrix_sync(x, &x_tile[1][k][16 * warp], kXRow);
+#pragma unroll
+          for (int f = 0; f < kPixelFrags; ++f) wmma::mma_sync(acc_t[f], x, g[f], acc_t[f]);
+        }
+      }
+    }
+    __syncthreads();  // tile and grad are rewritten for the next J
+  }
+#pragma unroll
+  for (int f = 0; f < kPixelFrags; ++f) {
+    const int64_t c0 = c_base + 16 * warp, n0 = i0 + 16 * f;
+    for_each_element(acc_s[f], stage[warp], c0, n0, [&](int64_t c, int64_t n, float value) {
+      if (c < C && n < N) dx_s[(bb * C + c) * N + n] = -2.0f * value;
+    });
+    if (with_teacher) {
+      for_each_element(acc_t[f], stage[warp], c0, n0, [&](int64_t c, int64_t n, float value) {
+        if (c < C && n < N) dx_t[(bb * C + c) * N + n] = 2.0f * value;
+      });
+    }
+  }
+#else
+  __trap();  // launched only on sm_80 and newer (use_tensor_cores)
+#endif
+}
+
 // Backward of x = f / max(|f|, eps) over channels, per pixel: df = r (dx - x (x . dx)), or r dx
 // where the norm is clamped (a clamped norm has zero slope). dx (chunk, C, N) fp32; out
 // (B, C, N) contiguous, may alias dx (each element is read, then written, by one thread).
@@ -666,20 +1167,25 @@ __global__ void __launch_bounds__(kThreads) pixel_normalize_bwd_kernel(
 
 // ---- Inter-affinity ----
 
-// inv_norm (B, C): 1 / max(|row|, eps) of each channel's pooled (or plain) spatial vector.
-// Block = one row.
+// inv_norm (B, C): 1 / max(|row|, eps) of each channel's pooled (or plain) spatial vector,
+// negated for a row that is exactly zero (see zero_pair). Block = one row.
 template <typename Source>
 __global__ void __launch_bounds__(kThreads) row_inv_norm_kernel(Source src, int64_t C, int64_t N,
                                                                 float* __restrict__ inv_norm) {
   const int64_t row = blockIdx.x;
   const int64_t b = row / C, c = row % C;
-  float ss = 0.0f;
+  float ss = 0.0f, nonzero = 0.0f;
   for (int64_t n = threadIdx.x; n < N; n += kThreads) {
     const float v = src.value(b, c, n);
     ss += v * v;
+    nonzero += v != 0.0f ? 1.0f : 0.0f;
   }
   const float total = block_sum(ss);
-  if (threadIdx.x == 0) inv_norm[row] = 1.0f / fmaxf(sqrtf(total), kEps);
+  const float nonzeros = block_sum(nonzero);
+  if (threadIdx.x == 0) {
+    const float r = 1.0f / fmaxf(sqrtf(total), kEps);
+    inv_norm[row] = nonzeros == 0.0f ? -r : r;
+  }
 }
 
 // Tile (I, J) of Delta = G_T - G_S = -(P^_S DQ^T + DP Q^_T^T) over N_b (C_a x C_b, one sample),
@@ -735,7 +1241,8 @@ __global__ void __launch_bounds__(kThreads) inter_delta_kernel(
       for (int j = 0; j < kSub; ++j) {
         const int64_t cj = j0 + tx + 16 * j;
         if (ci < Ca && cj < Cb) {
-          grad[(blockIdx.y * Ca + ci) * Cb + cj] = delta_grad<kL1>(-acc[i][j], g_scale);
+          const bool zero = kL1 && zero_pair(rp_t[ci], rp_s[ci], rq_t[cj], rq_s[cj]);
+          grad[(blockIdx.y * Ca + ci) * Cb + cj] = zero ? 0.0f : delta_grad<kL1>(-acc[i][j], g_scale);
         }
       }
     }
@@ -743,8 +1250,15 @@ __global__ void __launch_bounds__(kThreads) inter_delta_kernel(
     float v = 0.0f;
 #pragma unroll
     for (int i = 0; i < kSub; ++i) {
+      const int64_t ci = i0 + ty + 16 * i;
 #pragma unroll
-      for (int j = 0; j < kSub; ++j) v += delta_loss<kL1>(acc[i][j]);
+      for (int j = 0; j < kSub; ++j) {
+        const int64_t cj = j0 + tx + 16 * j;
+        if (kL1 && ci < Ca && cj < Cb && zero_pair(rp_t[ci], rp_s[ci], rq_t[cj], rq_s[cj])) {
+          continue;
+        }
+        v += delta_loss<kL1>(acc[i][j]);
+      }
     }
     const float total = block_sum(v);
     if (threadIdx.x == 0) partials[b * gridDim.x + blockIdx.x] = total;
@@ -908,6 +1422,27 @@ at::Tensor checked_grad_loss(const at::Tensor& grad_loss, const at::Tensor& ref)
 // N^2 C per Delta). Forward and backward must agree on it.
 bool use_gram_path(bool l1, int64_t C, int64_t N) { return !l1 && C < N; }
 
+// Whether the intra-affinity products run on tensor cores (TF32, operands rounded to nearest)
+// rather than in the fp32 FMA kernels. SNL_DOT_PRECISION, read at each call as the Triton
+// backend reads it: "tf32" -> tensor cores; "ieee" or "tf32x3" -> FMA (this file has no
+// three-product path: FMA is at least as accurate); unset or empty -> tensor cores for l2 with
+// at least kTf32MinPixels pixels (as the Triton backend's TF32_MIN_ROWS: below that the loss's
+// rounding errors average over too few entries of Delta to stay under 1e-4).
+// l1 always runs on FMA: its gradient sign(Delta) flips where tf32 rounding moves a small Delta
+// across zero. GPUs before sm_80 have no tf32: FMA. Forward and backward decide separately.
+constexpr int64_t kTf32MinPixels = 256;
+
+bool use_tensor_cores(bool l1, const at::Tensor& ref) {
+  const char* env = std::getenv("SNL_DOT_PRECISION");
+  const std::string precision = env != nullptr ? env : "";
+  TORCH_CHECK_VALUE(precision.empty() || precision == "ieee" || precision == "tf32x3" ||
+                        precision == "tf32",
+                    "SNL_DOT_PRECISION must be one of ieee, tf32x3, tf32, got '", precision, "'");
+  if (l1 || precision == "ieee" || precision == "tf32x3") return false;
+  if (precision.empty() && ref.size(2) * ref.size(3) < kTf32MinPixels) return false;
+  return at::cuda::getDeviceProperties(ref.device().index())->major >= 8;
+}
+
 // Samples per backward chunk such that the chunk's scratch stays within kScratchBytes.
 int64_t samples_per_chunk(int64_t B, int64_t bytes_per_sample) {
   int64_t chunk = bytes_per_sample > 0 ? std::max<int64_t>(1, kScratchBytes / bytes_per_sample) : B;
@@ -947,6 +1482,7 @@ at::Tensor intra_affinity_fwd_cuda(const at::Tensor& teacher, const at::Tensor& 
   const int64_t B = teacher.size(0), C = teacher.size(1);
   const int64_t N = teacher.size(2) * teacher.size(3);
   const bool gram = use_gram_path(l1, C, N);
+  const bool mma = use_tensor_cores(l1, teacher);
   const int64_t n_tiles = ceil_div(gram ? C : N, kTile);
 
   const auto f32 = teacher.options().dtype(at::kFloat);
@@ -963,12 +1499,18 @@ at::Tensor intra_affinity_fwd_cuda(const at::Tensor& teacher, const at::Tensor& 
     for (int64_t b0 = 0; b0 < B; b0 += kMaxGridY) {
       const dim3 grid(grid_x(n_tiles * n_tiles),
                       static_cast<unsigned>(std::min(B - b0, kMaxGridY)));
-      if (gram) {
+      if (gram && mma) {
+        intra_gram_fwd_mma_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(t, s, inv, b0, C, N,
+                                                                           n_tiles, part);
+      } else if (gram) {
         intra_gram_fwd_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(t, s, inv, b0, C, N,
                                                                        n_tiles, part);
       } else if (l1) {
         intra_tiled_fwd_kernel<scalar_t, true><<<grid, kThreads, 0, stream>>>(t, s, inv, b0, C,
                                                                               N, n_tiles, part);
+      } else if (mma) {
+        intra_tiled_fwd_mma_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(t, s, inv, b0, C, N,
+                                                                            n_tiles, part);
       } else {
         intra_tiled_fwd_kernel<scalar_t, false><<<grid, kThreads, 0, stream>>>(t, s, inv, b0, C,
                                                                                N, n_tiles, part);
@@ -992,6 +1534,7 @@ std::tuple<at::Tensor, at::Tensor> intra_affinity_bwd_cuda(const at::Tensor& tea
   const int64_t B = teacher.size(0), C = teacher.size(1);
   const int64_t N = teacher.size(2) * teacher.size(3);
   const bool gram = use_gram_path(l1, C, N);
+  const bool mma = use_tensor_cores(l1, teacher);
   const double M = static_cast<double>(B) * N * N;
 
   const auto f32 = teacher.options().dtype(at::kFloat);
@@ -1032,14 +1575,26 @@ std::tuple<at::Tensor, at::Tensor> intra_affinity_bwd_cuda(const at::Tensor& tea
       if (gram) {
         const int64_t n_col_tiles = ceil_div(2 * C, kTile);
         const dim3 k_grid(grid_x(ceil_div(R, kTile) * n_col_tiles), static_cast<unsigned>(nb));
-        intra_gram_k_kernel<scalar_t><<<k_grid, kThreads, 0, stream>>>(
-            t, s, inv, b0, C, N, R, n_col_tiles, K.mutable_data_ptr<float>());
+        if (mma) {
+          intra_gram_k_mma_kernel<scalar_t><<<k_grid, kThreads, 0, stream>>>(
+              t, s, inv, b0, C, N, R, n_col_tiles, K.mutable_data_ptr<float>());
+        } else {
+          intra_gram_k_kernel<scalar_t><<<k_grid, kThreads, 0, stream>>>(
+              t, s, inv, b0, C, N, R, n_col_tiles, K.mutable_data_ptr<float>());
+        }
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         const int64_t n_pixel_tiles = ceil_div(N, kTile);
         const dim3 dx_grid(grid_x(ceil_div(R, kTile) * n_pixel_tiles), static_cast<unsigned>(nb));
-        intra_gram_dx_kernel<scalar_t><<<dx_grid, kThreads, 0, stream>>>(
-            t, s, inv, K.const_data_ptr<float>(), g, static_cast<float>(4.0 / M), b0, C, N, R,
-            n_pixel_tiles, dx_s, dx_t);
+        const float dx_scale = static_cast<float>(4.0 / M);
+        if (mma) {
+          intra_gram_dx_mma_kernel<scalar_t><<<dx_grid, kThreads, 0, stream>>>(
+              t, s, inv, K.const_data_ptr<float>(), g, dx_scale, b0, C, N, R, n_pixel_tiles,
+              dx_s, dx_t);
+        } else {
+          intra_gram_dx_kernel<scalar_t><<<dx_grid, kThreads, 0, stream>>>(
+              t, s, inv, K.const_data_ptr<float>(), g, dx_scale, b0, C, N, R, n_pixel_tiles,
+              dx_s, dx_t);
+        }
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       } else {
         const int64_t n_tiles = ceil_div(N, kTile);
@@ -1047,6 +1602,9 @@ std::tuple<at::Tensor, at::Tensor> intra_affinity_bwd_cuda(const at::Tensor& tea
         const float scale = static_cast<float>((l1 ? 1.0 : 2.0) / M);
         if (l1) {
           intra_tiled_bwd_kernel<scalar_t, true><<<grid, kThreads, 0, stream>>>(
+              t, s, inv, g, scale, b0, C, N, n_tiles, dx_s, dx_t);
+        } else if (mma) {
+          intra_tiled_bwd_mma_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
               t, s, inv, g, scale, b0, C, N, n_tiles, dx_s, dx_t);
         } else {
           intra_tiled_bwd_kernel<scalar_t, false><<<grid, kThreads, 0, stream>>>(
