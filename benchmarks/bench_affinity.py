@@ -2,6 +2,10 @@
 
 Ideal bytes: every affinity term must at least read T and S of the levels it uses (and,
 with backward, write dS); the N x N and C_a x C_b matrices need never touch memory.
+
+The kernel providers run twice: with the products' default precision (tensor cores: tf32
+for l2, three tf32 products for l1; see ``snl_kernels._triton.affinity.dot_precision``)
+and with ``SNL_DOT_PRECISION=ieee`` (full fp32), so the table shows what tensor cores buy.
 """
 
 from __future__ import annotations
@@ -57,12 +61,17 @@ OPS = {
 }
 
 
+@pytest.mark.parametrize("precision", ["default", "ieee"])
 @pytest.mark.parametrize("pass_", PASSES)
 @pytest.mark.parametrize("distance", ["l2", "l1"])
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("term", list(OPS))
-def test_affinity(benchmark, copy_gbps, term, provider, distance, pass_):
+def test_affinity(benchmark, copy_gbps, monkeypatch, term, provider, distance, pass_, precision):
     reference_fn, public_fn, modules = OPS[term]
+    if precision != "default":
+        if provider in ("eager", "compile"):
+            pytest.skip("SNL_DOT_PRECISION applies to the kernel providers only")
+        monkeypatch.setenv("SNL_DOT_PRECISION", precision)
     reasons = [r for m in modules for r in (skip_reason(provider, m) or "").split("; ") if r]
     why = "; ".join(dict.fromkeys(reasons))
     if why:
