@@ -12,8 +12,9 @@ that every specialisation a GPU run would compile is compiled here.
 ``--quick``: float32 inputs and K <= 64 centres only (the test suite's setting; the full run
 also compiles fp16/bf16 and K = 256, a few minutes more on a cold cache).
 
-Prints one line per compiled specialisation and exits 1 if any failed. The launch results
-are garbage (nothing runs); only compilation is checked.
+Prints one line per compiled specialisation (registers, spills, shared memory) and exits 1
+if any failed to compile or needs more shared memory than a block may have on the target
+(such a kernel compiles but cannot launch). The launch results are garbage (nothing runs).
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ from triton.runtime.jit import JITFunction
 _TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16",
           torch.float64: "*fp64", torch.int64: "*i64", torch.int32: "*i32"}
 _OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+# Shared memory one block may opt into (cudaDevAttrMaxSharedMemoryPerBlockOptin).
+MAX_SHARED_BYTES = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 
 
 class Compiler:
@@ -83,10 +86,17 @@ class Compiler:
             self.done[key] = traceback.format_exc(limit=3)
             print(f"FAIL {label}\n{self.done[key]}", flush=True)
         else:
-            self.done[key] = None
-            shared = getattr(compiled.metadata, "shared", "?")
-            print(f"ok   {label} ({time.perf_counter() - start:.1f} s) "
-                  f"[{resource_usage(compiled.asm['cubin'])}, {shared} B shared]", flush=True)
+            shared = getattr(compiled.metadata, "shared", 0)
+            usage = f"[{resource_usage(compiled.asm['cubin'])}, {shared} B shared]"
+            limit = MAX_SHARED_BYTES.get(self.target.arch)
+            if limit is not None and shared > limit:
+                # Compiles, but the launch would fail with "out of resource: shared memory".
+                self.done[key] = (f"needs {shared} B of shared memory, "
+                                  f"sm_{self.target.arch} allows {limit}")
+                print(f"FAIL {label} {usage}: {self.done[key]}", flush=True)
+            else:
+                self.done[key] = None
+                print(f"ok   {label} ({time.perf_counter() - start:.1f} s) {usage}", flush=True)
         return None
 
 

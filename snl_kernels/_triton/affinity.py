@@ -105,6 +105,12 @@ def _dot(a, b, acc, PRECISION: tl.constexpr):
         out = tl.dot(a, b, acc, input_precision="ieee")
     elif PRECISION == "tf32":
         out = tl.dot(_tf32(a), _tf32(b), acc, input_precision="tf32")
+    elif PRECISION == "tf32x3-exact-a":
+        # tf32x3 where a holds tf32 values exactly (l1's +-1 and 0): its remainder is 0, so the
+        # product it would enter is dropped; the same bits as "tf32x3", two products of three.
+        b_hi = _tf32(b)
+        out = tl.dot(a, _tf32(b - b_hi), acc, input_precision="tf32")
+        out = tl.dot(a, b_hi, out, input_precision="tf32")
     else:
         a_hi = _tf32(a)
         b_hi = _tf32(b)
@@ -211,6 +217,8 @@ def _intra_tiled_grad_kernel(
 ):
     # Rows are pixels: X^T (N, C). dX_S^T[i, c] = -2 sum_j G[i, j] X_S^T[j, c] (G symmetric),
     # dX_T^T = +2 G X_T^T, with G = dL/dDelta from the Delta tile recomputed for every j.
+    # l1's G is +-1 or 0, exact in tf32: its split has nothing to add.
+    G_PRECISION: tl.constexpr = "tf32x3-exact-a" if L1 and PRECISION == "tf32x3" else PRECISION
     pid_i = tl.program_id(0)
     pid_c = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -253,10 +261,10 @@ def _intra_tiled_grad_kernel(
             else:
                 gd = delta
         xs_c = _tile(s_base, rj, cs, N, C, W, s_c, s_h, s_w, True) * r_sj[:, None]
-        acc_s = _dot(gd, xs_c, acc_s, PRECISION)
+        acc_s = _dot(gd, xs_c, acc_s, G_PRECISION)
         if TEACHER:
             xt_c = _tile(t_base, rj, cs, N, C, W, t_c, t_h, t_w, True) * r_tj[:, None]
-            acc_t = _dot(gd, xt_c, acc_t, PRECISION)
+            acc_t = _dot(gd, xt_c, acc_t, G_PRECISION)
     # coef: 2 * (2 / M) for l2, 2 * (1 / M) for l1; outputs are fp32 (B, C, N) buffers.
     scale = tl.load(g_ptr) * coef
     mask = (ri < N)[:, None] & (cs < C)[None, :]
@@ -492,6 +500,10 @@ BLOCK_TILE = 32 if INTERPRETED else 64
 # tiles, so on a GPU as many as the registers allow; under the interpreter few, so that the
 # tests' shapes split the channels too.
 MAX_BLOCK_C = 32 if INTERPRETED else 256
+# l1's backward from sign bits recomputes nothing per channel block, and Triton's pipelining
+# stages its 64-pixel x BC operand tiles in shared memory: at BC = 256 that needs 310-440 KB,
+# over the 227 KB a block may have on an H200 (scripts/triton_compile_check.py reports it).
+MAX_BLOCK_C_SIGNS = 32 if INTERPRETED else 64
 PRECISIONS = ("ieee", "tf32x3", "tf32")
 
 
@@ -582,7 +594,7 @@ def intra_tiled_grad(s: Tensor, t: Tensor, r_s: Tensor, r_t: Tensor, grad_loss: 
     g_s = torch.empty((B, C, H, W), device=s.device, dtype=torch.float32)
     g_t = torch.empty_like(g_s) if teacher else g_s
     bi = bj = _pow2(N, hi=BLOCK_TILE)
-    bc = _pow2(C, hi=MAX_BLOCK_C)
+    bc = _pow2(C, hi=MAX_BLOCK_C if signs is None else MAX_BLOCK_C_SIGNS)
     _intra_tiled_grad_kernel[(triton.cdiv(N, bi), triton.cdiv(C, bc), B)](
         s, t, r_s, r_t, g_s, g_t, grad_loss, coef, g_s if signs is None else signs,
         N, C, W, triton.cdiv(N, 32), *s.stride(), *t.stride(),
