@@ -19,8 +19,8 @@ so rounding errors scale with the difference, not with the affinities (the plain
   ``G = dL/dDelta`` (``2 g Delta / M`` or ``g sign(Delta) / M``, symmetric), the Delta tiles
   recomputed on chip for each block of pixels and channels. Except Triton l1: its forward
   keeps the signs of Delta as bits (B N^2 / 8 bytes; 32 MB at WRN50 level 1, B = 16), so its
-  backward is one product with the +-1 matrix instead of three (Delta recomputed twice
-  over, then the product): about half of l1's fwd+bwd work.
+  backward is one product with the +-1 matrix instead of three (two to recompute Delta,
+  then the product): about half of l1's fwd+bwd work.
 
 Then through the normalisation, per pixel: ``df = r (dx - x (x . dx))`` with ``r = 1 /
 max(|f|, eps)`` (the projection drops where the norm is clamped). Backward recomputes the
