@@ -518,7 +518,7 @@ def dot_precision(l1: bool, rows: int) -> str:
 
     ``rows``: the smaller side of Delta (N for intra-affinity, min(C_a, C_b) for inter).
     Chosen: "tf32" (operands rounded to nearest, one tensor-core product) for l2 when
-    ``rows >= TF32_MIN_ROWS``: loss error ~1e-5..6e-5 and gradient ~4e-4..5e-4 against
+    ``rows >= TF32_MIN_ROWS``: loss error ~1e-5..6e-5 and gradient ~3e-4..6e-4 against
     float64, student within 1% of the teacher included. "tf32x3" (three tf32 products, about
     fp32) otherwise: for l1, whose gradient sign(Delta) flips wherever rounding moves a small
     Delta across zero (one tf32 product puts it 3e-3..2e-2 off at the WRN50 shapes), and for
