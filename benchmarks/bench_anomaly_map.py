@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import PROVIDERS, nbytes, provider_op, run_benchmark, skip_reason
+from harness import PROVIDERS, nbytes, provider_op, run_benchmark, skip_reason
 from shapes import BATCH, IMAGE_SIZE, levels
 
 import snl_kernels

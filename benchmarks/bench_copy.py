@@ -1,7 +1,7 @@
 """The bandwidth ceiling: a device-to-device copy of 1 GiB (256 MiB on a CPU)."""
 
 import torch
-from conftest import run_benchmark
+from harness import run_benchmark
 from shapes import DEVICE, HAS_GPU
 
 

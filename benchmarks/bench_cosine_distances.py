@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import PROVIDERS, nbytes, provider_op, run_benchmark, skip_reason, with_backward
+from harness import PROVIDERS, nbytes, provider_op, run_benchmark, skip_reason, with_backward
 from shapes import levels
 
 import snl_kernels

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import PROVIDERS, nbytes, provider_op, run_benchmark, skip_reason, with_backward
+from harness import PROVIDERS, nbytes, provider_op, run_benchmark, skip_reason, with_backward
 from shapes import BATCH, CRAM_SHAPE, DEVICE
 
 import snl_kernels

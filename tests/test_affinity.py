@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE, DTYPES, NO_TRITON, kernel_backends, requires_gpu
+from support import DEVICE, DTYPES, NO_TRITON, kernel_backends, requires_gpu
 
 import snl_kernels
 from snl_kernels import reference

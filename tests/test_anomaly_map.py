@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import (
+from support import (
     DEVICE,
     DTYPES,
     NO_CUDA_BACKEND,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import (
+from support import (
     DTYPES,
     assert_matches_oracle,
     features,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ATOL, DEVICE, DTYPES, NO_CUDA_BACKEND, kernel_backends, requires_gpu
+from support import ATOL, DEVICE, DTYPES, NO_CUDA_BACKEND, kernel_backends, requires_gpu
 
 import snl_kernels
 from snl_kernels import reference

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import HAS_GPU, NO_CUDA_BACKEND, NO_TRITON, features
+from support import HAS_GPU, NO_CUDA_BACKEND, NO_TRITON, features
 
 import snl_kernels
 from snl_kernels import dispatch

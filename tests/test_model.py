@@ -16,7 +16,7 @@ import time
 
 import pytest
 import torch
-from conftest import HAS_GPU, NO_TRITON, requires_gpu
+from support import HAS_GPU, NO_TRITON, requires_gpu
 
 try:
     import timm
@@ -182,7 +182,7 @@ def test_one_adam_step_lowers_the_loss(structure):
 def test_fused_equals_reference_with_triton(monkeypatch):
     """Losses, gradients and maps of fused=True (Triton where it exists) and fused=False."""
     if not HAS_GPU:
-        assert snl_kernels.dispatch.triton_interpreted(), "conftest sets TRITON_INTERPRET=1"
+        assert snl_kernels.dispatch.triton_interpreted(), "tests/support.py sets TRITON_INTERPRET=1"
     table = triton_where_implemented()
     assert isinstance(table.spatial_channel_loss, functools.partial)
     monkeypatch.setattr(snl_ops, "FUSED", table)

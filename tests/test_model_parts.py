@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import NO_TRITON
+from support import NO_TRITON
 
 import snl
 from snl import config as snl_config

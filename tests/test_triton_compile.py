@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import HAS_GPU, NO_TRITON
+from support import HAS_GPU, NO_TRITON
 
 ROOT = Path(__file__).resolve().parents[1]
 
