@@ -3,4 +3,37 @@
 Triton decides at definition time whether a kernel is compiled or run by its CPU
 interpreter (``TRITON_INTERPRET=1``), so that variable must be set before these modules are
 first imported.
+
+The launchers choose their tiles, blocks, warps and product precisions through
+``gpu_config`` at every launch: a GPU's choice when the kernels are compiled, a smaller one
+that keeps the interpreter quick on test shapes otherwise. ``SNL_TRITON_CONFIG=gpu`` makes
+the interpreter run exactly what a GPU launch would (the tests do, so the GPU's tiles are
+executed on a CPU); ``SNL_TRITON_CONFIG=cpu`` forces the interpreter's choice.
 """
+
+import os
+
+CONFIG_VARIABLE = "SNL_TRITON_CONFIG"
+CONFIGS = ("gpu", "cpu")
+
+
+def gpu_config(interpreted: bool) -> bool:
+    """Whether launches use the GPU's configuration (read at each launch).
+
+    Args:
+        interpreted: whether the launching module's kernels run on the CPU interpreter.
+
+    Returns:
+        ``SNL_TRITON_CONFIG`` == "gpu" -> True, == "cpu" -> False; unset or empty: True when
+        the kernels are compiled (for a GPU), False under the interpreter.
+
+    Raises:
+        ValueError: ``SNL_TRITON_CONFIG`` has another value (the message shows it).
+    """
+    value = os.environ.get(CONFIG_VARIABLE, "")
+    if not value:
+        return not interpreted
+    if value not in CONFIGS:
+        raise ValueError(f"{CONFIG_VARIABLE} must be one of {', '.join(CONFIGS)} (or unset), "
+                         f"got {value!r}")
+    return value == "gpu"

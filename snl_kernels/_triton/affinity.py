@@ -38,6 +38,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import gpu_config
+
 BLOCK_ROWS = 32
 BLOCK_K = 32
 BLOCK_GRAM = 32  # Gram tiles (five accumulators): BLOCK_GRAM x BLOCK_GRAM
@@ -493,17 +495,29 @@ def _unpool_kernel(
 # --------------------------------------------------------------------------- launchers
 
 INTERPRETED = not isinstance(_delta_kernel, triton.runtime.JITFunction)
+# Tile choices of the two configurations (``gpu_config``): the interpreter's (small, few
+# numpy programs on test shapes) and the GPU's (``*_GPU``).
 # Delta tiles, BLOCK_TILE x BLOCK_TILE: larger tiles re-read the operands fewer times on a
 # GPU; small ones keep the CPU interpreter (numpy per program) quick on test shapes.
-BLOCK_TILE = 32 if INTERPRETED else 64
+BLOCK_TILE, BLOCK_TILE_GPU = 32, 64
 # Channels per program of the tiled backward: each block of channels recomputes the Delta
 # tiles, so on a GPU as many as the registers allow; under the interpreter few, so that the
 # tests' shapes split the channels too.
-MAX_BLOCK_C = 32 if INTERPRETED else 256
+MAX_BLOCK_C, MAX_BLOCK_C_GPU = 32, 256
 # l1's backward from sign bits recomputes nothing per channel block, and Triton's pipelining
 # stages its 64-pixel x BC operand tiles in shared memory: at BC = 256 that needs 310-440 KB,
 # over the 227 KB a block may have on an H200 (scripts/triton_compile_check.py reports it).
-MAX_BLOCK_C_SIGNS = 32 if INTERPRETED else 64
+MAX_BLOCK_C_SIGNS, MAX_BLOCK_C_SIGNS_GPU = 32, 64
+
+
+def _tiles() -> tuple[int, int, int]:
+    """(Delta tile, channels per tiled-backward program, the same for l1 from sign bits) of
+    the configuration in force (see ``gpu_config``)."""
+    if gpu_config(INTERPRETED):
+        return BLOCK_TILE_GPU, MAX_BLOCK_C_GPU, MAX_BLOCK_C_SIGNS_GPU
+    return BLOCK_TILE, MAX_BLOCK_C, MAX_BLOCK_C_SIGNS
+
+
 PRECISIONS = ("ieee", "tf32x3", "tf32")
 
 
@@ -559,8 +573,9 @@ def delta(a_s: Tensor, a_t: Tensor, b_s: Tensor, b_t: Tensor, r_as: Tensor, r_at
     B, Ca, Ha, Wa = a_s.shape
     _, Cb, _, _ = b_s.shape
     Ra, Rb, K = (Ha * Wa, Ha * Wa, Ca) if pix_rows else (Ca, Cb, Ha * Wa)
-    bi = _pow2(Ra, hi=BLOCK_TILE)
-    bj = _pow2(Rb, hi=BLOCK_TILE)
+    tile = _tiles()[0]
+    bi = _pow2(Ra, hi=tile)
+    bj = _pow2(Rb, hi=tile)
     # Delta of one level's pixel affinities is symmetric: half the tiles of the loss suffice.
     symmetric = (grad is None and a_s is b_s and a_t is b_t and r_as is r_bs and r_at is r_bt
                  and bi == bj)
@@ -593,8 +608,9 @@ def intra_tiled_grad(s: Tensor, t: Tensor, r_s: Tensor, r_t: Tensor, grad_loss: 
     N = H * W
     g_s = torch.empty((B, C, H, W), device=s.device, dtype=torch.float32)
     g_t = torch.empty_like(g_s) if teacher else g_s
-    bi = bj = _pow2(N, hi=BLOCK_TILE)
-    bc = _pow2(C, hi=MAX_BLOCK_C if signs is None else MAX_BLOCK_C_SIGNS)
+    tile, max_bc, max_bc_signs = _tiles()
+    bi = bj = _pow2(N, hi=tile)
+    bc = _pow2(C, hi=max_bc if signs is None else max_bc_signs)
     _intra_tiled_grad_kernel[(triton.cdiv(N, bi), triton.cdiv(C, bc), B)](
         s, t, r_s, r_t, g_s, g_t, grad_loss, coef, g_s if signs is None else signs,
         N, C, W, triton.cdiv(N, 32), *s.stride(), *t.stride(),
@@ -634,7 +650,7 @@ def gram_grad(s: Tensor, t: Tensor, r_s: Tensor, r_t: Tensor, grad_loss: Tensor,
         *s.stride(), *t.stride(), WRITE=True, TEACHER=teacher, BI=bi, BJ=bi, BK=bk,
         PRECISION=dot_precision(False, N),
     )
-    bn = _pow2(N, hi=BLOCK_TILE)
+    bn = _pow2(N, hi=_tiles()[0])
     grid = (triton.cdiv(C, bi), triton.cdiv(N, bn), B)
     outs = []
     for g1, g2, sign in ((grams[0], grams[1], 1.0), (g3, g4, -1.0))[: 2 if teacher else 1]:
@@ -655,8 +671,9 @@ def scaled_mm(g: Tensor, y: Tensor, r_y: Tensor, alpha: float, precision: str) -
     _, _, H, W = y.shape
     N = H * W
     out = torch.empty((B, M, H, W), device=g.device, dtype=torch.float32)
-    bm = _pow2(M, hi=BLOCK_TILE)
-    bn = _pow2(N, hi=BLOCK_TILE)
+    tile = _tiles()[0]
+    bm = _pow2(M, hi=tile)
+    bn = _pow2(N, hi=tile)
     _scaled_mm_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn), B)](
         g, y, r_y, out, alpha, M, N, K, W, *g.stride(), *y.stride(),
         BM=bm, BN=bn, BK=_pow2(K, hi=BLOCK_K),

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+# The same blocks in both configurations (see ``gpu_config`` in ``__init__.py``).
 BLOCK_P = 64
 BLOCK_C = 32
 BLOCK_H = 32

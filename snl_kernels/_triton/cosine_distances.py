@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+# The same blocks in both configurations (see ``gpu_config`` in ``__init__.py``).
 BLOCK_N = 64
 BLOCK_C = 32
 BLOCK_FIN = 128

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+# The same blocks in both configurations (see ``gpu_config`` in ``__init__.py``).
 BLOCK_P = 32
 BLOCK_D = 64
 
