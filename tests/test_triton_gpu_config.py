@@ -1,0 +1,226 @@
+"""Every Triton op in the GPU's launch configuration, against the float64 reference.
+
+``SNL_TRITON_CONFIG=gpu`` makes the launchers choose the tiles, blocks, warps and precisions
+of a GPU launch also under the CPU interpreter (see ``snl_kernels/_triton/__init__.py``), so
+the configuration a GPU runs is executed here before any GPU sees it. The shapes are the
+smallest that fill the GPU's blocks (64-pixel Delta tiles, 256- and 64-channel blocks of the
+tiled backward, ...); each test records the launches and checks the GPU's blocks were used.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from support import DEVICE, NO_TRITON, assert_matches_oracle, features, oracle_inputs
+
+import snl_kernels
+from snl_kernels import reference
+from snl_kernels._triton import CONFIG_VARIABLE, gpu_config
+from snl_kernels.intra_affinity_loss import use_grams
+
+pytestmark = pytest.mark.skipif(NO_TRITON is not None, reason=NO_TRITON or "")
+
+LOSS_RTOL = 1e-4  # the affinity bar (tests/test_affinity.py)
+GRAD_RTOL = 1e-3
+
+
+def _modules():
+    from snl_kernels._triton import affinity, anomaly_map, cosine_distances, cram
+
+    return affinity, anomaly_map, cosine_distances, cram
+
+
+class _Recorded:
+    """A kernel whose launches are logged as (kernel name, keyword arguments)."""
+
+    def __init__(self, name, kernel, log):
+        self.name, self.kernel, self.log = name, kernel, log
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            self.log.append((self.name, kwargs))
+            return launch(*args, **kwargs)
+
+        return run
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """The GPU configuration in force, and the list of launches made (launchers look their
+    kernels up at each call, so the module attributes are what they launch)."""
+    monkeypatch.setenv(CONFIG_VARIABLE, "gpu")
+    monkeypatch.delenv("SNL_DOT_PRECISION", raising=False)
+    log = []
+    for module in _modules():
+        for name in [n for n in vars(module) if n.endswith("_kernel")]:
+            monkeypatch.setattr(module, name, _Recorded(name, getattr(module, name), log))
+    return log
+
+
+def _launched(log, kernel, **expected):
+    """The launches of ``kernel``; each has the ``expected`` keyword values."""
+    found = [kw for name, kw in log if name == kernel]
+    assert found, f"{kernel} was not launched"
+    for kw in found:
+        got = {k: kw.get(k) for k in expected}
+        assert got == expected, f"{kernel}: {got}, want {expected}"
+    return found
+
+
+def _check(fn, ref_fn, inputs, loss_rtol=LOSS_RTOL, grad_rtol=GRAD_RTOL):
+    """A scalar loss and its gradients against ref_fn in float64 on the same values."""
+    xs = [x.detach().clone().requires_grad_(True) for x in inputs]
+    x64 = oracle_inputs(*inputs)
+    loss, ref = fn(*xs), ref_fn(*x64)
+    assert abs(loss.item() - ref.item()) <= loss_rtol * abs(ref.item()), (loss.item(), ref.item())
+    for g, r in zip(torch.autograd.grad(loss, xs), torch.autograd.grad(ref, x64), strict=True):
+        assert g.shape == r.shape
+        err = (g.double() - r.to(g.device)).norm().item()
+        assert err <= grad_rtol * r.norm().item(), (err, r.norm().item())
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def test_config_variable(monkeypatch):
+    monkeypatch.delenv(CONFIG_VARIABLE, raising=False)
+    assert gpu_config(interpreted=False)
+    assert not gpu_config(interpreted=True)
+    monkeypatch.setenv(CONFIG_VARIABLE, "")
+    assert not gpu_config(interpreted=True)
+    monkeypatch.setenv(CONFIG_VARIABLE, "gpu")
+    assert gpu_config(interpreted=True)
+    monkeypatch.setenv(CONFIG_VARIABLE, "cpu")
+    assert not gpu_config(interpreted=False)
+    monkeypatch.setenv(CONFIG_VARIABLE, "GPU")
+    with pytest.raises(ValueError, match=r"SNL_TRITON_CONFIG must be one of gpu, cpu .*'GPU'"):
+        gpu_config(interpreted=True)
+
+
+def test_launches_read_the_config_each_time(monkeypatch):
+    affinity = _modules()[0]
+    monkeypatch.setenv(CONFIG_VARIABLE, "gpu")
+    gpu = affinity._tiles()
+    monkeypatch.setenv(CONFIG_VARIABLE, "cpu")
+    cpu = affinity._tiles()
+    assert gpu == (affinity.BLOCK_TILE_GPU, affinity.MAX_BLOCK_C_GPU,
+                   affinity.MAX_BLOCK_C_SIGNS_GPU) == (64, 256, 64)
+    # Every GPU tile is larger than the interpreter's: a launch with a GPU tile below proves
+    # the GPU configuration ran.
+    assert all(g > c for g, c in zip(gpu, cpu, strict=True)), (gpu, cpu)
+    monkeypatch.setenv(CONFIG_VARIABLE, "fast")
+    t, s = features((1, 4, 3, 3))
+    with pytest.raises(ValueError, match=r"SNL_TRITON_CONFIG .*'fast'"):
+        snl_kernels.intra_affinity_loss(t, s, "l1", backend="triton")
+
+
+# --------------------------------------------------------------------------- affinity
+
+# (B, C, H, W): the tiled path's 64 x 64 Delta tiles need N >= 64 pixels (two tiles: 128);
+# l2 takes it when N <= C, and C = 256 fills its backward's 256-channel block; l1's backward
+# from sign bits has 64-channel blocks. The Gram path (l2, C < N) applies its Grams over
+# 64-pixel tiles; at 256 pixels its products are single tf32 (the GPU's default).
+INTRA = {
+    "tiled-l2": ((1, 256, 8, 16), "l2", dict(BI=64, BC=256, SIGNS=False)),
+    "tiled-l1": ((2, 64, 8, 16), "l1", dict(BI=64, BC=64, SIGNS=True)),
+    "grams-l2": ((1, 32, 16, 16), "l2", None),
+}
+
+
+@pytest.mark.parametrize("case", list(INTRA.values()), ids=list(INTRA))
+def test_intra_affinity(launches, case):
+    shape, distance, tiled = case
+    _, C, H, W = shape
+    assert use_grams(C, H * W, distance) == (tiled is None)
+    t, s = features(shape)
+    _check(lambda t, s: snl_kernels.intra_affinity_loss(t, s, distance, backend="triton"),
+           lambda t, s: reference.intra_affinity_loss(t, s, distance), [t, s])
+    if tiled is None:
+        _launched(launches, "_gram_apply_kernel", BN=64, PRECISION="tf32")
+    else:
+        _launched(launches, "_delta_kernel", BI=64, BJ=64, L1=distance == "l1")
+        _launched(launches, "_intra_tiled_grad_kernel", BJ=64, **tiled)
+
+
+# ((B, C_a, H_a, W_a), (C_b, H_b, W_b)): 64 x 64 tiles of the C_a x C_b Delta (C_b spans two)
+# and the backward's products over the 64 pixels of the coarser level.
+INTER_SHAPES = ((1, 64, 16, 16), (96, 8, 8))
+
+
+@pytest.mark.parametrize("distance", ["l2", "l1"])
+def test_inter_affinity(launches, distance):
+    (B, C_a, H_a, W_a), (C_b, H_b, W_b) = INTER_SHAPES
+    t_a, s_a = features((B, C_a, H_a, W_a))
+    t_b, s_b = features((B, C_b, H_b, W_b), seed=1)
+    _check(lambda *x: snl_kernels.inter_affinity_loss(*x, distance=distance, backend="triton"),
+           lambda *x: reference.inter_affinity_loss(*x, distance=distance), [t_a, t_b, s_a, s_b])
+    _launched(launches, "_delta_kernel", BI=64, BJ=64, L1=distance == "l1")
+    _launched(launches, "_scaled_mm_kernel", BM=64, BN=64)
+
+
+# --------------------------------------------------------------------------- the other ops
+# Their blocks are the same in both configurations; the shapes fill them and span two.
+
+
+def test_cosine_distances(launches):
+    kernels = _modules()[2]
+    shape = (2, 160, 9, 9)  # 81 pixels: two 64-pixel tiles; 160 channels: two 128-blocks
+    assert shape[2] * shape[3] > kernels.BLOCK_N
+    assert shape[1] > kernels.BLOCK_FIN
+    t, s = features(shape, requires_grad=True)
+    out = snl_kernels.cosine_distances(t, s, backend="triton")
+    t64, s64 = oracle_inputs(t, s)
+    ref = reference.cosine_distances(t64, s64)
+    for a, r in zip(out, ref, strict=True):
+        assert_matches_oracle(a, r)
+    g = torch.Generator().manual_seed(1)
+    weights = [torch.randn(r.shape, generator=g, dtype=torch.float64) for r in ref]
+    loss = sum((o * w.float()).sum() for o, w in zip(out, weights, strict=True))
+    ref_loss = sum((r * w).sum() for r, w in zip(ref, weights, strict=True))
+    grads = torch.autograd.grad(loss, (t, s))
+    ref_grads = torch.autograd.grad(ref_loss, (t64, s64))
+    for grad, ref_grad in zip(grads, ref_grads, strict=True):
+        scale = ref_grad.abs().max().item()
+        assert_matches_oracle(grad / scale, ref_grad / scale)
+    _launched(launches, "_cosine_distances_fwd_kernel", BLOCK_N=64, BLOCK_C=32)
+    _launched(launches, "_cosine_distances_fin_kernel", BLOCK_C=128)
+    _launched(launches, "_cosine_distances_bwd_kernel", BLOCK_N=64, BLOCK_C=32)
+
+
+def test_cram(launches):
+    B, D, H, W, K = 2, 96, 5, 7, 20  # 70 positions: three 32-blocks; D spans two 64-blocks
+    g = torch.Generator().manual_seed(0)
+    e = torch.randn(B, D, H, W, generator=g, dtype=torch.float64)
+    c = torch.randn(K, D, generator=g, dtype=torch.float64)
+    inputs = [e.float().to(DEVICE), c.float().to(DEVICE), torch.tensor(1.0, device=DEVICE)]
+    g = torch.Generator().manual_seed(5)
+    weights = [torch.randn(shape, generator=g, dtype=torch.float64)
+               for shape in ((B, D, H, W), (B, K, H, W), (B, H, W))]
+
+    def loss(out, dtype):
+        return sum((o * w.to(o.device, dtype)).sum() for o, w in zip(out, weights, strict=True))
+
+    _check(lambda *x: loss(snl_kernels.cram(*x, backend="triton"), torch.float32),
+           lambda *x: loss(reference.cram(*x), torch.float64), inputs,
+           loss_rtol=1e-5, grad_rtol=1e-4)
+    for kernel in ("_cram_fwd_kernel", "_cram_bwd_kernel"):
+        _launched(launches, kernel, KP=32, BLOCK_P=32, BLOCK_D=64)
+
+
+@pytest.mark.parametrize("mode", ["add", "mul"])
+def test_anomaly_map(launches, mode):
+    # Levels of 81 and 25 pixels (64-pixel distance blocks, 40 and 48 channels: two 32-blocks)
+    # into a 40 x 36 map: two 32 x 32 output tiles each way.
+    shapes = [(2, 40, 9, 9), (2, 48, 5, 5)]
+    pairs = [features(shape, seed=k) for k, shape in enumerate(shapes)]
+    teachers, students = [p[0] for p in pairs], [p[1] for p in pairs]
+    got = snl_kernels.anomaly_map(teachers, students, (40, 36), 2.0, mode, backend="triton")
+    want = reference.anomaly_map([t.double() for t in teachers],
+                                 [s.double() for s in students], (40, 36), 2.0, mode)
+    assert_matches_oracle(got.maps, want.maps, atol=1e-5)
+    assert_matches_oracle(got.scores, want.scores, atol=1e-5)
+    _launched(launches, "_pixel_distance_kernel", BLOCK_P=64, BLOCK_C=32)
+    if mode == "add":  # (mul multiplies the upsampled levels in PyTorch)
+        _launched(launches, "_combine_kernel", BLOCK_H=32, BLOCK_W=32)
