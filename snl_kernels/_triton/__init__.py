@@ -9,6 +9,15 @@ The launchers choose their tiles, blocks, warps and product precisions through
 that keeps the interpreter quick on test shapes otherwise. ``SNL_TRITON_CONFIG=gpu`` makes
 the interpreter run exactly what a GPU launch would (the tests do, so the GPU's tiles are
 executed on a CPU); ``SNL_TRITON_CONFIG=cpu`` forces the interpreter's choice.
+
+Triton 3.6's interpreter needs numpy < 2.4 (``pip install "numpy<2.4"``; 2.3.5 runs the
+tests). It passes integer arguments to the kernel as 1-element numpy arrays and converts
+them back with ``int(array)`` when a loop bound needs an index (``for k0 in range(0, K,
+BLOCK_K)``); numpy 2.4 turned that conversion, deprecated since 1.25, into "TypeError: only
+0-dimensional arrays can be converted to Python scalars" (triton-lang/triton#9171; Triton
+3.9's interpreter squeezes the array first). Every kernel here loops to a runtime bound, and
+no kernel-side change avoids it that keeps the compiled loop a pipelined ``for``. Compiled
+code is not affected: the interpreter's argument handling is not used there.
 """
 
 import os
