@@ -15,7 +15,7 @@ tests). It passes integer arguments to the kernel as 1-element numpy arrays and 
 them back with ``int(array)`` when a loop bound needs an index (``for k0 in range(0, K,
 BLOCK_K)``); numpy 2.4 turned that conversion, deprecated since 1.25, into "TypeError: only
 0-dimensional arrays can be converted to Python scalars" (triton-lang/triton#9171; Triton
-3.9's interpreter squeezes the array first). Every kernel here loops to a runtime bound, and
+3.9's interpreter squeezes the array first). Most kernels here loop to a runtime bound, and
 no kernel-side change avoids it that keeps the compiled loop a pipelined ``for``. Compiled
 code is not affected: the interpreter's argument handling is not used there.
 """
