@@ -46,3 +46,9 @@ def gpu_config(interpreted: bool) -> bool:
         raise ValueError(f"{CONFIG_VARIABLE} must be one of {', '.join(CONFIGS)} (or unset), "
                          f"got {value!r}")
     return value == "gpu"
+
+
+def strides(x, names: str) -> dict[str, int]:
+    """x's strides as keyword arguments of a launch, one name per dimension in order:
+    ``**strides(teacher, "stride_tb stride_tc stride_th stride_tw")``."""
+    return dict(zip(names.split(), x.stride(), strict=True))

@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import gpu_config
+from . import gpu_config, strides
 
 BLOCK_ROWS = 32
 BLOCK_K = 32
@@ -553,8 +553,8 @@ def inv_norms(x: Tensor, pix_rows: bool, eps: float) -> Tensor:
     R, K = (H * W, C) if pix_rows else (C, H * W)
     out = torch.empty((B, R), device=x.device, dtype=torch.float32)
     _inv_norm_kernel[(triton.cdiv(R, BLOCK_ROWS), B)](
-        x, out, R, K, W, *x.stride(), EPS=eps, PIX_ROWS=pix_rows,
-        BLOCK_R=BLOCK_ROWS, BLOCK_K=BLOCK_K,
+        x_ptr=x, out_ptr=out, R=R, K=K, W=W, **strides(x, "s_b s_c s_h s_w"),
+        EPS=eps, PIX_ROWS=pix_rows, BLOCK_R=BLOCK_ROWS, BLOCK_K=BLOCK_K,
     )
     return out
 
@@ -581,6 +581,7 @@ def delta(a_s: Tensor, a_t: Tensor, b_s: Tensor, b_t: Tensor, r_as: Tensor, r_at
                  and bi == bj)
     bk = _pow2(K, hi=BLOCK_K)
     grid = (triton.cdiv(Ra, bi), triton.cdiv(Rb, bj), B)
+    # Pointers the kernel does not touch (no gradient asked, no signs) are given ``out``.
     if grad is None:
         out = torch.empty(grid[2:] + grid[:2], device=a_s.device, dtype=torch.float32)
         g_loss, coef = out, 0.0
@@ -588,9 +589,12 @@ def delta(a_s: Tensor, a_t: Tensor, b_s: Tensor, b_t: Tensor, r_as: Tensor, r_at
         out = torch.empty((B, Ra, Rb), device=a_s.device, dtype=torch.float32)
         g_loss, coef = grad
     _delta_kernel[grid](
-        a_s, a_t, b_s, b_t, r_as, r_at, r_bs, r_bt, out, g_loss, coef,
-        out if signs is None else signs, Ra, Rb, K, Wa, triton.cdiv(Rb, 32),
-        *a_s.stride(), *a_t.stride(), *b_s.stride(), *b_t.stride(),
+        as_ptr=a_s, at_ptr=a_t, bs_ptr=b_s, bt_ptr=b_t,
+        ras_ptr=r_as, rat_ptr=r_at, rbs_ptr=r_bs, rbt_ptr=r_bt,
+        out_ptr=out, g_ptr=g_loss, coef=coef, sign_ptr=out if signs is None else signs,
+        Ra=Ra, Rb=Rb, K=K, W=Wa, WORDS=triton.cdiv(Rb, 32),
+        **strides(a_s, "as_b as_c as_h as_w"), **strides(a_t, "at_b at_c at_h at_w"),
+        **strides(b_s, "bs_b bs_c bs_h bs_w"), **strides(b_t, "bt_b bt_c bt_h bt_w"),
         A_PIX=pix_rows, B_PIX=pix_rows, L1=l1, WRITE_GRAD=grad is not None,
         SYMMETRIC=symmetric, WRITE_SIGNS=signs is not None, BITS=min(bj, 32),
         BI=bi, BJ=bj, BK=bk,
@@ -607,18 +611,22 @@ def intra_tiled_grad(s: Tensor, t: Tensor, r_s: Tensor, r_t: Tensor, grad_loss: 
     B, C, H, W = s.shape
     N = H * W
     g_s = torch.empty((B, C, H, W), device=s.device, dtype=torch.float32)
-    g_t = torch.empty_like(g_s) if teacher else g_s
+    g_t = torch.empty_like(g_s) if teacher else None
     tile, max_bc, max_bc_signs = _tiles()
     bi = bj = _pow2(N, hi=tile)
     bc = _pow2(C, hi=max_bc if signs is None else max_bc_signs)
     _intra_tiled_grad_kernel[(triton.cdiv(N, bi), triton.cdiv(C, bc), B)](
-        s, t, r_s, r_t, g_s, g_t, grad_loss, coef, g_s if signs is None else signs,
-        N, C, W, triton.cdiv(N, 32), *s.stride(), *t.stride(),
+        s_ptr=s, t_ptr=t, rs_ptr=r_s, rt_ptr=r_t,
+        # Without the teacher's gradient or the signs, those pointers are unused: g_s.
+        gs_ptr=g_s, gt_ptr=g_s if g_t is None else g_t, g_ptr=grad_loss, coef=coef,
+        sign_ptr=g_s if signs is None else signs,
+        N=N, C=C, W=W, WORDS=triton.cdiv(N, 32),
+        **strides(s, "s_b s_c s_h s_w"), **strides(t, "t_b t_c t_h t_w"),
         L1=l1, TEACHER=teacher, SIGNS=signs is not None, BI=bi, BJ=bj,
         BK=_pow2(C, hi=BLOCK_K), BC=bc,
         PRECISION=dot_precision(l1, N), num_warps=8,
     )
-    return g_s, g_t if teacher else None
+    return g_s, g_t
 
 
 def gram_loss(s: Tensor, t: Tensor, r_s: Tensor, r_t: Tensor) -> Tensor:
@@ -628,7 +636,10 @@ def gram_loss(s: Tensor, t: Tensor, r_s: Tensor, r_t: Tensor) -> Tensor:
     grid = (triton.cdiv(C, bi), triton.cdiv(C, bi), B)
     out = torch.empty((B, grid[0], grid[1]), device=s.device, dtype=torch.float32)
     _gram_kernel[grid](
-        s, t, r_s, r_t, out, out, out, out, out, C, H * W, W, *s.stride(), *t.stride(),
+        s_ptr=s, t_ptr=t, rs_ptr=r_s, rt_ptr=r_t, out_ptr=out,
+        # WRITE=False writes no Gram: the Gram pointers are unused.
+        g1_ptr=out, g2_ptr=out, g3_ptr=out, g4_ptr=out,
+        C=C, N=H * W, W=W, **strides(s, "s_b s_c s_h s_w"), **strides(t, "t_b t_c t_h t_w"),
         WRITE=False, TEACHER=False, BI=bi, BJ=bi, BK=_pow2(H * W, hi=BLOCK_K),
         PRECISION=dot_precision(False, H * W),
     )
@@ -642,12 +653,15 @@ def gram_grad(s: Tensor, t: Tensor, r_s: Tensor, r_t: Tensor, grad_loss: Tensor,
     N = H * W
     grams = [torch.empty((B, C, C), device=s.device, dtype=torch.float32)
              for _ in range(4 if teacher else 2)]
+    # Without the teacher's gradient G_TS and G_TD are not written: their pointers are unused.
     g3, g4 = (grams[2], grams[3]) if teacher else (grams[0], grams[1])
     bi = _pow2(C, hi=BLOCK_GRAM)
     bk = _pow2(N, hi=BLOCK_K)
     _gram_kernel[(triton.cdiv(C, bi), triton.cdiv(C, bi), B)](
-        s, t, r_s, r_t, grams[0], grams[0], grams[1], g3, g4, C, N, W,
-        *s.stride(), *t.stride(), WRITE=True, TEACHER=teacher, BI=bi, BJ=bi, BK=bk,
+        s_ptr=s, t_ptr=t, rs_ptr=r_s, rt_ptr=r_t,
+        out_ptr=grams[0],  # WRITE=True writes no loss: unused
+        g1_ptr=grams[0], g2_ptr=grams[1], g3_ptr=g3, g4_ptr=g4, C=C, N=N, W=W,
+        **strides(s, "s_b s_c s_h s_w"), **strides(t, "t_b t_c t_h t_w"), WRITE=True, TEACHER=teacher, BI=bi, BJ=bi, BK=bk,
         PRECISION=dot_precision(False, N),
     )
     bn = _pow2(N, hi=_tiles()[0])
@@ -656,8 +670,9 @@ def gram_grad(s: Tensor, t: Tensor, r_s: Tensor, r_t: Tensor, grad_loss: Tensor,
     for g1, g2, sign in ((grams[0], grams[1], 1.0), (g3, g4, -1.0))[: 2 if teacher else 1]:
         out = torch.empty((B, C, H, W), device=s.device, dtype=torch.float32)
         _gram_apply_kernel[grid](
-            s, t, r_s, r_t, g1, g2, out, grad_loss, sign * coef, C, N, W,
-            *s.stride(), *t.stride(), BI=bi, BN=bn, BK=_pow2(C, hi=BLOCK_K),
+            s_ptr=s, t_ptr=t, rs_ptr=r_s, rt_ptr=r_t, g1_ptr=g1, g2_ptr=g2, out_ptr=out,
+            g_ptr=grad_loss, coef=sign * coef, C=C, N=N, W=W,
+            **strides(s, "s_b s_c s_h s_w"), **strides(t, "t_b t_c t_h t_w"), BI=bi, BN=bn, BK=_pow2(C, hi=BLOCK_K),
             PRECISION=dot_precision(False, N),
         )
         outs.append(out)
@@ -675,7 +690,8 @@ def scaled_mm(g: Tensor, y: Tensor, r_y: Tensor, alpha: float, precision: str) -
     bm = _pow2(M, hi=tile)
     bn = _pow2(N, hi=tile)
     _scaled_mm_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn), B)](
-        g, y, r_y, out, alpha, M, N, K, W, *g.stride(), *y.stride(),
+        g_ptr=g, y_ptr=y, ry_ptr=r_y, out_ptr=out, alpha=alpha, M=M, N=N, K=K, W=W,
+        **strides(g, "g_b g_m g_k"), **strides(y, "y_b y_c y_h y_w"),
         BM=bm, BN=bn, BK=_pow2(K, hi=BLOCK_K),
         PRECISION=precision,
     )
@@ -690,7 +706,9 @@ def norm_backward(f: Tensor, r: Tensor, gx: Tensor, pix_rows: bool, eps: float,
     R, K = (H * W, C) if pix_rows else (C, H * W)
     out = gx if out is None else out
     _norm_bwd_kernel[(triton.cdiv(R, BLOCK_ROWS), B)](
-        f, r, gx, out, R, K, W, *f.stride(), *gx.stride(), *out.stride(),
+        f_ptr=f, r_ptr=r, gx_ptr=gx, out_ptr=out, R=R, K=K, W=W,
+        **strides(f, "f_b f_c f_h f_w"), **strides(gx, "gx_b gx_c gx_h gx_w"),
+        **strides(out, "o_b o_c o_h o_w"),
         EPS=eps, PIX_ROWS=pix_rows, BLOCK_R=BLOCK_ROWS, BLOCK_K=BLOCK_K,
     )
     return out
@@ -706,7 +724,8 @@ def pool(f: Tensor, size: tuple[int, int]) -> Tensor:
     h, w = size
     out = torch.empty((B, C, h, w), device=f.device, dtype=torch.float32)
     _pool_kernel[(triton.cdiv(out.numel(), BLOCK_ELEMENTS),)](
-        f, out, out.numel(), C, H, W, h, w, *f.stride(),
+        f_ptr=f, out_ptr=out, total=out.numel(), C=C, H_in=H, W_in=W, H_out=h, W_out=w,
+        **strides(f, "f_b f_c f_h f_w"),
         MAX_BH=_max_bin(H, h), MAX_BW=_max_bin(W, w), BLOCK=BLOCK_ELEMENTS,
     )
     return out
@@ -718,6 +737,7 @@ def unpool(g: Tensor, like: Tensor) -> Tensor:
     h, w = g.shape[2:]
     out = torch.empty((B, C, H, W), device=g.device, dtype=like.dtype)
     _unpool_kernel[(triton.cdiv(out.numel(), BLOCK_ELEMENTS),)](
-        g, out, out.numel(), C, H, W, h, w, *out.stride(), BLOCK=BLOCK_ELEMENTS,
+        g_ptr=g, out_ptr=out, total=out.numel(), C=C, H_in=H, W_in=W, H_out=h, W_out=w,
+        **strides(out, "o_b o_c o_h o_w"), BLOCK=BLOCK_ELEMENTS,
     )
     return out

@@ -15,6 +15,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import strides
+
 # The same blocks in both configurations (see ``gpu_config`` in ``__init__.py``).
 BLOCK_P = 64
 BLOCK_C = 32
@@ -101,8 +103,10 @@ def pixel_distances(teachers: list[Tensor], students: list[Tensor], eps: float,
         _, C, H, W = t.shape
         out = m[:, level]
         _pixel_distance_kernel[(triton.cdiv(H * W, BLOCK_P), B)](
-            t, s, out, C, H, W, out.stride(0), out.stride(1),
-            *t.stride(), *s.stride(),
+            t_ptr=t, s_ptr=s, out_ptr=out, C=C, H=H, W=W,
+            stride_ob=out.stride(0), stride_oh=out.stride(1),
+            **strides(t, "stride_tb stride_tc stride_th stride_tw"),
+            **strides(s, "stride_sb stride_sc stride_sh stride_sw"),
             EPS=eps, BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P,
         )
     return m
@@ -115,7 +119,8 @@ def combine(m: Tensor, mh: Tensor, mw: Tensor, height: int, width: int) -> tuple
     maps = torch.empty((B, 1, height, width), device=m.device, dtype=torch.float32)
     tile_max = torch.empty((B, n_h * n_w), device=m.device, dtype=torch.float32)
     _combine_kernel[(n_h, n_w, B)](
-        m, mh, mw, maps, tile_max, height, width, L, n_w,
+        m_ptr=m, mh_ptr=mh, mw_ptr=mw, out_ptr=maps, tile_max_ptr=tile_max,
+        H=height, W=width, L=L, n_tiles_w=n_w,
         HK=hk, WK=wk, BLOCK_H=BLOCK_H, BLOCK_W=BLOCK_W,
     )
     return maps, tile_max.amax(dim=1)

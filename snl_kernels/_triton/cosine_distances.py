@@ -17,6 +17,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import strides
+
 # The same blocks in both configurations (see ``gpu_config`` in ``__init__.py``).
 BLOCK_N = 64
 BLOCK_C = 32
@@ -199,9 +201,10 @@ def forward(teacher: Tensor, student: Tensor, eps: float):
     channel_stats = torch.empty((B, 3, C), **f32)
     partial = torch.empty((B, n_tiles, 3, C), **f32)
     _cosine_distances_fwd_kernel[(n_tiles, B)](
-        teacher, student, pixel, pixel_stats, partial,
-        C, N, W, n_tiles,
-        *teacher.stride(), *student.stride(),
+        t_ptr=teacher, s_ptr=student, pixel_ptr=pixel, pixel_stats_ptr=pixel_stats,
+        partial_ptr=partial, C=C, N=N, W=W, n_tiles=n_tiles,
+        **strides(teacher, "stride_tb stride_tc stride_th stride_tw"),
+        **strides(student, "stride_sb stride_sc stride_sh stride_sw"),
         EPS=eps, BLOCK_C=BLOCK_C, BLOCK_N=BLOCK_N,
     )
     _cosine_distances_fin_kernel[(B,)](
@@ -221,13 +224,21 @@ def backward(teacher: Tensor, student: Tensor, pixel_stats: Tensor, channel_stat
     sample_stats = channel_stats.sum(dim=2).contiguous()
     grad_student = torch.empty_like(student)
     grad_teacher = torch.empty_like(teacher) if need_teacher else teacher.new_empty((0,))
-    dt_strides = grad_teacher.stride() if need_teacher else (0, 0, 0, 0)
+    # Without the teacher's gradient dt_ptr is never written: any pointer, zero strides.
+    dt_names = "stride_dtb stride_dtc stride_dth stride_dtw"
+    dt_strides = (strides(grad_teacher, dt_names) if need_teacher
+                  else dict.fromkeys(dt_names.split(), 0))
     _cosine_distances_bwd_kernel[(triton.cdiv(N, BLOCK_N), B)](
-        teacher, student, pixel_stats, channel_stats, sample_stats,
-        grad_pixel.contiguous(), grad_channel.contiguous(), grad_sample.contiguous(),
-        grad_teacher if need_teacher else grad_student, grad_student,
-        C, N, W,
-        *teacher.stride(), *student.stride(), *dt_strides, *grad_student.stride(),
+        t_ptr=teacher, s_ptr=student, pixel_stats_ptr=pixel_stats,
+        channel_stats_ptr=channel_stats, sample_stats_ptr=sample_stats,
+        g_pixel_ptr=grad_pixel.contiguous(), g_channel_ptr=grad_channel.contiguous(),
+        g_sample_ptr=grad_sample.contiguous(),
+        dt_ptr=grad_teacher if need_teacher else grad_student, ds_ptr=grad_student,
+        C=C, N=N, W=W,
+        **strides(teacher, "stride_tb stride_tc stride_th stride_tw"),
+        **strides(student, "stride_sb stride_sc stride_sh stride_sw"),
+        **dt_strides,
+        **strides(grad_student, "stride_dsb stride_dsc stride_dsh stride_dsw"),
         EPS=eps, NEED_T=need_teacher, BLOCK_C=BLOCK_C, BLOCK_N=BLOCK_N,
     )
     return grad_teacher, grad_student

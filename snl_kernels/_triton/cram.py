@@ -16,6 +16,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import strides
+
 # The same blocks in both configurations (see ``gpu_config`` in ``__init__.py``).
 BLOCK_P = 32
 BLOCK_D = 64
@@ -176,8 +178,10 @@ def forward(embedding: Tensor, centers: Tensor, log_tau: Tensor):
     KP = _pad_k(K)
     block_p, block_d = _blocks(KP)
     _cram_fwd_kernel[(triton.cdiv(P, block_p),)](
-        embedding, centers, log_tau, central, assign, compact, dist,
-        P, N, W, D, K, *embedding.stride(), *centers.stride(),
+        e_ptr=embedding, c_ptr=centers, log_tau_ptr=log_tau, central_ptr=central,
+        assign_ptr=assign, compact_ptr=compact, dist_ptr=dist, P=P, N=N, W=W, D=D, K=K,
+        **strides(embedding, "stride_eb stride_ed stride_eh stride_ew"),
+        **strides(centers, "stride_ck stride_cd"),
         KP=KP, BLOCK_P=block_p, BLOCK_D=block_d,
     )
     return central, assign, compact, dist
@@ -197,12 +201,15 @@ def backward(embedding: Tensor, centers: Tensor, log_tau: Tensor, assign: Tensor
     g_c_partial = torch.empty((programs, KP, D), **f32)
     g_log_tau_partial = torch.empty((programs,), **f32)
     _cram_bwd_kernel[(programs,)](
-        embedding, centers, log_tau, assign.contiguous(), dist,
-        grad_central, grad_assign.contiguous(), grad_compact.contiguous(),
-        grad_embedding, g_c_partial, g_log_tau_partial,
-        P, N, W, D, K,
-        *embedding.stride(), *centers.stride(), *grad_central.stride(),
-        *grad_embedding.stride(),
+        e_ptr=embedding, c_ptr=centers, log_tau_ptr=log_tau, assign_ptr=assign.contiguous(),
+        dist_ptr=dist, g_central_ptr=grad_central, g_assign_ptr=grad_assign.contiguous(),
+        g_compact_ptr=grad_compact.contiguous(), g_e_ptr=grad_embedding,
+        g_c_partial_ptr=g_c_partial, g_log_tau_partial_ptr=g_log_tau_partial,
+        P=P, N=N, W=W, D=D, K=K,
+        **strides(embedding, "stride_eb stride_ed stride_eh stride_ew"),
+        **strides(centers, "stride_ck stride_cd"),
+        **strides(grad_central, "stride_gb stride_gd stride_gh stride_gw"),
+        **strides(grad_embedding, "stride_geb stride_ged stride_geh stride_gew"),
         KP=KP, BLOCK_P=block_p, BLOCK_D=block_d,
     )
     # Sums over programs in a fixed order: deterministic.
