@@ -1,0 +1,206 @@
+"""Fold the GPU round's logs and JSON files into OUTDIR/report.md (scripts/gpu_check.sh).
+
+    python scripts/gpu_report.py OUTDIR STEPS_TSV [--compile-bench JSON] [--total S]
+
+Reads what the round left in OUTDIR (env.log, build.log, smoke.json, tests.log, bench.json)
+and the steps file (name, seconds, exit code, limit per line); any of them may be missing or
+cut short, and the report says so instead of failing. The torch.compile benchmarks, run in
+the round's last step into a separate JSON file, are merged into bench.json. The report's
+first table is the smoke table: op, backend, ran, error, ms, target, ratio to eager and to
+torch.compile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import subprocess
+import sys
+
+
+def read(path: str) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def load_json(path: str | None) -> tuple[dict | None, str | None]:
+    if not path or not os.path.exists(path):
+        return None, f"{os.path.basename(path or '?')} was not written"
+    try:
+        with open(path) as f:
+            return json.load(f), None
+    except ValueError as exc:
+        return None, f"{os.path.basename(path)} is not valid JSON ({exc})"
+
+
+def git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def cell(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def table(header: list[str], rows: list[list[object]], align: str) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|",
+            *["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]]
+
+
+def smoke_section(out: str) -> list[str]:
+    data, problem = load_json(os.path.join(out, "smoke.json"))
+    lines = ["## Smoke: every op x backend once (fwd+bwd; anomaly map fwd)", ""]
+    if data is None:
+        return [*lines, f"({problem}: see smoke.log)", ""]
+    rows = []
+    for r in data.get("records", []):
+        if r.get("skipped"):
+            ran, err = "skipped", r["skipped"]
+        elif r.get("interrupted"):
+            ran, err = "cut off", r.get("error", "")
+        elif not r.get("ran"):
+            ran, err = "FAILED", r.get("error", "")
+        else:
+            ran = "yes" if r.get("within_tol", True) else "OFF"
+            err = f"{r.get('max_err', 0.0):.2e}"
+        target = (f"{r['target_ms']} ms" if r.get("target_ms") is not None
+                  else r.get("target") or "")
+        x_compile = r.get("x_compile")
+        if x_compile is not None and r.get("compile_ms_from") == "anchor":
+            x_compile = f"{x_compile} (anchor)"
+        rate = (f"{r['gbps']} GB/s" if "gbps" in r
+                else f"{r['tflops']} TFLOP/s" if "tflops" in r else "")
+        rows.append([r["op"], r["backend"], ran, err[:300] if isinstance(err, str) else err,
+                     r.get("ms"), rate, target, r.get("x_eager"), x_compile])
+    shapes = sorted({r["shapes"] for r in data.get("records", []) if r.get("shapes")})
+    lines += table(["op", "backend", "ran", "error (max rel.)", "ms", "rate", "target",
+                    "x eager", "x compile"], rows, ["---"] * 4 + ["---:"] * 2 + ["---"]
+                   + ["---:"] * 2)
+    lines += ["", f"Device: {data.get('device')}, torch {data.get('torch')}; shapes: "
+              + "; ".join(shapes) + ". Error: largest |kernel - reference| over outputs and "
+              "input gradients, relative to the reference's largest magnitude. x compile "
+              "(anchor): against the H200 torch.compile anchor of BENCHMARKS.md, not measured "
+              "in this run.", ""]
+    return lines
+
+
+def tests_section(out: str) -> list[str]:
+    log = read(os.path.join(out, "tests.log"))
+    summary = [line for line in log.splitlines()
+               if re.search(r"\d+ (passed|failed|errors?|skipped)|no tests ran", line)]
+    lines = ["## Kernel tests", "",
+             f"- summary: {summary[-1].strip('= ') if summary else '(no summary line)'}"]
+    if "KeyboardInterrupt" in log:
+        lines.append("- stopped at its time limit (SIGINT): the summary counts what ran")
+    problems = [line for line in log.splitlines() if line.startswith(("FAILED", "ERROR"))]
+    if problems:
+        lines += ["", "```", *problems[:40], "```"]
+        if len(problems) > 40:
+            lines.append(f"({len(problems) - 40} more in tests.log)")
+    return [*lines, ""]
+
+
+def bench_section(out: str, compile_json: str | None) -> list[str]:
+    path = os.path.join(out, "bench.json")
+    data, problem = load_json(path)
+    extra, _ = load_json(compile_json)
+    benchmarks = list((data or {}).get("benchmarks", []))
+    if extra and extra.get("benchmarks"):
+        benchmarks += extra["benchmarks"]
+        merged = dict(data or extra)
+        merged["benchmarks"] = benchmarks
+        with open(path, "w") as f:
+            json.dump(merged, f)
+    lines = ["## Benchmarks (pytest-benchmark)", ""]
+    if not benchmarks:
+        return [*lines, f"({problem or 'no benchmark ran'}: see bench.log)", ""]
+    preferred = ["gbps", "frac_copy_bw", "peak_extra_mb"]
+    keys = [k for k in preferred if any(k in b.get("extra_info", {}) for b in benchmarks)]
+    rows = [[b["name"], b["stats"]["median"] * 1e3,
+             *[b.get("extra_info", {}).get(k) for k in keys]] for b in benchmarks]
+    return [*table(["name", "median ms", *keys], rows, ["---"] + ["---:"] * (1 + len(keys))),
+            ""]
+
+
+def steps_section(steps_path: str, total: int | None) -> list[str]:
+    rows = [line.split("\t") for line in read(steps_path).splitlines() if line.strip()]
+    spent = sum(int(r[1]) for r in rows if len(r) > 1 and r[1].isdigit())
+    lines = ["## Steps", ""]
+    lines += table(["step", "seconds", "exit", "limit"], [r + [""] * (4 - len(r)) for r in rows],
+                   ["---", "---:", "---:", "---:"])
+    note = f"{spent} s in the steps" + (f", within the round's {total} s" if total else "")
+    return [*lines, "", note + ". Exit 124: stopped by SIGINT at its limit; 137: killed "
+                   "after the 10 s margin; skipped: no time left.", ""]
+
+
+def header(out: str) -> list[str]:
+    env = read(os.path.join(out, "env.log"))
+    versions = "; ".join(line[len("version: "):] for line in env.splitlines()
+                         if line.startswith("version: "))
+    nvcc = re.search(r"Cuda compilation tools, release [^\n]*", env)
+    toolkit = re.search(r"^cuda toolkit: (.*)$", env, re.M)
+    card = re.search(r"^device: (.*)$", env, re.M)
+    commit = os.environ.get("GIT_COMMIT") or git("rev-parse", "--short", "HEAD") or "unknown"
+    if not os.environ.get("GIT_COMMIT") and git("status", "--porcelain"):
+        commit += " (with local changes)"
+    return [
+        "# GPU round",
+        "",
+        f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        f"- card: {card.group(1) if card else '(unknown: see env.log)'}",
+        f"- versions: {versions or '(see env.log)'}",
+        f"- nvcc: {nvcc.group(0) if nvcc else '(not found)'}; toolkit: "
+        f"{toolkit.group(1) if toolkit else '(not found)'}",
+        f"- commit: {commit}",
+        "- command: scripts/gpu_check.sh OUTDIR",
+        "",
+    ]
+
+
+def build_section(out: str, steps_path: str) -> list[str]:
+    rows = [line.split("\t") for line in read(steps_path).splitlines()]
+    if any(r[0] == "build" and r[2:3] == ["0"] for r in rows if len(r) > 2):
+        return []
+    log = read(os.path.join(out, "build.log"))
+    tail = [line for line in log.splitlines() if line.strip()][-25:]
+    return ["## Build (did not pass)", "", "```", *tail, "```", ""]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("outdir")
+    parser.add_argument("steps", help="the round's steps file (tab-separated)")
+    parser.add_argument("--compile-bench", help="JSON of the torch.compile benchmarks")
+    parser.add_argument("--total", type=int, help="the round's time limit in seconds")
+    args = parser.parse_args(argv)
+    out = args.outdir
+    sections = ((header, (out,)), (smoke_section, (out,)), (tests_section, (out,)),
+                (build_section, (out, args.steps)), (steps_section, (args.steps, args.total)),
+                (bench_section, (out, args.compile_bench)))
+    lines: list[str] = []
+    for section, section_args in sections:
+        try:
+            lines += section(*section_args)
+        except Exception as exc:  # one broken section must not cost the others
+            lines += [f"({section.__name__} failed: {type(exc).__name__}: {exc})", ""]
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write("\n".join(lines))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""The GPU round's scripts, run on this machine before a GPU sees them.
+
+- ``scripts/gpu_smoke.py`` on the CPU: every op x backend at small shapes, Triton under its
+  interpreter, CUDA skipped with the reason; its records are checked, not just its exit code.
+- ``scripts/gpu_report.py`` on partial output: the report is written whatever is missing.
+- ``scripts/gpu_check.sh`` end to end with short limits: a step cut off at its limit is
+  stopped with SIGINT and still leaves its summary; the round stays within its deadline,
+  writes report.md and at most 8 files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from support import HAS_GPU, NO_TRITON
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "scripts" / "gpu_smoke.py"
+REPORT = ROOT / "scripts" / "gpu_report.py"
+CHECK = ROOT / "scripts" / "gpu_check.sh"
+OPS = ["cosine_distances", "intra_affinity_loss/l2", "intra_affinity_loss/l1",
+       "inter_affinity_loss/l2", "inter_affinity_loss/l1", "cram", "anomaly_map"]
+
+pytestmark = pytest.mark.skipif(HAS_GPU, reason="the CPU run of the round's scripts; on a GPU "
+                                "the round itself runs them at full size")
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "SNL_"))}
+    env["TRITON_INTERPRET"] = "1"
+    env["PYTHON"] = sys.executable
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> tuple[dict, subprocess.CompletedProcess]:
+    out = tmp_path_factory.mktemp("smoke") / "smoke.json"
+    proc = subprocess.run([sys.executable, str(SMOKE), "--out", str(out)], env=_env(),
+                          capture_output=True, text=True, timeout=900)
+    assert out.exists(), proc.stdout + proc.stderr
+    return json.loads(out.read_text()), proc
+
+
+def test_smoke_runs_every_op_and_backend_on_cpu(smoke):
+    data, proc = smoke
+    records = {(r["op"], r["backend"]): r for r in data["records"]}
+    assert sorted(records) == sorted((op, b) for op in OPS for b in ("torch", "triton", "cuda"))
+    for op in OPS:
+        ref = records[(op, "torch")]
+        assert ref["ran"], ref
+        assert ref["max_err"] == 0.0, ref
+        assert ref["ms"] > 0, ref
+        assert ref["x_eager"] == 1.0
+        triton = records[(op, "triton")]
+        if NO_TRITON:
+            assert not triton["ran"]
+            assert "Triton" in triton["skipped"]
+        else:
+            # The kernels' results against the reference on the same inputs, with gradients.
+            assert triton["ran"], triton
+            assert triton["within_tol"], triton
+            assert triton["max_err"] < 1e-4, triton
+            assert triton["ms"] > 0
+            assert triton["x_eager"] > 0
+            if op != "anomaly_map":
+                assert triton["max_err_grad"] is not None, triton
+        cuda = records[(op, "cuda")]
+        assert not cuda["ran"], cuda
+        assert cuda["skipped"], cuda  # no GPU here: skipped with the reason
+        assert ("gbps" in ref) != ("tflops" in ref)
+        assert ref["target_ms"] is not None or ref["target"], ref
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_smoke_reports_an_error_against_the_reference(tmp_path):
+    """The comparison can fail: a tolerance below the kernels' rounding flags them."""
+    if NO_TRITON:
+        pytest.skip(NO_TRITON)
+    out = tmp_path / "smoke.json"
+    proc = subprocess.run([sys.executable, str(SMOKE), "--out", str(out), "--ops", "cram",
+                           "--backends", "torch", "triton", "--tol", "0"], env=_env(),
+                          capture_output=True, text=True, timeout=600)
+    records = {r["backend"]: r for r in json.loads(out.read_text())["records"]}
+    assert records["torch"]["within_tol"]  # identical to itself
+    assert records["triton"]["max_err"] > 0
+    assert not records["triton"]["within_tol"]
+    assert proc.returncode == 1
+    assert "OFF" in proc.stdout
+
+
+def test_report_from_partial_output(smoke, tmp_path):
+    data, _ = smoke
+    (tmp_path / "smoke.json").write_text(json.dumps(data))
+    (tmp_path / "tests.log").write_text(
+        "....F\n!!! KeyboardInterrupt !!!\nFAILED tests/test_x.py::test_y - AssertionError\n"
+        "1 failed, 4 passed in 12.0s\n")
+    steps = tmp_path / "steps.tsv"
+    steps.write_text("env\t3\t0\t20\nbuild\t70\t124\t70\nsmoke\t9\t0\t70\ntests\t90\t124\t90\n")
+    proc = subprocess.run([sys.executable, str(REPORT), str(tmp_path), str(steps)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    report = (tmp_path / "report.md").read_text()
+    first_table = next(line for line in report.splitlines() if line.startswith("|"))
+    assert first_table.startswith("| op | backend | ran | error")
+    for op in OPS:
+        assert f"| {op} | triton |" in report
+    assert "1 failed, 4 passed" in report
+    assert "FAILED tests/test_x.py::test_y" in report
+    assert "stopped at its time limit" in report
+    assert "## Build (did not pass)" in report
+    assert "bench.json was not written" in report
+
+
+def test_gpu_check_always_reports_within_its_deadline(tmp_path):
+    """The whole round with short limits: a test step cut off by SIGINT keeps its summary."""
+    if shutil.which("timeout") is None:
+        pytest.skip("coreutils timeout is not installed")
+    tests = tmp_path / "slow_tests"
+    tests.mkdir()
+    (tests / "test_slow.py").write_text(
+        "import time\n\ndef test_quick():\n    pass\n\n"
+        "def test_slow():\n    time.sleep(600)\n")
+    out = tmp_path / "out"
+    total = 100
+    env = _env(TOTAL_S=str(total), LIMIT_BUILD="5", LIMIT_SMOKE="60", LIMIT_TESTS="20",
+               LIMIT_BENCH="10", SMOKE_ARGS="--ops cram --backends torch", XDIST_WORKERS="1",
+               TEST_FILES=str(tests / "test_slow.py"), TEST_TIMEOUT_S="300",
+               BENCH_FILES="benchmarks/bench_copy.py")
+    start = time.monotonic()
+    proc = subprocess.run(["bash", str(CHECK), str(out)], env=env, capture_output=True,
+                          text=True, timeout=total + 60, cwd=tmp_path)
+    elapsed = time.monotonic() - start
+    assert elapsed <= total + 5, f"{elapsed:.0f} s for a {total} s round\n{proc.stdout}"
+    assert proc.returncode == 1  # the build cannot pass here, and the slow test was cut off
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8, files
+    assert "report.md" in files, files
+    report = (out / "report.md").read_text()
+    assert report.startswith("# GPU round"), report[:500]
+    assert "| cram | torch | yes |" in report
+    steps = {line.split(" | ")[0].strip("| "): line for line in report.splitlines()
+             if line.startswith("| ") and line.count("|") == 5}
+    assert " 124 " in steps["tests"], steps  # stopped at its limit
+    log = (out / "tests.log").read_text()
+    assert "KeyboardInterrupt" in log, log[-2000:]
+    assert "1 passed" in log, log[-2000:]
+    assert "stopped at its time limit" in report
