@@ -2,19 +2,27 @@
 
 The CPU interpreter (``TRITON_INTERPRET=1``) runs the kernels' arithmetic but not Triton's
 compiler: layout, shape and type rules of real code generation go unchecked there. This
-script replaces ``JITFunction.run`` with one that compiles the launch's specialisation to
-a cubin with ``triton.compile`` (no driver, no GPU needed) instead of running it, then calls
-each Triton op on CPU tensors of every dtype and flag combination the library uses, so
-that every specialisation a GPU run would compile is compiled here.
+script lets Triton's own ``JITFunction.run`` handle every launch as it would on a GPU (the
+binder specialises the arguments, the backend turns that into compile attributes, the
+options are parsed), with two changes: a stand-in driver reports the target GPU (no driver,
+no GPU needed), and each launch is a warm-up, so the kernel is compiled to a cubin and not
+run. Each Triton op is then called on CPU tensors of every dtype and flag combination the
+library uses, so that every specialisation a GPU run of these calls would compile is compiled
+here, with the same attributes: integer arguments divisible by 16 and 16-byte aligned
+pointers get ``tt.divisibility = 16`` (vector loads, different products), integer arguments
+equal to 1 become constants. PyTorch's CPU allocations are 64-byte aligned like a GPU
+allocator's (checked at each launch), so a tensor's alignment is the one a GPU launch sees.
 
     python scripts/triton_compile_check.py [--arch 90] [--quick]
 
 ``--quick``: float32 inputs and K <= 64 centres only (the test suite's setting; the full run
 also compiles fp16/bf16 and K = 256, a few minutes more on a cold cache).
 
-Prints one line per compiled specialisation (registers, spills, shared memory) and exits 1
-if any failed to compile or needs more shared memory than a block may have on the target
-(such a kernel compiles but cannot launch). The launch results are garbage (nothing runs).
+Prints one line per compiled specialisation (its attributes: ``div16`` arguments, ``=1``
+arguments; registers, spills, shared memory) and exits 1 if any failed to compile, needs more
+shared memory than a block may have on the target (such a kernel compiles but cannot launch),
+or if no specialisation got a divisibility attribute (the attribute path did nothing). The
+launch results are garbage (nothing runs).
 """
 
 from __future__ import annotations
@@ -35,69 +43,160 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from triton.runtime.driver import driver as triton_driver
 from triton.runtime.jit import JITFunction
 
-_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16",
-          torch.float64: "*fp64", torch.int64: "*i64", torch.int32: "*i32"}
-_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 # Shared memory one block may opt into (cudaDevAttrMaxSharedMemoryPerBlockOptin).
 MAX_SHARED_BYTES = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+# What a GPU allocator guarantees at least (PyTorch's caching allocator: 512 bytes), and what
+# Triton's specialisation tests pointers for.
+ALIGNMENT = 16
+# The JITFunction internals this script relies on, as in Triton 3.6 to 3.9: run() specialises
+# a launch with the binder, and compiles through _do_compile when that specialisation is not
+# in its cache; the compile target comes from the active driver.
+DO_COMPILE_PARAMS = ("self", "key", "signature", "device", "constexprs", "options", "attrs",
+                     "warmup")
+
+
+def check_triton_layout() -> None:
+    """Exit with the reason if this Triton's JIT is not laid out as this script expects."""
+    problems = []
+    run = getattr(JITFunction, "run", None)
+    if run is None or "warmup" not in inspect.signature(run).parameters:
+        problems.append("JITFunction.run has no warmup argument")
+    do_compile = getattr(JITFunction, "_do_compile", None)
+    params = tuple(inspect.signature(do_compile).parameters) if do_compile else None
+    if params != DO_COMPILE_PARAMS:
+        problems.append(f"JITFunction._do_compile takes {params}, expected {DO_COMPILE_PARAMS}")
+    if not hasattr(triton_driver, "set_active"):
+        problems.append("triton.runtime.driver.driver has no set_active")
+    if problems:
+        sys.exit(f"unknown Triton layout (triton {triton.__version__}, "
+                 f"{os.path.dirname(triton.__file__)}): {'; '.join(problems)}. This script "
+                 "knows Triton 3.6 to 3.9; see JITFunction.run in triton/runtime/jit.py.")
+
+
+class TargetDriver:
+    """Stands in for Triton's GPU driver in JITFunction.run: the target GPU, device 0, stream 0.
+
+    Any other request (loading or launching a kernel, device properties) is an error: this
+    Triton's JIT needs more of a driver than a warm-up compile did in Triton 3.6 to 3.9.
+    """
+
+    def __init__(self, target: GPUTarget):
+        self.target = target
+
+    def get_current_target(self) -> GPUTarget:
+        return self.target
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device: int | None = None) -> int:
+        return 0
+
+    def __getattr__(self, name: str):
+        raise AttributeError(f"the compile check's stand-in driver has no {name!r}: unknown "
+                             f"Triton layout (triton {triton.__version__})")
+
+
+def tensors(values):
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, (tuple, list)):
+            yield from tensors(value)
+
+
+def attribute_names(fn: JITFunction, signature: dict, constexprs: dict, attrs: dict):
+    """Arguments given tt.divisibility 16, and non-constexpr arguments made constants (=1)."""
+    names = [p.name for p in fn.params]
+
+    def name(path):
+        return names[path[0]] + "".join(f"[{i}]" for i in path[1:])
+
+    div16 = [name(path) for path, values in attrs.items()
+             if not fn.params[path[0]].is_constexpr
+             and any(v[0] == "tt.divisibility" and v[1] % 16 == 0 for v in values)]
+    constants = [f"{name(path)}={value!r}" for path, value in constexprs.items()
+                 if not fn.params[path[0]].is_constexpr]
+    return sorted(div16), sorted(constants)
 
 
 class Compiler:
+    """Compiles each specialisation Triton's JIT asks for, and records how it went."""
+
     def __init__(self, arch: int):
         self.target = GPUTarget("cuda", arch, 32)
+        # (kernel, the JIT's key: types, attributes, constexprs, options) -> None or the failure
         self.done: dict[tuple, str | None] = {}
+        self.with_divisibility = 0  # specialisations with tt.divisibility in their Triton IR
+        self.with_constants = 0  # with non-constexpr arguments made constants (=1)
 
-    def run(self, fn: JITFunction, *args, grid, warmup, **kwargs):
-        options = {k: kwargs.pop(k) for k in _OPTIONS if k in kwargs}
-        bound = inspect.signature(fn.fn).bind(*args, **kwargs)
-        bound.apply_defaults()
-        signature, constexprs = {}, {}
-        for index, param in enumerate(fn.params):
-            value = bound.arguments[param.name]
-            if param.is_constexpr:
-                signature[param.name] = "constexpr"
-                constexprs[(index,)] = value
-            elif isinstance(value, torch.Tensor):
-                signature[param.name] = _TYPES[value.dtype]
-            elif isinstance(value, bool):
-                signature[param.name] = "i1"
-            elif isinstance(value, int):
-                signature[param.name] = "i32" if -2**31 <= value < 2**31 else "i64"
-            elif isinstance(value, float):
-                signature[param.name] = "fp32"
-            else:
-                raise TypeError(f"{fn.__name__}: argument {param.name} of type {type(value)}")
-        key = (fn.__name__, tuple(sorted(signature.items())),
-               tuple(sorted((k[0], repr(v)) for k, v in constexprs.items())),
-               tuple(sorted(options.items())))
-        if key in self.done:
+    def install(self) -> None:
+        """Route every Triton launch of this process through the JIT's warm-up compile."""
+        check_triton_layout()
+        triton_driver.set_active(TargetDriver(self.target))
+        jit_run, jit_do_compile = JITFunction.run, JITFunction._do_compile
+        compiler = self
+
+        def run(fn, *args, grid, warmup, **kwargs):
+            for t in tensors(list(args) + list(kwargs.values())):
+                base = t.untyped_storage().data_ptr()
+                if base % ALIGNMENT:
+                    raise RuntimeError(f"{fn.__name__}: a {tuple(t.shape)} tensor argument's "
+                                       f"storage is at {base:#x}, not {ALIGNMENT}-byte aligned "
+                                       "as a GPU allocation would be")
+            return jit_run(fn, *args, grid=grid, warmup=True, **kwargs)
+
+        def do_compile(fn, key, signature, device, constexprs, options, attrs, warmup):
+            return compiler.compile(jit_do_compile, fn, key, signature, device, constexprs,
+                                    options, attrs, warmup)
+
+        JITFunction.run = run
+        JITFunction._do_compile = do_compile
+
+    def compile(self, jit_do_compile, fn, key, signature, device, constexprs, options, attrs,
+                warmup):
+        done_key = (fn.__name__, key)
+        if done_key in self.done:  # failed before (the JIT caches the kernels that compiled)
             return None
-        consts = {fn.params[k[0]].name: v for k, v in constexprs.items()}
-        dtypes = sorted({v[1:] for v in signature.values() if v.startswith("*")})
-        label = f"{fn.__name__} {'/'.join(dtypes)} {consts} {options or ''}"
+        div16, constants = attribute_names(fn, signature, constexprs, attrs)
+        self.with_constants += bool(constants)
+        consts = {p.name: constexprs[(i,)] for i, p in enumerate(fn.params) if p.is_constexpr}
+        dtypes = sorted({v[1:] for v in signature.values()
+                         if isinstance(v, str) and v.startswith("*")})
+        label = (f"{fn.__name__} {'/'.join(dtypes)} {consts} num_warps={options.num_warps} "
+                 f"num_stages={options.num_stages}\n       div16: {','.join(div16) or '-'}; "
+                 f"constants: {','.join(constants) or '-'}")
         start = time.perf_counter()
         try:
-            compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs),
-                                      target=self.target, options=options)
+            kernel = jit_do_compile(fn, key, signature, device, constexprs, options, attrs,
+                                    warmup)
         except Exception:
-            self.done[key] = traceback.format_exc(limit=3)
-            print(f"FAIL {label}\n{self.done[key]}", flush=True)
+            self.done[done_key] = traceback.format_exc(limit=3)
+            print(f"FAIL {label}\n{self.done[done_key]}", flush=True)
+            return None
+        shared = getattr(kernel.metadata, "shared", 0)
+        usage = f"[{resource_usage(kernel.asm['cubin'])}, {shared} B shared]"
+        limit = MAX_SHARED_BYTES.get(self.target.arch)
+        # The attributes as the compiler got them: the kernel's signature in its Triton IR.
+        in_ir = sum(line.count("tt.divisibility = 16") for line in kernel.asm["ttir"].splitlines()
+                    if line.lstrip().startswith("tt.func public"))
+        self.with_divisibility += in_ir > 0
+        if in_ir != len(div16):
+            self.done[done_key] = (f"{len(div16)} arguments specialised as divisible by 16, "
+                                   f"{in_ir} so marked in the kernel's Triton IR")
+            print(f"FAIL {label} {usage}: {self.done[done_key]}", flush=True)
+        elif limit is not None and shared > limit:
+            # Compiles, but the launch would fail with "out of resource: shared memory".
+            self.done[done_key] = (f"needs {shared} B of shared memory, "
+                                   f"sm_{self.target.arch} allows {limit}")
+            print(f"FAIL {label} {usage}: {self.done[done_key]}", flush=True)
         else:
-            shared = getattr(compiled.metadata, "shared", 0)
-            usage = f"[{resource_usage(compiled.asm['cubin'])}, {shared} B shared]"
-            limit = MAX_SHARED_BYTES.get(self.target.arch)
-            if limit is not None and shared > limit:
-                # Compiles, but the launch would fail with "out of resource: shared memory".
-                self.done[key] = (f"needs {shared} B of shared memory, "
-                                  f"sm_{self.target.arch} allows {limit}")
-                print(f"FAIL {label} {usage}: {self.done[key]}", flush=True)
-            else:
-                self.done[key] = None
-                print(f"ok   {label} ({time.perf_counter() - start:.1f} s) {usage}", flush=True)
-        return None
+            self.done[done_key] = None
+            print(f"ok   {label} ({time.perf_counter() - start:.1f} s) {usage}", flush=True)
+        return kernel
 
 
 def resource_usage(cubin: bytes) -> str:
@@ -130,17 +229,22 @@ def exercise(quick: bool) -> None:
     dtypes = (torch.float32,) if quick else (torch.float32, torch.float16, torch.bfloat16)
     centres = (8,) if quick else (8, 256)
     for dtype in dtypes:
+        # Each op at an odd shape and at one whose sizes and strides are multiples of 16, as at
+        # the benchmark shapes: Triton specialises a kernel on both (tt.divisibility 16).
         # cosine distances
-        t, s = feats((2, 40, 5, 7), dtype), feats((2, 40, 5, 7), dtype, 1)
-        out = ops.cosine_distances_fwd(t, s)
-        g = [torch.randn_like(o) for o in out[:3]]
-        for need_teacher in (True, False):
-            ops.cosine_distances_bwd(t, s, out[3], out[4], *g, need_teacher)
+        for shape in ((2, 40, 5, 7), (2, 64, 8, 8)):
+            t, s = feats(shape, dtype), feats(shape, dtype, 1)
+            out = ops.cosine_distances_fwd(t, s)
+            g = [torch.randn_like(o) for o in out[:3]]
+            for need_teacher in (True, False):
+                ops.cosine_distances_bwd(t, s, out[3], out[4], *g, need_teacher)
         # anomaly map, both modes
-        teachers = [feats((2, 8, 8, 8), dtype), feats((2, 16, 4, 4), dtype)]
-        students = [feats((2, 8, 8, 8), dtype, 1), feats((2, 16, 4, 4), dtype, 2)]
-        for mode in ("add", "mul"):
-            ops.anomaly_map(teachers, students, [32, 24], 4.0, mode)
+        for shapes, size in ((((2, 8, 8, 8), (2, 16, 4, 4)), [32, 24]),
+                             (((2, 32, 16, 16), (2, 64, 8, 8)), [64, 64])):
+            teachers = [feats(shape, dtype) for shape in shapes]
+            students = [feats(shape, dtype, 1) for shape in shapes]
+            for mode in ("add", "mul"):
+                ops.anomaly_map(teachers, students, size, 4.0, mode)
         # CRAM, with centres in the embedding's dtype and in fp32
         e = feats((2, 64, 4, 4), dtype)
         for k in centres:
@@ -182,16 +286,18 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="float32 and K <= 64 only")
     args = parser.parse_args()
     compiler = Compiler(args.arch)
-    JITFunction.run = lambda fn, *a, grid, warmup, **kw: compiler.run(fn, *a, grid=grid,
-                                                                      warmup=warmup, **kw)
+    compiler.install()
     start = time.perf_counter()
     exercise(args.quick)
     failed = [k for k, v in compiler.done.items() if v is not None]
     print(f"{len(compiler.done)} specialisations compiled for sm_{args.arch} in "
           f"{time.perf_counter() - start:.0f} s, {len(failed)} failed "
-          f"(triton {triton.__version__})")
-    return 1 if failed or not compiler.done else 0
-
+          f"(triton {triton.__version__}); attributes: {compiler.with_divisibility} with "
+          f"divisibility 16, {compiler.with_constants} with arguments made constants")
+    if compiler.done and not compiler.with_divisibility:
+        print("FAIL no specialisation got a divisibility attribute: the launches' attributes "
+              "did not reach the compiler")
+    return 1 if failed or not compiler.done or not compiler.with_divisibility else 0
 
 if __name__ == "__main__":
     sys.exit(main())
