@@ -22,16 +22,13 @@ Kernels:
 - ``_pool_kernel`` / ``_unpool_kernel``: adaptive average pooling and its gradient.
 
 Per-tile partial sums are added by ``torch.sum`` over a fixed-size buffer: no atomics, the
-same bits on every run. Products run on tensor cores: tf32 operands rounded to nearest for l2
-(from 256 rows of Delta), three tf32 products ("tf32x3", about fp32) for l1 and small l2, or as
-``SNL_DOT_PRECISION`` says (read at each launch; see ``dot_precision``). The Delta form keeps
-rounding proportional to the student-teacher difference, which is what makes tf32 accurate
-enough.
+same bits on every run. Products run at the precision the launchers are given (decided in
+``snl_kernels/precision.py``): tf32 operands rounded to nearest, three tf32 products
+("tf32x3", about fp32), or fp32 ("ieee"). The Delta form keeps rounding proportional to the
+student-teacher difference, which is what makes tf32 accurate enough.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
@@ -71,6 +68,12 @@ def _vec(ptr, idx, n):
 
 
 @triton.jit
+def _norms(rs_ptr, rt_ptr, b, idx, n):
+    """Student's and teacher's inverse norms of rows idx of sample b (n rows each; 0 past n)."""
+    return _vec(rs_ptr + b * n, idx, n), _vec(rt_ptr + b * n, idx, n)
+
+
+@triton.jit
 def _zero_pairs(r_as, r_at, r_bs, r_bt):
     """Where Delta[i, j] is exactly 0 because of zero vectors (negative inverse norms).
 
@@ -85,6 +88,21 @@ def _zero_pairs(r_as, r_at, r_bs, r_bt):
 
 
 @triton.jit
+def _out_tile(BM: tl.constexpr, BN: tl.constexpr):
+    """Sample b (grid axis 2) and the rows (axis 0) and columns (axis 1) of this program's
+    (BM, BN) output tile."""
+    b = tl.program_id(2).to(tl.int64)
+    return b, tl.program_id(0) * BM + tl.arange(0, BM), tl.program_id(1) * BN + tl.arange(0, BN)
+
+
+@triton.jit
+def _store_partial(out_ptr, b, part):
+    """This program's partial sum into out (B, programs on grid axis 0, on axis 1)."""
+    pid = (b * tl.num_programs(0) + tl.program_id(0)) * tl.num_programs(1) + tl.program_id(1)
+    tl.store(out_ptr + pid, part)
+
+
+@triton.jit
 def _tf32(x):
     """x rounded to the nearest tf32 value (ties away from zero, as cvt.rna.tf32.f32)."""
     bits = x.to(tl.uint32, bitcast=True)
@@ -93,7 +111,7 @@ def _tf32(x):
 
 @triton.jit
 def _dot(a, b, acc, PRECISION: tl.constexpr):
-    """acc + a @ b from fp32 tiles at PRECISION (see ``dot_precision``).
+    """acc + a @ b from fp32 tiles at PRECISION (``snl_kernels/precision.py``).
 
     "tf32": one tensor-core product of the operands rounded to nearest. Tensor cores read
     only the top 19 bits of an fp32 register, i.e. truncate, a bias of about -3.5e-4 per
@@ -155,20 +173,16 @@ def _delta_kernel(
     SYMMETRIC: tl.constexpr, WRITE_SIGNS: tl.constexpr, BITS: tl.constexpr,
     BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    b, ri, rj = _out_tile(BI, BJ)
     pid_i = tl.program_id(0)
     pid_j = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
     # SYMMETRIC (a and b the same features, square tiles): tile (j, i) is tile (i, j)
     # transposed, so tiles below the diagonal skip their work and those above count twice.
     k_end = K
     if SYMMETRIC:
         k_end = tl.where(pid_j >= pid_i, K, 0)
-    ri = pid_i * BI + tl.arange(0, BI)
-    rj = pid_j * BJ + tl.arange(0, BJ)
-    r_as = _vec(ras_ptr + b * Ra, ri, Ra)
-    r_at = _vec(rat_ptr + b * Ra, ri, Ra)
-    r_bs = _vec(rbs_ptr + b * Rb, rj, Rb)
-    r_bt = _vec(rbt_ptr + b * Rb, rj, Rb)
+    r_as, r_at = _norms(ras_ptr, rat_ptr, b, ri, Ra)
+    r_bs, r_bt = _norms(rbs_ptr, rbt_ptr, b, rj, Rb)
     acc = tl.zeros([BI, BJ], dtype=tl.float32)
     for k0 in range(0, k_end, BK):
         ks = k0 + tl.arange(0, BK)
@@ -205,7 +219,7 @@ def _delta_kernel(
             part = tl.sum(tl.sum(delta * delta, axis=1), axis=0)
         if SYMMETRIC:
             part = tl.where(pid_j > pid_i, 2.0 * part, part)
-        tl.store(out_ptr + (b * tl.num_programs(0) + pid_i) * tl.num_programs(1) + pid_j, part)
+        _store_partial(out_ptr, b, part)
 
 
 @triton.jit
@@ -221,21 +235,15 @@ def _intra_tiled_grad_kernel(
     # dX_T^T = +2 G X_T^T, with G = dL/dDelta from the Delta tile recomputed for every j.
     # l1's G is +-1 or 0, exact in tf32: its split has nothing to add.
     G_PRECISION: tl.constexpr = "tf32x3-exact-a" if L1 and PRECISION == "tf32x3" else PRECISION
-    pid_i = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
+    b, ri, cs = _out_tile(BI, BC)
     s_base = s_ptr + b * s_b
     t_base = t_ptr + b * t_b
-    ri = pid_i * BI + tl.arange(0, BI)
-    cs = pid_c * BC + tl.arange(0, BC)
-    r_si = _vec(rs_ptr + b * N, ri, N)
-    r_ti = _vec(rt_ptr + b * N, ri, N)
+    r_si, r_ti = _norms(rs_ptr, rt_ptr, b, ri, N)
     acc_s = tl.zeros([BI, BC], dtype=tl.float32)
     acc_t = tl.zeros([BI, BC], dtype=tl.float32)
     for j0 in range(0, N, BJ):
         rj = j0 + tl.arange(0, BJ)
-        r_sj = _vec(rs_ptr + b * N, rj, N)
-        r_tj = _vec(rt_ptr + b * N, rj, N)
+        r_sj, r_tj = _norms(rs_ptr, rt_ptr, b, rj, N)
         if SIGNS:
             # l1 from the forward's sign bits: Delta is symmetric and only tiles (I, J) with
             # I <= J (in units of BI = the forward's tile) were stored.
@@ -287,13 +295,9 @@ def _gram_kernel(
 ):
     # Rows are channels, the reduction runs over pixels (scaled by their inverse norms).
     # Loss tile: <G_SS + G_TT, G_DD> + 2 <G_SD, G_DT>. WRITE: G_SS, G_SD (and G_TS, G_TD).
-    pid_i = tl.program_id(0)
-    pid_j = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
+    b, ci, cj = _out_tile(BI, BJ)
     s_base = s_ptr + b * s_b
     t_base = t_ptr + b * t_b
-    ci = pid_i * BI + tl.arange(0, BI)
-    cj = pid_j * BJ + tl.arange(0, BJ)
     g_ss = tl.zeros([BI, BJ], dtype=tl.float32)
     g_sd = tl.zeros([BI, BJ], dtype=tl.float32)
     g_tt = tl.zeros([BI, BJ], dtype=tl.float32)
@@ -303,8 +307,7 @@ def _gram_kernel(
     g_td = tl.zeros([BI, BJ], dtype=tl.float32)
     for k0 in range(0, N, BK):
         ks = k0 + tl.arange(0, BK)
-        r_s = _vec(rs_ptr + b * N, ks, N)
-        r_t = _vec(rt_ptr + b * N, ks, N)
+        r_s, r_t = _norms(rs_ptr, rt_ptr, b, ks, N)
         xs_i = _tile(s_base, ci, ks, C, N, W, s_c, s_h, s_w, False) * r_s[None, :]
         xt_i = _tile(t_base, ci, ks, C, N, W, t_c, t_h, t_w, False) * r_t[None, :]
         xs_j = _tile(s_base, cj, ks, C, N, W, s_c, s_h, s_w, False) * r_s[None, :]
@@ -331,7 +334,7 @@ def _gram_kernel(
             tl.store(g4_ptr + off, g_td, mask=mask)
     else:
         part = tl.sum(tl.sum((g_ss + g_tt) * g_dd + 2.0 * g_sd * g_dt, axis=1), axis=0)
-        tl.store(out_ptr + (b * tl.num_programs(0) + pid_i) * tl.num_programs(1) + pid_j, part)
+        _store_partial(out_ptr, b, part)
 
 
 @triton.jit
@@ -343,13 +346,8 @@ def _gram_apply_kernel(
     PRECISION: tl.constexpr,
 ):
     # out[c, n] = g coef (G1 D + G2 X_T)[c, n], D = X_S - X_T; fp32 (B, C, N) output.
-    pid_i = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    ci = pid_i * BI + tl.arange(0, BI)
-    ns = pid_n * BN + tl.arange(0, BN)
-    r_s = _vec(rs_ptr + b * N, ns, N)
-    r_t = _vec(rt_ptr + b * N, ns, N)
+    b, ci, ns = _out_tile(BI, BN)
+    r_s, r_t = _norms(rs_ptr, rt_ptr, b, ns, N)
     acc = tl.zeros([BI, BN], dtype=tl.float32)
     for k0 in range(0, C, BK):
         ks = k0 + tl.arange(0, BK)
@@ -375,11 +373,7 @@ def _scaled_mm_kernel(
 ):
     # out[b, m, n] = alpha sum_k G[b, m, k] Y^[b, k, n], Y^ = rows of Y (channels) scaled by
     # their inverse norms ry; G read through strides (a transpose is a stride swap).
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    rm = pid_m * BM + tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
+    b, rm, rn = _out_tile(BM, BN)
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     for k0 in range(0, K, BK):
         ks = k0 + tl.arange(0, BK)
@@ -518,35 +512,6 @@ def _tiles() -> tuple[int, int, int]:
     return BLOCK_TILE, MAX_BLOCK_C, MAX_BLOCK_C_SIGNS
 
 
-PRECISIONS = ("ieee", "tf32x3", "tf32")
-
-
-# Fewest rows (and columns) of Delta for which one tf32 product keeps the l2 bar: the loss's
-# rounding errors average over the N^2 entries; below 256 pixels the relative loss error of
-# single tf32 products reaches 1e-4 (emulated, see BENCHMARKS.md).
-TF32_MIN_ROWS = 256
-
-
-def dot_precision(l1: bool, rows: int) -> str:
-    """Precision of the affinity products: ``SNL_DOT_PRECISION`` if set, else chosen.
-
-    ``rows``: the smaller side of Delta (N for intra-affinity, min(C_a, C_b) for inter).
-    Chosen: "tf32" (operands rounded to nearest, one tensor-core product) for l2 when
-    ``rows >= TF32_MIN_ROWS``: loss error ~1e-5..6e-5 and gradient ~3e-4..6e-4 against
-    float64, student within 1% of the teacher included. "tf32x3" (three tf32 products, about
-    fp32) otherwise: for l1, whose gradient sign(Delta) flips wherever rounding moves a small
-    Delta across zero (one tf32 product puts it 3e-3..2e-2 off at the WRN50 shapes), and for
-    small l2 problems, which cost little anyway. "ieee": full fp32 on the CUDA cores.
-    """
-    value = os.environ.get("SNL_DOT_PRECISION")
-    if not value:
-        return "tf32" if not l1 and rows >= TF32_MIN_ROWS else "tf32x3"
-    if value not in PRECISIONS:
-        raise ValueError(f"SNL_DOT_PRECISION must be one of {', '.join(PRECISIONS)}, "
-                         f"got {value!r}")
-    return value
-
-
 def inv_norms(x: Tensor, pix_rows: bool, eps: float) -> Tensor:
     """(B, R) float32 inverse norms of the rows (pixels or channels) of x (B, C, H, W)."""
     B, C, H, W = x.shape
@@ -560,7 +525,7 @@ def inv_norms(x: Tensor, pix_rows: bool, eps: float) -> Tensor:
 
 
 def delta(a_s: Tensor, a_t: Tensor, b_s: Tensor, b_t: Tensor, r_as: Tensor, r_at: Tensor,
-          r_bs: Tensor, r_bt: Tensor, pix_rows: bool, l1: bool,
+          r_bs: Tensor, r_bt: Tensor, pix_rows: bool, l1: bool, precision: str,
           grad: tuple[Tensor, float] | None = None, signs: Tensor | None = None) -> Tensor:
     """Per-tile sums of Delta^2 or |Delta| (B, tiles_i, tiles_j), or dL/dDelta (B, Ra, Rb).
 
@@ -598,13 +563,13 @@ def delta(a_s: Tensor, a_t: Tensor, b_s: Tensor, b_t: Tensor, r_as: Tensor, r_at
         A_PIX=pix_rows, B_PIX=pix_rows, L1=l1, WRITE_GRAD=grad is not None,
         SYMMETRIC=symmetric, WRITE_SIGNS=signs is not None, BITS=min(bj, 32),
         BI=bi, BJ=bj, BK=bk,
-        PRECISION=dot_precision(l1, min(Ra, Rb)),
+        PRECISION=precision,
     )
     return out
 
 
 def intra_tiled_grad(s: Tensor, t: Tensor, r_s: Tensor, r_t: Tensor, grad_loss: Tensor,
-                     coef: float, l1: bool, teacher: bool,
+                     coef: float, l1: bool, teacher: bool, precision: str,
                      signs: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """dL/dX_S and dL/dX_T (normalised features) as fp32 (B, C, H, W) buffers; for l1 from
     the forward's ``signs`` of Delta when given, else from Delta tiles recomputed."""
@@ -624,12 +589,12 @@ def intra_tiled_grad(s: Tensor, t: Tensor, r_s: Tensor, r_t: Tensor, grad_loss: 
         **strides(s, "s_b s_c s_h s_w"), **strides(t, "t_b t_c t_h t_w"),
         L1=l1, TEACHER=teacher, SIGNS=signs is not None, BI=bi, BJ=bj,
         BK=_pow2(C, hi=BLOCK_K), BC=bc,
-        PRECISION=dot_precision(l1, N), num_warps=8,
+        PRECISION=precision, num_warps=8,
     )
     return g_s, g_t
 
 
-def gram_loss(s: Tensor, t: Tensor, r_s: Tensor, r_t: Tensor) -> Tensor:
+def gram_loss(s: Tensor, t: Tensor, r_s: Tensor, r_t: Tensor, precision: str) -> Tensor:
     """Per-tile sums of <G_SS + G_TT, G_DD> + 2 <G_SD, G_DT>, (B, tiles, tiles)."""
     B, C, H, W = s.shape
     bi = _pow2(C, hi=BLOCK_GRAM)
@@ -641,13 +606,13 @@ def gram_loss(s: Tensor, t: Tensor, r_s: Tensor, r_t: Tensor) -> Tensor:
         g1_ptr=out, g2_ptr=out, g3_ptr=out, g4_ptr=out,
         C=C, N=H * W, W=W, **strides(s, "s_b s_c s_h s_w"), **strides(t, "t_b t_c t_h t_w"),
         WRITE=False, TEACHER=False, BI=bi, BJ=bi, BK=_pow2(H * W, hi=BLOCK_K),
-        PRECISION=dot_precision(False, H * W),
+        PRECISION=precision,
     )
     return out
 
 
 def gram_grad(s: Tensor, t: Tensor, r_s: Tensor, r_t: Tensor, grad_loss: Tensor, coef: float,
-              teacher: bool) -> tuple[Tensor, Tensor | None]:
+              teacher: bool, precision: str) -> tuple[Tensor, Tensor | None]:
     """coef g (G_SS D + G_SD X_T) and -coef g (G_TS D + G_TD X_T), fp32 (B, C, H, W)."""
     B, C, H, W = s.shape
     N = H * W
@@ -662,7 +627,7 @@ def gram_grad(s: Tensor, t: Tensor, r_s: Tensor, r_t: Tensor, grad_loss: Tensor,
         out_ptr=grams[0],  # WRITE=True writes no loss: unused
         g1_ptr=grams[0], g2_ptr=grams[1], g3_ptr=g3, g4_ptr=g4, C=C, N=N, W=W,
         **strides(s, "s_b s_c s_h s_w"), **strides(t, "t_b t_c t_h t_w"), WRITE=True, TEACHER=teacher, BI=bi, BJ=bi, BK=bk,
-        PRECISION=dot_precision(False, N),
+        PRECISION=precision,
     )
     bn = _pow2(N, hi=_tiles()[0])
     grid = (triton.cdiv(C, bi), triton.cdiv(N, bn), B)
@@ -673,7 +638,7 @@ def gram_grad(s: Tensor, t: Tensor, r_s: Tensor, r_t: Tensor, grad_loss: Tensor,
             s_ptr=s, t_ptr=t, rs_ptr=r_s, rt_ptr=r_t, g1_ptr=g1, g2_ptr=g2, out_ptr=out,
             g_ptr=grad_loss, coef=sign * coef, C=C, N=N, W=W,
             **strides(s, "s_b s_c s_h s_w"), **strides(t, "t_b t_c t_h t_w"), BI=bi, BN=bn, BK=_pow2(C, hi=BLOCK_K),
-            PRECISION=dot_precision(False, N),
+            PRECISION=precision,
         )
         outs.append(out)
     return outs[0], outs[1] if teacher else None
@@ -681,7 +646,7 @@ def gram_grad(s: Tensor, t: Tensor, r_s: Tensor, r_t: Tensor, grad_loss: Tensor,
 
 def scaled_mm(g: Tensor, y: Tensor, r_y: Tensor, alpha: float, precision: str) -> Tensor:
     """alpha g @ (y's channel rows scaled by r_y): g (B, M, C_y), y (B, C_y, h, w) ->
-    float32 (B, M, h, w); products at ``precision`` (see ``dot_precision``)."""
+    float32 (B, M, h, w); products at ``precision`` (``snl_kernels/precision.py``)."""
     B, M, K = g.shape
     _, _, H, W = y.shape
     N = H * W

@@ -16,6 +16,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import strides
+from .cosine_distances import _at_pixels, _channels, _distance, _pixel_block
 
 # The same blocks in both configurations (see ``gpu_config`` in ``__init__.py``).
 BLOCK_P = 64
@@ -32,28 +33,21 @@ def _pixel_distance_kernel(
     stride_sb, stride_sc, stride_sh, stride_sw,
     EPS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    offs = pid * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = offs < H * W
-    h = offs // W
-    w = offs % W
-    t_row = t_ptr + b * stride_tb + h * stride_th + w * stride_tw
-    s_row = s_ptr + b * stride_sb + h * stride_sh + w * stride_sw
+    b, _, mask_p, h, w = _pixel_block(H * W, W, BLOCK_P)
+    t_row = _at_pixels(t_ptr, b, h, w, stride_tb, stride_th, stride_tw)
+    s_row = _at_pixels(s_ptr, b, h, w, stride_sb, stride_sh, stride_sw)
     dot = tl.zeros([BLOCK_P], dtype=tl.float32)
     tt = tl.zeros([BLOCK_P], dtype=tl.float32)
     ss = tl.zeros([BLOCK_P], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         mask = (offs_c < C)[:, None] & mask_p[None, :]
-        # fp32 accumulation whatever the input dtype.
-        t = tl.load(t_row[None, :] + offs_c[:, None] * stride_tc, mask=mask, other=0.0).to(tl.float32)
-        s = tl.load(s_row[None, :] + offs_c[:, None] * stride_sc, mask=mask, other=0.0).to(tl.float32)
+        t = _channels(t_row, offs_c, stride_tc, mask)
+        s = _channels(s_row, offs_c, stride_sc, mask)
         dot += tl.sum(t * s, axis=0)
         tt += tl.sum(t * t, axis=0)
         ss += tl.sum(s * s, axis=0)
-    dist = 1.0 - dot / (tl.maximum(tl.sqrt(tt), EPS) * tl.maximum(tl.sqrt(ss), EPS))
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + w, dist, mask=mask_p)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + w, _distance(dot, tt, ss, EPS), mask=mask_p)
 
 
 @triton.jit

@@ -32,6 +32,28 @@ def _distance(dot, tt, ss, EPS: tl.constexpr):
 
 
 @triton.jit
+def _pixel_block(N, W, BLOCK: tl.constexpr):
+    """Sample b (grid axis 1) and this program's BLOCK pixels (axis 0): b, the pixels' flat
+    offsets, their mask, rows and columns."""
+    b = tl.program_id(1).to(tl.int64)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    return b, offs, offs < N, offs // W, offs % W
+
+
+@triton.jit
+def _at_pixels(ptr, b, h, w, stride_b, stride_h, stride_w):
+    """Pointers to channel 0 of sample b at pixels (h, w)."""
+    return ptr + b * stride_b + h * stride_h + w * stride_w
+
+
+@triton.jit
+def _channels(at_pixels, offs_c, stride_c, mask):
+    """fp32 (channels, pixels) tile: all accumulation is fp32 whatever the input dtype."""
+    return tl.load(at_pixels[None, :] + offs_c[:, None] * stride_c, mask=mask,
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _cosine_distances_fwd_kernel(
     t_ptr, s_ptr, pixel_ptr, pixel_stats_ptr, partial_ptr,
     C, N, W, n_tiles,
@@ -39,25 +61,19 @@ def _cosine_distances_fwd_kernel(
     stride_sb, stride_sc, stride_sh, stride_sw,
     EPS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    h = offs_n // W
-    w = offs_n % W
-    t_row = t_ptr + b * stride_tb + h * stride_th + w * stride_tw
-    s_row = s_ptr + b * stride_sb + h * stride_sh + w * stride_sw
+    b, offs_n, mask_n, h, w = _pixel_block(N, W, BLOCK_N)
+    t_row = _at_pixels(t_ptr, b, h, w, stride_tb, stride_th, stride_tw)
+    s_row = _at_pixels(s_ptr, b, h, w, stride_sb, stride_sh, stride_sw)
     dot = tl.zeros([BLOCK_N], dtype=tl.float32)
     tt = tl.zeros([BLOCK_N], dtype=tl.float32)
     ss = tl.zeros([BLOCK_N], dtype=tl.float32)
-    part = partial_ptr + (b * n_tiles + pid_n) * 3 * C
+    part = partial_ptr + (b * n_tiles + tl.program_id(0)) * 3 * C
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
         mask = mask_c[:, None] & mask_n[None, :]
-        # Loads upcast to fp32: all accumulation is fp32 whatever the input dtype.
-        t = tl.load(t_row[None, :] + offs_c[:, None] * stride_tc, mask=mask, other=0.0).to(tl.float32)
-        s = tl.load(s_row[None, :] + offs_c[:, None] * stride_sc, mask=mask, other=0.0).to(tl.float32)
+        t = _channels(t_row, offs_c, stride_tc, mask)
+        s = _channels(s_row, offs_c, stride_sc, mask)
         ts = t * s
         t2 = t * t
         s2 = s * s
@@ -126,6 +142,19 @@ def _coefficients(dot, tt, ss, g, EPS: tl.constexpr):
 
 
 @triton.jit
+def _coefficients_at(stats, stride, g, mask, EPS: tl.constexpr):
+    """``_coefficients`` of the sums dot, tt, ss at stats + (0, 1, 2) stride and the upstream
+    gradient at g."""
+    return _coefficients(
+        tl.load(stats, mask=mask, other=0.0),
+        tl.load(stats + stride, mask=mask, other=0.0),
+        tl.load(stats + 2 * stride, mask=mask, other=0.0),
+        tl.load(g, mask=mask, other=0.0),
+        EPS,
+    )
+
+
+@triton.jit
 def _cosine_distances_bwd_kernel(
     t_ptr, s_ptr, pixel_stats_ptr, channel_stats_ptr, sample_stats_ptr,
     g_pixel_ptr, g_channel_ptr, g_sample_ptr, dt_ptr, ds_ptr,
@@ -136,20 +165,9 @@ def _cosine_distances_bwd_kernel(
     stride_dsb, stride_dsc, stride_dsh, stride_dsw,
     EPS: tl.constexpr, NEED_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    h = offs_n // W
-    w = offs_n % W
-    stats = pixel_stats_ptr + b * 3 * N + offs_n
-    p_a, p_bs, p_bt = _coefficients(
-        tl.load(stats, mask=mask_n, other=0.0),
-        tl.load(stats + N, mask=mask_n, other=0.0),
-        tl.load(stats + 2 * N, mask=mask_n, other=0.0),
-        tl.load(g_pixel_ptr + b * N + offs_n, mask=mask_n, other=0.0),
-        EPS,
-    )
+    b, offs_n, mask_n, h, w = _pixel_block(N, W, BLOCK_N)
+    p_a, p_bs, p_bt = _coefficients_at(pixel_stats_ptr + b * 3 * N + offs_n, N,
+                                       g_pixel_ptr + b * N + offs_n, mask_n, EPS)
     s_a, s_bs, s_bt = _coefficients(
         tl.load(sample_stats_ptr + b * 3),
         tl.load(sample_stats_ptr + b * 3 + 1),
@@ -157,25 +175,19 @@ def _cosine_distances_bwd_kernel(
         tl.load(g_sample_ptr + b),
         EPS,
     )
-    t_row = t_ptr + b * stride_tb + h * stride_th + w * stride_tw
-    s_row = s_ptr + b * stride_sb + h * stride_sh + w * stride_sw
-    ds_row = ds_ptr + b * stride_dsb + h * stride_dsh + w * stride_dsw
-    dt_row = dt_ptr + b * stride_dtb + h * stride_dth + w * stride_dtw
+    t_row = _at_pixels(t_ptr, b, h, w, stride_tb, stride_th, stride_tw)
+    s_row = _at_pixels(s_ptr, b, h, w, stride_sb, stride_sh, stride_sw)
+    ds_row = _at_pixels(ds_ptr, b, h, w, stride_dsb, stride_dsh, stride_dsw)
+    dt_row = _at_pixels(dt_ptr, b, h, w, stride_dtb, stride_dth, stride_dtw)
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
         mask = mask_c[:, None] & mask_n[None, :]
-        cstats = channel_stats_ptr + b * 3 * C + offs_c
-        c_a, c_bs, c_bt = _coefficients(
-            tl.load(cstats, mask=mask_c, other=0.0),
-            tl.load(cstats + C, mask=mask_c, other=0.0),
-            tl.load(cstats + 2 * C, mask=mask_c, other=0.0),
-            tl.load(g_channel_ptr + b * C + offs_c, mask=mask_c, other=0.0),
-            EPS,
-        )
+        c_a, c_bs, c_bt = _coefficients_at(channel_stats_ptr + b * 3 * C + offs_c, C,
+                                           g_channel_ptr + b * C + offs_c, mask_c, EPS)
         a = p_a[None, :] + c_a[:, None] + s_a
-        t = tl.load(t_row[None, :] + offs_c[:, None] * stride_tc, mask=mask, other=0.0).to(tl.float32)
-        s = tl.load(s_row[None, :] + offs_c[:, None] * stride_sc, mask=mask, other=0.0).to(tl.float32)
+        t = _channels(t_row, offs_c, stride_tc, mask)
+        s = _channels(s_row, offs_c, stride_sc, mask)
         grad_s = a * t + (p_bs[None, :] + c_bs[:, None] + s_bs) * s
         tl.store(ds_row[None, :] + offs_c[:, None] * stride_dsc,
                  grad_s.to(ds_ptr.dtype.element_ty), mask=mask)

@@ -40,6 +40,26 @@ def _row_offsets(offs_p, N, W, stride_b, stride_h, stride_w):
 
 
 @triton.jit
+def _positions(P, N, BLOCK_P: tl.constexpr):
+    """This program's BLOCK_P positions p = b N + n: offsets, mask, sample b and pixel n."""
+    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    return offs_p, offs_p < P, (offs_p // N).to(tl.int64), offs_p % N
+
+
+@triton.jit
+def _by_channel(b, offs_c, n, C, N):
+    """Offsets of [b, c, n] in a contiguous (B, C, N) tensor: (positions, channels)."""
+    return (b * C)[:, None] * N + offs_c[None, :] * N + n[:, None]
+
+
+@triton.jit
+def _centres(c_ptr, offs_k, mask_k, offs_d, mask_d, stride_ck, stride_cd):
+    """fp32 (KP, BLOCK_D) chunk of the centres."""
+    return tl.load(c_ptr + offs_k[:, None] * stride_ck + offs_d[None, :] * stride_cd,
+                   mask=mask_k[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _cram_fwd_kernel(
     e_ptr, c_ptr, log_tau_ptr, central_ptr, assign_ptr, compact_ptr, dist_ptr,
     P, N, W, D, K,
@@ -47,9 +67,7 @@ def _cram_fwd_kernel(
     stride_ck, stride_cd,
     KP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    offs_p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < P
+    offs_p, mask_p, b, n = _positions(P, N, BLOCK_P)
     offs_k = tl.arange(0, KP)
     mask_k = offs_k < K
     e_row = e_ptr + _row_offsets(offs_p, N, W, stride_eb, stride_eh, stride_ew)
@@ -62,8 +80,7 @@ def _cram_fwd_kernel(
         mask_d = offs_d < D
         e = tl.load(e_row[:, None] + offs_d[None, :] * stride_ed,
                     mask=mask_p[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
-        c = tl.load(c_ptr + offs_k[:, None] * stride_ck + offs_d[None, :] * stride_cd,
-                    mask=mask_k[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+        c = _centres(c_ptr, offs_k, mask_k, offs_d, mask_d, stride_ck, stride_cd)
         # ieee: exact fp32 products; tf32 would round the distances to 10 bits.
         ec += tl.dot(e, tl.trans(c), input_precision="ieee")
         e2 += tl.sum(e * e, axis=1)
@@ -76,18 +93,15 @@ def _cram_fwd_kernel(
     a = expl / tl.sum(expl, axis=1)[:, None]
     compact = tl.sum(tl.where(mask_k[None, :], a * dist, 0.0), axis=1)
     mask_pk = mask_p[:, None] & mask_k[None, :]
-    b = (offs_p // N).to(tl.int64)
-    n = offs_p % N
-    tl.store(assign_ptr + (b * K)[:, None] * N + offs_k[None, :] * N + n[:, None], a, mask=mask_pk)
+    tl.store(assign_ptr + _by_channel(b, offs_k, n, K, N), a, mask=mask_pk)
     tl.store(dist_ptr + offs_p[:, None].to(tl.int64) * K + offs_k[None, :], dist, mask=mask_pk)
     tl.store(compact_ptr + offs_p, compact, mask=mask_p)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         mask_d = offs_d < D
-        c = tl.load(c_ptr + offs_k[:, None] * stride_ck + offs_d[None, :] * stride_cd,
-                    mask=mask_k[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+        c = _centres(c_ptr, offs_k, mask_k, offs_d, mask_d, stride_ck, stride_cd)
         mu = tl.dot(a, c, input_precision="ieee")
-        tl.store(central_ptr + (b * D)[:, None] * N + offs_d[None, :] * N + n[:, None], mu,
+        tl.store(central_ptr + _by_channel(b, offs_d, n, D, N), mu,
                  mask=mask_p[:, None] & mask_d[None, :])
 
 
@@ -104,15 +118,12 @@ def _cram_bwd_kernel(
     KP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    offs_p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < P
+    offs_p, mask_p, b, n = _positions(P, N, BLOCK_P)
     offs_k = tl.arange(0, KP)
     mask_k = offs_k < K
     mask_pk = mask_p[:, None] & mask_k[None, :]
-    b = (offs_p // N).to(tl.int64)
-    n = offs_p % N
     tau = tl.exp(tl.load(log_tau_ptr).to(tl.float32))
-    pk = (b * K)[:, None] * N + offs_k[None, :] * N + n[:, None]
+    pk = _by_channel(b, offs_k, n, K, N)
     a = tl.load(assign_ptr + pk, mask=mask_pk, other=0.0)
     dist = tl.load(dist_ptr + offs_p[:, None].to(tl.int64) * K + offs_k[None, :], mask=mask_pk,
                    other=0.0)
@@ -125,8 +136,7 @@ def _cram_bwd_kernel(
         mask_d = offs_d < D
         gm = tl.load(g_row[:, None] + offs_d[None, :] * stride_gd,
                      mask=mask_p[:, None] & mask_d[None, :], other=0.0)
-        c = tl.load(c_ptr + offs_k[:, None] * stride_ck + offs_d[None, :] * stride_cd,
-                    mask=mask_k[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+        c = _centres(c_ptr, offs_k, mask_k, offs_d, mask_d, stride_ck, stride_cd)
         g_a += tl.dot(gm, tl.trans(c), input_precision="ieee")
     # Softmax backward, then logits = -dist / tau.
     g_logit = a * (g_a - tl.sum(a * g_a, axis=1)[:, None])
@@ -149,8 +159,7 @@ def _cram_bwd_kernel(
         e = tl.load(e_row[:, None] + offs_d[None, :] * stride_ed, mask=mask_pd,
                     other=0.0).to(tl.float32)
         gm = tl.load(g_row[:, None] + offs_d[None, :] * stride_gd, mask=mask_pd, other=0.0)
-        c = tl.load(c_ptr + offs_k[:, None] * stride_ck + offs_d[None, :] * stride_cd,
-                    mask=mask_k[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+        c = _centres(c_ptr, offs_k, mask_k, offs_d, mask_d, stride_ck, stride_cd)
         # d = |e|^2 - 2 e.c + |c|^2: dd/de = 2 (e - c), dd/dc = 2 (c - e).
         g_e = 2.0 * e * delta_row[:, None] - 2.0 * tl.dot(delta, c, input_precision="ieee")
         tl.store(ge_row[:, None] + offs_d[None, :] * stride_ged,
