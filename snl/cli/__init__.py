@@ -1,0 +1,82 @@
+"""The ``snl`` command: train, evaluate, predict, export and info.
+
+``snl train`` with no data argument makes the embedded default data set (texture photographs
+shipped inside scikit-image with synthetic defects, :mod:`snl.data.textures`) and trains on
+the union of its classes, then evaluates each class. Defaults depend on the device: on a
+CPU a small offline-pretrained teacher (EfficientNet-Lite0), 128x128 images and few epochs,
+so that the whole job finishes in minutes on two cores; on a GPU the paper's setting
+(WideResNet-50-2, 256x256, Adam lr 0.005, betas (0.5, 0.999), batch 16).
+
+A run folder holds ``config.json``, ``checkpoints/last.pt`` (written atomically after every
+epoch, read with ``weights_only=True``), ``history.json``, and after evaluation
+``metrics.json``, ``report.md``, ``roc.png`` and ``overlays/*.png``. ``--resume RUN`` goes
+on from the last checkpoint and gives the same parameters as an uninterrupted run: the
+shuffling order of epoch e depends only on (seed, e), and nothing else is random.
+
+Under ``torchrun --nproc_per_node=N -m snl train ...`` every process trains on its shard
+with ``DistributedDataParallel`` (NCCL on GPUs, gloo on CPUs), evaluation is sharded and
+gathered, and only rank 0 writes files.
+
+The modules, one per job: :mod:`.arguments` (argument parsing), :mod:`.training`,
+:mod:`.evaluation` (metrics, reports, overlays), :mod:`.prediction` (prediction and ONNX
+export); :mod:`.console` prints for all of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from .. import distributed
+from .arguments import build_parser, train_config
+from .evaluation import evaluate
+from .prediction import export_onnx, load_run, predict_files
+from .training import TrainConfig, build_model, resolve_data, train
+
+__all__ = ["TrainConfig", "build_model", "evaluate", "export_onnx", "load_run", "main",
+           "predict_files", "resolve_data", "train"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``snl`` command with ``argv`` (default: ``sys.argv[1:]``); the exit status."""
+    args = build_parser(__doc__.split("\n\n")[0]).parse_args(argv)
+    if args.command == "info":
+        from snl_kernels.__main__ import report as kernels_report
+
+        print(kernels_report())
+        return 0
+    if args.command == "train":
+        config = train_config(args)
+        world = distributed.setup(args.device)
+        try:
+            if args.resume:
+                train(config, args.resume, resume=True, world=world)
+            else:
+                name = args.name or time.strftime("%Y%m%d-%H%M%S")
+                run_dir = Path(args.out) / name
+                if world.is_main and (run_dir / "checkpoints" / "last.pt").exists():
+                    raise SystemExit(f"snl: {run_dir} already holds a run; use --resume "
+                                     f"{run_dir} or another --name")
+                train(config, run_dir, world=world)
+        finally:
+            distributed.teardown(world)
+        return 0
+    if args.command == "eval":
+        model, config, world = load_run(args.checkpoint, args.device)
+        data = Path(args.data) if args.data else resolve_data(
+            dataclasses.replace(config, data=None), world)
+        out = Path(args.out) if args.out else Path(args.checkpoint).parent.parent / "eval"
+        table = evaluate(model, data, "all" if args.classes == "all" else args.classes.split(","),
+                         config.image_size, out, world, dataclasses.asdict(config))
+        return 0 if all(not math.isnan(v) for row in table.values() for v in row.values()) else 1
+    if args.command == "predict":
+        for result in predict_files(args.checkpoint, args.images, args.out, args.device):
+            print(f"{result['score']:.6f}  {result['path']}")
+        return 0
+    if args.command == "export":
+        print(export_onnx(args.checkpoint, args.onnx))
+        return 0
+    raise AssertionError(args.command)

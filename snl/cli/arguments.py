@@ -1,0 +1,70 @@
+"""The ``snl`` command's arguments: one subcommand parser per job."""
+
+from __future__ import annotations
+
+import argparse
+
+from .training import CPU_DEFAULTS, GPU_DEFAULTS, TrainConfig
+
+
+def build_parser(description: str) -> argparse.ArgumentParser:
+    """The parser of ``snl train | eval | predict | export | info``."""
+    p = argparse.ArgumentParser(prog="snl", description=description)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train (and evaluate) a model")
+    t.add_argument("--data", help="data set folder (MVTec AD or VisA 1-class layout); "
+                                  "default: the embedded texture set")
+    t.add_argument("--dataset", choices=("mvtec", "visa"), default="mvtec",
+                   help="folder layout (both are read by the same reader)")
+    t.add_argument("--classes", default="all", help="'all' or comma-separated class names")
+    t.add_argument("--backbone", help=f"timm teacher (CPU default {CPU_DEFAULTS['backbone']}, "
+                                      f"GPU {GPU_DEFAULTS['backbone']})")
+    t.add_argument("--image-size", type=int, help="side in pixels, a multiple of 32 "
+                                                  "(CPU default 128, GPU 256)")
+    t.add_argument("--epochs", type=int, help="CPU default 12, GPU 200")
+    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--lr", type=float, default=0.005)
+    t.add_argument("--structure", choices=("snl", "rd"), default="snl")
+    t.add_argument("--reference", action="store_true", help="plain-PyTorch ops (fused=False)")
+    t.add_argument("--no-pretrained", action="store_true", help="random teacher (tests only)")
+    t.add_argument("--weights", help="teacher weights file (timm or torchvision names)")
+    t.add_argument("--num-centers", type=int, default=16)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--workers", type=int, default=0, help="data loader processes")
+    t.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    t.add_argument("--out", default="runs", help="parent folder of run folders")
+    t.add_argument("--name", help="run folder name (default: a timestamp)")
+    t.add_argument("--resume", metavar="RUN_DIR", help="go on with an interrupted run")
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint on a data set")
+    e.add_argument("checkpoint")
+    e.add_argument("--data", help="data set folder (default: the embedded texture set)")
+    e.add_argument("--dataset", choices=("mvtec", "visa"), default="mvtec")
+    e.add_argument("--classes", default="all")
+    e.add_argument("--out", help="output folder (default: beside the checkpoint's run)")
+    e.add_argument("--device")
+
+    r = sub.add_parser("predict", help="score image files and write map overlays")
+    r.add_argument("checkpoint")
+    r.add_argument("images", nargs="+")
+    r.add_argument("--out", default="predictions")
+    r.add_argument("--device")
+
+    x = sub.add_parser("export", help="export the inference model to ONNX")
+    x.add_argument("checkpoint")
+    x.add_argument("--onnx", required=True, metavar="OUT")
+
+    sub.add_parser("info", help="versions, device and kernel backends")
+    return p
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The ``TrainConfig`` of parsed ``snl train`` arguments."""
+    return TrainConfig(
+        data=args.data, classes=args.classes, backbone=args.backbone,
+        image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size,
+        lr=args.lr, structure=args.structure, fused=not args.reference,
+        pretrained=not args.no_pretrained, weights=args.weights,
+        num_centers=args.num_centers, seed=args.seed, workers=args.workers,
+        device=args.device)

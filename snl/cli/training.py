@@ -1,0 +1,179 @@
+"""``snl train``: the run's configuration, the model it builds and the training loop.
+
+A run folder holds ``config.json``, ``checkpoints/last.pt`` (written atomically after every
+epoch, read with ``weights_only=True``) and ``history.json``; evaluation at the end adds its
+report (:mod:`snl.cli.evaluation`). ``resume=True`` goes on from the last checkpoint and gives
+the same parameters as an uninterrupted run: the shuffling order of epoch e depends only on
+(seed, e), and nothing else is random.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from .. import checkpoint, distributed, report
+from ..data import TrainDataset, default_root, make_default_dataset
+from .console import log, progress
+from .evaluation import evaluate
+
+CPU_DEFAULTS = {"backbone": "tf_efficientnet_lite0", "image_size": 128, "epochs": 12}
+GPU_DEFAULTS = {"backbone": "wide_resnet50_2", "image_size": 256, "epochs": 200}
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (saved in config.json and the checkpoint)."""
+
+    data: str | None = None  #: data set folder; None: the embedded default
+    classes: str = "all"  #: "all" or comma-separated class names
+    backbone: str | None = None  #: None: device default
+    image_size: int | None = None
+    epochs: int | None = None
+    batch_size: int = 16
+    lr: float = 0.005
+    beta1: float = 0.5
+    beta2: float = 0.999
+    structure: str = "snl"
+    fused: bool = True
+    pretrained: bool = True
+    weights: str | None = None
+    num_centers: int = 16
+    seed: int = 0
+    workers: int = 0
+    device: str | None = None
+
+    def resolved(self, device: torch.device) -> TrainConfig:
+        """Fill the device-dependent defaults."""
+        defaults = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
+        values = dataclasses.asdict(self)
+        for key, value in defaults.items():
+            if values[key] is None:
+                values[key] = value
+        return TrainConfig(**values)
+
+    def class_list(self) -> str | list[str]:
+        return "all" if self.classes == "all" else [c for c in self.classes.split(",") if c]
+
+
+class _LossModule(nn.Module):
+    """DistributedDataParallel hooks ``forward``: route it to ``SNL.loss``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.model.loss(images)
+
+
+def build_model(config: TrainConfig, world: distributed.World):
+    """The ``snl.SNL`` model that ``config`` describes, on this process's device."""
+    import snl
+
+    assert config.backbone is not None
+    return snl.SNL(backbone=config.backbone, pretrained=config.pretrained,
+                   weights=config.weights, fused=config.fused,
+                   structure=config.structure, num_centers=config.num_centers).to(world.device)
+
+
+def resolve_data(config: TrainConfig, world: distributed.World) -> Path:
+    """The data set folder; the embedded default is made (or found) when none is given."""
+    if config.data is not None:
+        return Path(config.data)
+    root = default_root()
+    log(world, f"data: embedded default set (scikit-image textures) in {root}")
+    make_default_dataset(root, seed=config.seed)
+    return root
+
+
+def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
+          world: distributed.World | None = None, evaluate_after: bool = True) -> nn.Module:
+    """Train (or go on training) and, by default, evaluate; returns the trained model.
+
+    Args:
+        config: the run's configuration (device defaults filled here).
+        run_dir: the run folder; with ``resume``, an existing one.
+        resume: go on from ``run_dir/checkpoints/last.pt``.
+        world: the process group (``distributed.setup()`` when None).
+        evaluate_after: evaluate each class's test set at the end.
+    """
+    world = world or distributed.setup(config.device)
+    run_dir = Path(run_dir)
+    ckpt_path = run_dir / "checkpoints" / "last.pt"
+    start_epoch, history = 0, []
+    state = None
+    if resume:
+        state = checkpoint.load(ckpt_path)
+        config = TrainConfig(**state["config"])
+        start_epoch, history = int(state["epoch"]), list(state["history"])
+        log(world, f"resuming {run_dir} at epoch {start_epoch}")
+    config = config.resolved(world.device)
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        report.write_json(run_dir / "config.json", dataclasses.asdict(config))
+    torch.manual_seed(config.seed)
+    data_root = resolve_data(config, world)
+    model = build_model(config, world)
+    norm = model.normalization
+    dataset = TrainDataset(data_root, config.class_list(), size=config.image_size,
+                           mean=norm.mean, std=norm.std)
+    sampler = DistributedSampler(dataset, num_replicas=world.size, rank=world.rank,
+                                 shuffle=True, seed=config.seed)
+    loader = DataLoader(dataset, batch_size=config.batch_size, sampler=sampler,
+                        num_workers=config.workers)
+    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=config.lr,
+                                 betas=(config.beta1, config.beta2))
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    step_module: nn.Module = _LossModule(model)
+    if world.distributed:
+        step_module = nn.parallel.DistributedDataParallel(
+            step_module, device_ids=[world.device.index] if world.device.type == "cuda" else None)
+    log(world, f"training {config.backbone} ({config.structure}, fused={config.fused}) on "
+               f"{len(dataset)} images of {', '.join(dataset.classes)} at "
+               f"{config.image_size}px, {config.epochs} epochs, {world.size} process(es) "
+               f"on {world.device.type}")
+    assert config.epochs is not None
+    for epoch in range(start_epoch, config.epochs):
+        sampler.set_epoch(epoch)
+        model.train()
+        sums: dict[str, float] = {}
+        steps = 0
+        started = time.perf_counter()
+        bar = progress(loader, world, desc=f"epoch {epoch + 1}/{config.epochs}")
+        for images in bar:
+            losses = step_module(images.to(world.device, non_blocking=True))
+            optimizer.zero_grad(set_to_none=True)
+            losses["total"].backward()
+            optimizer.step()
+            steps += 1
+            for key, value in losses.items():
+                sums[key] = sums.get(key, 0.0) + float(value.detach())
+            if world.is_main and hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{float(losses['total'].detach()):.3f}")
+        distributed.broadcast_buffers(world, model)
+        means = {k: v / max(steps, 1) for k, v in sums.items()}
+        history.append({"epoch": epoch + 1, "seconds": time.perf_counter() - started, **means})
+        log(world, f"epoch {epoch + 1}/{config.epochs}: "
+                   + ", ".join(f"{k} {v:.4f}" for k, v in means.items())
+                   + f" ({history[-1]['seconds']:.0f} s)")
+        if world.is_main:
+            checkpoint.save_atomic({"model": model.state_dict(),
+                                    "optimizer": optimizer.state_dict(),
+                                    "epoch": epoch + 1, "history": history,
+                                    "config": dataclasses.asdict(config)}, ckpt_path)
+            report.write_json(run_dir / "history.json", history)
+        distributed.barrier(world)
+    if evaluate_after:
+        evaluate(model, data_root, config.class_list(), config.image_size, run_dir, world,
+                 dataclasses.asdict(config))
+    return model
