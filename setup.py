@@ -158,7 +158,8 @@ def _cuda_extension(torch, cuda_home: str):
     extension = cpp_extension.CUDAExtension(
         EXTENSION,
         sources,
-        depends=sorted(glob.glob("csrc/*.h", root_dir=ROOT)),
+        depends=sorted(glob.glob("csrc/*.h", root_dir=ROOT)
+                       + glob.glob("csrc/*.cuh", root_dir=ROOT)),
         extra_compile_args={
             "cxx": ["-O3", *system_includes],
             "nvcc": ["-O3", "-lineinfo", *system_includes],

@@ -1,19 +1,10 @@
-// Helpers shared by the CUDA ops: the dtype dispatch, constants, strides of a (B, C, H, W)
-// tensor, the clamped cosine distance and a warp sum. Everything is inline (or constexpr), so each op's .cu file
-// can include it.
+// Device helpers shared by the CUDA ops: constants, strides of a (B, C, H, W) tensor, the
+// clamped cosine distance and a warp sum. Everything is inline (or constexpr), and no ATen
+// header is included (the kernels headers include this one; see tests/cuda_emulation). Host
+// helpers that need ATen are in host.h.
 #pragma once
 
-#include <ATen/Dispatch.h>
-#include <ATen/core/Tensor.h>
-
 #include <cstdint>
-
-// The feature dtypes every op takes (accumulation is fp32 whatever the input).
-#define SNL_DISPATCH_FEATURE_TYPES(TYPE, NAME, ...)            \
-  AT_DISPATCH_SWITCH(TYPE, NAME,                               \
-                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
-                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)  \
-                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 namespace snl {
 
@@ -27,10 +18,6 @@ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 struct Strides4 {
   int64_t b, c, h, w;
 };
-
-inline Strides4 strides_of(const at::Tensor& x) {
-  return {x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
-}
 
 // Offset of pixel n (row-major over H, W) of sample b, channel 0.
 __device__ __forceinline__ int64_t pixel_offset(const Strides4& st, int64_t b, int64_t n,

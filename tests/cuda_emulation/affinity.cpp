@@ -1,0 +1,128 @@
+// Runs the affinity kernels of csrc/affinity_kernels.cuh on the CPU, through the launch
+// sequences of csrc/affinity_launch.cuh that csrc/affinity.cu runs on a GPU. float32 inputs.
+//
+// Cases (the int64 values of a record, see driver.h):
+//   0 intra forward:  0, B, C, H, W, l1, gram, mma, teacher strides (4), student strides (4);
+//                     floats: teacher storage, student storage -> loss
+//   1 intra backward: as 0, then teacher_grad; floats: as 0, then grad_loss
+//                     -> grad_student (B, C, H, W) [, grad_teacher]
+//   2 inter forward:  2, B, Ca, Ha, Wa, Cb, Hb, Wb, l1, strides of teacher_a, teacher_b,
+//                     student_a, student_b (4 each); floats: their storages -> loss
+//   3 inter backward: as 2, then teacher_grad; floats: as 2, then grad_loss
+//                     -> grad_student_a, grad_student_b [, grad_teacher_a, grad_teacher_b]
+// Storages are read with the given strides (in elements); gradients come out contiguous.
+#include "cuda_emulation.h"
+#include "driver.h"
+
+#include "affinity_launch.cuh"
+
+namespace {
+
+struct EmuLaunch {
+  template <typename... Params, typename... Args>
+  void operator()(void (*kernel)(Params...), int64_t gx, int64_t gy, Args&&... args) const {
+    emu::launch(dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)),
+                dim3(snl::kThreads), kernel, std::forward<Args>(args)...);
+  }
+};
+
+int64_t storage_size(const int64_t (&shape)[4], const int64_t (&st)[4]) {
+  int64_t last = 0;
+  for (int d = 0; d < 4; ++d) last += (shape[d] - 1) * st[d];
+  return last + 1;
+}
+
+snl::Feature<float> feature(const float* ptr, const int64_t (&st)[4], int64_t W) {
+  return {ptr, st[0], st[1], st[2], st[3], W};
+}
+
+void read_strides(emu::IntReader& in, int64_t (&st)[4]) {
+  for (int64_t& s : st) s = in.next();
+}
+
+std::vector<float> intra(emu::IntReader& in, emu::FloatReader& data, bool backward) {
+  int64_t shape[4];
+  for (int64_t& d : shape) d = in.next();
+  const bool l1 = in.next() != 0, gram = in.next() != 0, mma = in.next() != 0;
+  int64_t st_t[4], st_s[4];
+  read_strides(in, st_t);
+  read_strides(in, st_s);
+  const int64_t B = shape[0], C = shape[1], N = shape[2] * shape[3];
+  const snl::IntraPlan plan{B, C, N, l1, gram, mma};
+  const auto t = feature(data.next(storage_size(shape, st_t)), st_t, shape[3]);
+  const auto s = feature(data.next(storage_size(shape, st_s)), st_s, shape[3]);
+  std::vector<float> inv_norm(plan.inv_norm_floats());
+  const EmuLaunch launch;
+  if (!backward) {
+    std::vector<float> partials(plan.partial_floats()), loss(1);
+    snl::intra_forward(launch, plan, t, s, inv_norm.data(), partials.data(), loss.data());
+    return loss;
+  }
+  const bool teacher_grad = in.next() != 0;
+  const float* grad_loss = data.next(1);
+  const auto scratch = snl::intra_backward_scratch(plan, true, teacher_grad);
+  std::vector<float> k(scratch.k_floats), dx(scratch.dx_floats);
+  std::vector<float> out((teacher_grad ? 2 : 1) * B * C * N);
+  snl::intra_backward(launch, plan, t, s, grad_loss, inv_norm.data(), scratch, k.data(),
+                      dx.data(), out.data(), teacher_grad ? out.data() + B * C * N : nullptr);
+  return out;
+}
+
+std::vector<float> inter(emu::IntReader& in, emu::FloatReader& data, bool backward) {
+  int64_t shape_a[4], shape_b[4];
+  shape_a[0] = shape_b[0] = in.next();
+  for (int d = 1; d < 4; ++d) shape_a[d] = in.next();
+  for (int d = 1; d < 4; ++d) shape_b[d] = in.next();
+  const bool l1 = in.next() != 0;
+  int64_t st[4][4];
+  for (auto& s : st) read_strides(in, s);
+  const float* ptr[4];
+  for (int i = 0; i < 4; ++i) ptr[i] = data.next(storage_size(i % 2 ? shape_b : shape_a, st[i]));
+  const int64_t B = shape_a[0], Ca = shape_a[1], Cb = shape_b[1], N = shape_b[2] * shape_b[3];
+  const snl::InterPlan plan{B, Ca, Cb, N, l1};
+  auto pooled = [&](int i) {
+    return snl::PooledFeature<float>{feature(ptr[i], st[i], shape_a[3]), shape_a[2], shape_a[3],
+                                     shape_b[2], shape_b[3]};
+  };
+  const auto pa_t = pooled(0), pa_s = pooled(2);
+  const auto q_t = feature(ptr[1], st[1], shape_b[3]), q_s = feature(ptr[3], st[3], shape_b[3]);
+  std::vector<float> inv_p(plan.inv_p_floats()), inv_q(plan.inv_q_floats());
+  const EmuLaunch launch;
+  if (!backward) {
+    std::vector<float> partials(plan.partial_floats()), loss(1);
+    snl::inter_forward(launch, plan, pa_t, pa_s, q_t, q_s, inv_p.data(), inv_q.data(),
+                       partials.data(), loss.data());
+    return loss;
+  }
+  const bool teacher_grad = in.next() != 0;
+  const float* grad_loss = data.next(1);
+  const auto scratch = snl::inter_backward_scratch(plan, true);
+  std::vector<float> grad(scratch.grad_floats), grad_p(scratch.grad_p_floats);
+  std::vector<float> grad_q(scratch.grad_q_floats);
+  const int64_t na = B * Ca * shape_a[2] * shape_a[3], nb = B * Cb * N;
+  std::vector<float> out((teacher_grad ? 2 : 1) * (na + nb));
+  float* gs_a = out.data();
+  float* gs_b = gs_a + na;
+  float* gt_a = teacher_grad ? gs_b + nb : nullptr;
+  float* gt_b = teacher_grad ? gt_a + na : nullptr;
+  snl::inter_backward(launch, plan, pa_t, pa_s, q_t, q_s, grad_loss, inv_p.data(), inv_q.data(),
+                      scratch, grad.data(), grad_p.data(), grad_q.data(), gt_a, gt_b, gs_a,
+                      gs_b);
+  return out;
+}
+
+}  // namespace
+
+int main() {
+  return emu::serve([](emu::IntReader& in, emu::FloatReader& data, std::vector<float>& out) {
+    const int64_t op = in.next();
+    if (op == 0 || op == 1) {
+      out = intra(in, data, op == 1);
+    } else if (op == 2 || op == 3) {
+      out = inter(in, data, op == 3);
+    } else {
+      return false;
+    }
+    return true;
+  });
+}

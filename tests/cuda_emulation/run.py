@@ -1,0 +1,345 @@
+"""CPU emulation of the CUDA kernels, checked against the float64 reference.
+
+Builds each driver (``tests/cuda_emulation/<op>.cpp``: the kernels of ``csrc/<op>_kernels.cuh``
+run by the launch sequences the extension runs, on the emulation of
+``include/cuda_emulation.h``) with g++, runs it on small cases and compares every output with
+``snl_kernels.reference`` in float64: the loss to ``LOSS_RTOL`` (relative) and each gradient to
+``GRAD_RTOL`` (norm of the difference over the norm of the reference, plus an absolute floor),
+the bar of tests/test_affinity.py. No GPU, no CUDA toolkit, no extension build needed::
+
+    python -m tests.cuda_emulation            # all cases; exit status 1 if any fails
+    python -m tests.cuda_emulation -k gram    # cases whose name contains "gram"
+    python -m tests.cuda_emulation --save out.pt   # also keep the raw outputs (bit checks)
+
+Built with ``-O2 -ffp-contract=fast`` (and ``-mfma`` on x86 CPUs that have it), so products
+and sums contract to FMAs as nvcc's do; the bits may still differ from a GPU's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import os
+import platform
+import shutil
+import struct
+import subprocess
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+CSRC = ROOT / "csrc"
+BUILD = ROOT / "build" / "cuda_emulation"
+
+LOSS_RTOL = 1e-4
+GRAD_RTOL = 1e-3
+GRAD_ATOL = 1e-6  # floor for gradients whose reference is (near) zero
+
+
+def compiler() -> str | None:
+    """The C++ compiler: $CXX, else g++ on PATH; None when there is none."""
+    return os.environ.get("CXX") or shutil.which("g++")
+
+
+def _cpu_has_fma() -> bool:
+    try:
+        return " fma " in Path("/proc/cpuinfo").read_text().replace("\n", " ")
+    except OSError:
+        return False
+
+
+def compile_flags() -> list[str]:
+    flags = ["-std=c++17", "-O2", "-ffp-contract=fast", "-Wall", "-Wextra", "-Werror",
+             "-Wno-unknown-pragmas", "-Wno-unused-function"]
+    if platform.machine() in ("x86_64", "AMD64") and _cpu_has_fma():
+        flags.append("-mfma")
+    return [*flags, f"-I{HERE / 'include'}", f"-I{HERE}", f"-I{CSRC}"]
+
+
+def build(op: str) -> Path:
+    """Compile the driver of ``op`` (cached by the hash of its sources and flags)."""
+    cxx = compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler: install g++ or set CXX")
+    sources = sorted([*CSRC.glob("*.cuh"), *CSRC.glob("*.h"), *HERE.glob("*.h"),
+                      *(HERE / "include").glob("*.h"), HERE / f"{op}.cpp"])
+    digest = hashlib.sha256()
+    for part in [cxx, *compile_flags()]:
+        digest.update(part.encode())
+    for path in sources:
+        digest.update(path.name.encode() + path.read_bytes())
+    exe = BUILD / f"{op}-{digest.hexdigest()[:16]}"
+    if not exe.exists():
+        BUILD.mkdir(parents=True, exist_ok=True)
+        tmp = exe.with_suffix(".tmp")
+        cmd = [cxx, *compile_flags(), str(HERE / f"{op}.cpp"), "-o", str(tmp)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"building the {op} driver failed:\n{' '.join(cmd)}\n"
+                               f"{done.stderr}")
+        tmp.replace(exe)
+    return exe
+
+
+def _storage(x: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+    """Strides and the float32 storage of x (dense, any order of dimensions)."""
+    if x.dtype != torch.float32 or x.storage_offset() != 0:
+        raise ValueError(f"the drivers take float32 tensors at storage offset 0, got {x.dtype} "
+                         f"at offset {x.storage_offset()}")
+    flat = torch.as_strided(x, (x.untyped_storage().nbytes() // 4,), (1,))
+    return list(x.stride()), flat
+
+
+def run_driver(exe: Path, records: Sequence[tuple[list[int], list[torch.Tensor]]]
+               ) -> list[torch.Tensor]:
+    """Feed records (ints, float32 tensors) to a driver; one float32 tensor back per record."""
+    payload = bytearray()
+    for ints, tensors in records:
+        payload += struct.pack(f"<q{len(ints)}q", len(ints), *ints)
+        data = torch.cat([t.reshape(-1) for t in tensors]).numpy().tobytes()
+        payload += struct.pack("<q", len(data) // 4) + data
+    done = subprocess.run([str(exe)], input=bytes(payload), capture_output=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{exe.name} exited with status {done.returncode}:\n"
+                           f"{done.stderr.decode(errors='replace')}")
+    out, pos, buf = [], 0, done.stdout
+    for _ in records:
+        (n,) = struct.unpack_from("<q", buf, pos)
+        pos += 8
+        out.append(torch.frombuffer(bytearray(buf[pos:pos + 4 * n]), dtype=torch.float32))
+        pos += 4 * n
+    return out
+
+
+# --------------------------------------------------------------------------- affinity
+
+
+@dataclasses.dataclass(frozen=True)
+class AffinityCase:
+    """One forward + backward of an affinity loss. ``shapes``: intra (B, C, H, W); inter
+    ((B, C_a, H_a, W_a), (C_b, H_b, W_b))."""
+
+    name: str
+    kind: str  # "intra" or "inter"
+    shapes: tuple
+    distance: str = "l2"
+    gram: bool = False  # intra: the C x C Gram path (else tiles of Delta)
+    mma: bool = False  # intra l2: tf32 tensor-core (WMMA) products (else fp32 FMA)
+    noise: float = 0.7  # student = teacher (1 + noise N(0, 1))
+    channels_last: bool = False
+    zero_vectors: bool = False  # a zero pixel (intra) or channel (inter) in teacher and student
+    teacher_grad: bool = True
+    seed: int = 0
+
+
+AFFINITY_CASES = [
+    AffinityCase("intra-gram-l2", "intra", (2, 20, 5, 7), gram=True, zero_vectors=True),
+    AffinityCase("intra-gram-l2-two-tiles", "intra", (1, 70, 9, 9), gram=True),
+    AffinityCase("intra-gram-l2-close", "intra", (2, 12, 6, 6), gram=True, noise=0.01),
+    AffinityCase("intra-gram-l2-channels-last", "intra", (2, 12, 5, 6), gram=True,
+                 channels_last=True, teacher_grad=False),
+    AffinityCase("intra-tiled-l2", "intra", (1, 40, 3, 3)),
+    AffinityCase("intra-tiled-l2-two-tiles", "intra", (1, 80, 9, 8), zero_vectors=True),
+    AffinityCase("intra-tiled-l2-close", "intra", (1, 48, 4, 4), noise=0.01),
+    AffinityCase("intra-tiled-l1", "intra", (2, 6, 7, 11), "l1", zero_vectors=True),
+    AffinityCase("intra-tiled-l1-close", "intra", (1, 48, 4, 4), "l1", noise=0.01),
+    AffinityCase("intra-tiled-l1-channels-last", "intra", (2, 45, 2, 3), "l1",
+                 channels_last=True, teacher_grad=False),
+    # tf32 products: from 256 pixels, as the precision rule runs them.
+    AffinityCase("intra-gram-l2-mma", "intra", (1, 16, 16, 16), gram=True, mma=True),
+    AffinityCase("intra-gram-l2-mma-close", "intra", (1, 16, 16, 16), gram=True, mma=True,
+                 noise=0.01),
+    AffinityCase("intra-tiled-l2-mma", "intra", (1, 256, 16, 16), mma=True),
+    AffinityCase("inter-l2", "inter", ((2, 12, 8, 8), (20, 4, 4)), zero_vectors=True),
+    AffinityCase("inter-l2-uneven-bins", "inter", ((1, 10, 7, 5), (6, 3, 2))),
+    AffinityCase("inter-l2-close", "inter", ((2, 12, 8, 8), (20, 4, 4)), noise=0.01),
+    AffinityCase("inter-l2-channels-span-tiles", "inter", ((1, 70, 4, 6), (66, 2, 3)),
+                 channels_last=True),
+    AffinityCase("inter-l1", "inter", ((2, 8, 6, 6), (16, 6, 6)), "l1", zero_vectors=True),
+    AffinityCase("inter-l1-frozen-teacher", "inter", ((1, 10, 7, 5), (6, 3, 2)), "l1",
+                 teacher_grad=False),
+]
+
+
+def _pair(shape, noise, seed, channels_last):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(shape, generator=g, dtype=torch.float64)
+    s = t * (1 + noise * torch.randn(shape, generator=g, dtype=torch.float64))
+    t, s = t.float(), s.float()
+    if channels_last:
+        t, s = (x.contiguous(memory_format=torch.channels_last) for x in (t, s))
+    return t, s
+
+
+def affinity_inputs(case: AffinityCase) -> list[torch.Tensor]:
+    """float32 inputs: intra [teacher, student]; inter [teacher_a, teacher_b, student_a,
+    student_b]."""
+    if case.kind == "intra":
+        t, s = _pair(case.shapes, case.noise, case.seed, case.channels_last)
+        if case.zero_vectors:
+            t[0, :, 0, 0] = 0
+            s[0, :, 0, 0] = 0
+            s[-1, :, -1, -1] = 0
+        return [t, s]
+    (B, Ca, Ha, Wa), (Cb, Hb, Wb) = case.shapes
+    t_a, s_a = _pair((B, Ca, Ha, Wa), case.noise, case.seed, case.channels_last)
+    t_b, s_b = _pair((B, Cb, Hb, Wb), case.noise, case.seed + 1, case.channels_last)
+    if case.zero_vectors:
+        t_a[0, 0] = 0
+        s_a[0, 0] = 0
+        s_b[-1, -1] = 0
+    return [t_a, t_b, s_a, s_b]
+
+
+def _affinity_records(case: AffinityCase, inputs: list[torch.Tensor], grad_loss: float):
+    strides, storages = zip(*(_storage(x) for x in inputs), strict=True)
+    l1 = int(case.distance == "l1")
+    if case.kind == "intra":
+        head = [*case.shapes, l1, int(case.gram), int(case.mma)]
+        ops = (0, 1)
+    else:
+        (B, Ca, Ha, Wa), (Cb, Hb, Wb) = case.shapes
+        head = [B, Ca, Ha, Wa, Cb, Hb, Wb, l1]
+        ops = (2, 3)
+    flat_strides = [v for st in strides for v in st]
+    g = torch.tensor([grad_loss], dtype=torch.float32)
+    return [([ops[0], *head, *flat_strides], list(storages)),
+            ([ops[1], *head, *flat_strides, int(case.teacher_grad)], [*storages, g])]
+
+
+def _split_grads(case: AffinityCase, flat: torch.Tensor, inputs: list[torch.Tensor]):
+    """Driver gradient output -> {input index: gradient}, in the driver's order (students
+    first, then teachers)."""
+    order = [1, 0] if case.kind == "intra" else [2, 3, 0, 1]
+    if not case.teacher_grad:
+        order = order[: len(order) // 2]
+    grads, pos = {}, 0
+    for i in order:
+        n = inputs[i].numel()
+        grads[i] = flat[pos:pos + n].reshape(inputs[i].shape)
+        pos += n
+    assert pos == flat.numel(), (pos, flat.numel())
+    return grads
+
+
+def reference_affinity(case: AffinityCase, inputs: list[torch.Tensor], grad_loss: float):
+    """Loss and gradients of snl_kernels.reference in float64 on the same values."""
+    from snl_kernels import reference
+
+    x64 = [x.detach().double().requires_grad_(True) for x in inputs]
+    if case.kind == "intra":
+        loss = reference.intra_affinity_loss(*x64, case.distance)
+    else:
+        loss = reference.inter_affinity_loss(*x64, case.distance)
+    grads = torch.autograd.grad(loss * grad_loss, x64)
+    return loss.detach(), dict(enumerate(grads))
+
+
+@dataclasses.dataclass
+class Result:
+    case: str
+    loss_err: float  # relative
+    grad_errs: dict  # input name -> relative (norm-wise) error
+    outputs: dict  # name -> float32 tensor, as the driver returned it
+
+    def failures(self, loss_rtol: float = LOSS_RTOL, grad_rtol: float = GRAD_RTOL) -> list[str]:
+        bad = []
+        if not self.loss_err <= loss_rtol:  # also catches NaN
+            bad.append(f"loss rel err {self.loss_err:.2e} > {loss_rtol:.0e}")
+        for name, (err, bound) in self.grad_errs.items():
+            if not err <= grad_rtol * bound + GRAD_ATOL:
+                bad.append(f"grad {name} err {err:.2e} > {grad_rtol:.0e} * {bound:.2e}")
+        return bad
+
+
+INPUT_NAMES = {"intra": ["teacher", "student"],
+               "inter": ["teacher_a", "teacher_b", "student_a", "student_b"]}
+
+
+def compare_affinity(case: AffinityCase, inputs, loss: torch.Tensor, grads: dict,
+                     grad_loss: float) -> Result:
+    """Errors of (loss, grads) against the float64 reference."""
+    ref_loss, ref_grads = reference_affinity(case, inputs, grad_loss)
+    loss_err = abs(loss.double().item() - ref_loss.item()) / max(abs(ref_loss.item()), 1e-30)
+    names = INPUT_NAMES[case.kind]
+    errs, outputs = {}, {"loss": loss}
+    for i, g in grads.items():
+        r = ref_grads[i]
+        errs[names[i]] = ((g.double() - r).norm().item(), r.norm().item())
+        outputs[f"grad_{names[i]}"] = g
+    return Result(case.name, loss_err, errs, outputs)
+
+
+def run_affinity(cases: Iterable[AffinityCase], grad_loss: float = 0.75) -> list[Result]:
+    cases = list(cases)
+    if not cases:
+        return []
+    exe = build("affinity")
+    records, inputs = [], []
+    for case in cases:
+        xs = affinity_inputs(case)
+        inputs.append(xs)
+        records += _affinity_records(case, xs, grad_loss)
+    outs = run_driver(exe, records)
+    results = []
+    for k, (case, xs) in enumerate(zip(cases, inputs, strict=True)):
+        loss, flat = outs[2 * k], outs[2 * k + 1]
+        assert loss.numel() == 1
+        results.append(compare_affinity(case, xs, loss[0], _split_grads(case, flat, xs),
+                                        grad_loss))
+    return results
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _compare_bits(results: list[Result], saved: dict) -> int:
+    """Print which outputs differ in any bit from a saved run; the number of cases that do."""
+    differ = 0
+    for r in results:
+        if r.case not in saved:
+            print(f"     {r.case:34s} not in the saved run")
+            continue
+        changed = [name for name, x in r.outputs.items()
+                   if name not in saved[r.case] or not torch.equal(x, saved[r.case][name])]
+        differ += bool(changed)
+        print(f"{'DIFF' if changed else 'same'} {r.case:34s} bits"
+              + (f" differ: {', '.join(changed)}" if changed else ""))
+    return differ
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.cuda_emulation",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("-k", default="", help="only the cases whose name contains this")
+    parser.add_argument("--save", type=Path, help="torch.save the outputs here")
+    parser.add_argument("--compare", type=Path,
+                        help="outputs saved by --save: report the cases whose bits differ")
+    args = parser.parse_args(argv)
+    if compiler() is None:
+        print("no C++ compiler (g++ or $CXX): cannot build the emulation", file=sys.stderr)
+        return 2
+    results = run_affinity(c for c in AFFINITY_CASES if args.k in c.name)
+    failed = 0
+    for r in results:
+        bad = r.failures()
+        failed += bool(bad)
+        grads = " ".join(f"{n}={e / max(b, 1e-30):.1e}" for n, (e, b) in r.grad_errs.items())
+        print(f"{'FAIL' if bad else 'ok  '} {r.case:34s} loss {r.loss_err:.1e}  grads {grads}"
+              + (f"  <- {'; '.join(bad)}" if bad else ""))
+    if args.save:
+        torch.save({r.case: r.outputs for r in results}, args.save)
+    if args.compare:
+        failed += _compare_bits(results, torch.load(args.compare))
+    print(f"{len(results) - failed} of {len(results)} cases within the bar "
+          f"(loss {LOSS_RTOL:.0e}, gradients {GRAD_RTOL:.0e} against float64)")
+    return 1 if failed or not results else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
