@@ -7,12 +7,11 @@
 // No N x N matrix is ever written to memory. Sums run in a fixed order (per-block partials,
 // then one block summing them in float64): the same inputs give the same bits.
 //
-// Products run in one of two precisions, chosen per call by use_tensor_cores (host side, from
-// SNL_DOT_PRECISION): fp32 FMA kernels ("ieee"; every inter-affinity and l1 product), or, for
-// the intra-affinity l2 products on sm_80 and newer, TF32 tensor cores (WMMA) with operands
-// rounded to nearest tf32 and fp32 accumulation (the default for l2 from 256 pixels: loss error ~1e-5,
-// gradient error ~5e-4 against float64). Kernels: affinity_kernels.cuh; launch sequences:
-// affinity_launch.cuh.
+// Path and precision are op arguments, decided by the caller (snl_kernels/precision.py has the
+// rule and what each backend runs): products in fp32 FMA kernels (precision "ieee"; every
+// inter-affinity and l1 product), or, for the intra-affinity l2 products on sm_80 and newer,
+// on TF32 tensor cores (WMMA; precision "tf32") with operands rounded to nearest tf32 and fp32
+// accumulation. Kernels: affinity_kernels.cuh; launch sequences: affinity_launch.cuh.
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -24,8 +23,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
-#include <string>
 #include <tuple>
 
 #include "checks.h"
@@ -71,29 +68,23 @@ at::Tensor checked_grad_loss(const at::Tensor& grad_loss, const at::Tensor& ref)
   return grad_loss.contiguous();
 }
 
-// Gram path where it is cheaper: l2 and fewer channels than pixels (2 C^2 N per Gram against
-// N^2 C per Delta). Forward and backward must agree on it.
-bool use_gram_path(bool l1, int64_t C, int64_t N) { return !l1 && C < N; }
-
-// Whether the intra-affinity products run on tensor cores (TF32, operands rounded to nearest)
-// rather than in the fp32 FMA kernels. SNL_DOT_PRECISION, read at each call as the Triton
-// backend reads it: "tf32" -> tensor cores; "ieee" or "tf32x3" -> FMA (this file has no
-// three-product path: FMA is at least as accurate); unset or empty -> tensor cores for l2 with
-// at least kTf32MinPixels pixels (as the Triton backend's TF32_MIN_ROWS: below that the loss's
-// rounding errors average over too few entries of Delta to stay under 1e-4).
-// l1 always runs on FMA: its gradient sign(Delta) flips where tf32 rounding moves a small Delta
-// across zero. GPUs before sm_80 have no tf32: FMA. Forward and backward decide separately.
-constexpr int64_t kTf32MinPixels = 256;
-
-bool use_tensor_cores(bool l1, const at::Tensor& ref) {
-  const char* env = std::getenv("SNL_DOT_PRECISION");
-  const std::string precision = env != nullptr ? env : "";
-  TORCH_CHECK_VALUE(precision.empty() || precision == "ieee" || precision == "tf32x3" ||
-                        precision == "tf32",
-                    "SNL_DOT_PRECISION must be one of ieee, tf32x3, tf32, got '", precision, "'");
-  if (l1 || precision == "ieee" || precision == "tf32x3") return false;
-  if (precision.empty() && ref.size(2) * ref.size(3) < kTf32MinPixels) return false;
-  return at::cuda::getDeviceProperties(ref.device().index())->major >= 8;
+// The plan of an intra-affinity call, as the caller decided it (snl_kernels/precision.py):
+// grams (the C x C Gram path, l2 only) and precision: "ieee" (fp32 FMA kernels) or, for l2,
+// "tf32" (TF32 WMMA kernels, operands rounded to nearest; sm_80 and newer).
+IntraPlan intra_plan(const at::Tensor& teacher, c10::string_view distance, bool grams,
+                     c10::string_view precision) {
+  const bool l1 = is_l1(distance);
+  TORCH_CHECK_VALUE(!(grams && l1), "grams (the Gram path) is for distance \"l2\" only");
+  TORCH_CHECK_VALUE(precision == "ieee" || (!l1 && precision == "tf32"),
+                    "precision must be \"ieee\"", l1 ? "" : " or \"tf32\"", " for distance \"",
+                    distance, "\" in the CUDA backend, got \"", precision, "\"");
+  const bool mma = precision == "tf32";
+  if (mma) {
+    const int major = at::cuda::getDeviceProperties(teacher.device().index())->major;
+    TORCH_CHECK_VALUE(major >= 8, "precision \"tf32\" needs a GPU of compute capability 8.0 or "
+                      "newer, got ", major, ".x");
+  }
+  return {teacher.size(0), teacher.size(1), teacher.size(2) * teacher.size(3), l1, grams, mma};
 }
 
 // Starts kernels for the launch sequences of affinity_launch.cuh: kThreads-thread blocks on
@@ -112,14 +103,13 @@ struct CudaLaunch {
 
 float* floats(at::Tensor& x) { return x.mutable_data_ptr<float>(); }
 
-at::Tensor intra_affinity_fwd_cuda(const at::Tensor& teacher, const at::Tensor& student,
-                                   c10::string_view distance) {
+std::tuple<at::Tensor, at::Tensor> intra_affinity_fwd_cuda(const at::Tensor& teacher,
+                                                           const at::Tensor& student,
+                                                           c10::string_view distance, bool grams,
+                                                           c10::string_view precision) {
   check_features(teacher, student);
-  const bool l1 = is_l1(distance);
   const at::cuda::CUDAGuard device_guard(teacher.device());
-  const int64_t B = teacher.size(0), C = teacher.size(1);
-  const int64_t N = teacher.size(2) * teacher.size(3);
-  const IntraPlan plan{B, C, N, l1, use_gram_path(l1, C, N), use_tensor_cores(l1, teacher)};
+  const IntraPlan plan = intra_plan(teacher, distance, grams, precision);
 
   const auto f32 = teacher.options().dtype(at::kFloat);
   at::Tensor inv_norm = at::empty({plan.inv_norm_floats()}, f32);
@@ -130,21 +120,20 @@ at::Tensor intra_affinity_fwd_cuda(const at::Tensor& teacher, const at::Tensor& 
     intra_forward(launch, plan, feature_of<scalar_t>(teacher), feature_of<scalar_t>(student),
                   floats(inv_norm), floats(partials), floats(loss));
   });
-  return loss;
+  // No signs of Delta: the backward recomputes it.
+  return {loss, at::empty({0}, teacher.options().dtype(at::kInt))};
 }
 
-std::tuple<at::Tensor, at::Tensor> intra_affinity_bwd_cuda(const at::Tensor& teacher,
-                                                           const at::Tensor& student,
-                                                           const at::Tensor& grad_loss,
-                                                           c10::string_view distance,
-                                                           bool teacher_requires_grad) {
+std::tuple<at::Tensor, at::Tensor> intra_affinity_bwd_cuda(
+    const at::Tensor& teacher, const at::Tensor& student, const at::Tensor& grad_loss,
+    const at::Tensor& signs, c10::string_view distance, bool grams, c10::string_view precision,
+    bool teacher_requires_grad) {
   check_features(teacher, student);
-  const bool l1 = is_l1(distance);
+  TORCH_CHECK_VALUE(signs.numel() == 0, "signs must be the CUDA forward's empty tensor (the "
+                    "backward recomputes Delta), got shape ", signs.sizes());
   const at::Tensor grad_loss_c = checked_grad_loss(grad_loss, teacher);
   const at::cuda::CUDAGuard device_guard(teacher.device());
-  const int64_t B = teacher.size(0), C = teacher.size(1);
-  const int64_t N = teacher.size(2) * teacher.size(3);
-  const IntraPlan plan{B, C, N, l1, use_gram_path(l1, C, N), use_tensor_cores(l1, teacher)};
+  const IntraPlan plan = intra_plan(teacher, distance, grams, precision);
 
   const auto f32 = teacher.options().dtype(at::kFloat);
   at::Tensor grad_student = at::empty(student.sizes(), student.options());
@@ -173,16 +162,21 @@ PooledFeature<scalar_t> pooled_of(const at::Tensor& fa, const at::Tensor& fb) {
   return {feature_of<scalar_t>(fa), fa.size(2), fa.size(3), fb.size(2), fb.size(3)};
 }
 
-InterPlan inter_plan(const at::Tensor& teacher_a, const at::Tensor& teacher_b, bool l1) {
+// The inter-affinity products are fp32 FMA: precision "ieee" only.
+InterPlan inter_plan(const at::Tensor& teacher_a, const at::Tensor& teacher_b,
+                     c10::string_view distance, c10::string_view precision) {
+  const bool l1 = is_l1(distance);
+  TORCH_CHECK_VALUE(precision == "ieee", "precision must be \"ieee\" for the inter-affinity "
+                    "products of the CUDA backend, got \"", precision, "\"");
   return {teacher_a.size(0), teacher_a.size(1), teacher_b.size(1),
           teacher_b.size(2) * teacher_b.size(3), l1};
 }
 
 at::Tensor inter_affinity_fwd_cuda(const at::Tensor& teacher_a, const at::Tensor& teacher_b,
                                    const at::Tensor& student_a, const at::Tensor& student_b,
-                                   c10::string_view distance) {
+                                   c10::string_view distance, c10::string_view precision) {
   check_inter_features(teacher_a, teacher_b, student_a, student_b);
-  const InterPlan plan = inter_plan(teacher_a, teacher_b, is_l1(distance));
+  const InterPlan plan = inter_plan(teacher_a, teacher_b, distance, precision);
   const at::cuda::CUDAGuard device_guard(teacher_a.device());
 
   const auto f32 = teacher_a.options().dtype(at::kFloat);
@@ -203,9 +197,9 @@ at::Tensor inter_affinity_fwd_cuda(const at::Tensor& teacher_a, const at::Tensor
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> inter_affinity_bwd_cuda(
     const at::Tensor& teacher_a, const at::Tensor& teacher_b, const at::Tensor& student_a,
     const at::Tensor& student_b, const at::Tensor& grad_loss, c10::string_view distance,
-    bool teacher_requires_grad) {
+    c10::string_view precision, bool teacher_requires_grad) {
   check_inter_features(teacher_a, teacher_b, student_a, student_b);
-  const InterPlan plan = inter_plan(teacher_a, teacher_b, is_l1(distance));
+  const InterPlan plan = inter_plan(teacher_a, teacher_b, distance, precision);
   const at::Tensor grad_loss_c = checked_grad_loss(grad_loss, teacher_a);
   const at::cuda::CUDAGuard device_guard(teacher_a.device());
 

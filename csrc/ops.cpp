@@ -29,19 +29,24 @@ TORCH_LIBRARY(snl, m) {
       "Tensor channel_stats, Tensor grad_pixel, Tensor grad_channel, Tensor grad_sample, "
       "bool teacher_requires_grad) -> (Tensor grad_teacher, Tensor grad_student)");
   // Affinity losses: the loss is a 0-dim float32 tensor; a gradient not asked for is empty.
+  // grams (intra: the C x C Gram path, l2 only) and precision ("ieee": fp32 FMA, "tf32": TF32
+  // WMMA for intra l2) are decided by snl_kernels/precision.py. signs: empty here (the CUDA
+  // backward recomputes Delta; the Triton ops of the same schema keep l1's signs in it).
   m.def(
-      "intra_affinity_fwd(Tensor teacher, Tensor student, str distance) -> Tensor");
+      "intra_affinity_fwd(Tensor teacher, Tensor student, str distance, bool grams, "
+      "str precision) -> (Tensor loss, Tensor signs)");
   m.def(
-      "intra_affinity_bwd(Tensor teacher, Tensor student, Tensor grad_loss, str distance, "
-      "bool teacher_requires_grad) -> (Tensor grad_teacher, Tensor grad_student)");
+      "intra_affinity_bwd(Tensor teacher, Tensor student, Tensor grad_loss, Tensor signs, "
+      "str distance, bool grams, str precision, bool teacher_requires_grad) -> "
+      "(Tensor grad_teacher, Tensor grad_student)");
   m.def(
       "inter_affinity_fwd(Tensor teacher_a, Tensor teacher_b, Tensor student_a, "
-      "Tensor student_b, str distance) -> Tensor");
+      "Tensor student_b, str distance, str precision) -> Tensor");
   m.def(
       "inter_affinity_bwd(Tensor teacher_a, Tensor teacher_b, Tensor student_a, "
-      "Tensor student_b, Tensor grad_loss, str distance, bool teacher_requires_grad) -> "
-      "(Tensor grad_teacher_a, Tensor grad_teacher_b, Tensor grad_student_a, "
-      "Tensor grad_student_b)");
+      "Tensor student_b, Tensor grad_loss, str distance, str precision, "
+      "bool teacher_requires_grad) -> (Tensor grad_teacher_a, Tensor grad_teacher_b, "
+      "Tensor grad_student_a, Tensor grad_student_b)");
   m.def(
       "cram_fwd(Tensor embedding, Tensor centers, Tensor log_tau) -> (Tensor central, "
       "Tensor assign, Tensor compact, Tensor dist)");

@@ -26,21 +26,20 @@ implementations and registered autograd.
 import torch
 from torch import Tensor
 
-from . import _cuda, checks, dispatch, reference
+from . import _cuda, checks, dispatch, precision, reference
 
 OP = "inter_affinity_loss"
 EPS = reference.EPS
 IMPLEMENTED: tuple[str, ...] = ("triton", "cuda")
 
-_FWD_SCHEMA = (
-    "(Tensor teacher_a, Tensor teacher_b, Tensor student_a, Tensor student_b, str distance)"
-    " -> Tensor"
-)
-_BWD_SCHEMA = (
-    "(Tensor teacher_a, Tensor teacher_b, Tensor student_a, Tensor student_b, "
-    "Tensor grad_loss, str distance, bool teacher_requires_grad) "
-    "-> (Tensor, Tensor, Tensor, Tensor)"
-)
+# The schemas of both kernel backends (csrc/ops.cpp has the CUDA ones, the same); precision:
+# snl_kernels/precision.py.
+FWD_SCHEMA = ("(Tensor teacher_a, Tensor teacher_b, Tensor student_a, Tensor student_b, "
+              "str distance, str precision) -> Tensor")
+BWD_SCHEMA = ("(Tensor teacher_a, Tensor teacher_b, Tensor student_a, Tensor student_b, "
+              "Tensor grad_loss, str distance, str precision, bool teacher_requires_grad) -> "
+              "(Tensor grad_teacher_a, Tensor grad_teacher_b, Tensor grad_student_a, "
+              "Tensor grad_student_b)")
 
 
 def _kernels():
@@ -56,17 +55,17 @@ def _operands(k, teacher_a, teacher_b, student_a, student_b):
     return p_t, p_s, norms
 
 
-@torch.library.custom_op("snl_triton::inter_affinity_fwd", mutates_args=(), schema=_FWD_SCHEMA)
-def _triton_fwd(teacher_a, teacher_b, student_a, student_b, distance):
+@torch.library.custom_op("snl_triton::inter_affinity_fwd", mutates_args=(), schema=FWD_SCHEMA)
+def _triton_fwd(teacher_a, teacher_b, student_a, student_b, distance, precision):
     k = _kernels()
     p_t, p_s, (r_pt, r_ps, r_qt, r_qs) = _operands(k, teacher_a, teacher_b, student_a, student_b)
     parts = k.delta(p_s, p_t, student_b, teacher_b, r_ps, r_pt, r_qs, r_qt, pix_rows=False,
-                    l1=distance == "l1")
+                    l1=distance == "l1", precision=precision)
     return parts.sum() / (teacher_a.shape[0] * teacher_a.shape[1] * teacher_b.shape[1])
 
 
-@torch.library.custom_op("snl_triton::inter_affinity_bwd", mutates_args=(), schema=_BWD_SCHEMA)
-def _triton_bwd(teacher_a, teacher_b, student_a, student_b, grad_loss, distance,
+@torch.library.custom_op("snl_triton::inter_affinity_bwd", mutates_args=(), schema=BWD_SCHEMA)
+def _triton_bwd(teacher_a, teacher_b, student_a, student_b, grad_loss, distance, precision,
                 teacher_requires_grad):
     k = _kernels()
     B, C_a = teacher_a.shape[:2]
@@ -76,8 +75,7 @@ def _triton_bwd(teacher_a, teacher_b, student_a, student_b, grad_loss, distance,
     g = grad_loss.to(torch.float32).reshape(1)
     l1 = distance == "l1"
     gd = k.delta(p_s, p_t, student_b, teacher_b, r_ps, r_pt, r_qs, r_qt, pix_rows=False,
-                 l1=l1, grad=(g, coef))
-    precision = k.dot_precision(l1, min(C_a, C_b))  # as delta's
+                 l1=l1, precision=precision, grad=(g, coef))
 
     def grads(sign, f_a, p, r_p, f_b, r_q):
         # dL/dP^ = sign Gd Q^, dL/dQ^ = sign Gd^T P^, then the normalisations and the pooling.
@@ -94,11 +92,11 @@ def _triton_bwd(teacher_a, teacher_b, student_a, student_b, grad_loss, distance,
     return ga_t, gb_t, ga_s, gb_s
 
 
-def _fake_fwd(teacher_a, teacher_b, student_a, student_b, distance):
+def _fake_fwd(teacher_a, teacher_b, student_a, student_b, distance, precision):
     return teacher_a.new_empty((), dtype=torch.float32)
 
 
-def _fake_bwd(teacher_a, teacher_b, student_a, student_b, grad_loss, distance,
+def _fake_bwd(teacher_a, teacher_b, student_a, student_b, grad_loss, distance, precision,
               teacher_requires_grad):
     if teacher_requires_grad:
         ga_t, gb_t = teacher_a.new_empty(teacher_a.shape), teacher_b.new_empty(teacher_b.shape)
@@ -109,8 +107,8 @@ def _fake_bwd(teacher_a, teacher_b, student_a, student_b, grad_loss, distance,
 
 
 def _setup_context(ctx, inputs, output):
-    *features, distance = inputs
-    ctx.distance = distance
+    *features, distance, dot = inputs
+    ctx.plan = (distance, dot)
     ctx.save_for_backward(*features)
 
 
@@ -118,9 +116,9 @@ def _make_backward(bwd_op):
     def backward(ctx, grad_loss):
         need = ctx.needs_input_grad
         need_teacher = bool(need[0] or need[1])
-        grads = bwd_op(*ctx.saved_tensors, grad_loss.to(torch.float32), ctx.distance,
+        grads = bwd_op(*ctx.saved_tensors, grad_loss.to(torch.float32), *ctx.plan,
                        need_teacher)
-        return (*(g if n else None for g, n in zip(grads, need[:4], strict=True)), None)
+        return (*(g if n else None for g, n in zip(grads, need[:4], strict=True)), None, None)
 
     return backward
 
@@ -167,4 +165,5 @@ def inter_affinity_loss(teacher_a: Tensor, teacher_b: Tensor, student_a: Tensor,
     chosen = dispatch.select_backend(OP, backend, tensors, IMPLEMENTED, why_not=why_not)
     if chosen == "torch":
         return reference.inter_affinity_loss(*tensors, distance)
-    return _FORWARD_OPS[chosen](*tensors, distance)
+    return _FORWARD_OPS[chosen](*tensors, distance,
+                                precision.inter_plan(chosen, teacher_a, teacher_b, distance))

@@ -26,10 +26,10 @@ Then through the normalisation, per pixel: ``df = r (dx - x (x . dx))`` with ``r
 max(|f|, eps)`` (the projection drops where the norm is clamped). Backward recomputes the
 norms; nothing but the inputs is saved.
 
-Precision. The products run on tensor cores unless ``SNL_DOT_PRECISION`` says otherwise
-(``snl_kernels._triton.affinity.dot_precision`` has the rule and the measured errors): for
-l2 from 256 pixels, one tf32 product with operands rounded to nearest; for l1 (whose
-gradient is sign(Delta)) and small l2, three tf32 products in Triton and fp32 FMA in CUDA.
+Path and precision are decided once per call, in ``snl_kernels/precision.py`` (the rule,
+and what each backend runs), and passed to the ops as arguments: for l2 from 256 pixels, one
+tf32 product with operands rounded to nearest; for l1 (whose gradient is sign(Delta)) and
+small l2, three tf32 products in Triton and fp32 FMA in CUDA; ``SNL_DOT_PRECISION`` overrides.
 For l1, Delta is set to exactly 0 where the reference's is, i.e. where a zero teacher vector
 and a zero student vector meet (row or column): the difference form's ``+-x . y`` terms
 cancel there only up to the order of the hardware's sums, and a stray sign would move the
@@ -40,28 +40,27 @@ Backends: ``torch`` (reference, materialises N x N), ``triton``
 ``torch.library`` ops with fake implementations and registered autograd.
 """
 
+import functools
+
 import torch
 from torch import Tensor
 
-from . import _cuda, checks, dispatch, reference
+from . import _cuda, checks, dispatch, precision, reference
+from .precision import use_grams  # noqa: F401  (the path rule, where callers looked for it)
 
 OP = "intra_affinity_loss"
 EPS = reference.EPS
 IMPLEMENTED: tuple[str, ...] = ("triton", "cuda")
 
-# The Triton forward also returns l1's signs of Delta (int32 bit words, see _signs_shape; empty
-# for l2), which its backward reads instead of recomputing Delta. The CUDA ops (csrc/ops.cpp)
-# take and return the loss alone and recompute.
-_TRITON_FWD_SCHEMA = "(Tensor teacher, Tensor student, str distance) -> (Tensor, Tensor)"
-_TRITON_BWD_SCHEMA = (
-    "(Tensor teacher, Tensor student, Tensor grad_loss, Tensor signs, str distance, "
-    "bool teacher_requires_grad) -> (Tensor, Tensor)"
-)
-
-
-def use_grams(channels: int, pixels: int, distance: str) -> bool:
-    """Whether the C x C Gram form is used (l2 with fewer channels than pixels)."""
-    return distance == "l2" and channels < pixels
+# The schemas of both kernel backends (csrc/ops.cpp has the CUDA ones, the same). grams and
+# precision: snl_kernels/precision.py. signs: Triton's l1 forward keeps the signs of Delta
+# (int32 bit words, see _signs_shape), which its backward reads instead of recomputing Delta;
+# empty otherwise (l2, and the CUDA backend, which recomputes).
+FWD_SCHEMA = ("(Tensor teacher, Tensor student, str distance, bool grams, str precision) -> "
+              "(Tensor loss, Tensor signs)")
+BWD_SCHEMA = ("(Tensor teacher, Tensor student, Tensor grad_loss, Tensor signs, str distance, "
+              "bool grams, str precision, bool teacher_requires_grad) -> "
+              "(Tensor grad_teacher, Tensor grad_student)")
 
 
 def _kernels():
@@ -70,45 +69,45 @@ def _kernels():
     return kernels
 
 
-def _signs_shape(teacher: Tensor, distance: str) -> tuple[int, ...]:
-    """l1: bit j % 32 of word [b, i, j // 32] is Delta[b, i, j] > 0 (upper triangle of tiles
-    only; B N^2 / 8 bytes, 32 MB for WRN50 level 1 at B = 16). l2: nothing."""
+def _signs_shape(backend: str, teacher: Tensor, distance: str) -> tuple[int, ...]:
+    """Triton l1: bit j % 32 of word [b, i, j // 32] is Delta[b, i, j] > 0 (upper triangle of
+    tiles only; B N^2 / 8 bytes, 32 MB for WRN50 level 1 at B = 16). Otherwise nothing."""
     B, _, H, W = teacher.shape
     N = H * W
-    return (B, N, (N + 31) // 32) if distance == "l1" else (0,)
+    return (B, N, (N + 31) // 32) if backend == "triton" and distance == "l1" else (0,)
 
 
-@torch.library.custom_op("snl_triton::intra_affinity_fwd", mutates_args=(),
-                         schema=_TRITON_FWD_SCHEMA)
-def _triton_fwd(teacher, student, distance):
+@torch.library.custom_op("snl_triton::intra_affinity_fwd", mutates_args=(), schema=FWD_SCHEMA)
+def _triton_fwd(teacher, student, distance, grams, precision):
     k = _kernels()
-    B, C, H, W = teacher.shape
+    B, _, H, W = teacher.shape
     N = H * W
     r_t, r_s = k.inv_norms(teacher, True, EPS), k.inv_norms(student, True, EPS)
-    signs = teacher.new_empty(_signs_shape(teacher, distance), dtype=torch.int32)
-    if use_grams(C, N, distance):
-        parts = k.gram_loss(student, teacher, r_s, r_t)
+    signs = teacher.new_empty(_signs_shape("triton", teacher, distance), dtype=torch.int32)
+    if grams:
+        parts = k.gram_loss(student, teacher, r_s, r_t, precision)
     else:
         parts = k.delta(student, teacher, student, teacher, r_s, r_t, r_s, r_t,
-                        pix_rows=True, l1=distance == "l1",
+                        pix_rows=True, l1=distance == "l1", precision=precision,
                         signs=signs if distance == "l1" else None)
     return parts.sum() / (B * N * N), signs
 
 
-@torch.library.custom_op("snl_triton::intra_affinity_bwd", mutates_args=(),
-                         schema=_TRITON_BWD_SCHEMA)
-def _triton_bwd(teacher, student, grad_loss, signs, distance, teacher_requires_grad):
+@torch.library.custom_op("snl_triton::intra_affinity_bwd", mutates_args=(), schema=BWD_SCHEMA)
+def _triton_bwd(teacher, student, grad_loss, signs, distance, grams, precision,
+                teacher_requires_grad):
     k = _kernels()
-    B, C, H, W = teacher.shape
+    B, _, H, W = teacher.shape
     M = B * H * W * H * W
     r_t, r_s = k.inv_norms(teacher, True, EPS), k.inv_norms(student, True, EPS)
     g = grad_loss.to(torch.float32).reshape(1)
-    if use_grams(C, H * W, distance):
-        g_s, g_t = k.gram_grad(student, teacher, r_s, r_t, g, 4.0 / M, teacher_requires_grad)
+    if grams:
+        g_s, g_t = k.gram_grad(student, teacher, r_s, r_t, g, 4.0 / M, teacher_requires_grad,
+                               precision)
     else:
         coef = (2.0 if distance == "l1" else 4.0) / M
         g_s, g_t = k.intra_tiled_grad(student, teacher, r_s, r_t, g, coef, distance == "l1",
-                                      teacher_requires_grad,
+                                      teacher_requires_grad, precision,
                                       signs if distance == "l1" else None)
 
     def finish(f, r, gx):
@@ -119,58 +118,50 @@ def _triton_bwd(teacher, student, grad_loss, signs, distance, teacher_requires_g
     return grad_teacher, finish(student, r_s, g_s)
 
 
-def _fake_loss(teacher, student, distance):
-    return teacher.new_empty((), dtype=torch.float32)
+def _fake_fwd(backend, teacher, student, distance, grams, precision):
+    signs = teacher.new_empty(_signs_shape(backend, teacher, distance), dtype=torch.int32)
+    return teacher.new_empty((), dtype=torch.float32), signs
 
 
-def _fake_triton_fwd(teacher, student, distance):
-    signs = teacher.new_empty(_signs_shape(teacher, distance), dtype=torch.int32)
-    return _fake_loss(teacher, student, distance), signs
-
-
-def _fake_grads(teacher, student, teacher_requires_grad):
+def _fake_bwd(teacher, student, grad_loss, signs, distance, grams, precision,
+              teacher_requires_grad):
     # Gradients are contiguous (B, C, H, W) whatever the inputs' layout, in both backends.
     grad_teacher = teacher.new_empty(teacher.shape if teacher_requires_grad else (0,))
     return grad_teacher, student.new_empty(student.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    teacher, student, distance = inputs
-    ctx.distance = distance
-    # Triton: (loss, signs); CUDA: the loss alone.
-    if isinstance(output, tuple):
-        ctx.mark_non_differentiable(output[1])
-        ctx.save_for_backward(teacher, student, output[1])
-    else:
-        ctx.save_for_backward(teacher, student)
+    teacher, student, *plan = inputs  # distance, grams, precision
+    ctx.plan = plan
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(teacher, student, output[1])
 
 
 def _make_backward(bwd_op):
-    def backward(ctx, grad_loss, *grad_signs):
-        teacher, student, *signs = ctx.saved_tensors
+    def backward(ctx, grad_loss, grad_signs):
+        teacher, student, signs = ctx.saved_tensors
         need_teacher = bool(ctx.needs_input_grad[0])
         grad_teacher, grad_student = bwd_op(teacher, student, grad_loss.to(torch.float32),
-                                            *signs, ctx.distance, need_teacher)
+                                            signs, *ctx.plan, need_teacher)
         return (grad_teacher if need_teacher else None,
-                grad_student if ctx.needs_input_grad[1] else None, None)
+                grad_student if ctx.needs_input_grad[1] else None, None, None, None)
 
     return backward
 
 
-torch.library.register_fake("snl_triton::intra_affinity_fwd")(_fake_triton_fwd)
-torch.library.register_fake("snl_triton::intra_affinity_bwd")(
-    lambda t, s, g, signs, d, need_teacher: _fake_grads(t, s, need_teacher))
-torch.library.register_autograd("snl_triton::intra_affinity_fwd", _make_backward(_triton_bwd),
-                                setup_context=_setup_context)
-_FORWARD_OPS = {"triton": lambda t, s, d: torch.ops.snl_triton.intra_affinity_fwd(t, s, d)[0]}
+def _register(backend: str, fwd: str, bwd: str, bwd_op) -> None:
+    torch.library.register_fake(fwd)(functools.partial(_fake_fwd, backend))
+    torch.library.register_fake(bwd)(_fake_bwd)
+    torch.library.register_autograd(fwd, _make_backward(bwd_op), setup_context=_setup_context)
+
+
+_register("triton", "snl_triton::intra_affinity_fwd", "snl_triton::intra_affinity_bwd",
+          _triton_bwd)
+_FORWARD_OPS = {"triton": torch.ops.snl_triton.intra_affinity_fwd}
 if _cuda.has_op("intra_affinity_fwd"):
-    torch.library.register_fake("snl::intra_affinity_fwd")(_fake_loss)
-    torch.library.register_fake("snl::intra_affinity_bwd")(
-        lambda t, s, g, d, need_teacher: _fake_grads(t, s, need_teacher))
-    torch.library.register_autograd("snl::intra_affinity_fwd",
-                                    _make_backward(torch.ops.snl.intra_affinity_bwd.default),
-                                    setup_context=_setup_context)
-    _FORWARD_OPS["cuda"] = lambda t, s, d: torch.ops.snl.intra_affinity_fwd(t, s, d)
+    _register("cuda", "snl::intra_affinity_fwd", "snl::intra_affinity_bwd",
+              torch.ops.snl.intra_affinity_bwd.default)
+    _FORWARD_OPS["cuda"] = torch.ops.snl.intra_affinity_fwd
 
 
 def intra_affinity_loss(teacher: Tensor, student: Tensor, distance: str = "l2",
@@ -196,4 +187,5 @@ def intra_affinity_loss(teacher: Tensor, student: Tensor, distance: str = "l2",
     chosen = dispatch.select_backend(OP, backend, (teacher, student), IMPLEMENTED, why_not=why_not)
     if chosen == "torch":
         return reference.intra_affinity_loss(teacher, student, distance)
-    return _FORWARD_OPS[chosen](teacher, student, distance)
+    grams, dot = precision.intra_plan(chosen, teacher, distance)
+    return _FORWARD_OPS[chosen](teacher, student, distance, grams, dot)[0]

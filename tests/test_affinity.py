@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support import DEVICE, DTYPES, NO_TRITON, kernel_backends, requires_gpu
+from support import DEVICE, DTYPES, kernel_backends, requires_gpu
 
 import snl_kernels
-from snl_kernels import reference
-from snl_kernels.intra_affinity_loss import use_grams
+from snl_kernels import precision, reference
+from snl_kernels.precision import use_grams
 
 LOSS_RTOL = 1e-4
 GRAD_RTOL = 1e-3
@@ -244,9 +244,6 @@ def test_inter_deterministic_bits(backend):
 
 # --------------------------------------------------------------------------- precision
 
-triton_only = pytest.mark.skipif(NO_TRITON is not None, reason=NO_TRITON or "")
-
-
 @pytest.mark.parametrize("backend", kernel_backends())
 def test_bad_dot_precision_is_named(monkeypatch, backend):
     monkeypatch.setenv("SNL_DOT_PRECISION", "fp64")
@@ -275,12 +272,12 @@ def test_forced_precisions_keep_the_accuracy_bar(monkeypatch, backend, distance,
 @pytest.mark.parametrize("shape", [(1, 16, 16, 16), (1, 256, 16, 16)], ids=["grams", "tiled"])
 def test_tf32_products_keep_the_l2_bar_from_256_pixels(monkeypatch, backend, shape, noise):
     # l2 from TF32_MIN_ROWS pixels runs one tf32 product per operand pair by default (CUDA:
-    # WMMA on sm_80 and newer, kTf32MinPixels).
+    # WMMA on sm_80 and newer).
     from snl_kernels._triton import affinity
 
     monkeypatch.delenv("SNL_DOT_PRECISION", raising=False)
-    assert shape[2] * shape[3] == affinity.TF32_MIN_ROWS
-    assert affinity.dot_precision(False, affinity.TF32_MIN_ROWS) == "tf32"
+    assert shape[2] * shape[3] == precision.TF32_MIN_ROWS
+    assert precision.dot_precision(False, precision.TF32_MIN_ROWS) == "tf32"
     # One channel block in the tiled backward: 8x fewer interpreted programs.
     monkeypatch.setattr(affinity, "MAX_BLOCK_C", 256)
     t, s = _pair(shape, noise=noise)
@@ -301,9 +298,8 @@ def test_tf32_inter_keeps_the_l2_bar(monkeypatch, backend):
         _check(*_inter(backend, "l2"), _inter_inputs(((1, 256, 8, 8), (256, 4, 4)), noise=noise))
 
 
-@triton_only
 def test_default_precision_by_distance_and_size(monkeypatch):
-    from snl_kernels._triton.affinity import TF32_MIN_ROWS, dot_precision
+    from snl_kernels.precision import TF32_MIN_ROWS, dot_precision
 
     monkeypatch.delenv("SNL_DOT_PRECISION", raising=False)
     assert dot_precision(False, TF32_MIN_ROWS) == "tf32"
@@ -311,6 +307,55 @@ def test_default_precision_by_distance_and_size(monkeypatch):
     assert dot_precision(True, 4096) == "tf32x3"  # l1: sign(Delta) needs ~fp32 products
     monkeypatch.setenv("SNL_DOT_PRECISION", "ieee")
     assert dot_precision(False, 4096) == "ieee"
+
+
+def test_what_each_backend_runs_for_an_asked_precision():
+    # The table of snl_kernels/precision.py: Triton runs every precision as asked; CUDA has
+    # tf32 WMMA for intra l2 only (on sm_80 and newer), fp32 FMA ("ieee") for the rest.
+    gpu = torch.device("cuda", 0) if torch.cuda.is_available() else None
+    for asked in precision.PRECISIONS:
+        for product in ("intra-l2", "intra-l1", "inter"):
+            assert precision.for_backend("triton", product, asked) == asked
+        assert precision.for_backend("cuda", "intra-l1", asked) == "ieee"
+        assert precision.for_backend("cuda", "inter", asked) == "ieee"
+    assert precision.for_backend("cuda", "intra-l2", "tf32x3", gpu) == "ieee"
+    assert precision.for_backend("cuda", "intra-l2", "ieee", gpu) == "ieee"
+    assert precision.for_backend("cuda", "intra-l2", "tf32", torch.device("cpu")) == "ieee"
+    if gpu is not None:
+        sm80 = torch.cuda.get_device_capability(gpu)[0] >= 8
+        assert precision.for_backend("cuda", "intra-l2", "tf32", gpu) == (
+            "tf32" if sm80 else "ieee")
+    with pytest.raises(ValueError, match="precision must be one of ieee, tf32x3, tf32, got 'x'"):
+        precision.for_backend("triton", "inter", "x")
+
+
+def test_plan_of_a_call(monkeypatch):
+    monkeypatch.delenv("SNL_DOT_PRECISION", raising=False)
+    t = torch.zeros(1, 16, 16, 16)
+    assert precision.intra_plan("triton", t, "l2") == (True, "tf32")
+    assert precision.intra_plan("triton", t, "l1") == (False, "tf32x3")
+    assert precision.intra_plan("cuda", t, "l1") == (False, "ieee")
+    assert precision.intra_plan("triton", torch.zeros(1, 300, 16, 16), "l2") == (False, "tf32")
+    assert precision.inter_plan("triton", t, torch.zeros(1, 300, 8, 8), "l2") == "tf32x3"
+    monkeypatch.setenv("SNL_DOT_PRECISION", "ieee")
+    assert precision.intra_plan("triton", t, "l2") == (True, "ieee")
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_ops_take_the_precision_given_not_the_environment(monkeypatch, backend):
+    # The kernels read no environment: with SNL_DOT_PRECISION invalid, the ops still run at
+    # the precision they are given (the public function, which reads it, refuses).
+    ns = _namespace(backend)
+    t, s = _pair((1, 6, 3, 3))
+    want = ns.intra_affinity_fwd(t, s, "l2", False, "ieee")[0]
+    monkeypatch.setenv("SNL_DOT_PRECISION", "fp64")
+    got, signs = ns.intra_affinity_fwd(t, s, "l2", False, "ieee")
+    assert torch.equal(got, want)
+    assert signs.numel() == 0
+    x = [x for x, _ in _inter_inputs(((1, 4, 4, 4), (6, 2, 2)))]
+    assert torch.isfinite(ns.inter_affinity_fwd(*x, "l2", "ieee"))
+    with pytest.raises(ValueError, match="SNL_DOT_PRECISION must be one of"):
+        snl_kernels.intra_affinity_loss(t, s, backend=backend)
 
 
 # --------------------------------------------------------------------------- registration
@@ -326,13 +371,15 @@ def test_opcheck(backend):
     t, s = _pair((2, 6, 3, 4))
     g = torch.tensor(0.5, device=DEVICE)
     # (The interpreter is slow: each case once, not every combination.)
-    torch.library.opcheck(ns.intra_affinity_fwd.default, (t, s.clone().requires_grad_(True), "l1"))
+    torch.library.opcheck(ns.intra_affinity_fwd.default,
+                          (t, s.clone().requires_grad_(True), "l1",
+                           *precision.intra_plan(backend, t, "l1")))
 
     def bwd_args(t, s, distance, need_teacher):
-        # The Triton ops pass l1's signs of Delta from the forward to the backward.
-        if backend != "triton":
-            return (t, s, g, distance, need_teacher)
-        return (t, s, g, ns.intra_affinity_fwd(t, s, distance)[1], distance, need_teacher)
+        # The forward's signs (Triton l1: the signs of Delta; else empty) go to the backward.
+        plan = precision.intra_plan(backend, t, distance)
+        signs = ns.intra_affinity_fwd(t, s, distance, *plan)[1]
+        return (t, s, g, signs, distance, *plan, need_teacher)
 
     for distance, need_teacher in (("l2", True), ("l1", False)):
         torch.library.opcheck(ns.intra_affinity_bwd.default, bwd_args(t, s, distance, need_teacher))
@@ -340,12 +387,14 @@ def test_opcheck(backend):
     t_cl, s_cl = (v.contiguous(memory_format=torch.channels_last) for v in (t, s))
     torch.library.opcheck(ns.intra_affinity_bwd.default, bwd_args(t_cl, s_cl, "l1", True))
     x = [x for x, _ in _inter_inputs(((1, 4, 4, 4), (6, 2, 2)))]
+    dot = precision.inter_plan(backend, x[0], x[1], "l2")
     torch.library.opcheck(ns.inter_affinity_fwd.default,
                           (x[0], x[1], x[2].requires_grad_(True), x[3].requires_grad_(True),
-                           "l2"))
-    torch.library.opcheck(ns.inter_affinity_bwd.default, (*(v.detach() for v in x), g, "l1", True))
+                           "l2", dot))
+    torch.library.opcheck(ns.inter_affinity_bwd.default,
+                          (*(v.detach() for v in x), g, "l1", dot, True))
     x_cl = [v.detach().contiguous(memory_format=torch.channels_last) for v in x]
-    torch.library.opcheck(ns.inter_affinity_bwd.default, (*x_cl, g, "l2", False))
+    torch.library.opcheck(ns.inter_affinity_bwd.default, (*x_cl, g, "l2", dot, False))
 
 
 @pytest.mark.parametrize("backend", kernel_backends())

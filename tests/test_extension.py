@@ -26,6 +26,27 @@ SCHEMAS = {
         "Tensor channel_stats, Tensor grad_pixel, Tensor grad_channel, Tensor grad_sample, "
         "bool teacher_requires_grad) -> (Tensor grad_teacher, Tensor grad_student)"
     ),
+    # The affinity ops take the path and precision decided in snl_kernels/precision.py, with
+    # the schemas of the Triton ops of the same names (snl_triton::).
+    "intra_affinity_fwd": (
+        "snl::intra_affinity_fwd(Tensor teacher, Tensor student, str distance, bool grams, "
+        "str precision) -> (Tensor loss, Tensor signs)"
+    ),
+    "intra_affinity_bwd": (
+        "snl::intra_affinity_bwd(Tensor teacher, Tensor student, Tensor grad_loss, Tensor signs, "
+        "str distance, bool grams, str precision, bool teacher_requires_grad) -> "
+        "(Tensor grad_teacher, Tensor grad_student)"
+    ),
+    "inter_affinity_fwd": (
+        "snl::inter_affinity_fwd(Tensor teacher_a, Tensor teacher_b, Tensor student_a, "
+        "Tensor student_b, str distance, str precision) -> Tensor"
+    ),
+    "inter_affinity_bwd": (
+        "snl::inter_affinity_bwd(Tensor teacher_a, Tensor teacher_b, Tensor student_a, "
+        "Tensor student_b, Tensor grad_loss, str distance, str precision, "
+        "bool teacher_requires_grad) -> (Tensor grad_teacher_a, Tensor grad_teacher_b, "
+        "Tensor grad_student_a, Tensor grad_student_b)"
+    ),
 }
 
 
@@ -83,3 +104,12 @@ def test_bwd_has_no_cpu_kernel(extension):
             torch.zeros(B),
             True,
         )
+
+
+@pytest.mark.parametrize("name", sorted(n for n in SCHEMAS if "affinity" in n))
+def test_triton_affinity_ops_have_the_cuda_schemas(name):
+    # One contract for both kernel backends, so that one autograd path serves both.
+    import snl_kernels  # noqa: F401  (registers the snl_triton ops)
+
+    schema = str(getattr(torch.ops.snl_triton, name).default._schema)
+    assert schema == SCHEMAS[name].replace("snl::", "snl_triton::", 1)
