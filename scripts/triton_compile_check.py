@@ -224,6 +224,7 @@ def feats(shape, dtype, seed=0):
 def exercise(quick: bool) -> None:
     """Call every Triton op with the dtypes and flags the library launches."""
     import snl_kernels  # noqa: F401  (registers the snl_triton ops)
+    from snl_kernels import precision as plan
 
     ops = torch.ops.snl_triton
     dtypes = (torch.float32,) if quick else (torch.float32, torch.float16, torch.bfloat16)
@@ -254,30 +255,33 @@ def exercise(quick: bool) -> None:
             ops.cram_bwd(e, c, tau, assign, dist, torch.randn_like(central),
                          torch.randn_like(assign), torch.randn_like(compact))
         # affinity: Gram and tiled paths, l1 and l2, with and without the teacher's gradient,
-        # at each product precision (default: chosen by distance and size)
-        for precision in ("",) if quick else ("", "ieee", "tf32", "tf32x3"):
-            os.environ["SNL_DOT_PRECISION"] = precision
-            affinity(ops, dtype)
-        os.environ.pop("SNL_DOT_PRECISION")
+        # at the precision the library asks for each call (every precision in the full run)
+        affinity(ops, dtype, None if quick else plan.PRECISIONS)
 
 
-def affinity(ops, dtype) -> None:
+def affinity(ops, dtype, precisions) -> None:
+    """Both affinity losses' ops; ``precisions``: None for the library's choice per call."""
+    from snl_kernels import precision as plan
+
     grad = torch.tensor(1.0)
     # Small shapes (small blocks) and shapes with the GPU's full blocks: 64-pixel tiles, 256
     # channels per backward program, 256+ pixels (tf32 for l2 by default).
     for shape in ((2, 20, 6, 6), (1, 48, 4, 4), (1, 64, 32, 32), (1, 256, 16, 16)):
         t, s = feats(shape, dtype), feats(shape, dtype, 1)
         for distance in ("l2", "l1"):
-            _, signs = ops.intra_affinity_fwd(t, s, distance)
-            for need_teacher in (True, False):
-                ops.intra_affinity_bwd(t, s, grad, signs, distance, need_teacher)
+            grams, chosen = plan.intra_plan("triton", t, distance)
+            for dot in precisions or (chosen,):
+                _, signs = ops.intra_affinity_fwd(t, s, distance, grams, dot)
+                for need_teacher in (True, False):
+                    ops.intra_affinity_bwd(t, s, grad, signs, distance, grams, dot, need_teacher)
     for (ca, ha), (cb, hb) in (((12, 8), (20, 4)), ((256, 16), (512, 8))):
         x = [feats((1, ca, ha, ha), dtype), feats((1, cb, hb, hb), dtype, 1),
              feats((1, ca, ha, ha), dtype, 2), feats((1, cb, hb, hb), dtype, 3)]
         for distance in ("l2", "l1"):
-            ops.inter_affinity_fwd(*x, distance)
-            for need_teacher in (True, False):
-                ops.inter_affinity_bwd(*x, grad, distance, need_teacher)
+            for dot in precisions or (plan.inter_plan("triton", x[0], x[1], distance),):
+                ops.inter_affinity_fwd(*x, distance, dot)
+                for need_teacher in (True, False):
+                    ops.inter_affinity_bwd(*x, grad, distance, dot, need_teacher)
 
 
 def main() -> int:
