@@ -11,7 +11,7 @@
 // rule and what each backend runs): products in fp32 FMA kernels (precision "ieee"; every
 // inter-affinity and l1 product), or, for the intra-affinity l2 products on sm_80 and newer,
 // on TF32 tensor cores (WMMA; precision "tf32") with operands rounded to nearest tf32 and fp32
-// accumulation. Kernels: affinity_kernels.cuh; launch sequences: affinity_launch.cuh.
+// accumulation. Kernels: intra_ and inter_affinity_kernels.cuh; launch sequences: affinity_launch.cuh.
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>

@@ -10,7 +10,8 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "affinity_kernels.cuh"
+#include "inter_affinity_kernels.cuh"
+#include "intra_affinity_kernels.cuh"
 
 namespace snl {
 namespace {

@@ -1,4 +1,4 @@
-// Runs the affinity kernels of csrc/affinity_kernels.cuh on the CPU, through the launch
+// Runs the affinity kernels of csrc/*affinity*.cuh on the CPU, through the launch
 // sequences of csrc/affinity_launch.cuh that csrc/affinity.cu runs on a GPU. float32 inputs.
 //
 // Cases (the int64 values of a record, see driver.h):
