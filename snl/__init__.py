@@ -9,7 +9,6 @@ is imported only when a model is built.
 from .config import Architecture, Normalization, architecture, normalization
 from .cram import CRAM
 from .model import SNL, Features
-from .ops import Ops, op_table
 from .weights import WeightsUnavailableError
 
 __all__ = [
@@ -18,9 +17,7 @@ __all__ = [
     "Architecture",
     "Features",
     "Normalization",
-    "Ops",
     "WeightsUnavailableError",
     "architecture",
     "normalization",
-    "op_table",
 ]

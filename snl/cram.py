@@ -8,8 +8,8 @@ The module returns ``z = mu + phi(rho)``, ``phi`` = 1x1 conv + BatchNorm, so the
 sees the centre plus a learned, re-normalised residual, and the compactness loss
 ``L_c = mean_i sum_k a_ik |e_i - c_k|^2`` pulls embeddings and centres together.
 
-The soft assignment, central part and compactness come from the ``cram`` op of
-:mod:`snl.ops` (kernels with ``fused=True``, the reference otherwise).
+The soft assignment, central part and compactness come from snl_kernels' ``cram`` op
+(kernels with ``fused=True``, the reference otherwise; see :mod:`snl.backend`).
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ import math
 import torch
 from torch import Tensor, nn
 
+import snl_kernels
 from snl_kernels import CramOutput
 
-from .ops import full_precision, op_table
+from .backend import full_precision, op_backend
 
 
 class CRAM(nn.Module):
@@ -59,6 +60,7 @@ class CRAM(nn.Module):
             compact (B, h, w))``; ``L_c`` is ``compact.mean()``.
         """
         with full_precision(embedding.device.type):
-            out = op_table(self.fused).cram(embedding, self.centers, self.log_tau)
+            out = snl_kernels.cram(embedding, self.centers, self.log_tau,
+                                   backend=op_backend(self.fused))
         residual = embedding - out.central
         return out.central + self.phi(residual), out

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .ops import Ops
+import snl_kernels
 
 PAIRS = ((0, 1), (1, 2))
 
@@ -43,19 +43,19 @@ def common_dtype(teachers: Sequence[Tensor], students: Sequence[Tensor]):
     return [t for t, _ in pairs], [s for _, s in pairs]
 
 
-def snl_loss(ops: Ops, teachers: Sequence[Tensor], students: Sequence[Tensor],
-             compact: Tensor | None, weights: LossWeights, intra_distance: str = "l2",
-             inter_distance: str = "l2") -> dict[str, Tensor]:
+def snl_loss(teachers: Sequence[Tensor], students: Sequence[Tensor], compact: Tensor | None,
+             weights: LossWeights, intra_distance: str = "l2", inter_distance: str = "l2",
+             backend: str | None = None) -> dict[str, Tensor]:
     """SNL's loss terms and their weighted ``total``.
 
     Args:
-        ops: the op table (:func:`snl.ops.op_table`).
         teachers: three (B, C_k, H_k, W_k) teacher levels, fine to coarse.
         students: the student's levels, same shapes.
         compact: (B, h, w) CRAM compactness, or None when there is no CRAM.
         weights: the term weights.
         intra_distance: "l2" or "l1" for the intra-affinity loss.
         inter_distance: "l2" or "l1" for the inter-affinity loss.
+        backend: the ``backend=`` of every op (:func:`snl.backend.op_backend`).
 
     Returns:
         A dict with ``channel``, ``spatial``, ``intra``, ``inter``, ``compact`` (those whose
@@ -65,7 +65,7 @@ def snl_loss(ops: Ops, teachers: Sequence[Tensor], students: Sequence[Tensor],
     terms: dict[str, Tensor] = {}
     weighted: list[Tensor] = []
     if w.w_ch or w.w_sp:
-        sc = ops.spatial_channel_loss(teachers, students)
+        sc = snl_kernels.spatial_channel_loss(teachers, students, backend=backend)
         if w.w_ch:
             terms["channel"] = sc.channel
             weighted.append(w.w_ch * sc.channel)
@@ -74,14 +74,14 @@ def snl_loss(ops: Ops, teachers: Sequence[Tensor], students: Sequence[Tensor],
             weighted.append(w.w_sp * sc.spatial)
     if w.w_intra:
         terms["intra"] = torch.stack([
-            ops.intra_affinity_loss(t, s, intra_distance)
+            snl_kernels.intra_affinity_loss(t, s, intra_distance, backend=backend)
             for t, s in zip(teachers, students, strict=True)
         ]).sum()
         weighted.append(w.w_intra * terms["intra"])
     if w.w_inter:
         terms["inter"] = torch.stack([
-            ops.inter_affinity_loss(teachers[a], teachers[b], students[a], students[b],
-                                    inter_distance)
+            snl_kernels.inter_affinity_loss(teachers[a], teachers[b], students[a], students[b],
+                                            inter_distance, backend=backend)
             for a, b in PAIRS
         ]).sum()
         weighted.append(w.w_inter * terms["inter"])
@@ -94,7 +94,8 @@ def snl_loss(ops: Ops, teachers: Sequence[Tensor], students: Sequence[Tensor],
     return terms
 
 
-def rd_loss(ops: Ops, teachers: Sequence[Tensor], students: Sequence[Tensor]) -> dict[str, Tensor]:
+def rd_loss(teachers: Sequence[Tensor], students: Sequence[Tensor],
+            backend: str | None = None) -> dict[str, Tensor]:
     """RD4AD's loss ``sum_k mean(sample_k)`` as ``{"rd": ..., "total": ...}``."""
-    rd = ops.spatial_channel_loss(teachers, students).rd
+    rd = snl_kernels.spatial_channel_loss(teachers, students, backend=backend).rd
     return {"rd": rd, "total": rd}

@@ -7,9 +7,10 @@
       -> decoder -> S_1, S_2, S_3 (same shapes as T_k)
 
 Training compares S_k with T_k (:mod:`snl.loss`); inference turns their per-pixel cosine
-distances into anomaly maps and scores (``anomaly_map`` op, blur sigma 4). Every op comes
-from :func:`snl.ops.op_table`: ``fused=True`` uses snl_kernels' kernels where they exist,
-``fused=False`` the plain-PyTorch reference; both give the same numbers.
+distances into anomaly maps and scores (``anomaly_map`` op, blur sigma 4). Every op is one
+of snl_kernels' public functions, called with the ``backend=`` of :mod:`snl.backend`:
+``fused=True`` uses snl_kernels' kernels where they can run, ``fused=False`` the plain-PyTorch
+reference; both give the same numbers.
 
 ``structure="rd"`` is the RD4AD baseline: no CRAM, loss ``sum_k mean(sample_k)``.
 """
@@ -24,12 +25,13 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+import snl_kernels
 from snl_kernels import CramOutput
 
+from .backend import full_precision, op_backend
 from .config import Architecture, Normalization, architecture
 from .cram import CRAM
 from .loss import LossWeights, common_dtype, rd_loss, snl_loss
-from .ops import full_precision, op_table
 from .student import OCBE, Decoder
 from .teacher import build_teacher
 
@@ -199,13 +201,13 @@ class SNL(nn.Module):
         """
         features = self(images)
         teachers, students = common_dtype(features.teachers, features.students)
-        ops = op_table(self.fused)
+        backend = op_backend(self.fused)
         with full_precision(images.device.type):
             if self.structure == "rd":
-                return rd_loss(ops, teachers, students)
+                return rd_loss(teachers, students, backend)
             compact = features.cram.compact if features.cram is not None else None
-            return snl_loss(ops, teachers, students, compact, self.loss_weights,
-                            self.intra_distance, self.inter_distance)
+            return snl_loss(teachers, students, compact, self.loss_weights,
+                            self.intra_distance, self.inter_distance, backend)
 
     @torch.no_grad()
     def predict(self, images: Tensor) -> tuple[Tensor, Tensor]:
@@ -223,8 +225,8 @@ class SNL(nn.Module):
         teachers, students = common_dtype(features.teachers, features.students)
         size = (int(images.shape[-2]), int(images.shape[-1]))
         with full_precision(images.device.type):
-            result = op_table(self.fused).anomaly_map(teachers, students, size, self.sigma,
-                                                      self.map_mode)
+            result = snl_kernels.anomaly_map(teachers, students, size, self.sigma, self.map_mode,
+                                             backend=op_backend(self.fused))
         return result.scores, result.maps
 
     def extra_repr(self) -> str:

@@ -9,8 +9,6 @@ whole file is skipped, with the reason, where it cannot be imported.
 
 from __future__ import annotations
 
-import functools
-import importlib
 import os
 import time
 
@@ -26,7 +24,6 @@ except Exception as exc:  # a CUDA torchvision next to a CPU torch raises Runtim
 
 import snl
 import snl_kernels
-from snl import ops as snl_ops
 from snl import weights as snl_weights
 
 BACKBONES = {  # name: (C_1, C_2, C_3)
@@ -62,21 +59,6 @@ def build(backbone=SMALL, seed=0, **kwargs):
 
 def images(b=2, h=64, w=64, seed=1, device="cpu"):
     return torch.randn(b, 3, h, w, generator=torch.Generator().manual_seed(seed)).to(device)
-
-
-def triton_where_implemented() -> snl.Ops:
-    """The fused table with backend="triton" for each op that has a Triton kernel.
-
-    Automatic mode never picks Triton's CPU interpreter, and ``SNL_BACKEND=triton`` makes ops
-    without a Triton kernel raise; this asks for Triton exactly where it exists, so the test
-    covers more as kernels land.
-    """
-    table = {}
-    for name, fn in snl_ops.FUSED._asdict().items():
-        module = importlib.import_module(fn.__module__)
-        has_triton = "triton" in getattr(module, "IMPLEMENTED", ())
-        table[name] = functools.partial(fn, backend="triton") if has_triton else fn
-    return snl.Ops(**table)
 
 
 # --------------------------------------------------------------------------- shapes
@@ -178,23 +160,14 @@ def test_one_adam_step_lowers_the_loss(structure):
 # --------------------------------------------------------------------------- fused == reference
 
 
-@pytest.mark.skipif(NO_TRITON is not None, reason=NO_TRITON or "")
-def test_fused_equals_reference_with_triton(monkeypatch):
-    """Losses, gradients and maps of fused=True (Triton where it exists) and fused=False."""
-    if not HAS_GPU:
-        assert snl_kernels.dispatch.triton_interpreted(), "tests/support.py sets TRITON_INTERPRET=1"
-    table = triton_where_implemented()
-    assert isinstance(table.spatial_channel_loss, functools.partial)
-    monkeypatch.setattr(snl_ops, "FUSED", table)
-    # Full fp32 products hold the wiring to elementwise tolerances; the affinity kernels'
-    # tensor-core default has its own (norm-wise) accuracy tests in test_affinity.py.
-    monkeypatch.setenv("SNL_DOT_PRECISION", "ieee")
-    device = "cuda" if HAS_GPU else "cpu"
-    fused = build(fused=True).to(device)
-    plain = build(fused=False).to(device)
-    plain.load_state_dict(fused.state_dict())
-    x = images(device=device)
+def assert_fused_matches_reference(backbone, x, rtol, atol, grad_rtol, grad_atol):
+    """Losses, gradients and maps of fused=True and fused=False models with equal weights.
 
+    Gradients are held to ``grad_atol`` times each one's largest magnitude (plus 1e-8).
+    """
+    fused = build(backbone, fused=True).to(x.device)
+    plain = build(backbone, fused=False).to(x.device)
+    plain.load_state_dict(fused.state_dict())
     results = []
     for model in (fused, plain):
         model.train()
@@ -204,41 +177,51 @@ def test_fused_equals_reference_with_triton(monkeypatch):
         model.eval()
         results.append((out, grads, model.predict(x)))
     (out_f, grads_f, pred_f), (out_r, grads_r, pred_r) = results
-    fused.fused = False  # switching after construction reaches CRAM too
-    assert not fused.cram.fused
     for k in out_r:
-        torch.testing.assert_close(out_f[k], out_r[k], rtol=1e-5, atol=1e-6, msg=k)
+        torch.testing.assert_close(out_f[k], out_r[k], rtol=rtol, atol=atol, msg=k)
     assert grads_f.keys() == grads_r.keys()
     for n, g in grads_r.items():
         scale = g.abs().max().item()
-        torch.testing.assert_close(grads_f[n], g, rtol=1e-3, atol=1e-4 * scale + 1e-8,
+        torch.testing.assert_close(grads_f[n], g, rtol=grad_rtol, atol=grad_atol * scale + 1e-8,
                                    msg=lambda m, n=n: f"grad of {n}: {m}")
-    torch.testing.assert_close(pred_f, pred_r, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(pred_f, pred_r, rtol=rtol, atol=atol)
+
+
+@pytest.mark.skipif(NO_TRITON is not None, reason=NO_TRITON or "")
+def test_fused_equals_reference_with_triton(monkeypatch):
+    """fused=True with every op on Triton (SNL_BACKEND=triton) against fused=False."""
+    if not HAS_GPU:
+        assert snl_kernels.dispatch.triton_interpreted(), "tests/support.py sets TRITON_INTERPRET=1"
+    # An explicit backend never falls back: an op that cannot run on Triton raises.
+    monkeypatch.setenv("SNL_BACKEND", "triton")
+    # Full fp32 products hold the wiring to elementwise tolerances; the affinity kernels'
+    # tensor-core default has its own (norm-wise) accuracy tests in test_affinity.py.
+    monkeypatch.setenv("SNL_DOT_PRECISION", "ieee")
+    x = images(device="cuda" if HAS_GPU else "cpu")
+    assert_fused_matches_reference(SMALL, x, 1e-5, 1e-6, grad_rtol=1e-3, grad_atol=1e-4)
 
 
 @requires_gpu
 @pytest.mark.gpu
 def test_fused_equals_reference_at_wrn50_size_on_gpu():
-    fused = build("wide_resnet50_2", fused=True).cuda()
-    plain = build("wide_resnet50_2", fused=False).cuda()
-    plain.load_state_dict(fused.state_dict())
     x = images(2, 256, 256, device="cuda")
-    results = []
-    for model in (fused, plain):
-        model.train()
-        out = model.loss(x)
-        out["total"].backward()
-        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-        model.eval()
-        results.append((out, grads, model.predict(x)))
-    (out_f, grads_f, pred_f), (out_r, grads_r, pred_r) = results
-    for k in out_r:
-        torch.testing.assert_close(out_f[k], out_r[k], rtol=1e-4, atol=1e-5, msg=k)
-    for n, g in grads_r.items():
-        scale = g.abs().max().item()
-        torch.testing.assert_close(grads_f[n], g, rtol=1e-2, atol=1e-3 * scale + 1e-8,
-                                   msg=lambda m, n=n: f"grad of {n}: {m}")
-    torch.testing.assert_close(pred_f, pred_r, rtol=1e-4, atol=1e-5)
+    assert_fused_matches_reference("wide_resnet50_2", x, 1e-4, 1e-5, grad_rtol=1e-2,
+                                   grad_atol=1e-3)
+
+
+def test_fused_switches_every_op_and_fused_false_ignores_snl_backend(monkeypatch):
+    """``model.fused`` reaches CRAM too; the reference runs whatever SNL_BACKEND says."""
+    model = build()
+    model.fused = False
+    assert not model.cram.fused
+    monkeypatch.setenv("SNL_BACKEND", "no_such_backend")
+    x = images()
+    model.loss(x)["total"].backward()
+    model.eval().predict(x)
+    model.fused = True
+    assert model.cram.fused
+    with pytest.raises(ValueError, match=r"SNL_BACKEND must be one of .* 'no_such_backend'"):
+        model.predict(x)
 
 
 # --------------------------------------------------------------------------- compile, autocast

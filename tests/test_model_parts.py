@@ -1,12 +1,11 @@
-"""Parts of the model layer that need no timm: the op table, CRAM, the losses, autocast.
+"""Parts of the model layer that need no timm: the backend passed to the ops, CRAM, the
+losses, autocast.
 
 These run everywhere, also where timm (and so ``tests/test_model.py``) cannot be imported.
 """
 
 from __future__ import annotations
 
-import functools
-import importlib
 import sys
 
 import pytest
@@ -14,8 +13,9 @@ import torch
 from support import NO_TRITON
 
 import snl
+import snl_kernels
 from snl import config as snl_config
-from snl import ops as snl_ops
+from snl.backend import full_precision, op_backend
 from snl.loss import LossWeights, common_dtype, rd_loss, snl_loss
 from snl_kernels import reference
 
@@ -38,21 +38,45 @@ def levels(b=2, channels=(8, 16, 32), size=32, seed=0, dtype=torch.float32):
     return teachers, students
 
 
-def triton_table() -> snl.Ops:
-    table = {}
-    for name, fn in snl_ops.FUSED._asdict().items():
-        module = importlib.import_module(fn.__module__)
-        has_triton = "triton" in getattr(module, "IMPLEMENTED", ())
-        table[name] = functools.partial(fn, backend="triton") if has_triton else fn
-    return snl.Ops(**table)
+OPS = ("spatial_channel_loss", "intra_affinity_loss", "inter_affinity_loss", "cram",
+       "anomaly_map")
 
 
-def test_op_tables_match():
-    assert snl.op_table(True) is snl_ops.FUSED
-    assert snl.op_table(False) is snl_ops.REFERENCE
-    for name, fused in snl_ops.FUSED._asdict().items():
-        assert fused.__name__ == getattr(snl_ops.REFERENCE, name).__name__ == name
-        assert getattr(snl_ops.REFERENCE, name) is getattr(reference, name)
+@pytest.fixture
+def backends_asked(monkeypatch):
+    """The ``backend=`` of every call the model layer makes to snl_kernels' public ops."""
+    asked = []
+    for name in OPS:
+        op = getattr(snl_kernels, name)
+
+        def recording(*args, op=op, name=name, **kwargs):
+            asked.append((name, kwargs.get("backend", "positional or none")))
+            return op(*args, **kwargs)
+
+        monkeypatch.setattr(snl_kernels, name, recording)
+    return asked
+
+
+@pytest.mark.parametrize(("fused", "backend"), [(True, None), (False, "torch")])
+def test_the_model_passes_one_backend_to_every_op(backends_asked, fused, backend):
+    assert op_backend(fused) == backend
+    teachers, students = levels()
+    torch.manual_seed(0)
+    _, out = snl.CRAM(dim=8, num_centers=2, fused=fused)(torch.randn(2, 8, 2, 2))
+    snl_loss(teachers, students, out.compact, LossWeights(), backend=op_backend(fused))
+    rd_loss(teachers, students, backend=op_backend(fused))
+    assert sorted(set(backends_asked)) == sorted(
+        {(name, backend) for name in OPS if name != "anomaly_map"})
+
+
+def test_fused_false_runs_the_reference_whatever_snl_backend_says(monkeypatch):
+    monkeypatch.setenv("SNL_BACKEND", "no_such_backend")
+    teachers, students = levels()
+    out = snl_loss(teachers, students, None, LossWeights(), backend=op_backend(False))
+    sc = reference.spatial_channel_loss(teachers, students)
+    assert torch.equal(out["channel"], sc.channel)
+    with pytest.raises(ValueError, match=r"SNL_BACKEND must be one of .* 'no_such_backend'"):
+        snl_loss(teachers, students, None, LossWeights(), backend=op_backend(True))
 
 
 # --------------------------------------------------------------------------- CRAM
@@ -77,7 +101,7 @@ def test_cram_module_outputs():
 
 @pytest.mark.skipif(NO_TRITON is not None, reason=NO_TRITON or "")
 def test_cram_fused_equals_reference(monkeypatch):
-    monkeypatch.setattr(snl_ops, "FUSED", triton_table())
+    monkeypatch.setenv("SNL_BACKEND", "triton")
     torch.manual_seed(0)
     fused = snl.CRAM(dim=48, num_centers=5, fused=True)
     plain = snl.CRAM(dim=48, num_centers=5, fused=False)
@@ -101,8 +125,9 @@ def test_cram_fused_equals_reference(monkeypatch):
 
 def test_snl_loss_is_the_sum_of_the_ops():
     teachers, students = levels()
-    out = snl_loss(snl_ops.REFERENCE, teachers, students, torch.full((2, 1, 1), 3.0),
-                   LossWeights(w_ch=1, w_sp=2, w_intra=3, w_inter=4, w_c=0.5), "l1", "l2")
+    out = snl_loss(teachers, students, torch.full((2, 1, 1), 3.0),
+                   LossWeights(w_ch=1, w_sp=2, w_intra=3, w_inter=4, w_c=0.5), "l1", "l2",
+                   backend="torch")
     sc = reference.spatial_channel_loss(teachers, students)
     intra = sum(reference.intra_affinity_loss(t, s, "l1")
                 for t, s in zip(teachers, students, strict=True))
@@ -115,16 +140,16 @@ def test_snl_loss_is_the_sum_of_the_ops():
         torch.testing.assert_close(out[k], v, msg=k)
     total = sc.channel + 2 * sc.spatial + 3 * intra + 4 * inter + 0.5 * 3.0
     torch.testing.assert_close(out["total"], total)
-    assert rd_loss(snl_ops.REFERENCE, teachers, students)["total"] == sc.rd
+    assert rd_loss(teachers, students, backend="torch")["total"] == sc.rd
 
 
 def test_zero_weights_switch_terms_off():
     teachers, students = levels()
-    out = snl_loss(snl_ops.REFERENCE, teachers, students, None,
-                   LossWeights(w_ch=0, w_sp=1, w_intra=0, w_inter=1, w_c=1))
+    out = snl_loss(teachers, students, None,
+                   LossWeights(w_ch=0, w_sp=1, w_intra=0, w_inter=1, w_c=1), backend="torch")
     assert set(out) == {"spatial", "inter", "total"}
     with pytest.raises(ValueError, match="every loss weight is 0"):
-        snl_loss(snl_ops.REFERENCE, teachers, students, None, LossWeights(0, 0, 0, 0, 0))
+        snl_loss(teachers, students, None, LossWeights(0, 0, 0, 0, 0), backend="torch")
 
 
 @pytest.mark.skipif(NO_TRITON is not None, reason=NO_TRITON or "")
@@ -135,8 +160,8 @@ def test_losses_fused_equal_reference(monkeypatch):
     teachers, students = levels(size=64)
     grads = []
     outs = []
-    for table in (triton_table(), snl_ops.REFERENCE):
-        out = snl_loss(table, teachers, students, None, LossWeights())
+    for backend in ("triton", "torch"):
+        out = snl_loss(teachers, students, None, LossWeights(), backend=backend)
         (grad,) = torch.autograd.grad(out["total"], students[0])
         outs.append(out)
         grads.append(grad)
@@ -148,10 +173,10 @@ def test_losses_fused_equal_reference(monkeypatch):
 def test_autocast_leaves_the_ops_in_fp32():
     """bf16 features go in as they are; the ops accumulate in fp32 as in SPEC §2."""
     teachers, students = levels(size=64, dtype=torch.bfloat16)
-    expected = snl_loss(snl_ops.REFERENCE, [t.float() for t in teachers],
-                        [s.float() for s in students], None, LossWeights())
-    with torch.autocast("cpu", dtype=torch.bfloat16), snl_ops.full_precision("cpu"):
-        out = snl_loss(snl_ops.REFERENCE, teachers, students, None, LossWeights())
+    expected = snl_loss([t.float() for t in teachers], [s.float() for s in students], None,
+                        LossWeights(), backend="torch")
+    with torch.autocast("cpu", dtype=torch.bfloat16), full_precision("cpu"):
+        out = snl_loss(teachers, students, None, LossWeights(), backend="torch")
     for k in expected:
         assert out[k].dtype == torch.float32
         torch.testing.assert_close(out[k], expected[k], rtol=1e-6, atol=1e-6, msg=k)
