@@ -59,19 +59,24 @@ def snl_loss(teachers: Sequence[Tensor], students: Sequence[Tensor], compact: Te
 
     Returns:
         A dict with ``channel``, ``spatial``, ``intra``, ``inter``, ``compact`` (those whose
-        weight is not 0) and ``total``.
+        weight is not 0) and ``total``. The keys name the terms, as the weights do:
+        ``channel`` (L_ch) compares the C-vector of every pixel, so it holds the mean of the
+        per-*pixel* distances; ``spatial`` (L_sp) compares the H x W map of every channel,
+        so it holds the mean of the per-*channel* distances.
     """
     w = weights
     terms: dict[str, Tensor] = {}
     weighted: list[Tensor] = []
     if w.w_ch or w.w_sp:
-        sc = snl_kernels.spatial_channel_loss(teachers, students, backend=backend)
+        # SpatialChannelLoss names its fields by term too: .channel = sum_k mean(pixel_k),
+        # .spatial = sum_k mean(channel_k).
+        mean_distances = snl_kernels.spatial_channel_loss(teachers, students, backend=backend)
         if w.w_ch:
-            terms["channel"] = sc.channel
-            weighted.append(w.w_ch * sc.channel)
+            terms["channel"] = mean_distances.channel
+            weighted.append(w.w_ch * mean_distances.channel)
         if w.w_sp:
-            terms["spatial"] = sc.spatial
-            weighted.append(w.w_sp * sc.spatial)
+            terms["spatial"] = mean_distances.spatial
+            weighted.append(w.w_sp * mean_distances.spatial)
     if w.w_intra:
         terms["intra"] = torch.stack([
             snl_kernels.intra_affinity_loss(t, s, intra_distance, backend=backend)
