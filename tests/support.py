@@ -28,9 +28,22 @@ ATOL = {torch.float32: 2e-5, torch.float16: 2e-5, torch.bfloat16: 2e-5, torch.fl
 
 def _why_no_triton() -> str | None:
     try:
-        import triton  # noqa: F401
+        import triton
     except Exception as exc:
         return f"Triton is not importable ({type(exc).__name__}: {exc}); pip install triton"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        import numpy
+
+        def major_minor(version: str) -> tuple[int, int]:
+            return tuple(int(p) for p in version.split(".")[:2])  # type: ignore[return-value]
+
+        # Triton 3.6's interpreter passes integer arguments as 1-element arrays and converts
+        # them with int(), which numpy 2.4 refuses ("only 0-dimensional arrays can be
+        # converted to Python scalars"; triton-lang/triton#9171). Compiled code is unaffected.
+        if major_minor(triton.__version__) == (3, 6) and major_minor(numpy.__version__) >= (2, 4):
+            return (f"Triton {triton.__version__}'s interpreter cannot run loops to a runtime "
+                    f"bound with numpy {numpy.__version__} (needs numpy < 2.4; compiled "
+                    "kernels are unaffected)")
     return None
 
 
