@@ -4,7 +4,7 @@ Ideal bytes: every affinity term must at least read T and S of the levels it use
 with backward, write dS); the N x N and C_a x C_b matrices need never touch memory.
 
 The kernel providers run twice: with the products' default precision (tensor cores: tf32
-for l2, three tf32 products for l1; see ``snl_kernels._triton.affinity.dot_precision``)
+for l2, three tf32 products for l1; see ``snl_kernels.precision.dot_precision``)
 and with ``SNL_DOT_PRECISION=ieee`` (full fp32), so the table shows what tensor cores buy.
 """
 
