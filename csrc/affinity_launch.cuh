@@ -69,14 +69,14 @@ void intra_forward(const Launch& launch, const IntraPlan& plan, const Feature<sc
       launch(intra_gram_fwd_kernel<scalar_t>, gx, gy, t, s, inv_norm, b0, C, N, n_tiles,
              partials);
     } else if (plan.l1) {
-      launch(intra_tiled_fwd_kernel<scalar_t, true>, gx, gy, t, s, inv_norm, b0, C, N, n_tiles,
-             partials);
+      launch(intra_tiled_fwd_kernel<scalar_t, true, false>, gx, gy, t, s, inv_norm, b0, C, N,
+             n_tiles, partials);
     } else if (plan.mma) {
-      launch(intra_tiled_fwd_mma_kernel<scalar_t>, gx, gy, t, s, inv_norm, b0, C, N, n_tiles,
-             partials);
+      launch(intra_tiled_fwd_kernel<scalar_t, false, true>, gx, gy, t, s, inv_norm, b0, C, N,
+             n_tiles, partials);
     } else {
-      launch(intra_tiled_fwd_kernel<scalar_t, false>, gx, gy, t, s, inv_norm, b0, C, N, n_tiles,
-             partials);
+      launch(intra_tiled_fwd_kernel<scalar_t, false, false>, gx, gy, t, s, inv_norm, b0, C, N,
+             n_tiles, partials);
     }
   }
   launch_sum(launch, partials, plan.partial_floats(), 1.0 / (static_cast<double>(B) * N * N),
@@ -125,35 +125,35 @@ void intra_backward(const Launch& launch, const IntraPlan& plan, const Feature<s
       const int64_t n_col_tiles = ceil_div(2 * C, kTile);
       const int64_t k_gx = ceil_div(R, kTile) * n_col_tiles;
       if (plan.mma) {
-        launch(intra_gram_k_mma_kernel<scalar_t>, k_gx, nb, t, s, inv_norm, b0, C, N, R,
+        launch(intra_gram_k_kernel<true, scalar_t>, k_gx, nb, t, s, inv_norm, b0, C, N, R,
                n_col_tiles, k_scratch);
       } else {
-        launch(intra_gram_k_kernel<scalar_t>, k_gx, nb, t, s, inv_norm, b0, C, N, R, n_col_tiles,
-               k_scratch);
+        launch(intra_gram_k_kernel<false, scalar_t>, k_gx, nb, t, s, inv_norm, b0, C, N, R,
+               n_col_tiles, k_scratch);
       }
       const int64_t n_pixel_tiles = ceil_div(N, kTile);
       const int64_t dx_gx = ceil_div(R, kTile) * n_pixel_tiles;
       const float dx_scale = static_cast<float>(4.0 / M);
       if (plan.mma) {
-        launch(intra_gram_dx_mma_kernel<scalar_t>, dx_gx, nb, t, s, inv_norm, k_scratch,
+        launch(intra_gram_dx_kernel<true, scalar_t>, dx_gx, nb, t, s, inv_norm, k_scratch,
                grad_loss, dx_scale, b0, C, N, R, n_pixel_tiles, dx_s, dx_t);
       } else {
-        launch(intra_gram_dx_kernel<scalar_t>, dx_gx, nb, t, s, inv_norm, k_scratch, grad_loss,
-               dx_scale, b0, C, N, R, n_pixel_tiles, dx_s, dx_t);
+        launch(intra_gram_dx_kernel<false, scalar_t>, dx_gx, nb, t, s, inv_norm, k_scratch,
+               grad_loss, dx_scale, b0, C, N, R, n_pixel_tiles, dx_s, dx_t);
       }
     } else {
       const int64_t n_tiles = ceil_div(N, kTile);
       const int64_t gx = n_tiles * ceil_div(C, kBwdChannels);
       const float scale = static_cast<float>((plan.l1 ? 1.0 : 2.0) / M);
       if (plan.l1) {
-        launch(intra_tiled_bwd_kernel<scalar_t, true>, gx, nb, t, s, inv_norm, grad_loss, scale,
-               b0, C, N, n_tiles, dx_s, dx_t);
+        launch(intra_tiled_bwd_kernel<scalar_t, true, false>, gx, nb, t, s, inv_norm, grad_loss,
+               scale, b0, C, N, n_tiles, dx_s, dx_t);
       } else if (plan.mma) {
-        launch(intra_tiled_bwd_mma_kernel<scalar_t>, gx, nb, t, s, inv_norm, grad_loss, scale,
-               b0, C, N, n_tiles, dx_s, dx_t);
+        launch(intra_tiled_bwd_kernel<scalar_t, false, true>, gx, nb, t, s, inv_norm, grad_loss,
+               scale, b0, C, N, n_tiles, dx_s, dx_t);
       } else {
-        launch(intra_tiled_bwd_kernel<scalar_t, false>, gx, nb, t, s, inv_norm, grad_loss, scale,
-               b0, C, N, n_tiles, dx_s, dx_t);
+        launch(intra_tiled_bwd_kernel<scalar_t, false, false>, gx, nb, t, s, inv_norm, grad_loss,
+               scale, b0, C, N, n_tiles, dx_s, dx_t);
       }
     }
     const int64_t norm_gx = ceil_div(N, 32);

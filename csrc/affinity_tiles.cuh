@@ -151,10 +151,13 @@ __device__ __forceinline__ float tf32_operand(float x) {
   return x;
 }
 
+constexpr int kWarps = kThreads / 32;
+// Whether this compilation pass has the tensor-core kernels (device code for sm_80 and newer).
+constexpr bool kHasTf32Mma = SNL_TF32_MMA;
+
 #if SNL_TF32_MMA
 // Contraction depth of one m16n16k8 tf32 product.
 constexpr int kMmaK = 8;
-constexpr int kWarps = kThreads / 32;
 namespace wmma = nvcuda::wmma;
 using Tf32 = wmma::precision::tf32;
 using FragA = wmma::fragment<wmma::matrix_a, 16, 16, kMmaK, Tf32, wmma::col_major>;
@@ -168,23 +171,6 @@ template <int kFrags>
 __device__ __forceinline__ void zero_fragments(FragC (&acc)[kFrags]) {
 #pragma unroll
   for (int f = 0; f < kFrags; ++f) wmma::fill_fragment(acc[f], 0.0f);
-}
-
-// acc[f] += A B over one kChunk for the warp's fragments, A = a[k][row], B = b[k][column]
-// (shared, row width kRow, rows k of the chunk).
-template <int kRow>
-__device__ __forceinline__ void warp_chunk_mma(const float* a, const float* b, FragC (&acc)[2]) {
-#pragma unroll
-  for (int k = 0; k < kChunk; k += kMmaK) {
-    FragA fa;
-    wmma::load_matrix_sync(fa, a + k * kRow + warp_row(), kRow);
-#pragma unroll
-    for (int f = 0; f < 2; ++f) {
-      FragB fb;
-      wmma::load_matrix_sync(fb, b + k * kRow + warp_col() + 16 * f, kRow);
-      wmma::mma_sync(acc[f], fa, fb, acc[f]);
-    }
-  }
 }
 
 // Calls out(row0 + r, col0 + c, value) for each element (r, c) of a 16 x 16 accumulator,
@@ -266,6 +252,115 @@ __device__ __forceinline__ void delta_chunk_mma(const float (*tile)[kChunk][kMma
     }
   }
 }
+#endif  // SNL_TF32_MMA
+
+// ---- One output tile, in either kind of product ----
+
+// acc[i][j] += a[k][ty + 16 i] b[k][tx + 16 j] over the kChunk rows k of shared tiles a and b:
+// the fp32 FMA register tile (ty = t / 16, tx = t % 16 for thread t).
+template <int kI, int kRowA, int kRowB>
+__device__ __forceinline__ void chunk_fma(const float (*a)[kRowA], const float (*b)[kRowB],
+                                          float (&acc)[kI][kSub]) {
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll 4
+  for (int k = 0; k < kChunk; ++k) {
+    float av[kI], bv[kSub];
+#pragma unroll
+    for (int i = 0; i < kI; ++i) av[i] = a[k][ty + 16 * i];
+#pragma unroll
+    for (int j = 0; j < kSub; ++j) bv[j] = b[k][tx + 16 * j];
+#pragma unroll
+    for (int i = 0; i < kI; ++i) {
+#pragma unroll
+      for (int j = 0; j < kSub; ++j) acc[i][j] += av[i] * bv[j];
+    }
+  }
+}
+
+// A kTile x kTile output tile accumulated from shared operand tiles, a[k][row] and b[k][column]
+// (add_chunk: A^T B over one kChunk) or the four Delta operands (add_delta_chunk), in fp32 FMA
+// registers (kMma = false: thread t holds rows t / 16 + 16 i, columns t % 16 + 16 j) or in
+// TF32 WMMA fragments (kMma = true: warp w holds rows warp_row() .. + 15, columns warp_col()
+// .. + 31; operands stored rounded by tf32_operand<true>, rows kRowOf<true> wide). Either kind
+// holds kElems values per thread: elementwise work between tiles of one kind (elem) needs no
+// indices; for_each(stage, row0, col0, out) calls out(row0 + r, col0 + c, value) for each
+// output it holds (fragments go through stage: the warp's 16 x 16 floats of shared memory);
+// fragments also store() to shared memory directly.
+template <bool kMma>
+struct TileAcc;
+
+template <>
+struct TileAcc<false> {
+  static constexpr int kElems = kSub * kSub;
+  float v[kSub][kSub] = {};
+
+  __device__ __forceinline__ float& elem(int e) { return v[e / kSub][e % kSub]; }
+
+  template <int kRowA, int kRowB>
+  __device__ __forceinline__ void add_chunk(const float (*a)[kRowA], const float (*b)[kRowB]) {
+    chunk_fma(a, b, v);
+  }
+  __device__ __forceinline__ void add_delta_chunk(const float (*tile)[kChunk][kTilePad]) {
+    delta_chunk_fma(tile, v);
+  }
+  template <typename Out>
+  __device__ __forceinline__ void for_each(float* /*stage*/, int64_t row0, int64_t col0,
+                                           Out out) const {
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll
+    for (int i = 0; i < kSub; ++i) {
+#pragma unroll
+      for (int j = 0; j < kSub; ++j) out(row0 + ty + 16 * i, col0 + tx + 16 * j, v[i][j]);
+    }
+  }
+};
+
+#if SNL_TF32_MMA
+template <>
+struct TileAcc<true> {
+  static constexpr int kElems = 2 * FragC::num_elements;
+  FragC f[2];
+
+  __device__ __forceinline__ TileAcc() { zero_fragments(f); }
+
+  __device__ __forceinline__ float& elem(int e) {
+    return f[e / FragC::num_elements].x[e % FragC::num_elements];
+  }
+
+  template <int kRowA, int kRowB>
+  __device__ __forceinline__ void add_chunk(const float (*a)[kRowA], const float (*b)[kRowB]) {
+#pragma unroll
+    for (int k = 0; k < kChunk; k += kMmaK) {
+      FragA fa;
+      wmma::load_matrix_sync(fa, &a[k][warp_row()], kRowA);
+#pragma unroll
+      for (int g = 0; g < 2; ++g) {
+        FragB fb;
+        wmma::load_matrix_sync(fb, &b[k][warp_col() + 16 * g], kRowB);
+        wmma::mma_sync(f[g], fa, fb, f[g]);
+      }
+    }
+  }
+  __device__ __forceinline__ void add_delta_chunk(const float (*tile)[kChunk][kMmaRow]) {
+    delta_chunk_mma(tile, f);
+  }
+  // Stores the tile at dst (row width ldm, 32-byte aligned rows of 16-float multiples).
+  __device__ __forceinline__ void store(float* dst, int ldm) const {
+#pragma unroll
+    for (int g = 0; g < 2; ++g) {
+      wmma::store_matrix_sync(dst + warp_row() * ldm + warp_col() + 16 * g, f[g], ldm,
+                              wmma::mem_row_major);
+    }
+  }
+  template <typename Out>
+  __device__ __forceinline__ void for_each(float* stage, int64_t row0, int64_t col0,
+                                           Out out) const {
+#pragma unroll
+    for (int g = 0; g < 2; ++g) {
+      for_each_element(f[g], stage, row0 + warp_row(), col0 + warp_col() + 16 * g, out);
+    }
+  }
+};
 #endif  // SNL_TF32_MMA
 
 }  // namespace

@@ -44,7 +44,6 @@ __global__ void __launch_bounds__(kThreads) inter_delta_kernel(
   __shared__ float tile[4][kChunk][kTilePad];
   const int64_t b = b0 + blockIdx.y;
   const int64_t i0 = (blockIdx.x / n_col_tiles) * kTile, j0 = (blockIdx.x % n_col_tiles) * kTile;
-  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   const int kk = threadIdx.x % kChunk;
   // inv_p / inv_q: (2, B, C): teacher, then student.
   const float* rp_t = inv_p + b * Ca;
@@ -52,7 +51,7 @@ __global__ void __launch_bounds__(kThreads) inter_delta_kernel(
   const float* rq_t = inv_q + b * Cb;
   const float* rq_s = inv_q + (B + b) * Cb;
 
-  float acc[kSub][kSub] = {};  // -Delta
+  TileAcc<false> acc;  // -Delta
   for (int64_t n0 = 0; n0 < N; n0 += kChunk) {
     const int64_t n = n0 + kk;
     const bool valid_n = n < N;
@@ -72,37 +71,22 @@ __global__ void __launch_bounds__(kThreads) inter_delta_kernel(
       store_delta_operands(tile, kk, ci, ps, pt, qs, qt);
     }
     __syncthreads();
-    delta_chunk_fma(tile, acc);
+    acc.add_delta_chunk(tile);
     __syncthreads();
   }
   if (kBackward) {
     const float g_scale = grad_loss[0] * scale;
-#pragma unroll
-    for (int i = 0; i < kSub; ++i) {
-      const int64_t ci = i0 + ty + 16 * i;
-#pragma unroll
-      for (int j = 0; j < kSub; ++j) {
-        const int64_t cj = j0 + tx + 16 * j;
-        if (ci < Ca && cj < Cb) {
-          const bool zero = kL1 && zero_pair(rp_t[ci], rp_s[ci], rq_t[cj], rq_s[cj]);
-          grad[(blockIdx.y * Ca + ci) * Cb + cj] = zero ? 0.0f : delta_grad<kL1>(-acc[i][j], g_scale);
-        }
-      }
-    }
+    acc.for_each(nullptr, i0, j0, [&](int64_t ci, int64_t cj, float value) {
+      if (ci >= Ca || cj >= Cb) return;
+      const bool zero = kL1 && zero_pair(rp_t[ci], rp_s[ci], rq_t[cj], rq_s[cj]);
+      grad[(blockIdx.y * Ca + ci) * Cb + cj] = zero ? 0.0f : delta_grad<kL1>(-value, g_scale);
+    });
   } else {
     float v = 0.0f;
-#pragma unroll
-    for (int i = 0; i < kSub; ++i) {
-      const int64_t ci = i0 + ty + 16 * i;
-#pragma unroll
-      for (int j = 0; j < kSub; ++j) {
-        const int64_t cj = j0 + tx + 16 * j;
-        if (kL1 && ci < Ca && cj < Cb && zero_pair(rp_t[ci], rp_s[ci], rq_t[cj], rq_s[cj])) {
-          continue;
-        }
-        v += delta_loss<kL1>(acc[i][j]);
-      }
-    }
+    acc.for_each(nullptr, i0, j0, [&](int64_t ci, int64_t cj, float value) {
+      if (kL1 && ci < Ca && cj < Cb && zero_pair(rp_t[ci], rp_s[ci], rq_t[cj], rq_s[cj])) return;
+      v += delta_loss<kL1>(value);
+    });
     const float total = block_sum(v);
     if (threadIdx.x == 0) partials[b * gridDim.x + blockIdx.x] = total;
   }
@@ -121,14 +105,13 @@ __global__ void __launch_bounds__(kThreads) inter_row_grad_kernel(
   const int64_t bb = blockIdx.y, b = b0 + bb;
   const int64_t r0 = (blockIdx.x / n_pixel_tiles) * kTile;
   const int64_t n0 = (blockIdx.x % n_pixel_tiles) * kTile;
-  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   const int p = threadIdx.x % kTile;
   const int64_t n = n0 + p;
   const bool valid_n = n < N;
   const float* a = grad + bb * a_sb;
   const float* rinv = inv_norm + b * K;
 
-  float acc[kSub][kSub] = {};
+  TileAcc<false> acc;
   for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
 #pragma unroll
     for (int e = 0; e < kTile * kChunk / kThreads; ++e) {
@@ -141,31 +124,12 @@ __global__ void __launch_bounds__(kThreads) inter_row_grad_kernel(
       x_tile[kx][p] = valid_n && kxx < K ? src.value(b, kxx, n) * rinv[kxx] : 0.0f;
     }
     __syncthreads();
-#pragma unroll 4
-    for (int k = 0; k < kChunk; ++k) {
-      float av[kSub], xv[kSub];
-#pragma unroll
-      for (int i = 0; i < kSub; ++i) {
-        av[i] = a_tile[k][ty + 16 * i];
-        xv[i] = x_tile[k][tx + 16 * i];
-      }
-#pragma unroll
-      for (int i = 0; i < kSub; ++i) {
-#pragma unroll
-        for (int j = 0; j < kSub; ++j) acc[i][j] += av[i] * xv[j];
-      }
-    }
+    acc.add_chunk(a_tile, x_tile);
     __syncthreads();
   }
-#pragma unroll
-  for (int i = 0; i < kSub; ++i) {
-    const int64_t r = r0 + ty + 16 * i;
-#pragma unroll
-    for (int j = 0; j < kSub; ++j) {
-      const int64_t nj = n0 + tx + 16 * j;
-      if (r < R && nj < N) out[(bb * R + r) * N + nj] = sign * acc[i][j];
-    }
-  }
+  acc.for_each(nullptr, r0, n0, [&](int64_t r, int64_t nj, float value) {
+    if (r < R && nj < N) out[(bb * R + r) * N + nj] = sign * value;
+  });
 }
 
 // Backward of x = v / max(|v|, eps) over each row's N pixels: dv = r (dx - x (x . dx)), or r dx

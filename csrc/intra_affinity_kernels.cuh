@@ -57,6 +57,24 @@ __device__ __forceinline__ bool zero_pixel_pair(const float* __restrict__ inv_no
   return zero_pair(rt[i], rt[N + i], rt[j], rt[N + j]);
 }
 
+// Pixel n of sample b: where teacher and student read it, and its inverse norms; all zero when
+// n >= N.
+struct PixelRef {
+  bool valid;
+  int64_t off_t, off_s;
+  float rt, rs;
+};
+
+template <typename scalar_t>
+__device__ __forceinline__ PixelRef pixel_ref(const Feature<scalar_t>& teacher,
+                                              const Feature<scalar_t>& student,
+                                              const float* __restrict__ inv_norm, int64_t b,
+                                              int64_t n, int64_t N) {
+  if (n >= N) return {false, 0, 0, 0.0f, 0.0f};
+  const float* rt_row = inv_norm + b * 2 * N;
+  return {true, teacher.pixel_offset(b, n), student.pixel_offset(b, n), rt_row[n], rt_row[N + n]};
+}
+
 // Rows of the stacked operands: X_S, X_T, or D = X_S - X_T (formed in fp32 from the normalised
 // values, so its rounding error scales with the difference).
 enum Stack : int { kS = 0, kT = 1, kD = 2 };
@@ -75,15 +93,11 @@ __device__ __forceinline__ float stacked_value(int kind, const Feature<scalar_t>
 // Thread t loads pixel n0 + t % kChunk.
 template <bool kTf32, typename scalar_t>
 __device__ __forceinline__ void store_gram_operands(
-    const Feature<scalar_t>& teacher, const Feature<scalar_t>& student, const float* rt_row,
-    const float* rs_row, int64_t b, int64_t n0, int64_t tI, int64_t tJ, int64_t C, int64_t N,
-    float (*tile)[2][kChunk][kRowOf<kTf32>]) {
+    const Feature<scalar_t>& teacher, const Feature<scalar_t>& student,
+    const float* __restrict__ inv_norm, int64_t b, int64_t n0, int64_t tI, int64_t tJ, int64_t C,
+    int64_t N, float (*tile)[2][kChunk][kRowOf<kTf32>]) {
   const int kk = threadIdx.x % kChunk;
-  const int64_t n = n0 + kk;
-  const bool valid_n = n < N;
-  const int64_t off_t = valid_n ? teacher.pixel_offset(b, n) : 0;
-  const int64_t off_s = valid_n ? student.pixel_offset(b, n) : 0;
-  const float rt = valid_n ? rt_row[n] : 0.0f, rs = valid_n ? rs_row[n] : 0.0f;
+  const PixelRef px = pixel_ref(teacher, student, inv_norm, b, n0 + kk, N);
 #pragma unroll
   for (int e = 0; e < kTile * kChunk / kThreads; ++e) {
     const int ci = threadIdx.x / kChunk + e * (kThreads / kChunk);
@@ -91,9 +105,9 @@ __device__ __forceinline__ void store_gram_operands(
     for (int side = 0; side < 2; ++side) {
       const int64_t c = (side == 0 ? tI : tJ) * kTile + ci;
       float xs = 0.0f, xt = 0.0f;
-      if (valid_n && c < C) {
-        xs = student.at(off_s, c) * rs;
-        xt = teacher.at(off_t, c) * rt;
+      if (px.valid && c < C) {
+        xs = student.at(px.off_s, c) * px.rs;
+        xt = teacher.at(px.off_t, c) * px.rt;
       }
       tile[kS][side][kk][ci] = tf32_operand<kTf32>(xs);
       tile[kT][side][kk][ci] = tf32_operand<kTf32>(xt);
@@ -121,14 +135,12 @@ __global__ void __launch_bounds__(kThreads) intra_gram_fwd_kernel(
     return;
   }
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-  const float* rt_row = inv_norm + b * 2 * N;
-  const float* rs_row = rt_row + N;
 
   const bool mirror = tI < tJ;
   float ss[kSub][kSub] = {}, tt[kSub][kSub] = {}, dd[kSub][kSub] = {};
   float sd[kSub][kSub] = {}, dt[kSub][kSub] = {}, ds[kSub][kSub] = {}, td[kSub][kSub] = {};
   for (int64_t n0 = 0; n0 < N; n0 += kChunk) {
-    store_gram_operands<false>(teacher, student, rt_row, rs_row, b, n0, tI, tJ, C, N, tile);
+    store_gram_operands<false>(teacher, student, inv_norm, b, n0, tI, tJ, C, N, tile);
     __syncthreads();
 #pragma unroll 4
     for (int k = 0; k < kChunk; ++k) {
@@ -186,147 +198,118 @@ __global__ void __launch_bounds__(kThreads) intra_gram_fwd_kernel(
 // kernel. Thread t loads pixel n0 + t % kChunk.
 template <bool kTf32, typename scalar_t>
 __device__ __forceinline__ void store_k_operands(
-    const Feature<scalar_t>& teacher, const Feature<scalar_t>& student, const float* rt_row,
-    const float* rs_row, int64_t b, int64_t n0, int64_t u0, int64_t v0, int64_t C, int64_t N,
-    int64_t R, float (*u_tile)[kRowOf<kTf32>], float (*v_tile)[kRowOf<kTf32>]) {
+    const Feature<scalar_t>& teacher, const Feature<scalar_t>& student,
+    const float* __restrict__ inv_norm, int64_t b, int64_t n0, int64_t u0, int64_t v0, int64_t C,
+    int64_t N, int64_t R, float (*u_tile)[kRowOf<kTf32>], float (*v_tile)[kRowOf<kTf32>]) {
   const int kk = threadIdx.x % kChunk;
-  const int64_t n = n0 + kk;
-  const bool valid_n = n < N;
-  const int64_t off_t = valid_n ? teacher.pixel_offset(b, n) : 0;
-  const int64_t off_s = valid_n ? student.pixel_offset(b, n) : 0;
-  const float rt = valid_n ? rt_row[n] : 0.0f, rs = valid_n ? rs_row[n] : 0.0f;
+  const PixelRef px = pixel_ref(teacher, student, inv_norm, b, n0 + kk, N);
 #pragma unroll
   for (int e = 0; e < kTile * kChunk / kThreads; ++e) {
     const int ci = threadIdx.x / kChunk + e * (kThreads / kChunk);
     const int64_t u = u0 + ci, v = v0 + ci;
     u_tile[kk][ci] = tf32_operand<kTf32>(
-        valid_n && u < R
-            ? stacked_value(u < C ? kS : kT, teacher, student, off_t, off_s, u % C, rt, rs)
-            : 0.0f);
+        px.valid && u < R ? stacked_value(u < C ? kS : kT, teacher, student, px.off_t, px.off_s,
+                                          u % C, px.rt, px.rs)
+                          : 0.0f);
     v_tile[kk][ci] = tf32_operand<kTf32>(
-        valid_n && v < 2 * C
-            ? stacked_value(v < C ? kS : kD, teacher, student, off_t, off_s, v % C, rt, rs)
-            : 0.0f);
+        px.valid && v < 2 * C ? stacked_value(v < C ? kS : kD, teacher, student, px.off_t,
+                                              px.off_s, v % C, px.rt, px.rs)
+                              : 0.0f);
   }
 }
 
 // Gram path, backward step 1: K = U V^T over pixels, U = [X_S; X_T] (R = C or 2C rows: X_T only
-// when the teacher gradient is asked for), V = [X_S; D] (2C rows). K (chunk, R, 2C).
-template <typename scalar_t>
+// when the teacher gradient is asked for), V = [X_S; D] (2C rows). K (chunk, R, 2C). kMma: the
+// products on tensor cores (TileAcc).
+template <bool kMma, typename scalar_t>
 __global__ void __launch_bounds__(kThreads) intra_gram_k_kernel(
     Feature<scalar_t> teacher, Feature<scalar_t> student, const float* __restrict__ inv_norm,
     int64_t b0, int64_t C, int64_t N, int64_t R, int64_t n_col_tiles, float* __restrict__ K) {
-  __shared__ float u_tile[kChunk][kTilePad];
-  __shared__ float v_tile[kChunk][kTilePad];
-  const int64_t bb = blockIdx.y, b = b0 + bb;
-  const int64_t u0 = (blockIdx.x / n_col_tiles) * kTile, v0 = (blockIdx.x % n_col_tiles) * kTile;
-  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-  const float* rt_row = inv_norm + b * 2 * N;
-  const float* rs_row = rt_row + N;
+  if constexpr (kMma && !kHasTf32Mma) {
+    __trap();  // launched only on sm_80 and newer
+  } else {
+    __shared__ __align__(32) float u_tile[kChunk][kRowOf<kMma>];
+    __shared__ __align__(32) float v_tile[kChunk][kRowOf<kMma>];
+    __shared__ __align__(32) float stage[kMma ? kWarps : 1][kMma ? 16 * 16 : 1];
+    const int64_t bb = blockIdx.y, b = b0 + bb;
+    const int64_t u0 = (blockIdx.x / n_col_tiles) * kTile;
+    const int64_t v0 = (blockIdx.x % n_col_tiles) * kTile;
 
-  float acc[kSub][kSub] = {};
-  for (int64_t n0 = 0; n0 < N; n0 += kChunk) {
-    store_k_operands<false>(teacher, student, rt_row, rs_row, b, n0, u0, v0, C, N, R, u_tile, v_tile);
-    __syncthreads();
-#pragma unroll 4
-    for (int k = 0; k < kChunk; ++k) {
-      float a[kSub], bv[kSub];
-#pragma unroll
-      for (int i = 0; i < kSub; ++i) {
-        a[i] = u_tile[k][ty + 16 * i];
-        bv[i] = v_tile[k][tx + 16 * i];
-      }
-#pragma unroll
-      for (int i = 0; i < kSub; ++i) {
-#pragma unroll
-        for (int j = 0; j < kSub; ++j) acc[i][j] += a[i] * bv[j];
-      }
+    TileAcc<kMma> acc;
+    for (int64_t n0 = 0; n0 < N; n0 += kChunk) {
+      store_k_operands<kMma>(teacher, student, inv_norm, b, n0, u0, v0, C, N, R, u_tile, v_tile);
+      __syncthreads();
+      acc.add_chunk(u_tile, v_tile);
+      __syncthreads();
     }
-    __syncthreads();
-  }
-#pragma unroll
-  for (int i = 0; i < kSub; ++i) {
-    const int64_t u = u0 + ty + 16 * i;
-#pragma unroll
-    for (int j = 0; j < kSub; ++j) {
-      const int64_t v = v0 + tx + 16 * j;
-      if (u < R && v < 2 * C) K[(bb * R + u) * 2 * C + v] = acc[i][j];
-    }
+    float* k_rows = K + bb * R * 2 * C;
+    acc.for_each(stage[kMma ? threadIdx.x / 32 : 0], u0, v0,
+                 [&](int64_t u, int64_t v, float value) {
+                   if (u < R && v < 2 * C) k_rows[u * 2 * C + v] = value;
+                 });
   }
 }
 
 // Gram path, backward step 2: dX = K W over 2C, W = [D; X_T]. Rows u < C give
 // dL/dX_S = g (4/M) (G_SS D + G_SD X_T); rows u >= C give dL/dX_T = -g (4/M) (G_TS D + G_TD X_T).
-// dx_s / dx_t: (chunk, C, N) fp32, before the normalisation backward.
-template <typename scalar_t>
+// dx_s / dx_t: (chunk, C, N) fp32, before the normalisation backward. kMma: the products on
+// tensor cores, K rounded to tf32 as it is loaded.
+template <bool kMma, typename scalar_t>
 __global__ void __launch_bounds__(kThreads) intra_gram_dx_kernel(
     Feature<scalar_t> teacher, Feature<scalar_t> student, const float* __restrict__ inv_norm,
     const float* __restrict__ K, const float* __restrict__ grad_loss, float scale, int64_t b0,
     int64_t C, int64_t N, int64_t R, int64_t n_pixel_tiles, float* dx_s, float* dx_t) {
-  __shared__ float k_tile[kChunk][kTilePad];
-  __shared__ float w_tile[kChunk][kTile];
-  const int64_t bb = blockIdx.y, b = b0 + bb;
-  const int64_t u0 = (blockIdx.x / n_pixel_tiles) * kTile;
-  const int64_t n0 = (blockIdx.x % n_pixel_tiles) * kTile;
-  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-  // W loads: a fixed pixel per thread, so its offsets and inverse norms are read once.
-  const int p = threadIdx.x % kTile;
-  const int64_t n = n0 + p;
-  const bool valid_n = n < N;
-  const int64_t off_t = valid_n ? teacher.pixel_offset(b, n) : 0;
-  const int64_t off_s = valid_n ? student.pixel_offset(b, n) : 0;
-  const float rt = valid_n ? inv_norm[b * 2 * N + n] : 0.0f;
-  const float rs = valid_n ? inv_norm[(b * 2 + 1) * N + n] : 0.0f;
-  const float* k_rows = K + bb * R * 2 * C;
+  if constexpr (kMma && !kHasTf32Mma) {
+    __trap();  // launched only on sm_80 and newer
+  } else {
+    // W rows are stored along pixels (no bank conflicts to pad against): padded for WMMA only.
+    __shared__ __align__(32) float k_tile[kChunk][kRowOf<kMma>];
+    __shared__ __align__(32) float w_tile[kChunk][kMma ? kMmaRow : kTile];
+    __shared__ __align__(32) float stage[kMma ? kWarps : 1][kMma ? 16 * 16 : 1];
+    const int64_t bb = blockIdx.y, b = b0 + bb;
+    const int64_t u0 = (blockIdx.x / n_pixel_tiles) * kTile;
+    const int64_t n0 = (blockIdx.x % n_pixel_tiles) * kTile;
+    // W loads: a fixed pixel per thread, so its offsets and inverse norms are read once.
+    const int p = threadIdx.x % kTile;
+    const int64_t n = n0 + p;
+    const bool valid_n = n < N;
+    const int64_t off_t = valid_n ? teacher.pixel_offset(b, n) : 0;
+    const int64_t off_s = valid_n ? student.pixel_offset(b, n) : 0;
+    const float rt = valid_n ? inv_norm[b * 2 * N + n] : 0.0f;
+    const float rs = valid_n ? inv_norm[(b * 2 + 1) * N + n] : 0.0f;
+    const float* k_rows = K + bb * R * 2 * C;
 
-  float acc[kSub][kSub] = {};
-  for (int64_t v0 = 0; v0 < 2 * C; v0 += kChunk) {
+    TileAcc<kMma> acc;
+    for (int64_t v0 = 0; v0 < 2 * C; v0 += kChunk) {
 #pragma unroll
-    for (int e = 0; e < kTile * kChunk / kThreads; ++e) {
-      // K tile: consecutive threads read consecutive v.
-      const int kv = threadIdx.x % kChunk;
-      const int ui = threadIdx.x / kChunk + e * (kThreads / kChunk);
-      const int64_t u = u0 + ui, v = v0 + kv;
-      k_tile[kv][ui] = u < R && v < 2 * C ? k_rows[u * 2 * C + v] : 0.0f;
-      // W tile: consecutive threads read consecutive pixels.
-      const int wv = threadIdx.x / kTile + e * (kThreads / kTile);
-      const int64_t vw = v0 + wv;
-      w_tile[wv][p] = valid_n && vw < 2 * C ? stacked_value(vw < C ? kD : kT, teacher, student,
-                                                            off_t, off_s, vw % C, rt, rs)
-                                            : 0.0f;
-    }
-    __syncthreads();
-#pragma unroll 4
-    for (int k = 0; k < kChunk; ++k) {
-      float a[kSub], bw[kSub];
-#pragma unroll
-      for (int i = 0; i < kSub; ++i) {
-        a[i] = k_tile[k][ty + 16 * i];
-        bw[i] = w_tile[k][tx + 16 * i];
+      for (int e = 0; e < kTile * kChunk / kThreads; ++e) {
+        // K tile: consecutive threads read consecutive v.
+        const int kv = threadIdx.x % kChunk;
+        const int ui = threadIdx.x / kChunk + e * (kThreads / kChunk);
+        const int64_t u = u0 + ui, v = v0 + kv;
+        k_tile[kv][ui] = tf32_operand<kMma>(u < R && v < 2 * C ? k_rows[u * 2 * C + v] : 0.0f);
+        // W tile: consecutive threads read consecutive pixels.
+        const int wv = threadIdx.x / kTile + e * (kThreads / kTile);
+        const int64_t vw = v0 + wv;
+        w_tile[wv][p] = tf32_operand<kMma>(
+            valid_n && vw < 2 * C
+                ? stacked_value(vw < C ? kD : kT, teacher, student, off_t, off_s, vw % C, rt, rs)
+                : 0.0f);
       }
-#pragma unroll
-      for (int i = 0; i < kSub; ++i) {
-#pragma unroll
-        for (int j = 0; j < kSub; ++j) acc[i][j] += a[i] * bw[j];
-      }
+      __syncthreads();
+      acc.add_chunk(k_tile, w_tile);
+      __syncthreads();
     }
-    __syncthreads();
-  }
-  const float coef = grad_loss[0] * scale;
-#pragma unroll
-  for (int i = 0; i < kSub; ++i) {
-    const int64_t u = u0 + ty + 16 * i;
-    if (u >= R) continue;
-#pragma unroll
-    for (int j = 0; j < kSub; ++j) {
-      const int64_t nj = n0 + tx + 16 * j;
-      if (nj >= N) continue;
-      if (u < C) {
-        dx_s[(bb * C + u) * N + nj] = coef * acc[i][j];
-      } else {
-        dx_t[(bb * C + u - C) * N + nj] = -coef * acc[i][j];
-      }
-    }
+    const float coef = grad_loss[0] * scale;
+    acc.for_each(stage[kMma ? threadIdx.x / 32 : 0], u0, n0,
+                 [&](int64_t u, int64_t nj, float value) {
+                   if (u >= R || nj >= N) return;
+                   if (u < C) {
+                     dx_s[(bb * C + u) * N + nj] = coef * value;
+                   } else {
+                     dx_t[(bb * C + u - C) * N + nj] = -coef * value;
+                   }
+                 });
   }
 }
 
@@ -348,8 +331,6 @@ __global__ void __launch_bounds__(kThreads) intra_gram_fwd_mma_kernel(
     if (threadIdx.x == 0) *partial = 0.0f;
     return;
   }
-  const float* rt_row = inv_norm + b * 2 * N;
-  const float* rs_row = rt_row + N;
   const int row = warp_row(), col = warp_col();
 
   const bool mirror = tI < tJ;
@@ -362,7 +343,7 @@ __global__ void __launch_bounds__(kThreads) intra_gram_fwd_mma_kernel(
   zero_fragments(ds);
   zero_fragments(td);
   for (int64_t n0 = 0; n0 < N; n0 += kChunk) {
-    store_gram_operands<true>(teacher, student, rt_row, rs_row, b, n0, tI, tJ, C, N, tile);
+    store_gram_operands<true>(teacher, student, inv_norm, b, n0, tI, tJ, C, N, tile);
     __syncthreads();
 #pragma unroll
     for (int k = 0; k < kChunk; k += kMmaK) {
@@ -408,122 +389,6 @@ __global__ void __launch_bounds__(kThreads) intra_gram_fwd_mma_kernel(
 #endif
 }
 
-// intra_gram_k_kernel on tensor cores: K = U V^T over pixels.
-template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) intra_gram_k_mma_kernel(
-    Feature<scalar_t> teacher, Feature<scalar_t> student, const float* __restrict__ inv_norm,
-    int64_t b0, int64_t C, int64_t N, int64_t R, int64_t n_col_tiles, float* __restrict__ K) {
-#if SNL_TF32_MMA
-  __shared__ __align__(32) float u_tile[kChunk][kMmaRow];
-  __shared__ __align__(32) float v_tile[kChunk][kMmaRow];
-  __shared__ __align__(32) float stage[kWarps][16 * 16];
-  const int64_t bb = blockIdx.y, b = b0 + bb;
-  const int64_t u0 = (blockIdx.x / n_col_tiles) * kTile, v0 = (blockIdx.x % n_col_tiles) * kTile;
-  const float* rt_row = inv_norm + b * 2 * N;
-  const float* rs_row = rt_row + N;
-
-  FragC acc[2];
-  zero_fragments(acc);
-  for (int64_t n0 = 0; n0 < N; n0 += kChunk) {
-    store_k_operands<true>(teacher, student, rt_row, rs_row, b, n0, u0, v0, C, N, R, u_tile, v_tile);
-    __syncthreads();
-    warp_chunk_mma<kMmaRow>(&u_tile[0][0], &v_tile[0][0], acc);
-    __syncthreads();
-  }
-  float* k_rows = K + bb * R * 2 * C;
-#pragma unroll
-  for (int f = 0; f < 2; ++f) {
-    for_each_element(acc[f], stage[threadIdx.x / 32], u0 + warp_row(), v0 + warp_col() + 16 * f,
-                     [&](int64_t u, int64_t v, float value) {
-                       if (u < R && v < 2 * C) k_rows[u * 2 * C + v] = value;
-                     });
-  }
-#else
-  __trap();  // launched only on sm_80 and newer (use_tensor_cores)
-#endif
-}
-
-// intra_gram_dx_kernel on tensor cores: dX = K W over 2C, K rounded to tf32 as it is loaded.
-template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) intra_gram_dx_mma_kernel(
-    Feature<scalar_t> teacher, Feature<scalar_t> student, const float* __restrict__ inv_norm,
-    const float* __restrict__ K, const float* __restrict__ grad_loss, float scale, int64_t b0,
-    int64_t C, int64_t N, int64_t R, int64_t n_pixel_tiles, float* dx_s, float* dx_t) {
-#if SNL_TF32_MMA
-  __shared__ __align__(32) float k_tile[kChunk][kMmaRow];
-  __shared__ __align__(32) float w_tile[kChunk][kMmaRow];
-  __shared__ __align__(32) float stage[kWarps][16 * 16];
-  const int64_t bb = blockIdx.y, b = b0 + bb;
-  const int64_t u0 = (blockIdx.x / n_pixel_tiles) * kTile;
-  const int64_t n0 = (blockIdx.x % n_pixel_tiles) * kTile;
-  // W loads: a fixed pixel per thread, so its offsets and inverse norms are read once.
-  const int p = threadIdx.x % kTile;
-  const int64_t n = n0 + p;
-  const bool valid_n = n < N;
-  const int64_t off_t = valid_n ? teacher.pixel_offset(b, n) : 0;
-  const int64_t off_s = valid_n ? student.pixel_offset(b, n) : 0;
-  const float rt = valid_n ? inv_norm[b * 2 * N + n] : 0.0f;
-  const float rs = valid_n ? inv_norm[(b * 2 + 1) * N + n] : 0.0f;
-  const float* k_rows = K + bb * R * 2 * C;
-
-  FragC acc[2];
-  zero_fragments(acc);
-  for (int64_t v0 = 0; v0 < 2 * C; v0 += kChunk) {
-#pragma unroll
-    for (int e = 0; e < kTile * kChunk / kThreads; ++e) {
-      // K tile: consecutive threads read consecutive v.
-      const int kv = threadIdx.x % kChunk;
-      const int ui = threadIdx.x / kChunk + e * (kThreads / kChunk);
-      const int64_t u = u0 + ui, v = v0 + kv;
-      k_tile[kv][ui] = tf32_operand<true>(u < R && v < 2 * C ? k_rows[u * 2 * C + v] : 0.0f);
-      // W tile: consecutive threads read consecutive pixels.
-      const int wv = threadIdx.x / kTile + e * (kThreads / kTile);
-      const int64_t vw = v0 + wv;
-      w_tile[wv][p] = tf32_operand<true>(
-          valid_n && vw < 2 * C
-              ? stacked_value(vw < C ? kD : kT, teacher, student, off_t, off_s, vw % C, rt, rs)
-              : 0.0f);
-    }
-    __syncthreads();
-    warp_chunk_mma<kMmaRow>(&k_tile[0][0], &w_tile[0][0], acc);
-    __syncthreads();
-  }
-  const float coef = grad_loss[0] * scale;
-#pragma unroll
-  for (int f = 0; f < 2; ++f) {
-    for_each_element(acc[f], stage[threadIdx.x / 32], u0 + warp_row(), n0 + warp_col() + 16 * f,
-                     [&](int64_t u, int64_t nj, float value) {
-                       if (u >= R || nj >= N) return;
-                       if (u < C) {
-                         dx_s[(bb * C + u) * N + nj] = coef * value;
-                       } else {
-                         dx_t[(bb * C + u - C) * N + nj] = -coef * value;
-                       }
-                     });
-  }
-#else
-  __trap();  // launched only on sm_80 and newer (use_tensor_cores)
-#endif
-}
-
-// Pixel n of sample b: where teacher and student read it, and its inverse norms; all zero when
-// n >= N.
-struct PixelRef {
-  bool valid;
-  int64_t off_t, off_s;
-  float rt, rs;
-};
-
-template <typename scalar_t>
-__device__ __forceinline__ PixelRef pixel_ref(const Feature<scalar_t>& teacher,
-                                              const Feature<scalar_t>& student,
-                                              const float* __restrict__ inv_norm, int64_t b,
-                                              int64_t n, int64_t N) {
-  if (n >= N) return {false, 0, 0, 0.0f, 0.0f};
-  const float* rt_row = inv_norm + b * 2 * N;
-  return {true, teacher.pixel_offset(b, n), student.pixel_offset(b, n), rt_row[n], rt_row[N + n]};
-}
-
 // -Delta[row pixel][col pixel] of one sample over all C: X_S and D of the row pixel block times
 // D and X_T of the column pixel block, accumulated by chunk_product() (delta_chunk_fma or
 // delta_chunk_mma) once per kChunk channels stored in tile ([4][kChunk][kRowOf<kTf32>]
@@ -558,282 +423,232 @@ __device__ __forceinline__ void accumulate_delta_tile(const Feature<scalar_t>& t
 }
 
 // Tiled path, forward (l1; l2 when N <= C). Tile (I, J) of Delta = -(X_S^T D + D^T X_T) of one
-// sample over all channels, reduced on chip. Delta is symmetric: tiles I <= J only.
-template <typename scalar_t, bool kL1>
+// sample over all channels, reduced on chip. Delta is symmetric: tiles I <= J only. kMma (l2
+// only): the products on tensor cores. l1 stays on FMA: its gradient sign(Delta) flips where
+// tf32 rounding moves a small Delta across zero.
+template <typename scalar_t, bool kL1, bool kMma>
 __global__ void __launch_bounds__(kThreads) intra_tiled_fwd_kernel(
     Feature<scalar_t> teacher, Feature<scalar_t> student, const float* __restrict__ inv_norm,
     int64_t b0, int64_t C, int64_t N, int64_t n_tiles, float* __restrict__ partials) {
-  // [X_S rows I, D rows I, D cols J, X_T cols J][channel][pixel]
-  __shared__ float tile[4][kChunk][kTilePad];
-  const int64_t b = b0 + blockIdx.y;
-  const int64_t tI = blockIdx.x / n_tiles, tJ = blockIdx.x % n_tiles;
-  float* partial = partials + b * n_tiles * n_tiles + blockIdx.x;
-  if (tI > tJ) {
-    if (threadIdx.x == 0) *partial = 0.0f;
-    return;
+  static_assert(!(kL1 && kMma), "l1 runs on FMA");
+  if constexpr (kMma && !kHasTf32Mma) {
+    __trap();  // launched only on sm_80 and newer
+  } else {
+    // [X_S rows I, D rows I, D cols J, X_T cols J][channel][pixel]
+    __shared__ __align__(32) float tile[4][kChunk][kRowOf<kMma>];
+    const int64_t b = b0 + blockIdx.y;
+    const int64_t tI = blockIdx.x / n_tiles, tJ = blockIdx.x % n_tiles;
+    float* partial = partials + b * n_tiles * n_tiles + blockIdx.x;
+    if (tI > tJ) {
+      if (threadIdx.x == 0) *partial = 0.0f;
+      return;
+    }
+    const int p = threadIdx.x % kTile;
+    const PixelRef pi = pixel_ref(teacher, student, inv_norm, b, tI * kTile + p, N);
+    const PixelRef pj = pixel_ref(teacher, student, inv_norm, b, tJ * kTile + p, N);
+    TileAcc<kMma> acc;
+    accumulate_delta_tile<kMma>(teacher, student, C, pi, pj, tile,
+                                [&] { acc.add_delta_chunk(tile); });
+    // acc = -Delta; entries outside N x N are sums of zeros.
+    float v = 0.0f;
+    if constexpr (kL1) {
+      acc.for_each(nullptr, tI * kTile, tJ * kTile, [&](int64_t ni, int64_t nj, float value) {
+        if (ni < N && nj < N && zero_pixel_pair(inv_norm, b, N, ni, nj)) return;
+        v += delta_loss<true>(value);
+      });
+    } else {
+#pragma unroll
+      for (int e = 0; e < TileAcc<kMma>::kElems; ++e) v += delta_loss<false>(acc.elem(e));
+    }
+    const float total = block_sum(v);
+    if (threadIdx.x == 0) *partial = (tI == tJ ? 1.0f : 2.0f) * total;
   }
-  const int p = threadIdx.x % kTile;
-  const PixelRef pi = pixel_ref(teacher, student, inv_norm, b, tI * kTile + p, N);
-  const PixelRef pj = pixel_ref(teacher, student, inv_norm, b, tJ * kTile + p, N);
-  float acc[kSub][kSub] = {};
-  accumulate_delta_tile<false>(teacher, student, C, pi, pj, tile,
-                              [&] { delta_chunk_fma(tile, acc); });
-  // acc = -Delta; entries outside N x N are sums of zeros.
-  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-  float v = 0.0f;
+}
+
+// Tiled backward, phase 2: dX_S = -2 X_S G and dX_T = 2 X_T G for a block's kBwdChannels x
+// kTile outputs (channels c_base .., pixels i0 ..), accumulated over the kChunk pixels of J in
+// x[0] (X_S), x[1] (X_T) ([pixel][channel] shared tiles) and g (rows of G[j][i] from jc on).
+// fp32 FMA (thread t: channels t / 16 + 16 i, pixels t % 16 + 16 j) or TF32 WMMA (warp w:
+// channels 16 w .. + 15, all kTile pixels, 4 fragments per operand).
+template <bool kMma>
+struct ChannelGradAcc;
+
+template <>
+struct ChannelGradAcc<false> {
+  float s[kBwdSub][kSub] = {}, t[kBwdSub][kSub] = {};
+
+  template <int kXRow, int kGRow>
+  __device__ __forceinline__ void add_chunk(const float (*x)[kChunk][kXRow],
+                                            const float (*g)[kGRow], bool with_teacher) {
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll 4
+    for (int k = 0; k < kChunk; ++k) {
+      float gv[kSub];
 #pragma unroll
-  for (int i = 0; i < kSub; ++i) {
+      for (int j = 0; j < kSub; ++j) gv[j] = g[k][tx + 16 * j];
 #pragma unroll
-    for (int j = 0; j < kSub; ++j) {
-      const int64_t ni = tI * kTile + ty + 16 * i, nj = tJ * kTile + tx + 16 * j;
-      if (kL1 && ni < N && nj < N && zero_pixel_pair(inv_norm, b, N, ni, nj)) continue;
-      v += delta_loss<kL1>(acc[i][j]);
+      for (int i = 0; i < kBwdSub; ++i) {
+        const float xs = x[0][k][ty + 16 * i];
+#pragma unroll
+        for (int j = 0; j < kSub; ++j) s[i][j] += xs * gv[j];
+      }
+      if (with_teacher) {
+#pragma unroll
+        for (int i = 0; i < kBwdSub; ++i) {
+          const float xt = x[1][k][ty + 16 * i];
+#pragma unroll
+          for (int j = 0; j < kSub; ++j) t[i][j] += xt * gv[j];
+        }
+      }
     }
   }
-  const float total = block_sum(v);
-  if (threadIdx.x == 0) *partial = (tI == tJ ? 1.0f : 2.0f) * total;
-}
+  // out(c, n, value) for the student's (which = 0) or the teacher's (1) outputs.
+  template <typename Out>
+  __device__ __forceinline__ void for_each(float* /*stage*/, int which, int64_t c_base,
+                                           int64_t i0, Out out) const {
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    const float(&acc)[kBwdSub][kSub] = which == 0 ? s : t;
+#pragma unroll
+    for (int i = 0; i < kBwdSub; ++i) {
+#pragma unroll
+      for (int j = 0; j < kSub; ++j) out(c_base + ty + 16 * i, i0 + tx + 16 * j, acc[i][j]);
+    }
+  }
+};
+
+#if SNL_TF32_MMA
+template <>
+struct ChannelGradAcc<true> {
+  static constexpr int kPixelFrags = kTile / 16;
+  static_assert(kBwdChannels == 16 * kWarps, "one 16-channel row of fragments per warp");
+  FragC s[kPixelFrags], t[kPixelFrags];
+
+  __device__ __forceinline__ ChannelGradAcc() {
+    zero_fragments(s);
+    zero_fragments(t);
+  }
+
+  template <int kXRow, int kGRow>
+  __device__ __forceinline__ void add_chunk(const float (*x)[kChunk][kXRow],
+                                            const float (*g)[kGRow], bool with_teacher) {
+    const int warp = threadIdx.x / 32;
+#pragma unroll
+    for (int k = 0; k < kChunk; k += kMmaK) {
+      FragB gf[kPixelFrags];
+#pragma unroll
+      for (int f = 0; f < kPixelFrags; ++f) wmma::load_matrix_sync(gf[f], &g[k][16 * f], kGRow);
+      FragA xf;
+      wmma::load_matrix_sync(xf, &x[0][k][16 * warp], kXRow);
+#pragma unroll
+      for (int f = 0; f < kPixelFrags; ++f) wmma::mma_sync(s[f], xf, gf[f], s[f]);
+      if (with_teacher) {
+        wmma::load_matrix_sync(xf, &x[1][k][16 * warp], kXRow);
+#pragma unroll
+        for (int f = 0; f < kPixelFrags; ++f) wmma::mma_sync(t[f], xf, gf[f], t[f]);
+      }
+    }
+  }
+  template <typename Out>
+  __device__ __forceinline__ void for_each(float* stage, int which, int64_t c_base, int64_t i0,
+                                           Out out) const {
+    const int warp = threadIdx.x / 32;
+#pragma unroll
+    for (int f = 0; f < kPixelFrags; ++f) {
+      for_each_element(which == 0 ? s[f] : t[f], stage, c_base + 16 * warp, i0 + 16 * f, out);
+    }
+  }
+};
+#endif  // SNL_TF32_MMA
 
 // Tiled path, backward. Block = pixels I x kBwdChannels channels of one sample. For each pixel
 // block J: recompute the Delta tile (J x I) over all C, G = dL/dDelta into shared memory, then
 // dX_S[c, I] += -2 X_S[c, J] G[J, I] and dX_T[c, I] += 2 X_T[c, J] G[J, I] (G is symmetric).
-// dx_s / dx_t: (chunk, C, N) fp32, before the normalisation backward; dx_t may be null.
-template <typename scalar_t, bool kL1>
+// dx_s / dx_t: (chunk, C, N) fp32, before the normalisation backward; dx_t may be null. kMma
+// (l2 only): both phases on tensor cores, G rounded to tf32 as it is stored.
+template <typename scalar_t, bool kL1, bool kMma>
 __global__ void __launch_bounds__(kThreads) intra_tiled_bwd_kernel(
     Feature<scalar_t> teacher, Feature<scalar_t> student, const float* __restrict__ inv_norm,
     const float* __restrict__ grad_loss, float scale, int64_t b0, int64_t C, int64_t N,
     int64_t n_tiles, float* dx_s, float* dx_t) {
-  // Phase 1: [X_S rows J, D rows J, D cols I, X_T cols I][channel][pixel].
-  // Phase 2: [X_S, X_T][pixel of J (kChunk)][channel (kBwdChannels + kPad)], same storage.
-  constexpr int kXRow = kBwdChannels + kPad;
-  __shared__ float tile[4 * kChunk * kTilePad];
-  __shared__ float grad[kTile][kTile];  // G[j][i]
-  static_assert(2 * kChunk * kXRow <= 4 * kChunk * kTilePad, "phase 2 tiles must fit");
-  float(*delta_tile)[kChunk][kTilePad] = reinterpret_cast<float(*)[kChunk][kTilePad]>(tile);
-  float(*x_tile)[kChunk][kXRow] = reinterpret_cast<float(*)[kChunk][kXRow]>(tile);
+  static_assert(!(kL1 && kMma), "l1 runs on FMA");
+  if constexpr (kMma && !kHasTf32Mma) {
+    __trap();  // launched only on sm_80 and newer
+  } else {
+    // Phase 1: [X_S rows J, D rows J, D cols I, X_T cols I][channel][pixel].
+    // Phase 2: [X_S, X_T][pixel of J (kChunk)][channel (kBwdChannels + padding)], same storage.
+    constexpr int kRow = kRowOf<kMma>;
+    constexpr int kXRow = kBwdChannels + (kMma ? kMmaPad : kPad);
+    constexpr int kGRow = kMma ? kMmaRow : kTile;
+    __shared__ __align__(32) float tile[4 * kChunk * kRow];
+    __shared__ __align__(32) float grad[kTile][kGRow];  // G[j][i]
+    __shared__ __align__(32) float stage[kMma ? kWarps : 1][kMma ? 16 * 16 : 1];
+    static_assert(2 * kChunk * kXRow <= 4 * kChunk * kRow, "phase 2 tiles must fit");
+    float(*delta_tile)[kChunk][kRow] = reinterpret_cast<float(*)[kChunk][kRow]>(tile);
+    float(*x_tile)[kChunk][kXRow] = reinterpret_cast<float(*)[kChunk][kXRow]>(tile);
 
-  const bool with_teacher = dx_t != nullptr;
-  const int64_t bb = blockIdx.y, b = b0 + bb;
-  const int64_t i0 = (blockIdx.x % n_tiles) * kTile;
-  const int64_t c_base = (blockIdx.x / n_tiles) * kBwdChannels;
-  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-  const float g_scale = grad_loss[0] * scale;
+    const bool with_teacher = dx_t != nullptr;
+    const int64_t bb = blockIdx.y, b = b0 + bb;
+    const int64_t i0 = (blockIdx.x % n_tiles) * kTile;
+    const int64_t c_base = (blockIdx.x / n_tiles) * kBwdChannels;
+    const float g_scale = grad_loss[0] * scale;
 
-  // Phase 1 loads: a fixed pixel of I (and of J) per thread.
-  const int p = threadIdx.x % kTile;
-  const PixelRef pi = pixel_ref(teacher, student, inv_norm, b, i0 + p, N);
-  // Phase 2 loads: a fixed pixel offset within each kChunk of J per thread.
-  const int jj = threadIdx.x % kChunk;
+    // Phase 1 loads: a fixed pixel of I (and of J) per thread.
+    const int p = threadIdx.x % kTile;
+    const PixelRef pi = pixel_ref(teacher, student, inv_norm, b, i0 + p, N);
+    // Phase 2 loads: a fixed pixel offset within each kChunk of J per thread.
+    const int jj = threadIdx.x % kChunk;
 
-  float acc_s[kBwdSub][kSub] = {}, acc_t[kBwdSub][kSub] = {};
-  for (int64_t j0 = 0; j0 < N; j0 += kTile) {
-    const PixelRef pj = pixel_ref(teacher, student, inv_norm, b, j0 + p, N);
-    float acc[kSub][kSub] = {};  // -Delta[j][i]
-    accumulate_delta_tile<false>(teacher, student, C, pj, pi, delta_tile,
-                                 [&] { delta_chunk_fma(delta_tile, acc); });
+    ChannelGradAcc<kMma> out_acc;
+    for (int64_t j0 = 0; j0 < N; j0 += kTile) {
+      const PixelRef pj = pixel_ref(teacher, student, inv_norm, b, j0 + p, N);
+      TileAcc<kMma> acc;  // -Delta[j][i]
+      accumulate_delta_tile<kMma>(teacher, student, C, pj, pi, delta_tile,
+                                  [&] { acc.add_delta_chunk(delta_tile); });
+      if constexpr (kMma) {
+        // G = g_scale Delta, elementwise, then rounded: it is phase 2's B operand. Entries
+        // outside N x N are sums of zeros, so G is 0 there without a mask.
 #pragma unroll
-    for (int i = 0; i < kSub; ++i) {
-#pragma unroll
-      for (int j = 0; j < kSub; ++j) {
-        const int64_t nj = j0 + ty + 16 * i, ni = i0 + tx + 16 * j;
-        const bool valid = nj < N && ni < N && !(kL1 && zero_pixel_pair(inv_norm, b, N, nj, ni));
-        grad[ty + 16 * i][tx + 16 * j] = valid ? delta_grad<kL1>(-acc[i][j], g_scale) : 0.0f;
-      }
-    }
-
-    for (int64_t jc = 0; jc < kTile; jc += kChunk) {
-      const PixelRef pc = pixel_ref(teacher, student, inv_norm, b, j0 + jc + jj, N);
-      __syncthreads();  // previous readers of tile (and writers of grad) are done
-#pragma unroll
-      for (int e = 0; e < kBwdChannels * kChunk / kThreads; ++e) {
-        const int ci = threadIdx.x / kChunk + e * (kThreads / kChunk);
-        const int64_t c = c_base + ci;
-        const bool valid = pc.valid && c < C;
-        x_tile[0][jj][ci] = valid ? student.at(pc.off_s, c) * pc.rs : 0.0f;
-        if (with_teacher) x_tile[1][jj][ci] = valid ? teacher.at(pc.off_t, c) * pc.rt : 0.0f;
-      }
-      __syncthreads();
-#pragma unroll 4
-      for (int k = 0; k < kChunk; ++k) {
-        float gv[kSub];
-#pragma unroll
-        for (int j = 0; j < kSub; ++j) gv[j] = grad[jc + k][tx + 16 * j];
-#pragma unroll
-        for (int i = 0; i < kBwdSub; ++i) {
-          const float xs = x_tile[0][k][ty + 16 * i];
-#pragma unroll
-          for (int j = 0; j < kSub; ++j) acc_s[i][j] += xs * gv[j];
+        for (int e = 0; e < TileAcc<kMma>::kElems; ++e) {
+          acc.elem(e) = tf32_operand<true>(delta_grad<false>(-acc.elem(e), g_scale));
         }
-        if (with_teacher) {
+        acc.store(&grad[0][0], kGRow);
+      } else {
+        acc.for_each(nullptr, j0, i0, [&](int64_t nj, int64_t ni, float value) {
+          const bool valid =
+              nj < N && ni < N && !(kL1 && zero_pixel_pair(inv_norm, b, N, nj, ni));
+          grad[nj - j0][ni - i0] = valid ? delta_grad<kL1>(-value, g_scale) : 0.0f;
+        });
+      }
+
+      for (int64_t jc = 0; jc < kTile; jc += kChunk) {
+        const PixelRef pc = pixel_ref(teacher, student, inv_norm, b, j0 + jc + jj, N);
+        __syncthreads();  // previous readers of tile (and writers of grad) are done
 #pragma unroll
-          for (int i = 0; i < kBwdSub; ++i) {
-            const float xt = x_tile[1][k][ty + 16 * i];
-#pragma unroll
-            for (int j = 0; j < kSub; ++j) acc_t[i][j] += xt * gv[j];
+        for (int e = 0; e < kBwdChannels * kChunk / kThreads; ++e) {
+          const int ci = threadIdx.x / kChunk + e * (kThreads / kChunk);
+          const int64_t c = c_base + ci;
+          const bool valid = pc.valid && c < C;
+          x_tile[0][jj][ci] = tf32_operand<kMma>(valid ? student.at(pc.off_s, c) * pc.rs : 0.0f);
+          if (with_teacher) {
+            x_tile[1][jj][ci] =
+                tf32_operand<kMma>(valid ? teacher.at(pc.off_t, c) * pc.rt : 0.0f);
           }
         }
+        __syncthreads();
+        out_acc.add_chunk(x_tile, &grad[jc], with_teacher);
       }
+      __syncthreads();  // tile and grad are rewritten for the next J
     }
-    __syncthreads();  // tile and grad are rewritten for the next J
-  }
-#pragma unroll
-  for (int i = 0; i < kBwdSub; ++i) {
-    const int64_t c = c_base + ty + 16 * i;
-    if (c >= C) continue;
-#pragma unroll
-    for (int j = 0; j < kSub; ++j) {
-      const int64_t n = i0 + tx + 16 * j;
-      if (n >= N) continue;
-      dx_s[(bb * C + c) * N + n] = -2.0f * acc_s[i][j];
-      if (with_teacher) dx_t[(bb * C + c) * N + n] = 2.0f * acc_t[i][j];
-    }
-  }
-}
-
-// ---- Tiled path for l2 on tensor cores (l1 stays on FMA: its gradient sign(Delta) flips where
-// tf32 rounding moves a small Delta across zero) ----
-
-// intra_tiled_fwd_kernel<scalar_t, false> on tensor cores.
-template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) intra_tiled_fwd_mma_kernel(
-    Feature<scalar_t> teacher, Feature<scalar_t> student, const float* __restrict__ inv_norm,
-    int64_t b0, int64_t C, int64_t N, int64_t n_tiles, float* __restrict__ partials) {
-#if SNL_TF32_MMA
-  // [X_S rows I, D rows I, D cols J, X_T cols J][channel][pixel], tf32
-  __shared__ __align__(32) float tile[4][kChunk][kMmaRow];
-  const int64_t b = b0 + blockIdx.y;
-  const int64_t tI = blockIdx.x / n_tiles, tJ = blockIdx.x % n_tiles;
-  float* partial = partials + b * n_tiles * n_tiles + blockIdx.x;
-  if (tI > tJ) {
-    if (threadIdx.x == 0) *partial = 0.0f;
-    return;
-  }
-  const int p = threadIdx.x % kTile;
-  const PixelRef pi = pixel_ref(teacher, student, inv_norm, b, tI * kTile + p, N);
-  const PixelRef pj = pixel_ref(teacher, student, inv_norm, b, tJ * kTile + p, N);
-  FragC acc[2];
-  zero_fragments(acc);
-  accumulate_delta_tile<true>(teacher, student, C, pi, pj, tile,
-                              [&] { delta_chunk_mma(tile, acc); });
-  // acc = -Delta; entries outside N x N are sums of zeros.
-  float v = 0.0f;
-#pragma unroll
-  for (int f = 0; f < 2; ++f) {
-#pragma unroll
-    for (int e = 0; e < FragC::num_elements; ++e) v += delta_loss<false>(acc[f].x[e]);
-  }
-  const float total = block_sum(v);
-  if (threadIdx.x == 0) *partial = (tI == tJ ? 1.0f : 2.0f) * total;
-#else
-  __trap();  // launched only on sm_80 and newer (use_tensor_cores)
-#endif
-}
-
-// intra_tiled_bwd_kernel<scalar_t, false> on tensor cores. Phase 1 as the forward; phase 2
-// (dX_S = -2 X_S G, dX_T = 2 X_T G for the block's kBwdChannels x kTile outputs): warp w holds
-// channels 16 w .. + 15 of every pixel column of I, 4 fragments per operand.
-template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) intra_tiled_bwd_mma_kernel(
-    Feature<scalar_t> teacher, Feature<scalar_t> student, const float* __restrict__ inv_norm,
-    const float* __restrict__ grad_loss, float scale, int64_t b0, int64_t C, int64_t N,
-    int64_t n_tiles, float* dx_s, float* dx_t) {
-#if SNL_TF32_MMA
-  // Phase 1: [X_S rows J, D rows J, D cols I, X_T cols I][channel][pixel].
-  // Phase 2: [X_S, X_T][pixel of J (kChunk)][channel (kBwdChannels + kMmaPad)], same storage.
-  // All tf32.
-  constexpr int kXRow = kBwdChannels + kMmaPad;
-  constexpr int kPixelFrags = kTile / 16;
-  static_assert(kBwdChannels == 16 * kWarps, "phase 2: one 16-channel row of fragments per warp");
-  __shared__ __align__(32) float tile[4 * kChunk * kMmaRow];
-  __shared__ __align__(32) float grad[kTile][kMmaRow];  // G[j][i], tf32
-  __shared__ __align__(32) float stage[kWarps][16 * 16];
-  static_assert(2 * kChunk * kXRow <= 4 * kChunk * kMmaRow, "phase 2 tiles must fit");
-  float(*delta_tile)[kChunk][kMmaRow] = reinterpret_cast<float(*)[kChunk][kMmaRow]>(tile);
-  float(*x_tile)[kChunk][kXRow] = reinterpret_cast<float(*)[kChunk][kXRow]>(tile);
-
-  const bool with_teacher = dx_t != nullptr;
-  const int64_t bb = blockIdx.y, b = b0 + bb;
-  const int64_t i0 = (blockIdx.x % n_tiles) * kTile;
-  const int64_t c_base = (blockIdx.x / n_tiles) * kBwdChannels;
-  const int warp = threadIdx.x / 32;
-  const float g_scale = grad_loss[0] * scale;
-
-  // Phase 1 loads: a fixed pixel of I (and of J) per thread.
-  const int p = threadIdx.x % kTile;
-  const PixelRef pi = pixel_ref(teacher, student, inv_norm, b, i0 + p, N);
-  // Phase 2 loads: a fixed pixel offset within each kChunk of J per thread.
-  const int jj = threadIdx.x % kChunk;
-
-  FragC acc_s[kPixelFrags], acc_t[kPixelFrags];
-  zero_fragments(acc_s);
-  zero_fragments(acc_t);
-  for (int64_t j0 = 0; j0 < N; j0 += kTile) {
-    const PixelRef pj = pixel_ref(teacher, student, inv_norm, b, j0 + p, N);
-    FragC acc[2];  // -Delta[j][i]
-    zero_fragments(acc);
-    accumulate_delta_tile<true>(teacher, student, C, pj, pi, delta_tile,
-                                [&] { delta_chunk_mma(delta_tile, acc); });
-    // G = dL/dDelta = g_scale Delta, elementwise, then rounded: it is phase 2's B operand.
-    // Entries outside N x N are sums of zeros, so G is 0 there without a mask.
-#pragma unroll
-    for (int f = 0; f < 2; ++f) {
-#pragma unroll
-      for (int e = 0; e < FragC::num_elements; ++e) {
-        acc[f].x[e] = tf32_operand<true>(delta_grad<false>(-acc[f].x[e], g_scale));
-      }
-      wmma::store_matrix_sync(&grad[warp_row()][warp_col() + 16 * f], acc[f], kMmaRow,
-                              wmma::mem_row_major);
-    }
-
-    for (int64_t jc = 0; jc < kTile; jc += kChunk) {
-      const PixelRef pc = pixel_ref(teacher, student, inv_norm, b, j0 + jc + jj, N);
-      __syncthreads();  // previous readers of tile (and writers of grad) are done
-#pragma unroll
-      for (int e = 0; e < kBwdChannels * kChunk / kThreads; ++e) {
-        const int ci = threadIdx.x / kChunk + e * (kThreads / kChunk);
-        const int64_t c = c_base + ci;
-        const bool valid = pc.valid && c < C;
-        x_tile[0][jj][ci] = tf32_operand<true>(valid ? student.at(pc.off_s, c) * pc.rs : 0.0f);
-        if (with_teacher) {
-          x_tile[1][jj][ci] = tf32_operand<true>(valid ? teacher.at(pc.off_t, c) * pc.rt : 0.0f);
-        }
-      }
-      __syncthreads();
-#pragma unroll
-      for (int k = 0; k < kChunk; k += kMmaK) {
-        FragB g[kPixelFrags];
-#pragma unroll
-        for (int f = 0; f < kPixelFrags; ++f) {
-          wmma::load_matrix_sync(g[f], &grad[jc + k][16 * f], kMmaRow);
-        }
-        FragA x;
-        wmma::load_matrix_sync(x, &x_tile[0][k][16 * warp], kXRow);
-#pragma unroll
-        for (int f = 0; f < kPixelFrags; ++f) wmma::mma_sync(acc_s[f], x, g[f], acc_s[f]);
-        if (with_teacher) {
-          wmma::load_matrix_sync(x, &x_tile[1][k][16 * warp], kXRow);
-#pragma unroll
-          for (int f = 0; f < kPixelFrags; ++f) wmma::mma_sync(acc_t[f], x, g[f], acc_t[f]);
-        }
-      }
-    }
-    __syncthreads();  // tile and grad are rewritten for the next J
-  }
-#pragma unroll
-  for (int f = 0; f < kPixelFrags; ++f) {
-    const int64_t c0 = c_base + 16 * warp, n0 = i0 + 16 * f;
-    for_each_element(acc_s[f], stage[warp], c0, n0, [&](int64_t c, int64_t n, float value) {
+    float* my_stage = stage[kMma ? threadIdx.x / 32 : 0];
+    out_acc.for_each(my_stage, 0, c_base, i0, [&](int64_t c, int64_t n, float value) {
       if (c < C && n < N) dx_s[(bb * C + c) * N + n] = -2.0f * value;
     });
     if (with_teacher) {
-      for_each_element(acc_t[f], stage[warp], c0, n0, [&](int64_t c, int64_t n, float value) {
+      out_acc.for_each(my_stage, 1, c_base, i0, [&](int64_t c, int64_t n, float value) {
         if (c < C && n < N) dx_t[(bb * C + c) * N + n] = 2.0f * value;
       });
     }
   }
-#else
-  __trap();  // launched only on sm_80 and newer (use_tensor_cores)
-#endif
 }
 
 // Backward of x = f / max(|f|, eps) over channels, per pixel: df = r (dx - x (x . dx)), or r dx
