@@ -104,20 +104,26 @@ def test_float_log_tau_and_subset_of_gradients(backend):
     torch.testing.assert_close(c.grad.double(), c64.grad.to(c.device), atol=1e-6, rtol=1e-5)
 
 
+def _assert_same_results(backend, inputs_a, inputs_b, grads_of):
+    """cram on two layouts of the same values: same outputs, and the same gradients for each
+    (a, b) pair of inputs in ``grads_of`` after a backward of every output's sum (.sum()
+    sends expanded, zero-stride, upstream gradients)."""
+    a = snl_kernels.cram(*inputs_a, backend=backend)
+    b = snl_kernels.cram(*inputs_b, backend=backend)
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-6)
+    sum(x.sum() for x in a).backward()
+    sum(x.sum() for x in b).backward()
+    for x, y in grads_of:
+        torch.testing.assert_close(x.grad, y.grad, atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize("backend", kernel_backends())
 def test_any_strides(backend):
     e, c, t = _inputs(2, 24, 4, 6, 5, 1.0)
     e_cl = e.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
     c_t = c.detach().T.contiguous().T.requires_grad_(True)
-    a = snl_kernels.cram(e, c, t, backend=backend)
-    b = snl_kernels.cram(e_cl, c_t, t, backend=backend)
-    for x, y in zip(a, b, strict=True):
-        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-6)
-    # .sum() sends expanded (zero-stride) upstream gradients.
-    sum(x.sum() for x in a).backward()
-    sum(x.sum() for x in b).backward()
-    torch.testing.assert_close(e.grad, e_cl.grad, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(c.grad, c_t.grad, atol=1e-6, rtol=1e-6)
+    _assert_same_results(backend, (e, c, t), (e_cl, c_t, t), grads_of=((e, e_cl), (c, c_t)))
     assert e_cl.grad.is_contiguous(memory_format=torch.channels_last)
 
 
@@ -127,13 +133,7 @@ def test_sliced_embedding(backend):
     c = _inputs(1, 24, 1, 1, 5, 1.0, seed=1)[1]
     view = e.detach()[:, ::2, 1:, ::3].requires_grad_(True)  # (2, 24, 5, 4), no dense layout
     same = view.detach().contiguous().requires_grad_(True)
-    a = snl_kernels.cram(view, c, t, backend=backend)
-    b = snl_kernels.cram(same, c, t, backend=backend)
-    for x, y in zip(a, b, strict=True):
-        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-6)
-    sum(x.sum() for x in a).backward()
-    sum(x.sum() for x in b).backward()
-    torch.testing.assert_close(view.grad, same.grad, atol=1e-6, rtol=1e-6)
+    _assert_same_results(backend, (view, c, t), (same, c, t), grads_of=((view, same),))
 
 
 @pytest.mark.parametrize("backend", kernel_backends())
