@@ -1,8 +1,8 @@
 """The CUDA kernels on the CPU emulation (tests/cuda_emulation), against the float64 reference.
 
 No GPU or CUDA toolkit needed, only g++ (the tests skip without it). The kernels' source
-(csrc/*_kernels.cuh) and the launch sequences the extension runs (csrc/affinity_launch.cuh)
-are compiled for the CPU; the same run is ``python -m tests.cuda_emulation``.
+(csrc/*_kernels.cuh; affinity and cosine distances so far) and the launch sequences the
+extension runs are compiled for the CPU; the same run is ``python -m tests.cuda_emulation``.
 """
 
 from __future__ import annotations
@@ -28,6 +28,18 @@ def test_affinity_kernels_match_reference(affinity_results, case):
     result = affinity_results[case]
     assert result.failures() == []
     assert result.grad_errs, "no gradient was compared"
+
+
+@pytest.fixture(scope="module")
+def cosine_results():
+    return {r.case: r for r in emulation.run_cosine(emulation.COSINE_CASES)}
+
+
+@pytest.mark.parametrize("case", [c.name for c in emulation.COSINE_CASES])
+def test_cosine_distance_kernels_match_reference(cosine_results, case):
+    result = cosine_results[case]
+    assert result.failures() == []
+    assert {"pixel", "channel", "sample", "grad_student"} <= set(result.errors)
 
 
 def test_comparison_catches_a_perturbed_result(affinity_results):

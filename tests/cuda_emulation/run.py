@@ -1,11 +1,14 @@
 """CPU emulation of the CUDA kernels, checked against the float64 reference.
 
-Builds each driver (``tests/cuda_emulation/<op>.cpp``: the kernels of ``csrc/<op>_kernels.cuh``
-run by the launch sequences the extension runs, on the emulation of
-``include/cuda_emulation.h``) with g++, runs it on small cases and compares every output with
-``snl_kernels.reference`` in float64: the loss to ``LOSS_RTOL`` (relative) and each gradient to
-``GRAD_RTOL`` (norm of the difference over the norm of the reference, plus an absolute floor),
-the bar of tests/test_affinity.py. No GPU, no CUDA toolkit, no extension build needed::
+Builds each driver (``tests/cuda_emulation/<op>.cpp``: the kernels of ``csrc/*_kernels.cuh``
+run by the launches the extension makes, on the emulation of ``include/cuda_emulation.h``)
+with g++, runs it on small cases and compares every output with ``snl_kernels.reference`` in
+float64. Affinity: the loss to ``LOSS_RTOL`` (relative) and each gradient to ``GRAD_RTOL``
+(norm of the difference over the norm of the reference, plus an absolute floor), the bar of
+tests/test_affinity.py; the launch sequences are csrc/affinity_launch.cuh's, shared with the
+extension. Cosine distances: each output elementwise, each gradient norm-wise; the driver
+repeats csrc/cosine_distances.cu's launches. No driver yet for CRAM and the anomaly map.
+No GPU, no CUDA toolkit, no extension build needed::
 
     python -m tests.cuda_emulation            # all cases; exit status 1 if any fails
     python -m tests.cuda_emulation -k gram    # cases whose name contains "gram"
@@ -59,7 +62,8 @@ def compile_flags() -> list[str]:
     # scalar sum that follows, and which ones are depends on how g++ sees the loop; scalar
     # code contracts every a * b + c, as nvcc does, so a refactor keeps the emulated bits.
     flags = ["-std=c++17", "-O2", "-ffp-contract=fast", "-fno-tree-vectorize", "-Wall",
-             "-Wextra", "-Werror", "-Wno-unknown-pragmas", "-Wno-unused-function"]
+             "-Wextra", "-Werror", "-Wno-unknown-pragmas", "-Wno-unused-function",
+             "-Wno-sign-compare"]
     if platform.machine() in ("x86_64", "AMD64") and _cpu_has_fma():
         flags.append("-mfma")
     return [*flags, f"-I{HERE / 'include'}", f"-I{HERE}", f"-I{CSRC}"]
@@ -251,6 +255,10 @@ class Result:
     grad_errs: dict  # input name -> relative (norm-wise) error
     outputs: dict  # name -> float32 tensor, as the driver returned it
 
+    def summary(self) -> str:
+        grads = " ".join(f"{n}={e / max(b, 1e-30):.1e}" for n, (e, b) in self.grad_errs.items())
+        return f"loss {self.loss_err:.1e}  grads {grads}"
+
     def failures(self, loss_rtol: float = LOSS_RTOL, grad_rtol: float = GRAD_RTOL) -> list[str]:
         bad = []
         if not self.loss_err <= loss_rtol:  # also catches NaN
@@ -299,10 +307,99 @@ def run_affinity(cases: Iterable[AffinityCase], grad_loss: float = 0.75) -> list
     return results
 
 
+# --------------------------------------------------------------------------- cosine distances
+
+COS_ATOL, COS_RTOL = 2e-5, 1e-5  # forward, elementwise (tests/support.py's oracle bar)
+COS_GRAD_RTOL = 1e-4  # gradients, norm-wise
+
+
+@dataclasses.dataclass(frozen=True)
+class CosineCase:
+    """Pixel, channel and sample cosine distances of (B, C, H, W) features and their
+    gradients for random upstream gradients."""
+
+    name: str
+    shape: tuple
+    channels_last: bool = False
+    zero_vectors: bool = False  # a zero pixel and a zero channel (clamped norms)
+    teacher_grad: bool = True
+    seed: int = 0
+
+
+COSINE_CASES = [
+    CosineCase("cosine", (2, 20, 5, 7)),
+    CosineCase("cosine-channels-last", (2, 40, 3, 6), channels_last=True, teacher_grad=False),
+    CosineCase("cosine-zero-vectors", (2, 9, 4, 4), zero_vectors=True),
+    CosineCase("cosine-many-pixels", (1, 12, 24, 30)),  # several pixels per lane
+]
+
+
+@dataclasses.dataclass
+class CosineResult:
+    case: str
+    errors: dict  # name -> (error, allowed)
+    outputs: dict
+
+    def summary(self) -> str:
+        return "  ".join(f"{n} {e / max(a, 1e-30):.1e}" for n, (e, a) in self.errors.items()) + (
+            "  (error / allowed)")
+
+    def failures(self) -> list[str]:
+        return [f"{n} err {e:.2e} > {a:.2e}" for n, (e, a) in self.errors.items() if not e <= a]
+
+
+def cosine_inputs(case: CosineCase):
+    t, s = _pair(case.shape, 0.7, case.seed, case.channels_last)
+    if case.zero_vectors:
+        t[0, :, 0, 0] = 0
+        s[-1, 1] = 0
+    B, C, H, W = case.shape
+    g = torch.Generator().manual_seed(case.seed + 7)
+    grads = [torch.randn(shape, generator=g) for shape in ((B, H, W), (B, C), (B,))]
+    return [t, s], grads
+
+
+def run_cosine(cases: Iterable[CosineCase]) -> list[CosineResult]:
+    from snl_kernels import reference
+
+    cases = list(cases)
+    if not cases:
+        return []
+    exe = build("cosine_distances")
+    records, inputs = [], []
+    for case in cases:
+        xs, grads = cosine_inputs(case)
+        inputs.append((xs, grads))
+        strides, storages = zip(*(_storage(x) for x in xs), strict=True)
+        records.append(([*case.shape, *strides[0], *strides[1], int(case.teacher_grad)],
+                        [*storages, *grads]))
+    results = []
+    for case, (xs, grads), flat in zip(cases, inputs, run_driver(exe, records), strict=True):
+        B, C, H, W = case.shape
+        x64 = [x.double().requires_grad_(True) for x in xs]
+        ref = reference.cosine_distances(*x64)
+        ref_grads = torch.autograd.grad(
+            sum((r * g.double()).sum() for r, g in zip(ref, grads, strict=True)), x64)
+        sizes = {"pixel": B * H * W, "channel": B * C, "sample": B, "grad_student": xs[1].numel(),
+                 "grad_teacher": xs[0].numel() if case.teacher_grad else 0}
+        outputs = dict(zip(sizes, flat.split(list(sizes.values())), strict=True))
+        errors = {}
+        for name, r in zip(("pixel", "channel", "sample"), ref, strict=True):
+            err = (outputs[name].double() - r.detach().reshape(-1)).abs()
+            allowed = COS_ATOL + COS_RTOL * r.detach().reshape(-1).abs()
+            errors[name] = ((err / allowed).max().item(), 1.0)  # worst share of the allowance
+        for name, r in (("grad_student", ref_grads[1]), ("grad_teacher", ref_grads[0])):
+            if outputs[name].numel():
+                diff = outputs[name].double() - r.contiguous().reshape(-1)
+                errors[name] = (diff.norm().item(), COS_GRAD_RTOL * r.norm().item() + 1e-6)
+        results.append(CosineResult(case.name, errors, outputs))
+    return results
+
+
 # --------------------------------------------------------------------------- command line
 
 
-def _compare_bits(results: list[Result], saved: dict) -> int:
+def _compare_bits(results: list, saved: dict) -> int:
     """Print which outputs differ in any bit from a saved run; the number of cases that do."""
     differ = 0
     for r in results:
@@ -328,20 +425,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if compiler() is None:
         print("no C++ compiler (g++ or $CXX): cannot build the emulation", file=sys.stderr)
         return 2
-    results = run_affinity(c for c in AFFINITY_CASES if args.k in c.name)
+    results = [*run_affinity(c for c in AFFINITY_CASES if args.k in c.name),
+               *run_cosine(c for c in COSINE_CASES if args.k in c.name)]
     failed = 0
     for r in results:
         bad = r.failures()
         failed += bool(bad)
-        grads = " ".join(f"{n}={e / max(b, 1e-30):.1e}" for n, (e, b) in r.grad_errs.items())
-        print(f"{'FAIL' if bad else 'ok  '} {r.case:34s} loss {r.loss_err:.1e}  grads {grads}"
+        print(f"{'FAIL' if bad else 'ok  '} {r.case:34s} {r.summary()}"
               + (f"  <- {'; '.join(bad)}" if bad else ""))
     if args.save:
         torch.save({r.case: r.outputs for r in results}, args.save)
     if args.compare:
         failed += _compare_bits(results, torch.load(args.compare))
-    print(f"{len(results) - failed} of {len(results)} cases within the bar "
-          f"(loss {LOSS_RTOL:.0e}, gradients {GRAD_RTOL:.0e} against float64)")
+    print(f"{len(results) - failed} of {len(results)} cases within the bar against float64 "
+          f"(affinity: loss {LOSS_RTOL:.0e}, gradients {GRAD_RTOL:.0e}; cosine distances: "
+          f"{COS_ATOL:.0e} + {COS_RTOL:.0e} |x|, gradients {COS_GRAD_RTOL:.0e})")
     return 1 if failed or not results else 0
 
 
