@@ -47,6 +47,16 @@ inline void check_nonempty(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.numel() > 0, name, " must not be empty, got shape ", x.sizes());
 }
 
+// A small fp32 operand (saved statistics, upstream gradients) on ref's device with the given
+// shape, made contiguous: upstream gradients of a mean arrive expanded, with zero strides.
+inline at::Tensor checked_fp32(const at::Tensor& x, const char* name, at::IntArrayRef shape,
+                               const at::Tensor& ref, const char* ref_name) {
+  check_same_device(x, name, ref, ref_name);
+  check_dtype(x, name, at::kFloat);
+  check_shape(x, name, shape);
+  return x.contiguous();
+}
+
 }  // namespace snl
 
 #define CHECK_CUDA(x) ::snl::check_cuda(x, #x)

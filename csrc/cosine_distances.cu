@@ -21,16 +21,6 @@ namespace {
 
 // ---- Host side: checks, launches, registration ----
 
-// The small fp32 operands of the backward, made contiguous: upstream grads of a mean arrive
-// expanded, with zero strides.
-at::Tensor checked_fp32(const at::Tensor& x, const char* name, at::IntArrayRef shape,
-                        const at::Tensor& teacher) {
-  check_same_device(x, name, teacher, "teacher");
-  check_dtype(x, name, at::kFloat);
-  check_shape(x, name, shape);
-  return x.contiguous();
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cosine_distances_fwd_cuda(
     const at::Tensor& teacher, const at::Tensor& student) {
   check_features(teacher, student);
@@ -91,12 +81,16 @@ std::tuple<at::Tensor, at::Tensor> cosine_distances_bwd_cuda(
   const at::cuda::CUDAGuard device_guard(teacher.device());
   const int64_t B = teacher.size(0), C = teacher.size(1), H = teacher.size(2), W = teacher.size(3);
   const int64_t N = H * W;
-  const at::Tensor pixel_stats_c = checked_fp32(pixel_stats, "pixel_stats", {B, 3, N}, teacher);
+  const at::Tensor pixel_stats_c =
+      checked_fp32(pixel_stats, "pixel_stats", {B, 3, N}, teacher, "teacher");
   const at::Tensor channel_stats_c =
-      checked_fp32(channel_stats, "channel_stats", {B, 3, C}, teacher);
-  const at::Tensor grad_pixel_c = checked_fp32(grad_pixel, "grad_pixel", {B, H, W}, teacher);
-  const at::Tensor grad_channel_c = checked_fp32(grad_channel, "grad_channel", {B, C}, teacher);
-  const at::Tensor grad_sample_c = checked_fp32(grad_sample, "grad_sample", {B}, teacher);
+      checked_fp32(channel_stats, "channel_stats", {B, 3, C}, teacher, "teacher");
+  const at::Tensor grad_pixel_c =
+      checked_fp32(grad_pixel, "grad_pixel", {B, H, W}, teacher, "teacher");
+  const at::Tensor grad_channel_c =
+      checked_fp32(grad_channel, "grad_channel", {B, C}, teacher, "teacher");
+  const at::Tensor grad_sample_c =
+      checked_fp32(grad_sample, "grad_sample", {B}, teacher, "teacher");
 
   // Same strides as the inputs (empty_like preserves a dense layout such as channels_last).
   at::Tensor grad_student = at::empty_like(student);

@@ -61,15 +61,6 @@ void check_inputs(const at::Tensor& embedding, const at::Tensor& centers,
               log_tau.scalar_type());
 }
 
-// The small fp32 operands of the backward, made contiguous (upstream grads may be expanded).
-at::Tensor checked_fp32(const at::Tensor& x, const char* name, at::IntArrayRef shape,
-                        const at::Tensor& embedding) {
-  check_same_device(x, name, embedding, "embedding");
-  check_dtype(x, name, at::kFloat);
-  check_shape(x, name, shape);
-  return x.contiguous();
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cram_fwd_cuda(
     const at::Tensor& embedding, const at::Tensor& centers, const at::Tensor& log_tau) {
   check_inputs(embedding, centers, log_tau);
@@ -119,15 +110,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cram_bwd_cuda(
   const int64_t B = embedding.size(0), D = embedding.size(1), H = embedding.size(2),
                 W = embedding.size(3);
   const int64_t N = H * W, P = B * N, K = centers.size(0);
-  const at::Tensor assign_c = checked_fp32(assign, "assign", {B, K, H, W}, embedding);
-  const at::Tensor dist_c = checked_fp32(dist, "dist", {P, K}, embedding);
+  const at::Tensor assign_c = checked_fp32(assign, "assign", {B, K, H, W}, embedding, "embedding");
+  const at::Tensor dist_c = checked_fp32(dist, "dist", {P, K}, embedding, "embedding");
   // grad_central is read through its strides (expanded or channels_last as it comes).
   CHECK_SAME_DEVICE(grad_central, embedding);
   CHECK_DTYPE(grad_central, at::kFloat);
   CHECK_SHAPE(grad_central, embedding.sizes());
   const at::Tensor grad_assign_c =
-      checked_fp32(grad_assign, "grad_assign", {B, K, H, W}, embedding);
-  const at::Tensor grad_compact_c = checked_fp32(grad_compact, "grad_compact", {B, H, W}, embedding);
+      checked_fp32(grad_assign, "grad_assign", {B, K, H, W}, embedding, "embedding");
+  const at::Tensor grad_compact_c =
+      checked_fp32(grad_compact, "grad_compact", {B, H, W}, embedding, "embedding");
   const at::Tensor centers_f32 = centers.to(at::kFloat).contiguous();
   const at::Tensor log_tau_f32 = log_tau.to(at::kFloat).reshape({1}).contiguous();
 
