@@ -63,10 +63,10 @@ void intra_forward(const Launch& launch, const IntraPlan& plan, const Feature<sc
   for (int64_t b0 = 0; b0 < B; b0 += kMaxGridY) {
     const int64_t gx = n_tiles * n_tiles, gy = std::min(B - b0, kMaxGridY);
     if (plan.gram && plan.mma) {
-      launch(intra_gram_fwd_mma_kernel<scalar_t>, gx, gy, t, s, inv_norm, b0, C, N, n_tiles,
+      launch(intra_gram_fwd_kernel<true, scalar_t>, gx, gy, t, s, inv_norm, b0, C, N, n_tiles,
              partials);
     } else if (plan.gram) {
-      launch(intra_gram_fwd_kernel<scalar_t>, gx, gy, t, s, inv_norm, b0, C, N, n_tiles,
+      launch(intra_gram_fwd_kernel<false, scalar_t>, gx, gy, t, s, inv_norm, b0, C, N, n_tiles,
              partials);
     } else if (plan.l1) {
       launch(intra_tiled_fwd_kernel<scalar_t, true, false>, gx, gy, t, s, inv_norm, b0, C, N,

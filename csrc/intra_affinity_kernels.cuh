@@ -116,81 +116,134 @@ __device__ __forceinline__ void store_gram_operands(
   }
 }
 
-// Gram path, forward (l2, C < N). Tile (I, J) of the C x C Grams of one sample, accumulated over
-// pixels: ||Delta||^2 = <G_SS + G_TT, G_DD> + 2 <G_SD, G_DT>. Only tiles I <= J run: G_SS, G_TT
-// and G_DD are symmetric, so an off-diagonal tile counts twice in the first sum; the second is
-// not symmetric tile by tile, so the tile also forms the mirror's G_SD[J, I] = G_DS[I, J] and
-// G_DT[J, I] = G_TD[I, J].
-template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) intra_gram_fwd_kernel(
-    Feature<scalar_t> teacher, Feature<scalar_t> student, const float* __restrict__ inv_norm,
-    int64_t b0, int64_t C, int64_t N, int64_t n_tiles, float* __restrict__ partials) {
-  // [operand: S, T, D][side: rows I, cols J][pixel][channel]
-  __shared__ float tile[3][2][kChunk][kTilePad];
-  const int64_t b = b0 + blockIdx.y;
-  const int64_t tI = blockIdx.x / n_tiles, tJ = blockIdx.x % n_tiles;
-  float* partial = partials + b * n_tiles * n_tiles + blockIdx.x;
-  if (tI > tJ) {
-    if (threadIdx.x == 0) *partial = 0.0f;
-    return;
-  }
-  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+// The seven Gram blocks of tile (I, J) of the Gram path's forward: G_SS, G_TT, G_DD, G_SD, G_DT
+// and, off the diagonal (mirror), G_DS and G_TD, accumulated over the kChunk pixels stored in
+// tile[S, T, D][side: rows I, cols J][pixel][channel] by add_chunk, which loads each operand
+// once for all seven products (registers for FMA, fragments for WMMA).
+template <bool kMma>
+struct GramTile {
+  TileAcc<kMma> ss, tt, dd, sd, dt, ds, td;
 
-  const bool mirror = tI < tJ;
-  float ss[kSub][kSub] = {}, tt[kSub][kSub] = {}, dd[kSub][kSub] = {};
-  float sd[kSub][kSub] = {}, dt[kSub][kSub] = {}, ds[kSub][kSub] = {}, td[kSub][kSub] = {};
-  for (int64_t n0 = 0; n0 < N; n0 += kChunk) {
-    store_gram_operands<false>(teacher, student, inv_norm, b, n0, tI, tJ, C, N, tile);
-    __syncthreads();
-#pragma unroll 4
-    for (int k = 0; k < kChunk; ++k) {
-      float as[kSub], at_[kSub], ad[kSub], bs[kSub], bt[kSub], bd[kSub];
+  __device__ __forceinline__ void add_chunk(const float (*tile)[2][kChunk][kRowOf<kMma>],
+                                            bool mirror);
+
+  // This tile's share of <G_SS + G_TT, G_DD> + 2 <G_SD, G_DT>, elementwise (entries outside
+  // C x C are sums of zeros: no mask needed).
+  __device__ __forceinline__ float loss_part(bool mirror) {
+    const float weight = mirror ? 2.0f : 1.0f;
+    float v = 0.0f;
 #pragma unroll
-      for (int i = 0; i < kSub; ++i) {
-        as[i] = tile[kS][0][k][ty + 16 * i];
-        at_[i] = tile[kT][0][k][ty + 16 * i];
-        ad[i] = tile[kD][0][k][ty + 16 * i];
-        bs[i] = tile[kS][1][k][tx + 16 * i];
-        bt[i] = tile[kT][1][k][tx + 16 * i];
-        bd[i] = tile[kD][1][k][tx + 16 * i];
+    for (int e = 0; e < TileAcc<kMma>::kElems; ++e) {
+      v += weight * (ss.elem(e) + tt.elem(e)) * dd.elem(e) +
+           2.0f * (sd.elem(e) * dt.elem(e) + ds.elem(e) * td.elem(e));
+    }
+    return v;
+  }
+};
+
+template <>
+__device__ __forceinline__ void GramTile<false>::add_chunk(
+    const float (*tile)[2][kChunk][kTilePad], bool mirror) {
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll 4
+  for (int k = 0; k < kChunk; ++k) {
+    float as[kSub], at_[kSub], ad[kSub], bs[kSub], bt[kSub], bd[kSub];
+#pragma unroll
+    for (int i = 0; i < kSub; ++i) {
+      as[i] = tile[kS][0][k][ty + 16 * i];
+      at_[i] = tile[kT][0][k][ty + 16 * i];
+      ad[i] = tile[kD][0][k][ty + 16 * i];
+      bs[i] = tile[kS][1][k][tx + 16 * i];
+      bt[i] = tile[kT][1][k][tx + 16 * i];
+      bd[i] = tile[kD][1][k][tx + 16 * i];
+    }
+#pragma unroll
+    for (int i = 0; i < kSub; ++i) {
+#pragma unroll
+      for (int j = 0; j < kSub; ++j) {
+        ss.v[i][j] += as[i] * bs[j];
+        tt.v[i][j] += at_[i] * bt[j];
+        dd.v[i][j] += ad[i] * bd[j];
+        sd.v[i][j] += as[i] * bd[j];
+        dt.v[i][j] += ad[i] * bt[j];
       }
+    }
+    if (mirror) {
 #pragma unroll
       for (int i = 0; i < kSub; ++i) {
 #pragma unroll
         for (int j = 0; j < kSub; ++j) {
-          ss[i][j] += as[i] * bs[j];
-          tt[i][j] += at_[i] * bt[j];
-          dd[i][j] += ad[i] * bd[j];
-          sd[i][j] += as[i] * bd[j];
-          dt[i][j] += ad[i] * bt[j];
+          ds.v[i][j] += ad[i] * bs[j];
+          td.v[i][j] += at_[i] * bd[j];
         }
       }
+    }
+  }
+}
+
+#if SNL_TF32_MMA
+template <>
+__device__ __forceinline__ void GramTile<true>::add_chunk(
+    const float (*tile)[2][kChunk][kMmaRow], bool mirror) {
+  const int row = warp_row(), col = warp_col();
+#pragma unroll
+  for (int k = 0; k < kChunk; k += kMmaK) {
+    FragA as, at_, ad;
+    wmma::load_matrix_sync(as, &tile[kS][0][k][row], kMmaRow);
+    wmma::load_matrix_sync(at_, &tile[kT][0][k][row], kMmaRow);
+    wmma::load_matrix_sync(ad, &tile[kD][0][k][row], kMmaRow);
+#pragma unroll
+    for (int f = 0; f < 2; ++f) {
+      FragB bs, bt, bd;
+      wmma::load_matrix_sync(bs, &tile[kS][1][k][col + 16 * f], kMmaRow);
+      wmma::load_matrix_sync(bt, &tile[kT][1][k][col + 16 * f], kMmaRow);
+      wmma::load_matrix_sync(bd, &tile[kD][1][k][col + 16 * f], kMmaRow);
+      wmma::mma_sync(ss.f[f], as, bs, ss.f[f]);
+      wmma::mma_sync(tt.f[f], at_, bt, tt.f[f]);
+      wmma::mma_sync(dd.f[f], ad, bd, dd.f[f]);
+      wmma::mma_sync(sd.f[f], as, bd, sd.f[f]);
+      wmma::mma_sync(dt.f[f], ad, bt, dt.f[f]);
       if (mirror) {
-#pragma unroll
-        for (int i = 0; i < kSub; ++i) {
-#pragma unroll
-          for (int j = 0; j < kSub; ++j) {
-            ds[i][j] += ad[i] * bs[j];
-            td[i][j] += at_[i] * bd[j];
-          }
-        }
+        wmma::mma_sync(ds.f[f], ad, bs, ds.f[f]);
+        wmma::mma_sync(td.f[f], at_, bd, td.f[f]);
       }
     }
-    __syncthreads();
   }
-  // Entries outside C x C are sums of zeros: no mask needed.
-  const float weight = mirror ? 2.0f : 1.0f;
-  float v = 0.0f;
-#pragma unroll
-  for (int i = 0; i < kSub; ++i) {
-#pragma unroll
-    for (int j = 0; j < kSub; ++j) {
-      v += weight * (ss[i][j] + tt[i][j]) * dd[i][j] +
-           2.0f * (sd[i][j] * dt[i][j] + ds[i][j] * td[i][j]);
+}
+#endif  // SNL_TF32_MMA
+
+// Gram path, forward (l2, C < N). Tile (I, J) of the C x C Grams of one sample, accumulated over
+// pixels: ||Delta||^2 = <G_SS + G_TT, G_DD> + 2 <G_SD, G_DT>. Only tiles I <= J run: G_SS, G_TT
+// and G_DD are symmetric, so an off-diagonal tile counts twice in the first sum; the second is
+// not symmetric tile by tile, so the tile also forms the mirror's G_SD[J, I] = G_DS[I, J] and
+// G_DT[J, I] = G_TD[I, J]. kMma: the products on tensor cores.
+template <bool kMma, typename scalar_t>
+__global__ void __launch_bounds__(kThreads) intra_gram_fwd_kernel(
+    Feature<scalar_t> teacher, Feature<scalar_t> student, const float* __restrict__ inv_norm,
+    int64_t b0, int64_t C, int64_t N, int64_t n_tiles, float* __restrict__ partials) {
+  if constexpr (kMma && !kHasTf32Mma) {
+    __trap();  // launched only on sm_80 and newer
+  } else {
+    // [operand: S, T, D][side: rows I, cols J][pixel][channel]
+    __shared__ __align__(32) float tile[3][2][kChunk][kRowOf<kMma>];
+    const int64_t b = b0 + blockIdx.y;
+    const int64_t tI = blockIdx.x / n_tiles, tJ = blockIdx.x % n_tiles;
+    float* partial = partials + b * n_tiles * n_tiles + blockIdx.x;
+    if (tI > tJ) {
+      if (threadIdx.x == 0) *partial = 0.0f;
+      return;
     }
+    const bool mirror = tI < tJ;
+    GramTile<kMma> grams;
+    for (int64_t n0 = 0; n0 < N; n0 += kChunk) {
+      store_gram_operands<kMma>(teacher, student, inv_norm, b, n0, tI, tJ, C, N, tile);
+      __syncthreads();
+      grams.add_chunk(tile, mirror);
+      __syncthreads();
+    }
+    const float total = block_sum(grams.loss_part(mirror));
+    if (threadIdx.x == 0) *partial = total;
   }
-  const float total = block_sum(v);
-  if (threadIdx.x == 0) *partial = total;
 }
 
 // Gram path, backward step 1: stores pixels n0 .. n0 + kChunk of U = [X_S; X_T] rows u0 .. and
@@ -311,82 +364,6 @@ __global__ void __launch_bounds__(kThreads) intra_gram_dx_kernel(
                    }
                  });
   }
-}
-
-// ---- Gram path on tensor cores: the kernels above, products in TF32 WMMA ----
-
-// intra_gram_fwd_kernel's tile (I, J) on tensor cores: the same seven Gram blocks (the last two
-// only off the diagonal), each warp two fragments of each.
-template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) intra_gram_fwd_mma_kernel(
-    Feature<scalar_t> teacher, Feature<scalar_t> student, const float* __restrict__ inv_norm,
-    int64_t b0, int64_t C, int64_t N, int64_t n_tiles, float* __restrict__ partials) {
-#if SNL_TF32_MMA
-  // [operand: S, T, D][side: rows I, cols J][pixel][channel], tf32
-  __shared__ __align__(32) float tile[3][2][kChunk][kMmaRow];
-  const int64_t b = b0 + blockIdx.y;
-  const int64_t tI = blockIdx.x / n_tiles, tJ = blockIdx.x % n_tiles;
-  float* partial = partials + b * n_tiles * n_tiles + blockIdx.x;
-  if (tI > tJ) {
-    if (threadIdx.x == 0) *partial = 0.0f;
-    return;
-  }
-  const int row = warp_row(), col = warp_col();
-
-  const bool mirror = tI < tJ;
-  FragC ss[2], tt[2], dd[2], sd[2], dt[2], ds[2], td[2];
-  zero_fragments(ss);
-  zero_fragments(tt);
-  zero_fragments(dd);
-  zero_fragments(sd);
-  zero_fragments(dt);
-  zero_fragments(ds);
-  zero_fragments(td);
-  for (int64_t n0 = 0; n0 < N; n0 += kChunk) {
-    store_gram_operands<true>(teacher, student, inv_norm, b, n0, tI, tJ, C, N, tile);
-    __syncthreads();
-#pragma unroll
-    for (int k = 0; k < kChunk; k += kMmaK) {
-      FragA as, at_, ad;
-      wmma::load_matrix_sync(as, &tile[kS][0][k][row], kMmaRow);
-      wmma::load_matrix_sync(at_, &tile[kT][0][k][row], kMmaRow);
-      wmma::load_matrix_sync(ad, &tile[kD][0][k][row], kMmaRow);
-#pragma unroll
-      for (int f = 0; f < 2; ++f) {
-        FragB bs, bt, bd;
-        wmma::load_matrix_sync(bs, &tile[kS][1][k][col + 16 * f], kMmaRow);
-        wmma::load_matrix_sync(bt, &tile[kT][1][k][col + 16 * f], kMmaRow);
-        wmma::load_matrix_sync(bd, &tile[kD][1][k][col + 16 * f], kMmaRow);
-        wmma::mma_sync(ss[f], as, bs, ss[f]);
-        wmma::mma_sync(tt[f], at_, bt, tt[f]);
-        wmma::mma_sync(dd[f], ad, bd, dd[f]);
-        wmma::mma_sync(sd[f], as, bd, sd[f]);
-        wmma::mma_sync(dt[f], ad, bt, dt[f]);
-        if (mirror) {
-          wmma::mma_sync(ds[f], ad, bs, ds[f]);
-          wmma::mma_sync(td[f], at_, bd, td[f]);
-        }
-      }
-    }
-    __syncthreads();
-  }
-  // Elementwise over fragments of one type (the same element order); entries outside C x C
-  // are sums of zeros.
-  const float weight = mirror ? 2.0f : 1.0f;
-  float v = 0.0f;
-#pragma unroll
-  for (int f = 0; f < 2; ++f) {
-#pragma unroll
-    for (int e = 0; e < FragC::num_elements; ++e) {
-      v += weight * (ss[f].x[e] + tt[f].x[e]) * dd[f].x[e] +
-           2.0f * (sd[f].x[e] * dt[f].x[e] + ds[f].x[e] * td[f].x[e]);
-    }
-  }
-  const float total = block_sum(v);
-  if (threadIdx.x == 0) *partial = total;
-#else
-  __trap();  // launched only on sm_80 and newer (use_tensor_cores)
-#endif
 }
 
 // -Delta[row pixel][col pixel] of one sample over all C: X_S and D of the row pixel block times
