@@ -29,13 +29,6 @@ namespace {
 
 // ---- Host side: checks, launches, registration ----
 
-// Threads per centre group in centre_products: K rounded up to a power of two, at least a warp.
-int centre_group_size(int64_t K) {
-  int group = kWarpSize;
-  while (group < K) group *= 2;
-  return group;
-}
-
 void check_inputs(const at::Tensor& embedding, const at::Tensor& centers,
                   const at::Tensor& log_tau) {
   CHECK_CUDA(embedding);

@@ -132,6 +132,38 @@ __device__ __forceinline__ void load_centre_chunk(const float* __restrict__ src,
   }
 }
 
+// The start of a K-side block (kTile positions, one warp each): centre_products of the block's
+// positions, then this thread's warp: its position pos, lane, the row of its kMaxK products in
+// shared memory, tau = exp(log_tau) and the centre-major offset base of pos. false for a warp
+// past P (warp-uniform: it returns, and no barrier follows).
+struct KSideWarp {
+  int64_t pos;
+  int lane;
+  const float* row;
+  float tau;
+  int64_t base;
+};
+
+template <bool kSquared, typename scalar_t>
+__device__ __forceinline__ bool k_side_start(const scalar_t* __restrict__ x, const Strides4 st,
+                                             const float* __restrict__ centers,
+                                             const float* __restrict__ log_tau, int64_t P,
+                                             int64_t N, int64_t W, int64_t D, int K, int group_k,
+                                             KSideWarp& w) {
+  __shared__ __align__(16) float c_s[kChunk * kCenterStride];
+  __shared__ __align__(16) float x_s[kChunk * kTile];
+  const int64_t p0 = static_cast<int64_t>(blockIdx.x) * kTile;
+  centre_products<kSquared>(x, st, centers, p0, P, N, W, D, K, group_k, c_s, x_s);
+  const int warp = threadIdx.x / kWarpSize;
+  w.pos = p0 + warp;
+  w.lane = threadIdx.x % kWarpSize;
+  if (w.pos >= P) return false;
+  w.row = c_s + kTile * kThreads + warp * kMaxK;
+  w.tau = expf(log_tau[0]);
+  w.base = centre_major_offset(w.pos, N, K);
+  return true;
+}
+
 // Forward, K-side: distances, softmax over K, compactness. Block = kTile positions.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) cram_fwd_assign_kernel(
@@ -139,17 +171,9 @@ __global__ void __launch_bounds__(kThreads) cram_fwd_assign_kernel(
     const float* __restrict__ log_tau, int64_t P, int64_t N, int64_t W, int64_t D, int K,
     int group_k, float* __restrict__ assign, float* __restrict__ compact,
     float* __restrict__ dist) {
-  __shared__ __align__(16) float c_s[kChunk * kCenterStride];
-  __shared__ __align__(16) float x_s[kChunk * kTile];
-  const int64_t p0 = static_cast<int64_t>(blockIdx.x) * kTile;
-  centre_products<true>(embedding, st_e, centers, p0, P, N, W, D, K, group_k, c_s, x_s);
-
-  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  const int64_t pos = p0 + warp;
-  if (pos >= P) return;  // warp-uniform; no barrier follows
-  const float* dist_s = c_s + kTile * kThreads + warp * kMaxK;
-  const float tau = expf(log_tau[0]);
-  const int64_t base = centre_major_offset(pos, N, K);
+  KSideWarp w;
+  if (!k_side_start<true>(embedding, st_e, centers, log_tau, P, N, W, D, K, group_k, w)) return;
+  const auto [pos, lane, dist_s, tau, base] = w;
 
   float dv[kKPerLane], ev[kKPerLane];
   float row_max = -INFINITY;
@@ -236,17 +260,11 @@ __global__ void __launch_bounds__(kThreads) cram_bwd_delta_kernel(
     const float* __restrict__ grad_compact, int64_t P, int64_t N, int64_t W, int64_t D, int K,
     int group_k, float* __restrict__ delta, float* __restrict__ delta_sum,
     float* __restrict__ log_tau_terms) {
-  __shared__ __align__(16) float c_s[kChunk * kCenterStride];
-  __shared__ __align__(16) float x_s[kChunk * kTile];
-  const int64_t p0 = static_cast<int64_t>(blockIdx.x) * kTile;
-  centre_products<false>(grad_central, st_g, centers, p0, P, N, W, D, K, group_k, c_s, x_s);
-
-  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  const int64_t pos = p0 + warp;
-  if (pos >= P) return;  // warp-uniform; no barrier follows
-  const float* gmc_s = c_s + kTile * kThreads + warp * kMaxK;
-  const float tau = expf(log_tau[0]);
-  const int64_t base = centre_major_offset(pos, N, K);
+  KSideWarp w;
+  if (!k_side_start<false>(grad_central, st_g, centers, log_tau, P, N, W, D, K, group_k, w)) {
+    return;
+  }
+  const auto [pos, lane, gmc_s, tau, base] = w;
   const float g_compact = grad_compact[pos];
 
   // Softmax backward is blind to a per-position shift of dL/da, and the log_tau term to a
@@ -407,6 +425,14 @@ __global__ void __launch_bounds__(kThreads) cram_bwd_log_tau_kernel(
     __syncthreads();
   }
   if (t == 0) grad_log_tau[0] = partial[0];
+}
+
+// Threads per centre group in centre_products (host side): K rounded up to a power of two, at
+// least a warp.
+inline int centre_group_size(int64_t K) {
+  int group = kWarpSize;
+  while (group < K) group *= 2;
+  return group;
 }
 
 }  // namespace

@@ -1,8 +1,9 @@
 """The CUDA kernels on the CPU emulation (tests/cuda_emulation), against the float64 reference.
 
 No GPU or CUDA toolkit needed, only g++ (the tests skip without it). The kernels' source
-(csrc/*_kernels.cuh; affinity and cosine distances so far) and the launch sequences the
-extension runs are compiled for the CPU; the same run is ``python -m tests.cuda_emulation``.
+(csrc/*_kernels.cuh: affinity, cosine distances and CRAM; not yet the anomaly map) and the
+launches the extension makes are compiled for the CPU; the same run is
+``python -m tests.cuda_emulation``.
 """
 
 from __future__ import annotations
@@ -40,6 +41,13 @@ def test_cosine_distance_kernels_match_reference(cosine_results, case):
     result = cosine_results[case]
     assert result.failures() == []
     assert {"pixel", "channel", "sample", "grad_student"} <= set(result.errors)
+
+
+@pytest.mark.parametrize("case", [c.name for c in emulation.CRAM_CASES])
+def test_cram_kernels_match_reference(case):
+    (result,) = emulation.run_cram([c for c in emulation.CRAM_CASES if c.name == case])
+    assert result.failures() == []
+    assert {"central", "assign", "grad_embedding", "grad_log_tau"} <= set(result.errors)
 
 
 def test_comparison_catches_a_perturbed_result(affinity_results):

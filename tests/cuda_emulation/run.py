@@ -7,7 +7,7 @@ float64. Affinity: the loss to ``LOSS_RTOL`` (relative) and each gradient to ``G
 (norm of the difference over the norm of the reference, plus an absolute floor), the bar of
 tests/test_affinity.py; the launch sequences are csrc/affinity_launch.cuh's, shared with the
 extension. Cosine distances: each output elementwise, each gradient norm-wise; the driver
-repeats csrc/cosine_distances.cu's launches. No driver yet for CRAM and the anomaly map.
+(and CRAM's) repeats the .cu file's launches. No driver yet for the anomaly map.
 No GPU, no CUDA toolkit, no extension build needed::
 
     python -m tests.cuda_emulation            # all cases; exit status 1 if any fails
@@ -335,7 +335,7 @@ COSINE_CASES = [
 
 
 @dataclasses.dataclass
-class CosineResult:
+class CosineResult:  # also CRAM's
     case: str
     errors: dict  # name -> (error, allowed)
     outputs: dict
@@ -396,6 +396,75 @@ def run_cosine(cases: Iterable[CosineCase]) -> list[CosineResult]:
     return results
 
 
+# --------------------------------------------------------------------------- CRAM
+
+CRAM_ATOL = 1e-5  # forward, elementwise, over max(|reference|, 1) (tests/test_cram.py's bar)
+CRAM_GRAD_RTOL = 1e-4  # gradients, norm-wise over max(|reference|, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class CramCase:
+    """CRAM of a (B, D, H, W) embedding with K centres at temperature exp(log_tau)."""
+
+    name: str
+    shape: tuple
+    K: int
+    log_tau: float
+    channels_last: bool = False
+    seed: int = 0
+
+
+CRAM_CASES = [
+    CramCase("cram-odd-sizes", (2, 40, 3, 5), 7, 1.0),
+    CramCase("cram-k-not-power-of-two", (1, 64, 4, 4), 33, 3.0),
+    CramCase("cram-channels-past-a-wide-block", (1, 129, 3, 3), 40, 1.0),
+    CramCase("cram-channels-last", (2, 24, 3, 11), 5, 1.5, channels_last=True),
+]
+
+
+def run_cram(cases: Iterable[CramCase]) -> list[CosineResult]:
+    from snl_kernels import reference
+
+    cases = list(cases)
+    if not cases:
+        return []
+    exe = build("cram")
+    records, inputs = [], []
+    for case in cases:
+        g = torch.Generator().manual_seed(case.seed)
+        B, D, H, W = case.shape
+        e = torch.randn(case.shape, generator=g)
+        if case.channels_last:
+            e = e.contiguous(memory_format=torch.channels_last)
+        c = torch.randn(case.K, D, generator=g)
+        t = torch.tensor([case.log_tau])
+        ups = [torch.randn(shape, generator=g)
+               for shape in ((B, D, H, W), (B, case.K, H, W), (B, H, W))]
+        inputs.append((e, c, t, ups))
+        strides, storage = _storage(e)
+        records.append(([*case.shape, case.K, *strides], [storage, c, t, *ups]))
+    results = []
+    for case, (e, c, t, ups), flat in zip(cases, inputs, run_driver(exe, records), strict=True):
+        x64 = [x.double().requires_grad_(True) for x in (e, c, t.reshape(()))]
+        ref = reference.cram(*x64)
+        ref_grads = torch.autograd.grad(
+            sum((r * u.double()).sum() for r, u in zip(ref, ups, strict=True)), x64)
+        names = ["central", "assign", "compact", "grad_embedding", "grad_centers", "grad_log_tau"]
+        sizes = [r.numel() for r in ref] + [x.numel() for x in x64]
+        outputs = dict(zip(names, flat.split(sizes), strict=True))
+        errors = {}
+        for name, r in zip(names, [*ref, *ref_grads], strict=True):
+            r = r.detach().contiguous().reshape(-1)
+            scale = max(r.abs().max().item(), 1.0)
+            diff = outputs[name].double() - r
+            if name.startswith("grad"):
+                errors[name] = (diff.norm().item(), CRAM_GRAD_RTOL * max(r.norm().item(), 1.0))
+            else:
+                errors[name] = (diff.abs().max().item() / scale, CRAM_ATOL)
+        results.append(CosineResult(case.name, errors, outputs))
+    return results
+
+
 # --------------------------------------------------------------------------- command line
 
 
@@ -426,7 +495,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("no C++ compiler (g++ or $CXX): cannot build the emulation", file=sys.stderr)
         return 2
     results = [*run_affinity(c for c in AFFINITY_CASES if args.k in c.name),
-               *run_cosine(c for c in COSINE_CASES if args.k in c.name)]
+               *run_cosine(c for c in COSINE_CASES if args.k in c.name),
+               *run_cram(c for c in CRAM_CASES if args.k in c.name)]
     failed = 0
     for r in results:
         bad = r.failures()
@@ -439,7 +509,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         failed += _compare_bits(results, torch.load(args.compare))
     print(f"{len(results) - failed} of {len(results)} cases within the bar against float64 "
           f"(affinity: loss {LOSS_RTOL:.0e}, gradients {GRAD_RTOL:.0e}; cosine distances: "
-          f"{COS_ATOL:.0e} + {COS_RTOL:.0e} |x|, gradients {COS_GRAD_RTOL:.0e})")
+          f"{COS_ATOL:.0e} + {COS_RTOL:.0e} |x|, gradients {COS_GRAD_RTOL:.0e}; CRAM: "
+          f"{CRAM_ATOL:.0e}, gradients {CRAM_GRAD_RTOL:.0e})")
     return 1 if failed or not results else 0
 
 

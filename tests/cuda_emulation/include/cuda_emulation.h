@@ -234,6 +234,16 @@ T __shfl_xor_sync(unsigned mask, T value, int lane_mask, int width = 32) {
   return out;
 }
 
+// CUDA's integer min and max (device functions in the global namespace).
+template <typename T>
+inline T min(T a, T b) {
+  return b < a ? b : a;
+}
+template <typename T>
+inline T max(T a, T b) {
+  return a < b ? b : a;
+}
+
 struct alignas(16) float4 {
   float x, y, z, w;
 };
