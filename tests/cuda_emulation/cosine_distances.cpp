@@ -75,18 +75,9 @@ std::vector<float> run(emu::IntReader& in, emu::FloatReader& data) {
               teacher_grad ? grad_t.data() : nullptr, grad_s.data(),
               teacher_grad ? st_out : snl::Strides4{0, 0, 0, 0}, st_out);
 
-  std::vector<float> out;
-  for (const auto* v : {&pixel, &channel, &sample, &grad_s, &grad_t}) {
-    out.insert(out.end(), v->begin(), v->end());
-  }
-  return out;
+  return emu::concat({&pixel, &channel, &sample, &grad_s, &grad_t});
 }
 
 }  // namespace
 
-int main() {
-  return emu::serve([](emu::IntReader& in, emu::FloatReader& data, std::vector<float>& out) {
-    out = run(in, data);
-    return true;
-  });
-}
+int main() { return emu::serve_all(run); }

@@ -70,19 +70,10 @@ std::vector<float> run(emu::IntReader& in, emu::FloatReader& data) {
   emu::launch(dim3(1), dim3(snl::kThreads), snl::cram_bwd_log_tau_kernel,
               static_cast<const float*>(log_tau_terms.data()), P, grad_log_tau.data());
 
-  std::vector<float> out;
-  for (const auto* v : {&central, &assign, &compact, &grad_embedding, &grad_centers,
-                        &grad_log_tau}) {
-    out.insert(out.end(), v->begin(), v->end());
-  }
-  return out;
+  return emu::concat(
+      {&central, &assign, &compact, &grad_embedding, &grad_centers, &grad_log_tau});
 }
 
 }  // namespace
 
-int main() {
-  return emu::serve([](emu::IntReader& in, emu::FloatReader& data, std::vector<float>& out) {
-    out = run(in, data);
-    return true;
-  });
-}
+int main() { return emu::serve_all(run); }

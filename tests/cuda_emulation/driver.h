@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <initializer_list>
 #include <vector>
 
 namespace emu {
@@ -83,6 +84,22 @@ int serve(Handler handle) {
     write_record(out);
   }
   return 0;
+}
+
+// The outputs of a case, one after another.
+inline std::vector<float> concat(std::initializer_list<const std::vector<float>*> parts) {
+  std::vector<float> out;
+  for (const auto* v : parts) out.insert(out.end(), v->begin(), v->end());
+  return out;
+}
+
+// serve() for a driver with one kind of case: out = run(ints, floats).
+template <typename Run>
+int serve_all(Run run) {
+  return serve([&](IntReader& in, FloatReader& data, std::vector<float>& out) {
+    out = run(in, data);
+    return true;
+  });
 }
 
 }  // namespace emu
