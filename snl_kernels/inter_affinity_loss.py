@@ -143,11 +143,8 @@ def inter_affinity_loss(teacher_a: Tensor, teacher_b: Tensor, student_a: Tensor,
     """``mean (G_T - G_S)^2`` ("l2") or ``mean |G_T - G_S|`` ("l1"), ``G = P^ Q^^T``.
 
     Args:
-        teacher_a: (B, C_a, H_a, W_a) teacher features of the finer level.
-        teacher_b: (B, C_b, H_b, W_b) teacher features of the coarser level.
-        student_a: student features matching ``teacher_a``.
-        student_b: student features matching ``teacher_b``.
-        distance: "l2" or "l1".
+        teacher_a, teacher_b, student_a, student_b, distance: as
+            ``snl_kernels.reference.inter_affinity_loss`` (levels a finer than b).
         backend: "torch", "triton", "cuda" or None (``SNL_BACKEND``, then automatic).
 
     Returns:
