@@ -110,3 +110,18 @@ def assert_matches_oracle(actual, oracle, lowp=None, atol=2e-5, rtol=1e-5):
     assert err <= 2 * ref_err + atol, (
         f"max error {err:.3g} > 2 x reference's own low-precision error {ref_err:.3g} + {atol:g}"
     )
+
+
+def assert_fullgraph_compile_matches_eager(loss, teachers, students):
+    """``torch.compile(loss, fullgraph=True)`` gives eager's loss and student gradients
+    (students require grad; teachers do not)."""
+    got = torch.compile(loss, fullgraph=True)(teachers, students)
+    got.backward()
+    grads = [s.grad.clone() for s in students]
+    for s in students:
+        s.grad = None
+    want = loss(teachers, students)
+    want.backward()
+    torch.testing.assert_close(got, want)
+    for a, s in zip(grads, students, strict=True):
+        torch.testing.assert_close(a, s.grad)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from support import (
     DTYPES,
+    assert_fullgraph_compile_matches_eager,
     assert_matches_oracle,
     features,
     kernel_backends,
@@ -217,15 +218,5 @@ def test_compiles_fullgraph_on_gpu(backend):
     pairs = [features(sh, seed=k) for k, sh in enumerate(shapes)]
     students = [p[1].requires_grad_(True) for p in pairs]
     teachers = [p[0] for p in pairs]
-    compiled = torch.compile(loss, fullgraph=True)
-    got = compiled(teachers, students)
-    got.backward()
-    grads = [s.grad.clone() for s in students]
-    for s in students:
-        s.grad = None
-    want = loss(teachers, students)
-    want.backward()
-    torch.testing.assert_close(got, want)
-    for a, s in zip(grads, students, strict=True):
-        torch.testing.assert_close(a, s.grad)
+    assert_fullgraph_compile_matches_eager(loss, teachers, students)
 
