@@ -40,7 +40,8 @@ def _inter_pairs(inter):
 def _snl_terms(cosines, intra, inter):
     def run(teachers, students, distance, **kwargs):
         sc = cosines(teachers, students, **kwargs)
-        return (sc.channel + sc.spatial + _intra_all(intra)(teachers, students, distance, **kwargs)
+        return (sc.pixel_mean + sc.channel_mean
+                + _intra_all(intra)(teachers, students, distance, **kwargs)
                 + _inter_pairs(inter)(teachers, students, distance, **kwargs))
 
     return run

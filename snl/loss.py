@@ -68,15 +68,13 @@ def snl_loss(teachers: Sequence[Tensor], students: Sequence[Tensor], compact: Te
     terms: dict[str, Tensor] = {}
     weighted: list[Tensor] = []
     if w.w_ch or w.w_sp:
-        # SpatialChannelLoss names its fields by term too: .channel = sum_k mean(pixel_k),
-        # .spatial = sum_k mean(channel_k).
         mean_distances = snl_kernels.spatial_channel_loss(teachers, students, backend=backend)
         if w.w_ch:
-            terms["channel"] = mean_distances.channel
-            weighted.append(w.w_ch * mean_distances.channel)
+            terms["channel"] = mean_distances.pixel_mean
+            weighted.append(w.w_ch * mean_distances.pixel_mean)
         if w.w_sp:
-            terms["spatial"] = mean_distances.spatial
-            weighted.append(w.w_sp * mean_distances.spatial)
+            terms["spatial"] = mean_distances.channel_mean
+            weighted.append(w.w_sp * mean_distances.channel_mean)
     if w.w_intra:
         terms["intra"] = torch.stack([
             snl_kernels.intra_affinity_loss(t, s, intra_distance, backend=backend)
@@ -102,5 +100,5 @@ def snl_loss(teachers: Sequence[Tensor], students: Sequence[Tensor], compact: Te
 def rd_loss(teachers: Sequence[Tensor], students: Sequence[Tensor],
             backend: str | None = None) -> dict[str, Tensor]:
     """RD4AD's loss ``sum_k mean(sample_k)`` as ``{"rd": ..., "total": ...}``."""
-    rd = snl_kernels.spatial_channel_loss(teachers, students, backend=backend).rd
+    rd = snl_kernels.spatial_channel_loss(teachers, students, backend=backend).sample_mean
     return {"rd": rd, "total": rd}

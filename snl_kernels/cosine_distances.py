@@ -167,8 +167,9 @@ def spatial_channel_loss(
 ) -> SpatialChannelLoss:
     """Spatial-channel distillation terms summed over levels.
 
-    ``channel = sum_k mean(pixel_k)`` (L_ch), ``spatial = sum_k mean(channel_k)`` (L_sp),
-    ``rd = sum_k mean(sample_k)`` (RD4AD's loss), one fused launch pair per level.
+    ``pixel_mean = sum_k mean(pixel_k)`` (L_ch), ``channel_mean = sum_k mean(channel_k)``
+    (L_sp), ``sample_mean = sum_k mean(sample_k)`` (RD4AD's loss), one fused launch pair per
+    level.
 
     Args:
         teachers: per-level (B, C_k, H_k, W_k) teacher features.
@@ -176,12 +177,12 @@ def spatial_channel_loss(
         backend: as for :func:`cosine_distances`.
 
     Returns:
-        ``SpatialChannelLoss(channel, spatial, rd)``, 0-dim tensors.
+        ``SpatialChannelLoss(pixel_mean, channel_mean, sample_mean)``, 0-dim tensors.
     """
     checks.check_levels("spatial_channel_loss", teachers, students)
     terms = [cosine_distances(t, s, backend) for t, s in zip(teachers, students, strict=True)]
     return SpatialChannelLoss(
-        channel=torch.stack([d.pixel.mean() for d in terms]).sum(),
-        spatial=torch.stack([d.channel.mean() for d in terms]).sum(),
-        rd=torch.stack([d.sample.mean() for d in terms]).sum(),
+        pixel_mean=torch.stack([d.pixel.mean() for d in terms]).sum(),
+        channel_mean=torch.stack([d.channel.mean() for d in terms]).sum(),
+        sample_mean=torch.stack([d.sample.mean() for d in terms]).sum(),
     )

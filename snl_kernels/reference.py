@@ -69,11 +69,12 @@ class CosineDistances(NamedTuple):
 
 
 class SpatialChannelLoss(NamedTuple):
-    """Spatial-channel distillation terms summed over levels (0-dim tensors)."""
+    """Spatial-channel distillation terms summed over levels (0-dim tensors), each named for
+    the distances it averages (the fields of :class:`CosineDistances`)."""
 
-    channel: Tensor  #: sum_k mean(pixel_k), "L_ch"
-    spatial: Tensor  #: sum_k mean(channel_k), "L_sp"
-    rd: Tensor  #: sum_k mean(sample_k), RD4AD's loss
+    pixel_mean: Tensor  #: sum_k mean(pixel_k): channel distillation, "L_ch"
+    channel_mean: Tensor  #: sum_k mean(channel_k): spatial distillation, "L_sp"
+    sample_mean: Tensor  #: sum_k mean(sample_k): RD4AD's loss
 
 
 class CramOutput(NamedTuple):
@@ -141,14 +142,14 @@ def spatial_channel_loss(
         students: per-level student features, matching ``teachers``.
 
     Returns:
-        ``SpatialChannelLoss(channel, spatial, rd)``, each a 0-dim tensor.
+        ``SpatialChannelLoss(pixel_mean, channel_mean, sample_mean)``, each a 0-dim tensor.
     """
     checks.check_levels("spatial_channel_loss", teachers, students)
     terms = [cosine_distances(t, s) for t, s in zip(teachers, students, strict=True)]
     return SpatialChannelLoss(
-        channel=sum(d.pixel.mean() for d in terms),  # type: ignore[arg-type]
-        spatial=sum(d.channel.mean() for d in terms),  # type: ignore[arg-type]
-        rd=sum(d.sample.mean() for d in terms),  # type: ignore[arg-type]
+        pixel_mean=sum(d.pixel.mean() for d in terms),  # type: ignore[arg-type]
+        channel_mean=sum(d.channel.mean() for d in terms),  # type: ignore[arg-type]
+        sample_mean=sum(d.sample.mean() for d in terms),  # type: ignore[arg-type]
     )
 
 

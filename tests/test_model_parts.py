@@ -74,7 +74,7 @@ def test_fused_false_runs_the_reference_whatever_snl_backend_says(monkeypatch):
     teachers, students = levels()
     out = snl_loss(teachers, students, None, LossWeights(), backend=op_backend(False))
     sc = reference.spatial_channel_loss(teachers, students)
-    assert torch.equal(out["channel"], sc.channel)
+    assert torch.equal(out["channel"], sc.pixel_mean)
     with pytest.raises(ValueError, match=r"SNL_BACKEND must be one of .* 'no_such_backend'"):
         snl_loss(teachers, students, None, LossWeights(), backend=op_backend(True))
 
@@ -134,13 +134,13 @@ def test_snl_loss_is_the_sum_of_the_ops():
     inter = (reference.inter_affinity_loss(teachers[0], teachers[1], students[0], students[1])
              + reference.inter_affinity_loss(teachers[1], teachers[2], students[1],
                                              students[2]))
-    expected = dict(channel=sc.channel, spatial=sc.spatial, intra=intra, inter=inter,
+    expected = dict(channel=sc.pixel_mean, spatial=sc.channel_mean, intra=intra, inter=inter,
                     compact=torch.tensor(3.0))
     for k, v in expected.items():
         torch.testing.assert_close(out[k], v, msg=k)
-    total = sc.channel + 2 * sc.spatial + 3 * intra + 4 * inter + 0.5 * 3.0
+    total = sc.pixel_mean + 2 * sc.channel_mean + 3 * intra + 4 * inter + 0.5 * 3.0
     torch.testing.assert_close(out["total"], total)
-    assert rd_loss(teachers, students, backend="torch")["total"] == sc.rd
+    assert rd_loss(teachers, students, backend="torch")["total"] == sc.sample_mean
 
 
 def test_zero_weights_switch_terms_off():

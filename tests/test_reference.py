@@ -196,9 +196,9 @@ def test_spatial_channel_loss_fields_are_not_swapped():
     assert pixel.abs().max() < 1e-12
     assert channel.mean() > 0.1
     assert abs(channel.mean() - sample.mean()) > 1e-3
-    torch.testing.assert_close(got.channel, pixel.mean(), **TOL[F64])
-    torch.testing.assert_close(got.spatial, channel.mean(), **TOL[F64])
-    torch.testing.assert_close(got.rd, sample.mean(), **TOL[F64])
+    torch.testing.assert_close(got.pixel_mean, pixel.mean(), **TOL[F64])
+    torch.testing.assert_close(got.channel_mean, channel.mean(), **TOL[F64])
+    torch.testing.assert_close(got.sample_mean, sample.mean(), **TOL[F64])
 
 
 def test_cosine_distances_clamp_each_norm_separately():
