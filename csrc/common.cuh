@@ -8,7 +8,7 @@
 
 namespace snl {
 
-// Norm clamp of every cosine and normalisation (SPEC §1).
+// Norm clamp of every cosine and normalisation (DESIGN §1).
 constexpr float kEps = 1e-8f;
 constexpr int kWarpSize = 32;
 

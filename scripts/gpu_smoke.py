@@ -70,7 +70,7 @@ TARGET_MS = {
     "anomaly_map": 0.1,
 }
 TARGET_TEXT = {"cram": ">= 3x torch.compile"}
-# torch.compile of the reference, measured on an H200 at the GPU shapes (SPEC anchors in
+# torch.compile of the reference, measured on an H200 at the GPU shapes (anchors in
 # BENCHMARKS.md): used for the ratio to compile when the round has no time to measure it.
 COMPILE_ANCHOR_MS = {
     "cosine_distances": 1.95,

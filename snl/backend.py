@@ -13,7 +13,7 @@ reasons, as the library does for any explicit request; leave ``SNL_BACKEND`` uns
 
 Under ``torch.autocast`` the ops run with autocast switched off (:func:`full_precision`):
 they take the low-precision features as they are and accumulate in fp32 themselves, as
-SPEC §2 requires; left on, autocast would recast the reference's matmuls, convs and
+DESIGN §2 requires; left on, autocast would recast the reference's matmuls, convs and
 interpolations to bf16/fp16 (CRAM's ``|e|^2 - 2 e.c + |c|^2`` would cancel in bf16).
 """
 

@@ -1,4 +1,4 @@
-"""CRAM, central residual aggregation (SPEC §2.4), as a module of the student.
+"""CRAM, central residual aggregation (DESIGN §2.4), as a module of the student.
 
 The embedding ``e_i`` (D channels at each of the h x w positions) is softly assigned to K
 learned centres ``c_k`` at the learned temperature ``tau = exp(log_tau)``:

@@ -1,8 +1,8 @@
-"""SNL's and RD4AD's training losses (SPEC §3), from teacher and student levels.
+"""SNL's and RD4AD's training losses (DESIGN §3), from teacher and student levels.
 
 SNL: ``L = w_ch sum_k L_ch^k + w_sp sum_k L_sp^k + w_intra sum_k L_intra^k
 + w_inter sum_{(1,2),(2,3)} L_inter + w_c L_c`` with ``L_ch = mean(pixel)``,
-``L_sp = mean(channel)`` (SPEC §2.1), the affinity losses of §2.2 and §2.3 and CRAM's
+``L_sp = mean(channel)`` (DESIGN §2.1), the affinity losses of §2.2 and §2.3 and CRAM's
 compactness ``L_c = mean(compact)`` (§2.4). A weight of 0 switches its term off: it is
 neither computed nor reported. RD4AD: ``L = sum_k L_rd^k``, ``L_rd = mean(sample)``, the
 flattened per-sample cosine distance.

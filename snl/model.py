@@ -1,4 +1,4 @@
-"""SNL: a frozen teacher, RD4AD's bottleneck, CRAM and a student decoder (SPEC §3).
+"""SNL: a frozen teacher, RD4AD's bottleneck, CRAM and a student decoder (DESIGN §3).
 
 ::
 
@@ -189,7 +189,7 @@ class SNL(nn.Module):
         return Features(teachers, self.decoder(embedding), cram_out)
 
     def loss(self, images: Tensor) -> dict[str, Tensor]:
-        """Every loss term and ``total`` (SPEC §3) on a batch.
+        """Every loss term and ``total`` (DESIGN §3) on a batch.
 
         Args:
             images: (B, 3, H, W) normalised images, H and W multiples of 32.

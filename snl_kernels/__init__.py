@@ -3,7 +3,7 @@
 Public ops, each with a ``backend=`` argument ("torch", "triton", "cuda" or None for
 automatic; see :mod:`snl_kernels.dispatch`):
 
-- :func:`cosine_distances`, :func:`spatial_channel_loss` (SPEC §2.1)
+- :func:`cosine_distances`, :func:`spatial_channel_loss` (DESIGN §2.1)
 - :func:`intra_affinity_loss` (§2.2), :func:`inter_affinity_loss` (§2.3)
 - :func:`cram` (§2.4)
 - :func:`anomaly_map` (§2.5)

@@ -1,4 +1,4 @@
-"""Anomaly map (SPEC §2.5): per-level distances, upsampling, sum, blur and image score.
+"""Anomaly map (DESIGN §2.5): per-level distances, upsampling, sum, blur and image score.
 
 Math. Per level k, ``m_k = 1 - cos over C`` of teacher and student, (B, H_k, W_k). Bilinear
 upsampling with ``align_corners=True`` to (H, W) acts on each axis separately as a matrix:

@@ -1,4 +1,4 @@
-"""Spatial-channel cosine distances in one read of the features (SPEC §2.1).
+"""Spatial-channel cosine distances in one read of the features (DESIGN §2.1).
 
 Forward. For teacher T and student S of shape (B, C, H, W), N = H * W, three sums of
 products are formed over three index sets:

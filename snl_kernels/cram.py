@@ -1,4 +1,4 @@
-"""Central residual aggregation (SPEC §2.4): soft assignment of positions to centres.
+"""Central residual aggregation (DESIGN §2.4): soft assignment of positions to centres.
 
 Forward. For each position i of the embedding E (B, D, h, w), e_i in R^D, centres C (K, D)
 and temperature ``tau = exp(log_tau)``:

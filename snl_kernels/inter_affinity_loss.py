@@ -1,4 +1,4 @@
-"""Inter-affinity distillation loss (SPEC §2.3): cross-level channel affinities.
+"""Inter-affinity distillation loss (DESIGN §2.3): cross-level channel affinities.
 
 Math. For a finer level a and a coarser level b: ``P = adaptive_avg_pool(F_a to F_b's
 H, W)`` (C_a x N_b), ``Q = F_b`` (C_b x N_b); each channel's row is normalised,

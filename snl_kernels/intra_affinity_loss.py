@@ -1,4 +1,4 @@
-"""Intra-affinity distillation loss (SPEC §2.2) without N x N matrices in memory.
+"""Intra-affinity distillation loss (DESIGN §2.2) without N x N matrices in memory.
 
 Math. Per sample, X = F / max(|F|_C, eps) per pixel (C x N), A = X^T X (N x N), Delta =
 A_T - A_S, M = B N^2; the loss is ``sum ||Delta||^2 / M`` ("l2") or ``sum |Delta| / M``

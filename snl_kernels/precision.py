@@ -10,8 +10,7 @@ Precision of the products, asked (``requested``): ``SNL_DOT_PRECISION`` (read at
 if set, else chosen by ``dot_precision``:
 
 - "tf32": one tensor-core product, operands rounded to nearest tf32; for l2 from
-  ``TF32_MIN_ROWS`` rows of Delta (loss error ~1e-5..6e-5, gradient ~3e-4..6e-4 against
-  float64; below that the loss error reaches 1e-4, see BENCHMARKS.md, Accuracy);
+  ``TF32_MIN_ROWS`` rows of Delta (the measured errors: BENCHMARKS.md, Accuracy);
 - "tf32x3": three tf32 products (about fp32); for l1, whose gradient sign(Delta) flips where
   rounding moves a small Delta across zero, and for small l2;
 - "ieee": full fp32 products on the CUDA cores.
@@ -37,9 +36,9 @@ import torch
 
 ENV_VAR = "SNL_DOT_PRECISION"
 PRECISIONS = ("ieee", "tf32x3", "tf32")
-# Fewest rows (and columns) of Delta for which one tf32 product keeps the l2 bar: the loss's
-# rounding errors average over the N^2 entries; below 256 the relative loss error of single
-# tf32 products reaches 1e-4 (BENCHMARKS.md, Accuracy).
+# Fewest rows (and columns) of Delta for which one tf32 product keeps the l2 loss bar: the
+# loss's rounding errors average over the N^2 entries, so fewer rows mean larger errors
+# (BENCHMARKS.md, Accuracy).
 TF32_MIN_ROWS = 256
 # Precisions each kernel backend implements, by product ("intra-l2", "intra-l1", "inter").
 BACKEND_PRECISIONS = {

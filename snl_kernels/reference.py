@@ -6,7 +6,7 @@ not speed: nothing is fused, and the affinity losses materialise their N x N and
 C_a x C_b matrices, as a user would write them.
 
 The SNL paper (Deng & Li, arXiv 2402.17091) does not publish its full equations. The
-formulation below is the one fixed by this project's specification (``SPEC.md``), close
+formulation below is the one fixed by this project's specification (``docs/DESIGN.md``), close
 to the paper's abstract and to RD4AD's code.
 
 Conventions:

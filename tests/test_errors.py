@@ -175,7 +175,7 @@ class TestCram:
 
 
 def test_reference_ignores_autocast():
-    """Under autocast the reference still computes in float32 (SPEC §2: fp32 accumulation)."""
+    """Under autocast the reference still computes in float32 (DESIGN §2: fp32 accumulation)."""
     t, s = _pair((2, 8, 6, 6))
     want = reference.intra_affinity_loss(t, s)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -171,7 +171,7 @@ def test_losses_fused_equal_reference(monkeypatch):
 
 
 def test_autocast_leaves_the_ops_in_fp32():
-    """bf16 features go in as they are; the ops accumulate in fp32 as in SPEC §2."""
+    """bf16 features go in as they are; the ops accumulate in fp32 as in DESIGN §2."""
     teachers, students = levels(size=64, dtype=torch.bfloat16)
     expected = snl_loss([t.float() for t in teachers], [s.float() for s in students], None,
                         LossWeights(), backend="torch")

@@ -1,4 +1,4 @@
-"""Tie every op of ``snl_kernels.reference`` to an independent textbook form (SPEC.md §2).
+"""Tie every op of ``snl_kernels.reference`` to an independent textbook form (DESIGN §2).
 
 The textbook forms below are written from the spec alone, in float64, as plainly as possible:
 ``F.cosine_similarity``, N x N and C_a x C_b matrices materialised in full, a Python loop over
@@ -28,7 +28,7 @@ TOL = {
     torch.float64: {"atol": 1e-12, "rtol": 1e-10},
     torch.float32: {"atol": 1e-5, "rtol": 1e-4},
 }
-# Low-precision inputs are upcast exactly and accumulated in fp32 (SPEC §2): against the float64
+# Low-precision inputs are upcast exactly and accumulated in fp32 (DESIGN §2): against the float64
 # reference of the same upcast values only fp32 rounding remains.
 LOW_PRECISION_TOL = {"atol": 1e-5, "rtol": 1e-4}
 
@@ -309,7 +309,7 @@ NEAR_SHAPES = [
 @pytest.mark.parametrize("distance", DISTANCES)
 @pytest.mark.parametrize("shape", NEAR_SHAPES)
 def test_intra_affinity_loss_student_near_teacher_does_not_cancel(shape, distance):
-    # SPEC §2.2: the naive Gram identity ||X_T X_T^T||^2 - 2||X_T X_S^T||^2 + ||X_S X_S^T||^2
+    # DESIGN §2.2: the naive Gram identity ||X_T X_T^T||^2 - 2||X_T X_S^T||^2 + ||X_S X_S^T||^2
     # cancels badly when student ~ teacher (up to 5% error in fp32); the reference must not.
     teacher = randn(*shape, seed=15)
     student = teacher * (1 + 0.01 * randn(*shape, seed=16))
@@ -549,7 +549,7 @@ def test_gradcheck_cosine_distances():
     "output", [pytest.param(i, id=n) for i, n in enumerate(("pixel", "channel", "sample"))]
 )
 def test_gradcheck_cosine_distances_single_output(output):
-    # Upstream gradient on one output only (the others get none): SPEC §2.1 "any subset".
+    # Upstream gradient on one output only (the others get none): DESIGN §2.1 "any subset".
     teacher, student = _leaf(2, 3, 4, 4, seed=83), _leaf(2, 3, 4, 4, seed=84)
     assert torch.autograd.gradcheck(
         lambda t, s: reference.cosine_distances(t, s)[output], (teacher, student)

@@ -114,8 +114,8 @@ def _dot(a, b, acc, PRECISION: tl.constexpr):
     """acc + a @ b from fp32 tiles at PRECISION (``snl_kernels/precision.py``).
 
     "tf32": one tensor-core product of the operands rounded to nearest. Tensor cores read
-    only the top 19 bits of an fp32 register, i.e. truncate, a bias of about -3.5e-4 per
-    operand that shifts the l2 loss by 1.4e-3 (round to nearest: about 1e-5). "tf32x3":
+    only the top 19 bits of an fp32 register, i.e. truncate, a biased error that rounding to
+    nearest removes (both measured: BENCHMARKS.md, Accuracy). "tf32x3":
     each operand split into a rounded high part and a rounded remainder, three products
     (the low x low one is dropped), about fp32 accuracy. Both are written out here rather
     than left to ``input_precision`` so that the CPU interpreter (whose products are fp32
