@@ -277,6 +277,19 @@ __device__ __forceinline__ void chunk_fma(const float (*a)[kRowA], const float (
   }
 }
 
+// out(row0 + ty + 16 i, col0 + tx + 16 j, acc[i][j]) for each value of an fp32 register tile
+// laid out as chunk_fma's.
+template <int kI, typename Out>
+__device__ __forceinline__ void for_each_register(const float (&acc)[kI][kSub], int64_t row0,
+                                                  int64_t col0, Out out) {
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll
+  for (int i = 0; i < kI; ++i) {
+#pragma unroll
+    for (int j = 0; j < kSub; ++j) out(row0 + ty + 16 * i, col0 + tx + 16 * j, acc[i][j]);
+  }
+}
+
 // A kTile x kTile output tile accumulated from shared operand tiles, a[k][row] and b[k][column]
 // (add_chunk: A^T B over one kChunk) or the four Delta operands (add_delta_chunk), in fp32 FMA
 // registers (kMma = false: thread t holds rows t / 16 + 16 i, columns t % 16 + 16 j) or in
@@ -306,12 +319,7 @@ struct TileAcc<false> {
   template <typename Out>
   __device__ __forceinline__ void for_each(float* /*stage*/, int64_t row0, int64_t col0,
                                            Out out) const {
-    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-#pragma unroll
-    for (int i = 0; i < kSub; ++i) {
-#pragma unroll
-      for (int j = 0; j < kSub; ++j) out(row0 + ty + 16 * i, col0 + tx + 16 * j, v[i][j]);
-    }
+    for_each_register(v, row0, col0, out);
   }
 };
 

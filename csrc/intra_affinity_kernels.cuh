@@ -483,13 +483,7 @@ struct ChannelGradAcc<false> {
   template <typename Out>
   __device__ __forceinline__ void for_each(float* /*stage*/, int which, int64_t c_base,
                                            int64_t i0, Out out) const {
-    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-    const float(&acc)[kBwdSub][kSub] = which == 0 ? s : t;
-#pragma unroll
-    for (int i = 0; i < kBwdSub; ++i) {
-#pragma unroll
-      for (int j = 0; j < kSub; ++j) out(c_base + ty + 16 * i, i0 + tx + 16 * j, acc[i][j]);
-    }
+    for_each_register(which == 0 ? s : t, c_base, i0, out);
   }
 };
 
