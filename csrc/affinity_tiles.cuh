@@ -256,6 +256,17 @@ __device__ __forceinline__ void delta_chunk_mma(const float (*tile)[kChunk][kMma
 
 // ---- One output tile, in either kind of product ----
 
+// acc[i][j] += a[i] b[j]: one rank-1 update of an fp32 register tile.
+template <int kI>
+__device__ __forceinline__ void outer_fma(float (&acc)[kI][kSub], const float (&a)[kI],
+                                          const float (&b)[kSub]) {
+#pragma unroll
+  for (int i = 0; i < kI; ++i) {
+#pragma unroll
+    for (int j = 0; j < kSub; ++j) acc[i][j] += a[i] * b[j];
+  }
+}
+
 // acc[i][j] += a[k][ty + 16 i] b[k][tx + 16 j] over the kChunk rows k of shared tiles a and b:
 // the fp32 FMA register tile (ty = t / 16, tx = t % 16 for thread t).
 template <int kI, int kRowA, int kRowB>
@@ -269,11 +280,7 @@ __device__ __forceinline__ void chunk_fma(const float (*a)[kRowA], const float (
     for (int i = 0; i < kI; ++i) av[i] = a[k][ty + 16 * i];
 #pragma unroll
     for (int j = 0; j < kSub; ++j) bv[j] = b[k][tx + 16 * j];
-#pragma unroll
-    for (int i = 0; i < kI; ++i) {
-#pragma unroll
-      for (int j = 0; j < kSub; ++j) acc[i][j] += av[i] * bv[j];
-    }
+    outer_fma(acc, av, bv);
   }
 }
 

@@ -157,26 +157,14 @@ __device__ __forceinline__ void GramTile<false>::add_chunk(
       bt[i] = tile[kT][1][k][tx + 16 * i];
       bd[i] = tile[kD][1][k][tx + 16 * i];
     }
-#pragma unroll
-    for (int i = 0; i < kSub; ++i) {
-#pragma unroll
-      for (int j = 0; j < kSub; ++j) {
-        ss.v[i][j] += as[i] * bs[j];
-        tt.v[i][j] += at_[i] * bt[j];
-        dd.v[i][j] += ad[i] * bd[j];
-        sd.v[i][j] += as[i] * bd[j];
-        dt.v[i][j] += ad[i] * bt[j];
-      }
-    }
+    outer_fma(ss.v, as, bs);
+    outer_fma(tt.v, at_, bt);
+    outer_fma(dd.v, ad, bd);
+    outer_fma(sd.v, as, bd);
+    outer_fma(dt.v, ad, bt);
     if (mirror) {
-#pragma unroll
-      for (int i = 0; i < kSub; ++i) {
-#pragma unroll
-        for (int j = 0; j < kSub; ++j) {
-          ds.v[i][j] += ad[i] * bs[j];
-          td.v[i][j] += at_[i] * bd[j];
-        }
-      }
+      outer_fma(ds.v, ad, bs);
+      outer_fma(td.v, at_, bd);
     }
   }
 }
