@@ -254,6 +254,25 @@ __device__ __forceinline__ void delta_chunk_mma(const float (*tile)[kChunk][kMma
 }
 #endif  // SNL_TF32_MMA
 
+// The block's tile of a (rows x pixels) product out[bb, row, n] on the grid (row tiles x
+// n_pixel_tiles, samples): sample bb = blockIdx.y (b = b0 + bb), rows row0 .. + kTile - 1,
+// pixels n0 .. + kTile - 1; each thread loads the pixel operands of one pixel, n = n0 + p.
+struct RowPixelBlock {
+  int64_t bb, b, row0, n0;
+  int p;
+  int64_t n;
+  bool valid_n;
+
+  __device__ __forceinline__ RowPixelBlock(int64_t b0, int64_t n_pixel_tiles, int64_t N)
+      : bb(blockIdx.y),
+        b(b0 + bb),
+        row0((blockIdx.x / n_pixel_tiles) * kTile),
+        n0((blockIdx.x % n_pixel_tiles) * kTile),
+        p(threadIdx.x % kTile),
+        n(n0 + p),
+        valid_n(n < N) {}
+};
+
 // ---- One output tile, in either kind of product ----
 
 // acc[i][j] += a[i] b[j]: one rank-1 update of an fp32 register tile.

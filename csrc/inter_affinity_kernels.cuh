@@ -102,12 +102,8 @@ __global__ void __launch_bounds__(kThreads) inter_row_grad_kernel(
     int64_t n_pixel_tiles, float* out) {
   __shared__ float a_tile[kChunk][kTilePad];
   __shared__ float x_tile[kChunk][kTile];
-  const int64_t bb = blockIdx.y, b = b0 + bb;
-  const int64_t r0 = (blockIdx.x / n_pixel_tiles) * kTile;
-  const int64_t n0 = (blockIdx.x % n_pixel_tiles) * kTile;
-  const int p = threadIdx.x % kTile;
-  const int64_t n = n0 + p;
-  const bool valid_n = n < N;
+  const RowPixelBlock blk(b0, n_pixel_tiles, N);
+  const int64_t bb = blk.bb, b = blk.b;
   const float* a = grad + bb * a_sb;
   const float* rinv = inv_norm + b * K;
 
@@ -117,17 +113,17 @@ __global__ void __launch_bounds__(kThreads) inter_row_grad_kernel(
     for (int e = 0; e < kTile * kChunk / kThreads; ++e) {
       const int ka = threadIdx.x % kChunk;
       const int ri = threadIdx.x / kChunk + e * (kThreads / kChunk);
-      const int64_t r = r0 + ri, k = k0 + ka;
+      const int64_t r = blk.row0 + ri, k = k0 + ka;
       a_tile[ka][ri] = r < R && k < K ? a[r * a_sr + k * a_sk] : 0.0f;
       const int kx = threadIdx.x / kTile + e * (kThreads / kTile);
       const int64_t kxx = k0 + kx;
-      x_tile[kx][p] = valid_n && kxx < K ? src.value(b, kxx, n) * rinv[kxx] : 0.0f;
+      x_tile[kx][blk.p] = blk.valid_n && kxx < K ? src.value(b, kxx, blk.n) * rinv[kxx] : 0.0f;
     }
     __syncthreads();
     acc.add_chunk(a_tile, x_tile);
     __syncthreads();
   }
-  acc.for_each(nullptr, r0, n0, [&](int64_t r, int64_t nj, float value) {
+  acc.for_each(nullptr, blk.row0, blk.n0, [&](int64_t r, int64_t nj, float value) {
     if (r < R && nj < N) out[(bb * R + r) * N + nj] = sign * value;
   });
 }

@@ -307,17 +307,13 @@ __global__ void __launch_bounds__(kThreads) intra_gram_dx_kernel(
     __shared__ __align__(32) float k_tile[kChunk][kRowOf<kMma>];
     __shared__ __align__(32) float w_tile[kChunk][kMma ? kMmaRow : kTile];
     __shared__ __align__(32) float stage[kMma ? kWarps : 1][kMma ? 16 * 16 : 1];
-    const int64_t bb = blockIdx.y, b = b0 + bb;
-    const int64_t u0 = (blockIdx.x / n_pixel_tiles) * kTile;
-    const int64_t n0 = (blockIdx.x % n_pixel_tiles) * kTile;
+    const RowPixelBlock blk(b0, n_pixel_tiles, N);
+    const int64_t bb = blk.bb, b = blk.b;
     // W loads: a fixed pixel per thread, so its offsets and inverse norms are read once.
-    const int p = threadIdx.x % kTile;
-    const int64_t n = n0 + p;
-    const bool valid_n = n < N;
-    const int64_t off_t = valid_n ? teacher.pixel_offset(b, n) : 0;
-    const int64_t off_s = valid_n ? student.pixel_offset(b, n) : 0;
-    const float rt = valid_n ? inv_norm[b * 2 * N + n] : 0.0f;
-    const float rs = valid_n ? inv_norm[(b * 2 + 1) * N + n] : 0.0f;
+    const int64_t off_t = blk.valid_n ? teacher.pixel_offset(b, blk.n) : 0;
+    const int64_t off_s = blk.valid_n ? student.pixel_offset(b, blk.n) : 0;
+    const float rt = blk.valid_n ? inv_norm[b * 2 * N + blk.n] : 0.0f;
+    const float rs = blk.valid_n ? inv_norm[(b * 2 + 1) * N + blk.n] : 0.0f;
     const float* k_rows = K + bb * R * 2 * C;
 
     TileAcc<kMma> acc;
@@ -327,13 +323,13 @@ __global__ void __launch_bounds__(kThreads) intra_gram_dx_kernel(
         // K tile: consecutive threads read consecutive v.
         const int kv = threadIdx.x % kChunk;
         const int ui = threadIdx.x / kChunk + e * (kThreads / kChunk);
-        const int64_t u = u0 + ui, v = v0 + kv;
+        const int64_t u = blk.row0 + ui, v = v0 + kv;
         k_tile[kv][ui] = tf32_operand<kMma>(u < R && v < 2 * C ? k_rows[u * 2 * C + v] : 0.0f);
         // W tile: consecutive threads read consecutive pixels.
         const int wv = threadIdx.x / kTile + e * (kThreads / kTile);
         const int64_t vw = v0 + wv;
-        w_tile[wv][p] = tf32_operand<kMma>(
-            valid_n && vw < 2 * C
+        w_tile[wv][blk.p] = tf32_operand<kMma>(
+            blk.valid_n && vw < 2 * C
                 ? stacked_value(vw < C ? kD : kT, teacher, student, off_t, off_s, vw % C, rt, rs)
                 : 0.0f);
       }
@@ -342,7 +338,7 @@ __global__ void __launch_bounds__(kThreads) intra_gram_dx_kernel(
       __syncthreads();
     }
     const float coef = grad_loss[0] * scale;
-    acc.for_each(stage[kMma ? threadIdx.x / 32 : 0], u0, n0,
+    acc.for_each(stage[kMma ? threadIdx.x / 32 : 0], blk.row0, blk.n0,
                  [&](int64_t u, int64_t nj, float value) {
                    if (u >= R || nj >= N) return;
                    if (u < C) {
