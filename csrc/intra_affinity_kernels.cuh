@@ -200,6 +200,26 @@ __device__ __forceinline__ void GramTile<true>::add_chunk(
 }
 #endif  // SNL_TF32_MMA
 
+// The block's pair of kTile-pixel tiles (tI, tJ) of sample b = b0 + blockIdx.y on the grid
+// (n_tiles^2, samples) of the forward kernels, and its partial sum. A pair below the diagonal
+// is counted by its mirror: below_diagonal() zeroes its partial, and the block returns.
+struct TilePair {
+  int64_t b, tI, tJ;
+  float* partial;
+
+  __device__ __forceinline__ TilePair(int64_t b0, int64_t n_tiles, float* partials)
+      : b(b0 + blockIdx.y),
+        tI(blockIdx.x / n_tiles),
+        tJ(blockIdx.x % n_tiles),
+        partial(partials + b * n_tiles * n_tiles + blockIdx.x) {}
+
+  __device__ __forceinline__ bool below_diagonal() const {
+    if (tI <= tJ) return false;
+    if (threadIdx.x == 0) *partial = 0.0f;
+    return true;
+  }
+};
+
 // Gram path, forward (l2, C < N). Tile (I, J) of the C x C Grams of one sample, accumulated over
 // pixels: ||Delta||^2 = <G_SS + G_TT, G_DD> + 2 <G_SD, G_DT>. Only tiles I <= J run: G_SS, G_TT
 // and G_DD are symmetric, so an off-diagonal tile counts twice in the first sum; the second is
@@ -214,13 +234,9 @@ __global__ void __launch_bounds__(kThreads) intra_gram_fwd_kernel(
   } else {
     // [operand: S, T, D][side: rows I, cols J][pixel][channel]
     __shared__ __align__(32) float tile[3][2][kChunk][kRowOf<kMma>];
-    const int64_t b = b0 + blockIdx.y;
-    const int64_t tI = blockIdx.x / n_tiles, tJ = blockIdx.x % n_tiles;
-    float* partial = partials + b * n_tiles * n_tiles + blockIdx.x;
-    if (tI > tJ) {
-      if (threadIdx.x == 0) *partial = 0.0f;
-      return;
-    }
+    const TilePair pair(b0, n_tiles, partials);
+    if (pair.below_diagonal()) return;
+    const int64_t b = pair.b, tI = pair.tI, tJ = pair.tJ;
     const bool mirror = tI < tJ;
     GramTile<kMma> grams;
     for (int64_t n0 = 0; n0 < N; n0 += kChunk) {
@@ -230,7 +246,7 @@ __global__ void __launch_bounds__(kThreads) intra_gram_fwd_kernel(
       __syncthreads();
     }
     const float total = block_sum(grams.loss_part(mirror));
-    if (threadIdx.x == 0) *partial = total;
+    if (threadIdx.x == 0) *pair.partial = total;
   }
 }
 
@@ -397,13 +413,9 @@ __global__ void __launch_bounds__(kThreads) intra_tiled_fwd_kernel(
   } else {
     // [X_S rows I, D rows I, D cols J, X_T cols J][channel][pixel]
     __shared__ __align__(32) float tile[4][kChunk][kRowOf<kMma>];
-    const int64_t b = b0 + blockIdx.y;
-    const int64_t tI = blockIdx.x / n_tiles, tJ = blockIdx.x % n_tiles;
-    float* partial = partials + b * n_tiles * n_tiles + blockIdx.x;
-    if (tI > tJ) {
-      if (threadIdx.x == 0) *partial = 0.0f;
-      return;
-    }
+    const TilePair pair(b0, n_tiles, partials);
+    if (pair.below_diagonal()) return;
+    const int64_t b = pair.b, tI = pair.tI, tJ = pair.tJ;
     const int p = threadIdx.x % kTile;
     const PixelRef pi = pixel_ref(teacher, student, inv_norm, b, tI * kTile + p, N);
     const PixelRef pj = pixel_ref(teacher, student, inv_norm, b, tJ * kTile + p, N);
@@ -422,7 +434,7 @@ __global__ void __launch_bounds__(kThreads) intra_tiled_fwd_kernel(
       for (int e = 0; e < TileAcc<kMma>::kElems; ++e) v += delta_loss<false>(acc.elem(e));
     }
     const float total = block_sum(v);
-    if (threadIdx.x == 0) *partial = (tI == tJ ? 1.0f : 2.0f) * total;
+    if (threadIdx.x == 0) *pair.partial = (tI == tJ ? 1.0f : 2.0f) * total;
   }
 }
 
