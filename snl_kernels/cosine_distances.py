@@ -37,7 +37,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from . import _cuda, checks, dispatch, reference
+from . import checks, dispatch, reference
+from ._registration import register_kernel_ops
 from .reference import CosineDistances, SpatialChannelLoss
 
 OP = "cosine_distances"
@@ -117,21 +118,8 @@ def _make_backward(bwd_op):
     return backward
 
 
-def _register(fwd: str, bwd: str, bwd_op) -> None:
-    torch.library.register_fake(fwd)(_fake_fwd)
-    torch.library.register_fake(bwd)(_fake_bwd)
-    torch.library.register_autograd(fwd, _make_backward(bwd_op), setup_context=_setup_context)
-
-
-_register("snl_triton::cosine_distances_fwd", "snl_triton::cosine_distances_bwd", _triton_bwd)
-if _cuda.has_op("cosine_distances_fwd"):
-    _register("snl::cosine_distances_fwd", "snl::cosine_distances_bwd",
-              torch.ops.snl.cosine_distances_bwd.default)
-
-_FORWARD_OPS = {
-    "triton": lambda t, s: torch.ops.snl_triton.cosine_distances_fwd(t, s),
-    "cuda": lambda t, s: torch.ops.snl.cosine_distances_fwd(t, s),
-}
+_FORWARD_OPS = register_kernel_ops("cosine_distances_fwd", "cosine_distances_bwd", _triton_bwd,
+                                   _fake_fwd, _fake_bwd, _make_backward, _setup_context)
 
 
 def cosine_distances(

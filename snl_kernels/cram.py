@@ -29,7 +29,8 @@ implementations and registered autograd.
 import torch
 from torch import Tensor
 
-from . import _cuda, checks, dispatch, reference
+from . import checks, dispatch, reference
+from ._registration import register_kernel_ops
 from .reference import CramOutput
 
 OP = "cram"
@@ -100,20 +101,8 @@ def _make_backward(bwd_op):
     return backward
 
 
-def _register(fwd: str, bwd: str, bwd_op) -> None:
-    torch.library.register_fake(fwd)(_fake_fwd)
-    torch.library.register_fake(bwd)(_fake_bwd)
-    torch.library.register_autograd(fwd, _make_backward(bwd_op), setup_context=_setup_context)
-
-
-_register("snl_triton::cram_fwd", "snl_triton::cram_bwd", _triton_bwd)
-if _cuda.has_op("cram_fwd"):
-    _register("snl::cram_fwd", "snl::cram_bwd", torch.ops.snl.cram_bwd.default)
-
-_FORWARD_OPS = {
-    "triton": lambda e, c, t: torch.ops.snl_triton.cram_fwd(e, c, t),
-    "cuda": lambda e, c, t: torch.ops.snl.cram_fwd(e, c, t),
-}
+_FORWARD_OPS = register_kernel_ops("cram_fwd", "cram_bwd", _triton_bwd, _fake_fwd, _fake_bwd,
+                                   _make_backward, _setup_context)
 
 
 def cram(embedding: Tensor, centers: Tensor, log_tau: Tensor | float,

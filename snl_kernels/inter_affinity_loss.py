@@ -26,7 +26,8 @@ implementations and registered autograd.
 import torch
 from torch import Tensor
 
-from . import _cuda, checks, dispatch, precision, reference
+from . import checks, dispatch, precision, reference
+from ._registration import register_kernel_ops
 
 OP = "inter_affinity_loss"
 EPS = reference.EPS
@@ -123,18 +124,8 @@ def _make_backward(bwd_op):
     return backward
 
 
-def _register(fwd: str, bwd: str, bwd_op) -> None:
-    torch.library.register_fake(fwd)(_fake_fwd)
-    torch.library.register_fake(bwd)(_fake_bwd)
-    torch.library.register_autograd(fwd, _make_backward(bwd_op), setup_context=_setup_context)
-
-
-_register("snl_triton::inter_affinity_fwd", "snl_triton::inter_affinity_bwd", _triton_bwd)
-_FORWARD_OPS = {"triton": torch.ops.snl_triton.inter_affinity_fwd}
-if _cuda.has_op("inter_affinity_fwd"):
-    _register("snl::inter_affinity_fwd", "snl::inter_affinity_bwd",
-              torch.ops.snl.inter_affinity_bwd.default)
-    _FORWARD_OPS["cuda"] = torch.ops.snl.inter_affinity_fwd
+_FORWARD_OPS = register_kernel_ops("inter_affinity_fwd", "inter_affinity_bwd", _triton_bwd,
+                                   _fake_fwd, _fake_bwd, _make_backward, _setup_context)
 
 
 def inter_affinity_loss(teacher_a: Tensor, teacher_b: Tensor, student_a: Tensor,
