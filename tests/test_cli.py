@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from snl import checkpoint, cli
-from snl.data import make_default_dataset
+from snl.data import DEFECT_TYPES, PROBE_KINDS, make_default_dataset
 
 try:
     import timm  # noqa: F401
@@ -71,7 +71,7 @@ def test_train_writes_run_folder_and_resume_is_exact(data, tmp_path, monkeypatch
     _states_equal(full.state_dict(), resumed.state_dict())
 
 
-def test_eval_reproduces_and_predict_writes(data, tmp_path):
+def test_eval_reproduces_and_predict_writes(data, tmp_path, capsys):
     cli.train(_config(data, epochs=1), tmp_path / "run")
     ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
     assert cli.main(["eval", str(ckpt), "--data", str(data), "--out", str(tmp_path / "ev"),
@@ -79,6 +79,24 @@ def test_eval_reproduces_and_predict_writes(data, tmp_path):
     run_metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     eval_metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert eval_metrics == run_metrics
+    run_types = json.loads((tmp_path / "run" / "metrics_by_type.json").read_text())
+    assert set(run_types["brick"]) == set(DEFECT_TYPES)
+
+    assert cli.main(["eval", str(ckpt), "--data", str(data), "--out", str(tmp_path / "pr"),
+                     "--device", "cpu", "--probes", "mixup,cutpaste", "--probe-count", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "brick / mixup" in printed
+    assert "grass / cutpaste" in printed
+    assert json.loads((tmp_path / "pr" / "metrics.json").read_text()) == run_metrics
+    types = json.loads((tmp_path / "pr" / "metrics_by_type.json").read_text())
+    for name in ("brick", "grass", "mean"):
+        assert set(types[name]) == {*DEFECT_TYPES, *PROBE_KINDS}
+        for kind in DEFECT_TYPES:  # the real defect types are scored as without probes
+            assert types[name][kind] == run_types[name][kind]
+        assert 0.0 <= types[name]["mixup"]["aupro"] <= 1.0
+    assert len(list((tmp_path / "pr" / "probes" / "grass" / "test" / "cutpaste").glob("*"))) == 2
+    with pytest.raises(SystemExit, match="--probes 'blend'"):
+        cli.main(["eval", str(ckpt), "--data", str(data), "--probes", "blend"])
 
     images = sorted((data / "brick" / "test").glob("*/*.png"))[:2]
     assert cli.main(["predict", str(ckpt), *map(str, images), "--out", str(tmp_path / "pred"),

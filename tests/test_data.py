@@ -237,3 +237,61 @@ def test_folder_errors_name_the_file(tmp_path: Path, default_set: Path) -> None:
         train[0]
     with pytest.raises(data.DatasetError, match="cannot read image"):
         data.load_image(root / "bottle/train/good/readme.txt", 32, MEAN, STD)
+
+
+def test_probes_are_deterministic_masked_and_cross_class(default_set: Path,
+                                                          tmp_path: Path) -> None:
+    classes = ["brick", "tissue"]
+    out = data.make_probes(default_set, tmp_path / "p", classes, seed=5, size=64, count=3)
+    manifest = json.loads((out / "probes.json").read_text())
+    assert manifest["normal_images"]["brick"] == "test/good"  # never training images
+    again = data.make_probes(default_set, tmp_path / "q", classes, seed=5, size=64, count=3)
+    assert files_of(again) == files_of(out)
+    other = data.make_probes(default_set, tmp_path / "r", classes, seed=6, size=64, count=3)
+    assert files_of(other) != files_of(out)
+    for name in classes:
+        for kind in data.PROBE_KINDS:
+            images = sorted((out / name / "test" / kind).glob("*.png"))
+            assert len(images) == 3
+            for image in images:
+                rel = f"test/{kind}/{image.name}"
+                source = manifest["sources"][name][rel]
+                assert source["other_class"] != name
+                assert source["base"].startswith(f"{name}/test/good/")
+                assert source["other"].startswith(f"{source['other_class']}/test/good/")
+                pixels = read(image).astype(np.int16)
+                base = read(default_set / source["base"]).astype(np.int16)
+                lender = read(default_set / source["other"]).astype(np.int16)
+                mask = read(out / name / "ground_truth" / kind / image.name.replace(
+                    ".png", "_mask.png")) > 0
+                if kind == "mixup":
+                    assert mask.all()
+                    assert np.abs(pixels - (base + lender) / 2).max() <= 0.5
+                else:
+                    ty, tx, h, w = source["to_box"]
+                    sy, sx, _, _ = source["from_box"]
+                    expected = np.zeros_like(mask)
+                    expected[ty:ty + h, tx:tx + w] = True
+                    np.testing.assert_array_equal(mask, expected)
+                    np.testing.assert_array_equal(pixels[~mask], base[~mask])
+                    np.testing.assert_array_equal(pixels[mask],
+                                                  lender[sy:sy + h, sx:sx + w].reshape(-1, 3))
+                assert np.any(pixels != base)  # differs from the normal image it started from
+    probe_set = data.TestDataset(out, "brick", size=64, mean=MEAN, std=STD)
+    assert {s.defect for s in probe_set.samples} == set(data.PROBE_KINDS)
+    assert probe_set[0]["mask"].sum() > 0
+
+
+def test_probe_errors(default_set: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown probe 'blend'; known: mixup, cutpaste"):
+        data.parse_kinds("mixup,blend")
+    assert data.parse_kinds("") == []
+    assert data.parse_kinds("cutpaste, mixup") == ["cutpaste", "mixup"]
+    with pytest.raises(data.DatasetError, match="at least two classes"):
+        data.make_probes(default_set / "brick", tmp_path / "p", seed=0, size=32, count=1)
+    with pytest.raises(data.DatasetError, match="unknown class 'marble'"):
+        data.make_probes(default_set, tmp_path / "p", ["marble"], size=32, count=1)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("x")
+    with pytest.raises(data.DatasetError, match="is not a probe set made by snl"):
+        data.make_probes(default_set, tmp_path / "mine", size=32, count=1)

@@ -245,6 +245,33 @@ def test_evaluate_table() -> None:
     assert tuple(metrics.evaluate(scores, labels)) == metrics.METRICS[:2]
 
 
+def test_per_type_metrics_score_each_type_against_the_good_images() -> None:
+    from snl.cli.evaluation import per_type_metrics
+
+    rng = np.random.default_rng(7)
+    defects = ["good", "scratch", "good", "mixup", "scratch", "good", "mixup", "mixup"]
+    n = len(defects)
+    masks = np.zeros((n, 8, 8), dtype=np.uint8)
+    for i, d in enumerate(defects):
+        if d == "scratch":
+            masks[i, 2:4, 1:6] = 1
+        elif d == "mixup":
+            masks[i] = 1
+    maps = rng.random((n, 8, 8)).astype(np.float32) + masks * rng.random((n, 1, 1))
+    scores = maps.reshape(n, -1).max(1)
+    labels = np.array([d != "good" for d in defects], dtype=np.int64)
+    table = per_type_metrics(scores, labels, maps, masks, defects)
+    assert list(table) == ["scratch", "mixup"]
+    for kind in table:
+        pick = [i for i, d in enumerate(defects) if d in ("good", kind)]
+        assert table[kind] == metrics.evaluate(scores[pick], labels[pick], maps[pick],
+                                               masks[pick])
+    assert table["scratch"] != table["mixup"]
+    no_good = per_type_metrics(scores[[1, 4]], labels[[1, 4]], maps[[1, 4]], masks[[1, 4]],
+                               ["scratch", "scratch"])
+    assert all(np.isnan(v) for v in no_good["scratch"].values())
+
+
 def test_degenerate_and_bad_inputs_raise() -> None:
     maps = np.linspace(0, 1, 18).reshape(2, 3, 3)
     with pytest.raises(ValueError, match="all 3 are normal"):

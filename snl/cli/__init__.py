@@ -31,13 +31,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .. import distributed
-from .arguments import build_parser, train_config
-from .evaluation import evaluate
+from .arguments import build_parser, probe_kinds, train_config
+from .evaluation import evaluate, evaluate_all
 from .prediction import export_onnx, load_run, predict_files
 from .training import TrainConfig, build_model, resolve_data, train
 
-__all__ = ["TrainConfig", "build_model", "evaluate", "export_onnx", "load_run", "main",
-           "predict_files", "resolve_data", "train"]
+__all__ = ["TrainConfig", "build_model", "evaluate", "evaluate_all", "export_onnx", "load_run",
+           "main", "predict_files", "resolve_data", "train"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -69,8 +69,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         data = Path(args.data) if args.data else resolve_data(
             dataclasses.replace(config, data=None), world)
         out = Path(args.out) if args.out else Path(args.checkpoint).parent.parent / "eval"
-        table = evaluate(model, data, "all" if args.classes == "all" else args.classes.split(","),
-                         config.image_size, out, world, dataclasses.asdict(config))
+        probes = probe_kinds(args)
+        table = evaluate_all(model, data,
+                             "all" if args.classes == "all" else args.classes.split(","),
+                             config.image_size, out, world, dataclasses.asdict(config),
+                             probes=probes, probe_seed=args.probe_seed,
+                             probe_count=args.probe_count).table
         return 0 if all(not math.isnan(v) for row in table.values() for v in row.values()) else 1
     if args.command == "predict":
         for result in predict_files(args.checkpoint, args.images, args.out, args.device):

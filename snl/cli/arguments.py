@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..data import PROBE_KINDS, parse_kinds
 from .training import CPU_DEFAULTS, GPU_DEFAULTS, TrainConfig
 
 
@@ -30,7 +31,10 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     t.add_argument("--no-pretrained", action="store_true", help="random teacher (tests only)")
     t.add_argument("--weights", help="teacher weights file (timm or torchvision names)")
     t.add_argument("--num-centers", type=int, default=16)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0, help="training seed (initialisation, "
+                                                        "shuffling)")
+    t.add_argument("--data-seed", type=int,
+                   help="seed of the embedded default set (default: --seed)")
     t.add_argument("--workers", type=int, default=0, help="data loader processes")
     t.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     t.add_argument("--out", default="runs", help="parent folder of run folders")
@@ -44,6 +48,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     e.add_argument("--classes", default="all")
     e.add_argument("--out", help="output folder (default: beside the checkpoint's run)")
     e.add_argument("--device")
+    _probe_arguments(e)
 
     r = sub.add_parser("predict", help="score image files and write map overlays")
     r.add_argument("checkpoint")
@@ -59,6 +64,23 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def _probe_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--probes", default="", metavar="KINDS",
+                   help="cross-class probes scored as extra defect types, comma-separated: "
+                        f"{', '.join(PROBE_KINDS)} (default: none)")
+    p.add_argument("--probe-seed", type=int, default=0, help="seed of the probe images")
+    p.add_argument("--probe-count", type=int, default=8,
+                   help="probe images per class and kind")
+
+
+def probe_kinds(args: argparse.Namespace) -> list[str]:
+    """The ``--probes`` kinds; exits with a message naming the bad one."""
+    try:
+        return parse_kinds(args.probes)
+    except ValueError as exc:
+        raise SystemExit(f"snl: --probes {args.probes!r}: {exc}") from None
+
+
 def train_config(args: argparse.Namespace) -> TrainConfig:
     """The ``TrainConfig`` of parsed ``snl train`` arguments."""
     return TrainConfig(
@@ -66,5 +88,6 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, structure=args.structure, fused=not args.reference,
         pretrained=not args.no_pretrained, weights=args.weights,
-        num_centers=args.num_centers, seed=args.seed, workers=args.workers,
+        num_centers=args.num_centers, seed=args.seed, data_seed=args.data_seed,
+        workers=args.workers,
         device=args.device)

@@ -1,14 +1,18 @@
 """``snl eval`` and the evaluation after training: per-class metrics, report, ROC, overlays.
 
-Evaluation writes ``metrics.json``, ``report.md``, ``roc.png`` and ``overlays/*.png`` to its
-folder. Under ``torchrun`` every process predicts its shard of each class's test set; the
-shards are gathered and rank 0 scores and writes.
+Evaluation writes ``metrics.json`` (per class: good against all defect images),
+``metrics_by_type.json`` (per class and defect type, cross-class probes included when asked
+for), ``report.md``, ``roc.png`` and ``overlays/*.png`` to its folder. Under ``torchrun``
+every process predicts its shard of each class's test set; the shards are gathered and
+rank 0 scores and writes.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .. import distributed, metrics, report
-from ..data import TestDataset
+from ..data import GOOD, TestDataset, make_probes, parse_kinds
 from .console import progress
 
 OVERLAYS_PER_CLASS = 4
@@ -42,52 +46,167 @@ def _predict_set(model, dataset: TestDataset, indices: Sequence[int], batch_size
     return torch.cat(scores), torch.cat(maps), torch.cat(masks), torch.cat(labels)
 
 
-def evaluate(model, data_root: str | os.PathLike, classes: str | list[str], image_size: int,
-             out_dir: str | os.PathLike, world: distributed.World | None = None,
-             config: dict[str, Any] | None = None, batch_size: int = 16) -> dict:
-    """Per-class metrics of ``model`` on each class's test set; writes the report on rank 0.
+def _predict_gathered(model, dataset: TestDataset, batch_size: int, world: distributed.World,
+                      desc: str):
+    """(scores, maps, masks, labels) of the whole data set on rank 0 (None elsewhere)."""
+    mine = range(world.rank, len(dataset), world.size)
+    local = _predict_set(model, dataset, mine, batch_size, world, desc)
+    order = torch.tensor(list(mine), dtype=torch.long)
+    gathered = [distributed.gather_cat(world, t) for t in (*local, order)]
+    if not world.is_main:
+        return None
+    scores, maps, masks, labels, index = gathered
+    rank_order = torch.argsort(index)
+    return tuple(t[rank_order] for t in (scores, maps, masks, labels))
 
-    Each process predicts its shard of every class (images i with i % world == rank); the
-    shards are gathered, so rank 0 scores the whole test set.
+
+def per_type_metrics(scores, labels, maps, masks, defects: Sequence[str]) -> dict:
+    """Metrics of each defect type: its images against the good ones (image and pixel).
+
+    Args:
+        scores, labels, maps, masks: one class's predictions (NumPy arrays, as
+            :func:`snl.metrics.evaluate` takes them).
+        defects: each image's defect type, ``"good"`` for normal images.
 
     Returns:
-        ``{class: {metric: value}, ..., "mean": {...}}`` (on every rank).
+        ``{type: {metric: value}}`` in order of first appearance; NaN metrics when the class
+        has no good image to compare with.
+    """
+    defects = np.asarray(defects)
+    good = defects == GOOD
+    result = {}
+    for kind in dict.fromkeys(d for d in defects.tolist() if d != GOOD):
+        pick = good | (defects == kind)
+        if not good.any():
+            result[kind] = {k: math.nan for k in metrics.METRICS}
+            continue
+        result[kind] = metrics.evaluate(scores[pick], labels[pick], maps[pick], masks[pick])
+    return result
+
+
+def _mean_by_type(by_type: dict[str, dict[str, dict[str, float]]]) -> dict:
+    """Mean over the classes that have each type, of each metric."""
+    rows: dict[str, list[dict[str, float]]] = {}
+    for types in by_type.values():
+        for kind, row in types.items():
+            rows.setdefault(kind, []).append(row)
+    return {kind: {k: float(np.mean([r[k] for r in group])) for k in group[0]}
+            for kind, group in rows.items()}
+
+
+@dataclass
+class Evaluation:
+    """The result of :func:`evaluate_all` (on every rank; empty dicts off rank 0)."""
+
+    table: dict  #: ``{class: {metric: value}, ..., "mean": {...}}``: good vs all real defects
+    by_type: dict  #: ``{class: {type: {metric: value}}, ..., "mean": {type: {...}}}``
+
+
+def evaluate_all(model, data_root: str | os.PathLike, classes: str | list[str],
+                 image_size: int, out_dir: str | os.PathLike,
+                 world: distributed.World | None = None, config: dict[str, Any] | None = None,
+                 batch_size: int = 16, probes: Sequence[str] = (), probe_seed: int = 0,
+                 probe_root: str | os.PathLike | None = None, probe_count: int = 8,
+                 quiet: bool = False) -> Evaluation:
+    """Per-class and per-defect-type metrics of ``model``; writes the report on rank 0.
+
+    Each process predicts its shard of every class (images i with i % world == rank); the
+    shards are gathered, so rank 0 scores the whole test set. The per-class table (and
+    ``metrics.json``) covers the data set's own test images, probes never included; the
+    per-type table (``metrics_by_type.json``) scores each defect type and each probe kind
+    against the class's good test images.
+
+    Args:
+        probes: cross-class probe kinds (:data:`snl.data.PROBE_KINDS`) to add as types.
+        probe_seed: seed of the probe images (:func:`snl.data.make_probes`).
+        probe_root: where the probe images are written (default ``out_dir/probes``).
+        probe_count: probe images per class and kind.
+        quiet: print nothing (the report files are written all the same).
     """
     world = world or distributed.setup()
     out_dir = Path(out_dir)
     model.eval()
     norm = model.normalization
-    probe = TestDataset(data_root, classes, size=image_size, mean=norm.mean, std=norm.std)
-    per_class, curves = {}, {}
+    probes = parse_kinds(list(probes))
+    listing = TestDataset(data_root, classes, size=image_size, mean=norm.mean, std=norm.std)
+    probe_dir = None
+    if probes:
+        probe_dir = Path(probe_root) if probe_root is not None else out_dir / "probes"
+        if world.is_main:
+            make_probes(data_root, probe_dir, listing.classes, probes, seed=probe_seed,
+                        size=image_size, count=probe_count)
+        distributed.barrier(world)
+    per_class, by_type, curves = {}, {}, {}
     overlays = out_dir / "overlays"
     if world.is_main:
         overlays.mkdir(parents=True, exist_ok=True)
-    for name in probe.classes:
+    for name in listing.classes:
         dataset = TestDataset(data_root, name, size=image_size, mean=norm.mean, std=norm.std)
-        mine = range(world.rank, len(dataset), world.size)
-        local = _predict_set(model, dataset, mine, batch_size, world, f"eval {name}")
-        order = torch.tensor(list(mine), dtype=torch.long)
-        gathered = [distributed.gather_cat(world, t) for t in (*local, order)]
+        result = _predict_gathered(model, dataset, batch_size, world, f"eval {name}")
+        probe_result = None
+        if probe_dir is not None:
+            probe_set = TestDataset(probe_dir, name, size=image_size, mean=norm.mean,
+                                    std=norm.std)
+            probe_result = _predict_gathered(model, probe_set, batch_size, world,
+                                             f"probes {name}")
         if not world.is_main:
             continue
-        scores, maps, masks, labels, index = gathered
-        rank_order = torch.argsort(index)
-        scores, maps, masks, labels = (t[rank_order] for t in (scores, maps, masks, labels))
+        scores, maps, masks, labels = result
         per_class[name] = metrics.evaluate(scores.numpy(), labels.numpy(), maps.numpy(),
                                            masks.numpy())
         curves[name] = (scores.numpy(), labels.numpy())
         _write_overlays(overlays, name, dataset, scores, maps, masks, labels)
+        defects = [s.defect for s in dataset.samples]
+        if probe_result is not None:
+            scores, maps, masks, labels = (torch.cat(pair) for pair in
+                                           zip(result, probe_result, strict=True))
+            defects += [s.defect for s in probe_set.samples]
+        by_type[name] = per_type_metrics(scores.numpy(), labels.numpy(), maps.numpy(),
+                                         masks.numpy(), defects)
     table = report.with_mean(per_class)
+    if by_type:
+        by_type["mean"] = _mean_by_type(by_type)
     if world.is_main:
         report.write_json(out_dir / "metrics.json", table)
+        report.write_json(out_dir / "metrics_by_type.json", by_type)
         report.plot_roc(out_dir / "roc.png", curves)
-        report.write_report(
-            out_dir / "report.md", "SNL evaluation", table, config or {},
-            extra=["![image-level ROC](roc.png)", "",
-                   "Anomaly-map overlays (white outline: ground truth) are in `overlays/`."])
-        print(report.markdown_table(table), flush=True)
-        print(f"report: {out_dir / 'report.md'}", flush=True)
-    return table
+        extra = ["## Per defect type", "",
+                 "Each type's images against the class's good test images"
+                 + (f"; cross-class probes: {', '.join(probes)} (seed {probe_seed}, "
+                    f"images in `{probe_dir}`)" if probes else "") + ".", "",
+                 report.markdown_table(_flat_types(by_type)), "",
+                 "![image-level ROC](roc.png)", "",
+                 "Anomaly-map overlays (white outline: ground truth) are in `overlays/`."]
+        report.write_report(out_dir / "report.md", "SNL evaluation", table, config or {},
+                            extra=extra)
+        if not quiet:
+            print(report.markdown_table(table), flush=True)
+            if probes:
+                print(report.markdown_table(_flat_types(by_type)), flush=True)
+            print(f"report: {out_dir / 'report.md'}", flush=True)
+    return Evaluation(table, by_type)
+
+
+def _flat_types(by_type: dict) -> dict:
+    """``{"class / type": row}``, for one markdown table."""
+    return {f"{name} / {kind}": row for name, types in by_type.items()
+            for kind, row in types.items()}
+
+
+def evaluate(model, data_root: str | os.PathLike, classes: str | list[str], image_size: int,
+             out_dir: str | os.PathLike, world: distributed.World | None = None,
+             config: dict[str, Any] | None = None, batch_size: int = 16,
+             probes: Sequence[str] = (), probe_seed: int = 0) -> dict:
+    """Per-class metrics of ``model`` on each class's test set; writes the report on rank 0.
+
+    :func:`evaluate_all` with its per-type table left out (it is in
+    ``metrics_by_type.json``).
+
+    Returns:
+        ``{class: {metric: value}, ..., "mean": {...}}`` (on rank 0; empty elsewhere).
+    """
+    return evaluate_all(model, data_root, classes, image_size, out_dir, world, config,
+                        batch_size, probes=probes, probe_seed=probe_seed).table
 
 
 def resized_rgb(path: str | os.PathLike, size: tuple[int, int]) -> np.ndarray:

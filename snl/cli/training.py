@@ -46,7 +46,10 @@ class TrainConfig:
     pretrained: bool = True
     weights: str | None = None
     num_centers: int = 16
-    seed: int = 0
+    seed: int = 0  #: training seed (initialisation, shuffling)
+    #: seed of the embedded default data set; None: ``seed`` (the data set follows the
+    #: training seed, as before this option existed)
+    data_seed: int | None = None
     workers: int = 0
     device: str | None = None
 
@@ -84,13 +87,25 @@ def build_model(config: TrainConfig, world: distributed.World):
                    structure=config.structure, num_centers=config.num_centers).to(world.device)
 
 
+def default_data_root(data_seed: int) -> Path:
+    """Folder of the embedded default set made with ``data_seed``: seed 0 in
+    :func:`snl.data.default_root`, others beside it (``textures-seed<N>``), so that sets of
+    several seeds live side by side."""
+    root = default_root()
+    return root if data_seed == 0 else root.with_name(f"{root.name}-seed{data_seed}")
+
+
 def resolve_data(config: TrainConfig, world: distributed.World) -> Path:
-    """The data set folder; the embedded default is made (or found) when none is given."""
+    """The data set folder; the embedded default is made (or found) when none is given.
+
+    The default set's seed is ``config.data_seed``, or ``config.seed`` when that is None.
+    """
     if config.data is not None:
         return Path(config.data)
-    root = default_root()
+    data_seed = config.seed if config.data_seed is None else config.data_seed
+    root = default_data_root(data_seed)
     log(world, f"data: embedded default set (scikit-image textures) in {root}")
-    make_default_dataset(root, seed=config.seed)
+    make_default_dataset(root, seed=data_seed)
     return root
 
 

@@ -2,7 +2,8 @@
 
 ``TrainDataset`` and ``TestDataset`` read any folder in the MVTec AD or VisA (1-class
 split) layout; ``make_default_dataset`` writes the default set, in the MVTec layout, from
-texture photographs that ship inside scikit-image (no download).
+texture photographs that ship inside scikit-image (no download); ``make_probes`` writes
+the cross-class probes (Mixup, CutPaste) of any data set with two classes or more.
 """
 
 from .folders import (
@@ -16,6 +17,7 @@ from .folders import (
     load_image,
     load_mask,
 )
+from .probes import PROBE_KINDS, make_probes, parse_kinds
 from .textures import DEFAULT_CLASSES, DEFECT_TYPES, TEXTURES, default_root, make_default_dataset
 
 __all__ = [
@@ -23,6 +25,7 @@ __all__ = [
     "DEFECT_TYPES",
     "GOOD",
     "IMAGE_EXTENSIONS",
+    "PROBE_KINDS",
     "TEXTURES",
     "DatasetError",
     "Sample",
@@ -33,4 +36,6 @@ __all__ = [
     "load_image",
     "load_mask",
     "make_default_dataset",
+    "make_probes",
+    "parse_kinds",
 ]
