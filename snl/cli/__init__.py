@@ -1,4 +1,4 @@
-"""The ``snl`` command: train, evaluate, predict, export and info.
+"""The ``snl`` command: train, evaluate, predict, export, compare and info.
 
 ``snl train`` with no data argument makes the embedded default data set (texture photographs
 shipped inside scikit-image with synthetic defects, :mod:`snl.data.textures`) and trains on
@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .. import distributed
-from .arguments import build_parser, probe_kinds, train_config
+from .arguments import build_parser, compare_config, probe_kinds, train_config
 from .evaluation import evaluate, evaluate_all
 from .prediction import export_onnx, load_run, predict_files
 from .training import TrainConfig, build_model, resolve_data, train
@@ -76,6 +76,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                              probes=probes, probe_seed=args.probe_seed,
                              probe_count=args.probe_count).table
         return 0 if all(not math.isnan(v) for row in table.values() for v in row.values()) else 1
+    if args.command == "compare":
+        from ..compare import compare, parse_ints
+
+        try:
+            seeds = parse_ints(args.seeds, "--seeds")
+        except ValueError as exc:
+            raise SystemExit(f"snl: {exc}") from None
+        structures = [s for s in args.structures.split(",") if s]
+        if not structures or any(s not in ("snl", "rd") for s in structures):
+            raise SystemExit(f"snl: --structures must name snl and/or rd, got "
+                             f"{args.structures!r}")
+        name = args.name or time.strftime("compare-%Y%m%d-%H%M%S")
+        compare(Path(args.out) / name, compare_config(args), seeds=seeds,
+                structures=structures,
+                probes=probe_kinds(args), probe_count=args.probe_count)
+        return 0
     if args.command == "predict":
         for result in predict_files(args.checkpoint, args.images, args.out, args.device):
             print(f"{result['score']:.6f}  {result['path']}")

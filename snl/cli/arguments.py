@@ -9,7 +9,7 @@ from .training import CPU_DEFAULTS, GPU_DEFAULTS, TrainConfig
 
 
 def build_parser(description: str) -> argparse.ArgumentParser:
-    """The parser of ``snl train | eval | predict | export | info``."""
+    """The parser of ``snl train | eval | predict | export | compare | info``."""
     p = argparse.ArgumentParser(prog="snl", description=description)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -60,6 +60,33 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     x.add_argument("checkpoint")
     x.add_argument("--onnx", required=True, metavar="OUT")
 
+    c = sub.add_parser("compare", help="train and evaluate SNL and RD on the same data, "
+                                        "budget and seeds; write compare.md / compare.json")
+    c.add_argument("--data", help="data set folder; default: the embedded texture set")
+    c.add_argument("--data-seed", type=int, default=0,
+                   help="seed of the embedded default set, the same for every run")
+    c.add_argument("--classes", default="all")
+    c.add_argument("--structures", default="snl,rd", help="comma-separated, among snl, rd")
+    c.add_argument("--seeds", default="0,1,2", help="training seeds, comma-separated")
+    c.add_argument("--backbone")
+    c.add_argument("--image-size", type=int)
+    c.add_argument("--epochs", type=int)
+    c.add_argument("--batch-size", type=int, default=16)
+    c.add_argument("--lr", type=float, default=0.005)
+    c.add_argument("--num-centers", type=int, default=16)
+    c.add_argument("--reference", action="store_true", help="plain-PyTorch ops (fused=False)")
+    c.add_argument("--no-pretrained", action="store_true", help="random teacher (tests only)")
+    c.add_argument("--weights")
+    c.add_argument("--workers", type=int, default=0)
+    c.add_argument("--device")
+    c.add_argument("--out", default="runs", help="parent folder of the comparison folder")
+    c.add_argument("--name", help="comparison folder name (default: compare-<timestamp>); "
+                                  "rerunning with the same name skips finished runs")
+    c.add_argument("--probes", default=",".join(PROBE_KINDS), metavar="KINDS",
+                   help="cross-class probes, comma-separated ('' for none)")
+    c.add_argument("--probe-count", type=int, default=8,
+                   help="probe images per class and kind")
+
     sub.add_parser("info", help="versions, device and kernel backends")
     return p
 
@@ -79,6 +106,16 @@ def probe_kinds(args: argparse.Namespace) -> list[str]:
         return parse_kinds(args.probes)
     except ValueError as exc:
         raise SystemExit(f"snl: --probes {args.probes!r}: {exc}") from None
+
+
+def compare_config(args: argparse.Namespace) -> TrainConfig:
+    """What the runs of ``snl compare`` share (structure and seed are set per run)."""
+    return TrainConfig(
+        data=args.data, classes=args.classes, backbone=args.backbone,
+        image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size,
+        lr=args.lr, fused=not args.reference, pretrained=not args.no_pretrained,
+        weights=args.weights, num_centers=args.num_centers, data_seed=args.data_seed,
+        workers=args.workers, device=args.device)
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:

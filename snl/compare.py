@@ -1,0 +1,278 @@
+"""``snl compare``: SNL against its reverse-distillation baseline, same data, budget and seeds.
+
+Every structure (``snl``, ``rd``) is trained once per training seed on the same data, with
+the same backbone, image size, epochs, batch size and learning rate, and evaluated on the
+data set's test images plus the cross-class probes (:mod:`snl.data.probes`). The data set
+is fixed across runs: the embedded default set is made with ``data_seed`` whatever the
+training seed, and the probes are made once, with ``data_seed`` too.
+
+The comparison folder holds::
+
+    settings.json               what every run shares (a rerun must match it)
+    probes/                     the probe images, shared by every run
+    runs/<structure>-seed<N>/   a training run folder (checkpoints, history, report,
+                                metrics.json, metrics_by_type.json) and result.json
+    compare.json                per-seed numbers of every finished run, and their summary
+    compare.md                  the tables: mean ± std over seeds, per metric, per class
+                                and per defect type (probes included)
+
+A run's ``result.json`` is written when its evaluation ends, and ``compare.json`` and
+``compare.md`` are rewritten after every run, so a crash loses at most the run in flight;
+a rerun into the same folder skips finished runs and resumes an interrupted training from
+its last checkpoint. The spread is the sample standard deviation over seeds (ddof = 1; 0
+with one seed); ``compare.json`` also gives min and max.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import distributed, report
+from .cli.console import log
+from .cli.evaluation import evaluate_all
+from .cli.training import TrainConfig, resolve_data, train
+from .data import PROBE_KINDS, TestDataset, make_probes, parse_kinds
+
+SPREAD = "sample standard deviation over training seeds (ddof=1; 0 with one seed)"
+ALL = "all"  #: the type of the per-class row: good against every real defect image
+STRUCTURES = ("snl", "rd")
+
+
+def parse_ints(text: str, what: str) -> list[int]:
+    """``"0,1,2"`` -> ``[0, 1, 2]``; ValueError naming ``what`` and the bad value."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{what} must be comma-separated integers, got {text!r}") from None
+    if not values or len(set(values)) != len(values):
+        raise ValueError(f"{what} must name distinct integers, got {text!r}")
+    return values
+
+
+def _stats(values: Sequence[float]) -> dict[str, float]:
+    v = np.asarray(values, dtype=np.float64)
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else 0.0,
+            "min": float(v.min()), "max": float(v.max()), "n": int(v.size)}
+
+
+def _rows(result: dict) -> dict[str, dict[str, dict[str, float]]]:
+    """``{class: {type: {metric: value}}}`` of one run; type ``"all"`` is the class row."""
+    rows: dict[str, dict[str, dict[str, float]]] = {}
+    for name, row in result["table"].items():
+        rows.setdefault(name, {})[ALL] = row
+    for name, types in result["by_type"].items():
+        rows.setdefault(name, {}).update(types)
+    return rows
+
+
+def summarize(runs: dict[str, dict[str, dict]]) -> dict:
+    """``{structure: {class: {type: {metric: stats}}}}`` over the seeds of each structure.
+
+    ``runs[structure][seed]`` is a run's result (``table`` and ``by_type``); ``stats`` are
+    ``mean``, ``std`` (see ``SPREAD``), ``min``, ``max`` and ``n`` (seeds).
+    """
+    summary: dict = {}
+    for structure, by_seed in runs.items():
+        values: dict[str, dict[str, dict[str, list[float]]]] = {}
+        for result in by_seed.values():
+            for name, types in _rows(result).items():
+                for kind, row in types.items():
+                    for metric, value in row.items():
+                        values.setdefault(name, {}).setdefault(kind, {}).setdefault(
+                            metric, []).append(value)
+        summary[structure] = {
+            name: {kind: {metric: _stats(v) for metric, v in row.items()}
+                   for kind, row in types.items()}
+            for name, types in values.items()}
+    return summary
+
+
+def _cell(stats: dict | None) -> str:
+    if stats is None or math.isnan(stats["mean"]):
+        return "–"
+    return f"{100 * stats['mean']:.1f} ± {100 * stats['std']:.1f}"
+
+
+def _order(summary: dict) -> tuple[list[str], list[str]]:
+    """Classes (``mean`` last) and types (``all`` first, probes last) in table order."""
+    classes, kinds = [], []
+    for per_class in summary.values():
+        for name, types in per_class.items():
+            if name not in classes:
+                classes.append(name)
+            kinds += [k for k in types if k not in kinds]
+    classes = [c for c in classes if c != "mean"] + (["mean"] if "mean" in classes else [])
+    probes = [k for k in PROBE_KINDS if k in kinds]
+    kinds = [ALL] + [k for k in kinds if k != ALL and k not in probes] + probes
+    return classes, kinds
+
+
+def markdown(summary: dict, settings: dict, done: int, total: int,
+             seconds: dict[str, list[float]]) -> str:
+    """The text of ``compare.md``."""
+    structures = list(summary)
+    classes, kinds = _order(summary)
+    lines = [f"# {' vs '.join(s.upper() for s in structures)}", "",
+             f"Backbone {settings['backbone']}, {settings['image_size']} px, "
+             f"{settings['epochs']} epochs, batch {settings['batch_size']}, lr {settings['lr']}; "
+             f"data: {settings['data'] or 'embedded default set'} (data seed "
+             f"{settings['data_seed']}); probes: {', '.join(settings['probes']) or 'none'}.", "",
+             f"Metrics in percent, mean ± std over training seeds {settings['seeds']} (std: "
+             f"{SPREAD}); per-seed numbers in `compare.json`. Runs finished: {done}/{total}.",
+             "", "## Mean over classes (type all: good vs every real defect type)", "",
+             "| structure | " + " | ".join(label for _, label in report.METRIC_COLUMNS)
+             + " | train s/run |", "|---|" + "---|" * (len(report.METRIC_COLUMNS) + 1)]
+    for structure in structures:
+        row = summary[structure].get("mean", {}).get(ALL, {})
+        secs = seconds.get(structure) or []
+        lines.append(f"| {structure} | "
+                     + " | ".join(_cell(row.get(k)) for k, _ in report.METRIC_COLUMNS)
+                     + (f" | {np.mean(secs):.0f} |" if secs else " | – |"))
+    diff = len(structures) == 2
+    for key, label in report.METRIC_COLUMNS:
+        lines += ["", f"## {label} per class and defect type", "",
+                  "| class | type | " + " | ".join(structures)
+                  + (f" | {structures[0]} − {structures[1]} |" if diff else " |"),
+                  "|---|---|" + "---|" * (len(structures) + diff)]
+        for name in classes:
+            for kind in kinds:
+                stats = [summary[s].get(name, {}).get(kind, {}).get(key) for s in structures]
+                if all(s is None for s in stats):
+                    continue
+                cells = [_cell(s) for s in stats]
+                if diff:
+                    a, b = stats
+                    cells.append("–" if a is None or b is None
+                                 else f"{100 * (a['mean'] - b['mean']):+.1f}")
+                label_name = f"**{name}**" if name == "mean" else name
+                lines.append(f"| {label_name} | {kind} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _settings_of(config: TrainConfig, probes: list[str], probe_count: int,
+                 seeds: list[int], structures: list[str]) -> dict[str, Any]:
+    shared = dataclasses.asdict(config)
+    for key in ("structure", "seed", "device", "workers"):
+        shared.pop(key)
+    return {**shared, "probes": probes, "probe_count": probe_count, "seeds": seeds,
+            "structures": structures}
+
+
+def compare(out_dir: str | os.PathLike, base: TrainConfig, seeds: Sequence[int] = (0, 1, 2),
+            structures: Sequence[str] = STRUCTURES, probes: Sequence[str] = PROBE_KINDS,
+            probe_count: int = 8) -> dict:
+    """Train and evaluate every (structure, seed); write ``compare.json`` and ``compare.md``.
+
+    Args:
+        out_dir: the comparison folder (created; a rerun into it skips finished runs).
+        base: what the runs share (data, data_seed, backbone, image size, epochs, ...);
+            its ``structure`` and ``seed`` are replaced per run; ``data_seed`` None means 0.
+        seeds: training seeds.
+        structures: among ``"snl"``, ``"rd"``.
+        probes: cross-class probe kinds added to the evaluation.
+        probe_count: probe images per class and kind.
+
+    Returns:
+        The content of ``compare.json``.
+
+    Raises:
+        SystemExit: ``out_dir`` holds a comparison with other shared settings.
+        ValueError: a bad structure, seed list or probe kind.
+    """
+    structures = list(dict.fromkeys(structures))
+    bad = [s for s in structures if s not in STRUCTURES]
+    if bad or not structures:
+        raise ValueError(f"structures must be among {', '.join(STRUCTURES)}, got {structures}")
+    seeds = [int(s) for s in seeds]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct integers, got {seeds}")
+    probes = parse_kinds(list(probes))
+    world = distributed.setup(base.device)
+    if world.distributed:
+        raise SystemExit("snl compare runs in one process; start it without torchrun")
+    config = dataclasses.replace(base, data_seed=0 if base.data_seed is None else base.data_seed)
+    config = config.resolved(world.device)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings = _settings_of(config, probes, probe_count, seeds, structures)
+    settings_path = out_dir / "settings.json"
+    if settings_path.exists():
+        old = json.loads(settings_path.read_text())
+        keep = ("seeds", "structures")
+        differ = sorted(k for k in set(old) | set(settings)
+                        if k not in keep and old.get(k) != settings.get(k))
+        if differ:
+            raise SystemExit(
+                f"snl compare: {out_dir} holds a comparison with other settings ("
+                + ", ".join(f"{k}: {old.get(k)!r} there, {settings.get(k)!r} now"
+                            for k in differ) + "); choose another --name")
+    report.write_json(settings_path, settings)
+    data_root = resolve_data(config, world)
+    classes = config.class_list()
+    probe_root = None
+    if probes:
+        listing = TestDataset(data_root, classes, size=config.image_size, mean=(0, 0, 0),
+                              std=(1, 1, 1))
+        probe_root = make_probes(data_root, out_dir / "probes", listing.classes, probes,
+                                 seed=config.data_seed, size=config.image_size,
+                                 count=probe_count)
+    plan = [(structure, seed) for structure in structures for seed in seeds]
+    runs: dict[str, dict[str, dict]] = {}
+    for k, (structure, seed) in enumerate(plan, 1):
+        run_dir = out_dir / "runs" / f"{structure}-seed{seed}"
+        result_path = run_dir / "result.json"
+        head = f"compare: run {k}/{len(plan)}: {structure}, seed {seed}"
+        if result_path.exists():
+            log(world, f"{head}: finished before, kept ({result_path})")
+            runs.setdefault(structure, {})[str(seed)] = json.loads(result_path.read_text())
+            continue
+        resume = (run_dir / "checkpoints" / "last.pt").exists()
+        log(world, f"{head}{' (resuming)' if resume else ''} in {run_dir}")
+        run_config = dataclasses.replace(config, structure=structure, seed=seed)
+        model = train(run_config, run_dir, resume=resume, world=world, evaluate_after=False)
+        history = json.loads((run_dir / "history.json").read_text())
+        evaluation = evaluate_all(model, data_root, classes, config.image_size, run_dir, world,
+                                  dataclasses.asdict(run_config), probes=probes,
+                                  probe_seed=config.data_seed, probe_root=probe_root,
+                                  probe_count=probe_count, quiet=True)
+        result = {"structure": structure, "seed": seed, "table": evaluation.table,
+                  "by_type": evaluation.by_type,
+                  "train_seconds": float(sum(h["seconds"] for h in history))}
+        _write_atomic(result_path, json.dumps(result, indent=2, sort_keys=True) + "\n")
+        runs.setdefault(structure, {})[str(seed)] = result
+        mean = evaluation.table.get("mean", {})
+        log(world, f"{head}: done, mean image AUROC {100 * mean.get('image_auroc', math.nan):.1f}"
+                   f", AUPRO {100 * mean.get('aupro', math.nan):.1f}")
+        _write_summary(out_dir, runs, settings, len(plan))
+    final = _write_summary(out_dir, runs, settings, len(plan))
+    log(world, f"comparison: {out_dir / 'compare.md'}")
+    return final
+
+
+def _write_summary(out_dir: Path, runs: dict, settings: dict, total: int) -> dict:
+    done = sum(len(v) for v in runs.values())
+    summary = summarize(runs)
+    seconds = {s: [r["train_seconds"] for r in by_seed.values()] for s, by_seed in runs.items()}
+    content = {"settings": settings, "spread": SPREAD, "runs_finished": done,
+               "runs_planned": total, "runs": runs, "summary": summary}
+    _write_atomic(out_dir / "compare.json", json.dumps(content, indent=2, sort_keys=True)
+                  + "\n")
+    _write_atomic(out_dir / "compare.md", markdown(summary, settings, done, total, seconds))
+    return content
+
+
+__all__ = ["SPREAD", "STRUCTURES", "compare", "markdown", "parse_ints", "summarize"]

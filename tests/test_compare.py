@@ -1,0 +1,80 @@
+"""snl compare: both structures and every seed trained on the same data, tables with the
+spread computed from the per-seed numbers, probes as types, finished runs kept on a rerun."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from snl import cli, compare
+from snl.data import DEFECT_TYPES, PROBE_KINDS, make_default_dataset
+
+try:
+    import timm  # noqa: F401
+except Exception as exc:  # timm needs a torchvision matching the installed PyTorch
+    pytest.skip(f"timm is not importable ({type(exc).__name__}: {exc}); the command needs "
+                "the model extra: pip install '.[model]'", allow_module_level=True)
+
+TINY = {"size": 64, "n_train": 4, "n_test_good": 3, "n_test_defect": 2,
+        "classes": ["brick", "grass"]}
+
+
+def test_compare_tables_seeds_spread_and_rerun(tmp_path, capsys, monkeypatch):
+    data = tmp_path / "data"
+    make_default_dataset(data, seed=0, **TINY)
+    argv = ["compare", "--data", str(data), "--seeds", "0,1", "--backbone",
+            "tf_efficientnet_lite0", "--image-size", "64", "--epochs", "1", "--batch-size", "4",
+            "--num-centers", "4", "--device", "cpu", "--probe-count", "2",
+            "--out", str(tmp_path / "out"), "--name", "c"]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    for k in range(1, 5):
+        assert f"compare: run {k}/4" in printed
+    folder = tmp_path / "out" / "c"
+    result = json.loads((folder / "compare.json").read_text())
+    assert result["runs_finished"] == 4
+    assert set(result["runs"]) == {"snl", "rd"}
+    assert all(set(result["runs"][s]) == {"0", "1"} for s in ("snl", "rd"))
+    types = {"all", *DEFECT_TYPES, *PROBE_KINDS}
+    for structure in ("snl", "rd"):
+        for name in ("brick", "grass", "mean"):
+            assert set(result["summary"][structure][name]) == types
+    # The two seeds trained different models on the same data.
+    per_seed = [result["runs"]["snl"][s]["table"]["mean"]["image_auroc"] for s in ("0", "1")]
+    assert per_seed[0] != per_seed[1]
+    # Mean and spread come from the per-seed numbers.
+    raw = [result["runs"]["rd"][s]["by_type"]["grass"]["mixup"]["aupro"] for s in ("0", "1")]
+    stats = result["summary"]["rd"]["grass"]["mixup"]["aupro"]
+    assert stats["mean"] == pytest.approx(np.mean(raw))
+    assert stats["std"] == pytest.approx(np.std(raw, ddof=1))
+    assert (stats["min"], stats["max"], stats["n"]) == (min(raw), max(raw), 2)
+    table = (folder / "compare.md").read_text()
+    assert "Runs finished: 4/4" in table
+    cell = f"{100 * stats['mean']:.1f} ± {100 * stats['std']:.1f}"
+    assert any(line.startswith("| grass | mixup | ") and cell in line
+               for line in table.split("## AUPRO@0.3")[1].splitlines())
+    assert "| **mean** | cutpaste | " in table
+
+    # A rerun into the same folder keeps finished runs; one whose result was lost (a crash
+    # after training) is evaluated again from its checkpoint, to the same numbers.
+    lost = folder / "runs" / "snl-seed1" / "result.json"
+    before = json.loads(lost.read_text())
+    lost.unlink()
+    trained = []
+    real_train = cli.training.train
+
+    def counting_train(config, run_dir, resume=False, **kw):
+        trained.append((run_dir.name, resume))
+        return real_train(config, run_dir, resume=resume, **kw)
+
+    monkeypatch.setattr(compare, "train", counting_train)
+    assert cli.main(argv) == 0
+    assert trained == [("snl-seed1", True)]
+    assert json.loads(lost.read_text())["table"] == before["table"]
+    assert json.loads((folder / "compare.json").read_text())["summary"] == result["summary"]
+    with pytest.raises(SystemExit, match="holds a comparison with other settings"):
+        cli.main([*argv, "--lr", "0.001"])
+    with pytest.raises(SystemExit, match="--seeds must name distinct integers"):
+        cli.main([*argv[:3], "--seeds", "1,1"])
