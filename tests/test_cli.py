@@ -193,3 +193,24 @@ def test_onnx_export_matches_pytorch(data, tmp_path):
     o_scores, o_maps = session.run(None, {"images": images.numpy()})
     torch.testing.assert_close(torch.from_numpy(o_scores), scores, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(torch.from_numpy(o_maps), maps, atol=1e-4, rtol=1e-4)
+
+
+def test_data_seed_is_separate_from_the_training_seed(tmp_path, monkeypatch):
+    from snl import distributed
+    from snl.cli import arguments, training
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    made = []
+    monkeypatch.setattr(training, "make_default_dataset",
+                        lambda root, seed: made.append((root, seed)))
+    world = distributed.setup("cpu")
+    parse = arguments.build_parser("snl").parse_args
+    config = arguments.train_config(parse(["train", "--seed", "2"]))
+    assert (config.seed, config.data_seed) == (2, None)
+    default = tmp_path / "snl" / "textures"
+    # Without --data-seed the data set follows --seed, as before the option existed.
+    assert training.resolve_data(cli.TrainConfig(), world) == default
+    assert training.resolve_data(config, world) == default.with_name("textures-seed2")
+    config = arguments.train_config(parse(["train", "--seed", "2", "--data-seed", "0"]))
+    assert training.resolve_data(config, world) == default
+    assert [seed for _, seed in made] == [0, 2, 0]
