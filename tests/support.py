@@ -125,3 +125,13 @@ def assert_fullgraph_compile_matches_eager(loss, teachers, students):
     torch.testing.assert_close(got, want)
     for a, s in zip(grads, students, strict=True):
         torch.testing.assert_close(a, s.grad)
+
+
+def require_model_extra() -> None:
+    """Skip the calling test module (call it at module level) when timm, which the model
+    and the command line need, cannot be imported."""
+    try:
+        import timm  # noqa: F401
+    except Exception as exc:  # timm needs a torchvision matching the installed PyTorch
+        pytest.skip(f"timm is not importable ({type(exc).__name__}: {exc}); the command needs "
+                    "the model extra: pip install '.[model]'", allow_module_level=True)

@@ -9,15 +9,12 @@ import socket
 
 import pytest
 import torch
+from support import require_model_extra
 
 from snl import checkpoint, cli
 from snl.data import DEFECT_TYPES, PROBE_KINDS, make_default_dataset
 
-try:
-    import timm  # noqa: F401
-except Exception as exc:  # timm needs a torchvision matching the installed PyTorch
-    pytest.skip(f"timm is not importable ({type(exc).__name__}: {exc}); the command needs "
-                "the model extra: pip install '.[model]'", allow_module_level=True)
+require_model_extra()
 
 TINY = {"size": 64, "n_train": 6, "n_test_good": 3, "n_test_defect": 2,
         "classes": ["brick", "grass"]}

@@ -36,6 +36,7 @@ import numpy as np
 from PIL import Image
 
 from .folders import GOOD, DatasetError, _class_folders, _images_in
+from .textures import read_manifest
 
 #: Probe kinds, in table order.
 PROBE_KINDS = ("mixup", "cutpaste")
@@ -144,13 +145,7 @@ def _build(data_root: Path, out: Path, params: dict) -> dict:
 
 
 def _read_manifest(root: Path) -> dict | None:
-    try:
-        with open(root / _MANIFEST) as f:
-            manifest = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return manifest if isinstance(manifest, dict) and manifest.get("generator") == _GENERATOR \
-        else None
+    return read_manifest(root / _MANIFEST, _GENERATOR)
 
 
 def make_probes(data_root: str | os.PathLike, out: str | os.PathLike,

@@ -229,14 +229,20 @@ def _build(out: Path, params: dict) -> dict:
             "boxes": boxes, "foreign_sources": foreign_sources}
 
 
-def _read_manifest(root: Path) -> dict | None:
+def read_manifest(path: Path, generator: str) -> dict | None:
+    """The JSON manifest at ``path`` if ``generator`` wrote it, else None (missing,
+    unreadable, or another program's file)."""
     try:
-        with open(root / _MANIFEST) as f:
+        with open(path) as f:
             manifest = json.load(f)
     except (OSError, ValueError):
         return None
-    return manifest if isinstance(manifest, dict) and manifest.get("generator") == _GENERATOR \
+    return manifest if isinstance(manifest, dict) and manifest.get("generator") == generator \
         else None
+
+
+def _read_manifest(root: Path) -> dict | None:
+    return read_manifest(root / _MANIFEST, _GENERATOR)
 
 
 def _same(manifest: dict | None, params: dict) -> bool:
