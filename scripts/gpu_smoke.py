@@ -217,16 +217,20 @@ def _tensors(x: dict, names: tuple[str, ...]) -> list[torch.Tensor]:
     return out
 
 
-def _step(case: Case, backend: str, x: dict) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Forward (and backward) once; the outputs and the gradients, detached."""
+def _step(case: Case, backend: str, x: dict,
+          collect: bool = True) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Forward (and backward) once; with ``collect``, the outputs and the gradients (each
+    step sets .grad to None first, so earlier gradients are never overwritten in place).
+    The timed steps do not collect: no work beyond the op and its backward."""
     params = _tensors(x, case.grads)
     for p in params:
         p.grad = None
     outs = [o for o in case.forward(backend, x) if isinstance(o, torch.Tensor)]
     if params:
         sum(o.float().mean() for o in outs).backward()
-    grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
-             for p in params]
+    if not collect:
+        return [], []
+    grads = [p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in params]
     return [o.detach() for o in outs], grads
 
 
@@ -295,7 +299,7 @@ def run_case(case: Case, backend: str, repeats: int, tol: float,
         err = max(record["max_err_out"], record["max_err_grad"] or 0.0)
         record["max_err"] = err
         record["within_tol"] = bool(err <= tol)
-        times = _time_ms(lambda: _step(case, backend, x), repeats)
+        times = _time_ms(lambda: _step(case, backend, x, collect=False), repeats)
     except Exception as exc:  # the round reports every failure and goes on
         _sync_quietly()
         return {**record, "ran": False, "error": f"{type(exc).__name__}: {exc}"[:2000],
@@ -404,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.warm_only:
         for case in cases:
             for backend in args.backends:
-                _step(case, backend, case.make())
+                _step(case, backend, case.make(), collect=False)
         _sync()
         return 0
 
