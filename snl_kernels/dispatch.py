@@ -6,7 +6,8 @@ Order of precedence, evaluated on every call:
 2. the ``SNL_BACKEND`` environment variable, when set and not ``auto`` (read on every call,
    so it can be changed at run time);
 3. automatic: the first kernel backend of the op's preference order that can run on the
-   inputs, else the reference (``torch``).
+   inputs, else the reference (``torch``; the intra-affinity l2 loss then takes its
+   PyTorch Gram form where it applies, :mod:`snl_kernels.gram_path`).
 
 An explicitly requested backend that cannot run raises ``BackendUnavailableError`` listing
 every reason; automatic mode never raises, it falls back to the reference. Automatic mode

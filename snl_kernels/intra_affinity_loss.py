@@ -35,7 +35,8 @@ and a zero student vector meet (row or column): the difference form's ``+-x . y`
 cancel there only up to the order of the hardware's sums, and a stray sign would move the
 gradient by the 1 / eps of a clamped norm.
 
-Backends: ``torch`` (reference, materialises N x N), ``triton``
+Backends: ``torch`` (reference, materialises N x N; automatic mode without a kernel backend
+runs the l2 Gram form in PyTorch instead, :mod:`snl_kernels.gram_path`), ``triton``
 (``snl_kernels/_triton/affinity.py``), ``cuda`` (``csrc/affinity.cu``), both kernel backends
 ``torch.library`` ops with fake implementations and registered autograd.
 """
@@ -45,7 +46,7 @@ import functools
 import torch
 from torch import Tensor
 
-from . import _cuda, checks, dispatch, precision, reference
+from . import _cuda, checks, dispatch, gram_path, precision, reference
 from .precision import use_grams  # noqa: F401  (the path rule, where callers looked for it)
 
 OP = "intra_affinity_loss"
@@ -186,6 +187,8 @@ def intra_affinity_loss(teacher: Tensor, student: Tensor, distance: str = "l2",
     why_not = "float64 inputs run on the reference only" if teacher.dtype == torch.float64 else None
     chosen = dispatch.select_backend(OP, backend, (teacher, student), IMPLEMENTED, why_not=why_not)
     if chosen == "torch":
+        if dispatch.requested_backend(backend) is None and gram_path.applies(teacher, distance):
+            return gram_path.intra_affinity_l2(teacher, student)  # automatic, no kernels
         return reference.intra_affinity_loss(teacher, student, distance)
     grams, dot = precision.intra_plan(chosen, teacher, distance)
     return _FORWARD_OPS[chosen](teacher, student, distance, grams, dot)[0]

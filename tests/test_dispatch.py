@@ -103,6 +103,16 @@ def test_affinity_ops_fall_back_to_the_reference_on_cpu(op, args):
     t, s = features((2, 4, 4, 4), device="cpu")
     fn = getattr(snl_kernels, op)
     want = getattr(snl_kernels.reference, op)(*args(t, s))
+    if op == "intra_affinity_loss":
+        # automatic on the CPU: the l2 loss in its PyTorch Gram form (C < N here), the same
+        # math as the reference; l1 and backend="torch" get the reference itself
+        from snl_kernels import gram_path
+
+        assert torch.equal(fn(t, s), gram_path.intra_affinity_l2(t, s))
+        torch.testing.assert_close(fn(t, s), want, rtol=1e-5, atol=1e-7)
+        assert torch.equal(fn(t, s, "l1"), snl_kernels.reference.intra_affinity_loss(t, s, "l1"))
+        assert torch.equal(fn(t, s, backend="torch"), want)
+        return
     assert torch.equal(fn(*args(t, s)), want)  # automatic on the CPU: the reference
 
 
