@@ -36,10 +36,11 @@ from typing import Any
 import numpy as np
 
 from . import distributed, report
+from .cli import CommandError
 from .cli.console import log
 from .cli.evaluation import evaluate_all
 from .cli.training import TrainConfig, resolve_data, train
-from .data import PROBE_KINDS, TestDataset, make_probes, parse_kinds
+from .data import PROBE_KINDS, TestDataset, check_dataset, make_probes, parse_kinds
 
 SPREAD = "sample standard deviation over training seeds (ddof=1; 0 with one seed)"
 ALL = "all"  #: the type of the per-class row: good against every real defect image
@@ -190,7 +191,7 @@ def compare(out_dir: str | os.PathLike, base: TrainConfig, seeds: Sequence[int] 
         The content of ``compare.json``.
 
     Raises:
-        SystemExit: ``out_dir`` holds a comparison with other shared settings.
+        snl.cli.CommandError: ``out_dir`` holds a comparison with other shared settings.
         ValueError: a bad structure, seed list or probe kind.
     """
     structures = list(dict.fromkeys(structures))
@@ -203,7 +204,7 @@ def compare(out_dir: str | os.PathLike, base: TrainConfig, seeds: Sequence[int] 
     probes = parse_kinds(list(probes))
     world = distributed.setup(base.device)
     if world.distributed:
-        raise SystemExit("snl compare runs in one process; start it without torchrun")
+        raise CommandError("snl compare runs in one process; start it without torchrun")
     config = dataclasses.replace(base, data_seed=0 if base.data_seed is None else base.data_seed)
     config = config.resolved(world.device)
     out_dir = Path(out_dir)
@@ -216,13 +217,14 @@ def compare(out_dir: str | os.PathLike, base: TrainConfig, seeds: Sequence[int] 
         differ = sorted(k for k in set(old) | set(settings)
                         if k not in keep and old.get(k) != settings.get(k))
         if differ:
-            raise SystemExit(
+            raise CommandError(
                 f"snl compare: {out_dir} holds a comparison with other settings ("
                 + ", ".join(f"{k}: {old.get(k)!r} there, {settings.get(k)!r} now"
                             for k in differ) + "); choose another --name")
     report.write_json(settings_path, settings)
     data_root = resolve_data(config, world)
     classes = config.class_list()
+    check_dataset(data_root, classes)  # every bad file listed before the first run
     probe_root = None
     if probes:
         listing = TestDataset(data_root, classes, size=config.image_size, mean=(0, 0, 0),

@@ -37,17 +37,29 @@ class CRAM(nn.Module):
     """
 
     def __init__(self, dim: int, num_centers: int = 16, tau: float | None = None,
-                 fused: bool = True):
+                 fused: bool = True, residual_ratio: int = 1):
         super().__init__()
         if not isinstance(num_centers, int) or isinstance(num_centers, bool) or num_centers < 1:
             raise ValueError(f"num_centers must be a positive int, got {num_centers!r}")
+        if (not isinstance(residual_ratio, int) or isinstance(residual_ratio, bool)
+                or not 1 <= residual_ratio <= dim):
+            raise ValueError(f"residual_ratio must be an int from 1 to the embedding width {dim}, "
+                             f"got {residual_ratio!r}")
         if tau is not None and not (math.isfinite(tau) and tau > 0):
             raise ValueError(f"tau must be a positive number or None, got {tau!r}")
         self.fused = fused
         self.centers = nn.Parameter(torch.randn(num_centers, dim))
         self.log_tau = nn.Parameter(torch.tensor(math.log(dim if tau is None else tau)))
-        self.phi = nn.Sequential(nn.Conv2d(dim, dim, 1, bias=False), nn.BatchNorm2d(dim))
-        nn.init.kaiming_normal_(self.phi[0].weight, mode="fan_out", nonlinearity="linear")
+        if residual_ratio == 1:
+            self.phi = nn.Sequential(nn.Conv2d(dim, dim, 1, bias=False), nn.BatchNorm2d(dim))
+        else:
+            narrow = max(1, dim // residual_ratio)
+            self.phi = nn.Sequential(nn.Conv2d(dim, narrow, 1, bias=False), nn.BatchNorm2d(narrow),
+                                     nn.ReLU(inplace=True), nn.Conv2d(narrow, dim, 1, bias=False),
+                                     nn.BatchNorm2d(dim))
+        for m in self.phi:
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="linear")
 
     def forward(self, embedding: Tensor) -> tuple[Tensor, CramOutput]:
         """``z = mu + phi(e - mu)`` and the op's outputs.

@@ -1,11 +1,13 @@
 """SNL's and RD4AD's training losses (DESIGN §3), from teacher and student levels.
 
-SNL: ``L = w_ch sum_k L_ch^k + w_sp sum_k L_sp^k + w_intra sum_k L_intra^k
-+ w_inter sum_{(1,2),(2,3)} L_inter + w_c L_c`` with ``L_ch = mean(pixel)``,
-``L_sp = mean(channel)`` (DESIGN §2.1), the affinity losses of §2.2 and §2.3 and CRAM's
-compactness ``L_c = mean(compact)`` (§2.4). A weight of 0 switches its term off: it is
-neither computed nor reported. RD4AD: ``L = sum_k L_rd^k``, ``L_rd = mean(sample)``, the
-flattened per-sample cosine distance.
+SNL: ``L = w_rd sum_k L_rd^k + w_ch sum_k L_ch^k + w_sp sum_k L_sp^k
++ w_intra sum_k L_intra^k + w_inter sum_{(1,2),(2,3)} L_inter + w_c L_c`` with
+``L_rd = mean(sample)``, ``L_ch = mean(pixel)``, ``L_sp = mean(channel)`` (DESIGN §2.1), the
+affinity losses of §2.2 and §2.3 and CRAM's compactness ``L_c`` (§2.4: ``mean(compact)``,
+divided by the embedding width D with ``compact_norm="dim"``, the default). Defaults (DESIGN
+§3, chosen by the ablation there): ``w_rd = 1``, ``w_ch = w_sp = w_intra = w_inter = 0.01``,
+``w_c = 0.1``. A weight of 0 switches its term off: it is neither computed nor reported.
+RD4AD: ``L = sum_k L_rd^k``, the flattened per-sample cosine distance.
 
 The dicts hold each term unweighted (0-dim float32 tensors) and ``total``, the weighted sum.
 """
@@ -21,17 +23,22 @@ from torch import Tensor
 import snl_kernels
 
 PAIRS = ((0, 1), (1, 2))
+#: How CRAM's compactness enters the loss: "sum" is ``mean_i sum_k a_ik |e_i - c_k|^2`` as the
+#: op returns it (it grows with the embedding width D), "dim" divides it by D.
+COMPACT_NORMS = ("sum", "dim")
+DEFAULT_COMPACT_NORM = "dim"
 
 
 @dataclass(frozen=True)
 class LossWeights:
-    """Weights of SNL's loss terms (0 switches a term off)."""
+    """Weights of SNL's loss terms (0 switches a term off); the defaults are DESIGN §3's."""
 
-    w_ch: float = 1.0
-    w_sp: float = 1.0
-    w_intra: float = 1.0
-    w_inter: float = 1.0
+    w_ch: float = 0.01
+    w_sp: float = 0.01
+    w_intra: float = 0.01
+    w_inter: float = 0.01
     w_c: float = 0.1
+    w_rd: float = 1.0
 
 
 def common_dtype(teachers: Sequence[Tensor], students: Sequence[Tensor]):
@@ -58,8 +65,9 @@ def snl_loss(teachers: Sequence[Tensor], students: Sequence[Tensor], compact: Te
         backend: the ``backend=`` of every op (:func:`snl.backend.op_backend`).
 
     Returns:
-        A dict with ``channel``, ``spatial``, ``intra``, ``inter``, ``compact`` (those whose
-        weight is not 0) and ``total``. The keys name the terms, as the weights do:
+        A dict with ``rd``, ``channel``, ``spatial``, ``intra``, ``inter``, ``compact``
+        (those whose weight is not 0) and ``total``. ``compact`` is the value given (the
+        caller normalises it). The keys name the terms, as the weights do:
         ``channel`` (L_ch) compares the C-vector of every pixel, so it holds the mean of the
         per-*pixel* distances; ``spatial`` (L_sp) compares the H x W map of every channel,
         so it holds the mean of the per-*channel* distances.
@@ -67,8 +75,11 @@ def snl_loss(teachers: Sequence[Tensor], students: Sequence[Tensor], compact: Te
     w = weights
     terms: dict[str, Tensor] = {}
     weighted: list[Tensor] = []
-    if w.w_ch or w.w_sp:
+    if w.w_ch or w.w_sp or w.w_rd:
         mean_distances = snl_kernels.spatial_channel_loss(teachers, students, backend=backend)
+        if w.w_rd:
+            terms["rd"] = mean_distances.sample_mean
+            weighted.append(w.w_rd * mean_distances.sample_mean)
         if w.w_ch:
             terms["channel"] = mean_distances.pixel_mean
             weighted.append(w.w_ch * mean_distances.pixel_mean)

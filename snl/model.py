@@ -31,7 +31,7 @@ from snl_kernels import CramOutput
 from .backend import full_precision, op_backend
 from .config import Architecture, Normalization, architecture
 from .cram import CRAM
-from .loss import LossWeights, common_dtype, rd_loss, snl_loss
+from .loss import COMPACT_NORMS, DEFAULT_COMPACT_NORM, LossWeights, common_dtype, rd_loss, snl_loss
 from .student import OCBE, Decoder
 from .teacher import build_teacher
 
@@ -64,7 +64,13 @@ class SNL(nn.Module):
         fused: snl_kernels' fused ops (True) or the plain-PyTorch reference (False).
         structure: "snl" (CRAM and structural losses) or "rd" (RD4AD's baseline).
         num_centers: K, CRAM's centres.
-        w_ch, w_sp, w_intra, w_inter, w_c: weights of the loss terms (0 switches one off).
+        w_ch, w_sp, w_intra, w_inter, w_c, w_rd: weights of the loss terms (0 switches one
+            off): per-pixel and per-channel cosines, intra- and inter-affinity, CRAM's
+            compactness, RD4AD's flattened cosine (DESIGN §3).
+        compact_norm: "dim" divides CRAM's compactness by the embedding width D, "sum" keeps
+            the op's value (which grows with D).
+        residual_ratio: CRAM's residual path ``phi`` goes through ``D / residual_ratio``
+            channels (1: one D x D 1x1 convolution and BatchNorm).
         intra_distance, inter_distance: "l2" or "l1" for the affinity losses.
         sigma: Gaussian blur of the anomaly maps, in input pixels.
         map_mode: "add" or "mul": how the levels' maps are combined.
@@ -82,11 +88,14 @@ class SNL(nn.Module):
         fused: bool = True,
         structure: str = "snl",
         num_centers: int = 16,
-        w_ch: float = 1.0,
-        w_sp: float = 1.0,
-        w_intra: float = 1.0,
-        w_inter: float = 1.0,
-        w_c: float = 0.1,
+        w_ch: float = LossWeights.w_ch,
+        w_sp: float = LossWeights.w_sp,
+        w_intra: float = LossWeights.w_intra,
+        w_inter: float = LossWeights.w_inter,
+        w_c: float = LossWeights.w_c,
+        w_rd: float = LossWeights.w_rd,
+        compact_norm: str = DEFAULT_COMPACT_NORM,
+        residual_ratio: int = 1,
         intra_distance: str = "l2",
         inter_distance: str = "l2",
         sigma: float = 4.0,
@@ -98,13 +107,16 @@ class SNL(nn.Module):
         _check_choice("inter_distance", inter_distance, DISTANCES)
         _check_choice("map_mode", map_mode, ("add", "mul"))
         for name, value in (("w_ch", w_ch), ("w_sp", w_sp), ("w_intra", w_intra),
-                            ("w_inter", w_inter), ("w_c", w_c), ("sigma", sigma)):
+                            ("w_inter", w_inter), ("w_c", w_c), ("w_rd", w_rd),
+                            ("sigma", sigma)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
                 math.isfinite(value) and value >= 0
             ):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        self.loss_weights = LossWeights(w_ch, w_sp, w_intra, w_inter, w_c)
-        if structure == "snl" and not any((w_ch, w_sp, w_intra, w_inter, w_c)):
+        _check_choice("compact_norm", compact_norm, COMPACT_NORMS)
+        self.loss_weights = LossWeights(w_ch, w_sp, w_intra, w_inter, w_c, w_rd)
+        self.compact_norm = compact_norm
+        if structure == "snl" and not any((w_ch, w_sp, w_intra, w_inter, w_c, w_rd)):
             raise ValueError("every loss weight is 0: switch at least one term on")
 
         self.arch: Architecture = architecture(backbone)
@@ -118,8 +130,8 @@ class SNL(nn.Module):
         self.teacher = build_teacher(arch, pretrained, weights)
         self.ocbe = OCBE(arch.channels, arch.embed_dim, arch.block, arch.width_ratio,
                          arch.ocbe_depth)
-        self.cram = (CRAM(arch.embed_dim, num_centers, fused=self.fused)
-                     if structure == "snl" else None)
+        self.cram = (CRAM(arch.embed_dim, num_centers, fused=self.fused,
+                          residual_ratio=residual_ratio) if structure == "snl" else None)
         self.decoder = Decoder(arch.channels, arch.embed_dim, arch.block, arch.width_ratio,
                                arch.decoder_depths)
 
@@ -195,9 +207,10 @@ class SNL(nn.Module):
             images: (B, 3, H, W) normalised images, H and W multiples of 32.
 
         Returns:
-            structure "snl": ``channel``, ``spatial``, ``intra``, ``inter``, ``compact``
-            (unweighted; terms with weight 0 left out) and ``total`` (weighted sum);
-            structure "rd": ``rd`` and ``total``. 0-dim float32 tensors.
+            structure "snl": ``rd``, ``channel``, ``spatial``, ``intra``, ``inter``,
+            ``compact`` (unweighted, ``compact`` after ``compact_norm``; terms with weight 0
+            left out) and ``total`` (weighted sum); structure "rd": ``rd`` and ``total``.
+            0-dim float32 tensors.
         """
         features = self(images)
         teachers, students = common_dtype(features.teachers, features.students)
@@ -206,6 +219,8 @@ class SNL(nn.Module):
             if self.structure == "rd":
                 return rd_loss(teachers, students, backend)
             compact = features.cram.compact if features.cram is not None else None
+            if compact is not None and self.compact_norm == "dim":
+                compact = compact / self.arch.embed_dim
             return snl_loss(teachers, students, compact, self.loss_weights,
                             self.intra_distance, self.inter_distance, backend)
 

@@ -135,3 +135,19 @@ def require_model_extra() -> None:
     except Exception as exc:  # timm needs a torchvision matching the installed PyTorch
         pytest.skip(f"timm is not importable ({type(exc).__name__}: {exc}); the command needs "
                     "the model extra: pip install '.[model]'", allow_module_level=True)
+
+
+def assert_cli_error(capsys, argv, status: int, match: str) -> str:
+    """``snl ARGV`` returns ``status`` and prints one ``snl: error: ...`` message matching
+    ``match`` (a regular expression), no traceback; returns the message."""
+    import re
+
+    from snl import cli
+
+    capsys.readouterr()
+    assert cli.main(argv) == status
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("snl: error: "), err
+    assert re.search(match, err), err
+    assert "Traceback" not in err
+    return err

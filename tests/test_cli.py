@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
 import socket
 
 import pytest
 import torch
-from support import require_model_extra
+from support import assert_cli_error, require_model_extra
 
 from snl import checkpoint, cli
 from snl.data import DEFECT_TYPES, PROBE_KINDS, make_default_dataset
@@ -92,8 +93,8 @@ def test_eval_reproduces_and_predict_writes(data, tmp_path, capsys):
             assert types[name][kind] == run_types[name][kind]
         assert 0.0 <= types[name]["mixup"]["aupro"] <= 1.0
     assert len(list((tmp_path / "pr" / "probes" / "grass" / "test" / "cutpaste").glob("*"))) == 2
-    with pytest.raises(SystemExit, match="--probes 'blend'"):
-        cli.main(["eval", str(ckpt), "--data", str(data), "--probes", "blend"])
+    assert_cli_error(capsys, ["eval", str(ckpt), "--data", str(data), "--probes", "blend"], 2,
+                     "--probes 'blend'")
 
     images = sorted((data / "brick" / "test").glob("*/*.png"))[:2]
     assert cli.main(["predict", str(ckpt), *map(str, images), "--out", str(tmp_path / "pred"),
@@ -104,11 +105,11 @@ def test_eval_reproduces_and_predict_writes(data, tmp_path, capsys):
     assert all(s["score"] > 0 for s in scores)
 
 
-def test_existing_run_needs_resume(data, tmp_path):
+def test_existing_run_needs_resume(data, tmp_path, capsys):
     cli.train(_config(data, epochs=1), tmp_path / "runs" / "x", evaluate_after=False)
-    with pytest.raises(SystemExit, match="already holds a run; use --resume"):
-        cli.main(["train", "--data", str(data), "--out", str(tmp_path / "runs"), "--name", "x",
-                  "--device", "cpu"])
+    assert_cli_error(capsys, ["train", "--data", str(data), "--out", str(tmp_path / "runs"),
+                              "--name", "x", "--device", "cpu"], 1,
+                     "already holds a run; use --resume")
 
 
 def test_missing_data_folder_is_named(tmp_path):
@@ -211,3 +212,46 @@ def test_data_seed_is_separate_from_the_training_seed(tmp_path, monkeypatch):
     config = arguments.train_config(parse(["train", "--seed", "2", "--data-seed", "0"]))
     assert training.resolve_data(config, world) == default
     assert [seed for _, seed in made] == [0, 2, 0]
+
+
+def test_loss_formulation_flags_reach_the_model(tmp_path):
+    """``snl train`` / ``snl compare`` loss flags fill TrainConfig, whose defaults are the
+    model's, and build_model passes them on; a bad weight is named."""
+    import snl
+    from snl import distributed
+    from snl.cli import arguments, training
+
+    parse = arguments.build_parser("snl").parse_args
+    defaults = arguments.train_config(parse(["train"]))
+    params = inspect.signature(snl.SNL).parameters
+    for name in training.FORMULATION_FIELDS:
+        assert getattr(defaults, name) == params[name].default, name
+        assert getattr(cli.TrainConfig(), name) == params[name].default, name
+    flags = ["--w-ch", "0.5", "--w-sp", "0", "--w-intra", "2", "--w-inter", "0.25", "--w-c", "3",
+             "--w-rd", "0", "--compact-norm", "sum", "--residual-ratio", "4"]
+    for command in (["train"], ["compare"]):
+        args = parse(command + flags)
+        to_config = arguments.train_config if command == ["train"] else arguments.compare_config
+        config = to_config(args)
+        assert training.formulation(config) == {
+            "w_ch": 0.5, "w_sp": 0.0, "w_intra": 2.0, "w_inter": 0.25, "w_c": 3.0, "w_rd": 0.0,
+            "compact_norm": "sum", "residual_ratio": 4}
+    config = dataclasses.replace(config, backbone="tf_efficientnet_lite0", pretrained=False)
+    model = training.build_model(config, distributed.setup("cpu"))
+    assert model.loss_weights == snl.loss.LossWeights(0.5, 0.0, 2.0, 0.25, 3.0, 0.0)
+    assert model.compact_norm == "sum"
+    assert model.cram.phi[0].out_channels == model.arch.embed_dim // 4
+    for bad in (["--w-c", "-1"], ["--w-rd", "nan"], ["--compact-norm", "max"]):
+        with pytest.raises(SystemExit):
+            parse(["train", *bad])
+
+
+def test_checkpoints_from_before_the_loss_options_resume_with_the_first_formulation():
+    from snl.cli import training
+
+    saved = dataclasses.asdict(cli.TrainConfig(seed=3))
+    assert cli.TrainConfig.from_saved(saved) == cli.TrainConfig(seed=3)
+    old = {k: v for k, v in saved.items() if k not in training.FORMULATION_FIELDS}
+    config = cli.TrainConfig.from_saved(old)
+    assert training.formulation(config) == training.V1_FORMULATION
+    assert config.seed == 3

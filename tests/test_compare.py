@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from support import require_model_extra
+from support import assert_cli_error, require_model_extra
 
 from snl import cli, compare
 from snl.data import DEFECT_TYPES, PROBE_KINDS, make_default_dataset
@@ -71,7 +71,7 @@ def test_compare_tables_seeds_spread_and_rerun(tmp_path, capsys, monkeypatch):
     assert trained == [("snl-seed1", True)]
     assert json.loads(lost.read_text())["table"] == before["table"]
     assert json.loads((folder / "compare.json").read_text())["summary"] == result["summary"]
-    with pytest.raises(SystemExit, match="holds a comparison with other settings"):
-        cli.main([*argv, "--lr", "0.001"])
-    with pytest.raises(SystemExit, match="--seeds must name distinct integers"):
-        cli.main([*argv[:3], "--seeds", "1,1"])
+    assert_cli_error(capsys, [*argv, "--lr", "0.001"], 1,
+                     "holds a comparison with other settings")
+    assert_cli_error(capsys, [*argv[:3], "--seeds", "1,1"], 2,
+                     "--seeds must name distinct integers")

@@ -25,6 +25,7 @@ except Exception as exc:  # a CUDA torchvision next to a CPU torch raises Runtim
 import snl
 import snl_kernels
 from snl import weights as snl_weights
+from snl.loss import rd_loss
 
 BACKBONES = {  # name: (C_1, C_2, C_3)
     "resnet18": (64, 128, 256),
@@ -101,23 +102,55 @@ def test_any_size_divisible_by_32():
     assert model.predict(x)[1].shape == (1, 1, 32, 96)
 
 
+def _weighted_total(out, w):
+    return sum(getattr(w, f"w_{short}") * out[term] for short, term in (
+        ("ch", "channel"), ("sp", "spatial"), ("intra", "intra"), ("inter", "inter"),
+        ("c", "compact"), ("rd", "rd")) if term in out)
+
+
 def test_loss_terms():
     model = build()
     out = model.loss(images())
-    assert set(out) == SNL_TERMS
+    w = model.loss_weights
+    active = {term for short, term in (("ch", "channel"), ("sp", "spatial"), ("intra", "intra"),
+                                       ("inter", "inter"), ("c", "compact"), ("rd", "rd"))
+              if getattr(w, f"w_{short}")}
+    assert set(out) == active | {"total"}
+    assert {"channel", "spatial", "intra", "inter"} <= active  # the paper's terms stay on
     assert all(v.dim() == 0 and v.dtype == torch.float32 and torch.isfinite(v)
                for v in out.values())
-    w = model.loss_weights
-    total = (w.w_ch * out["channel"] + w.w_sp * out["spatial"] + w.w_intra * out["intra"]
-             + w.w_inter * out["inter"] + w.w_c * out["compact"])
-    torch.testing.assert_close(out["total"], total)
+    torch.testing.assert_close(out["total"], _weighted_total(out, w))
+
+    every = build(w_c=0.5, w_rd=2.0)
+    out = every.loss(images())
+    assert set(out) == SNL_TERMS | {"rd"}
+    torch.testing.assert_close(out["total"], _weighted_total(out, every.loss_weights))
 
     rd = build(structure="rd")
     assert rd.cram is None
     assert set(rd.loss(images())) == {"rd", "total"}
 
-    off = build(w_intra=0, w_c=0, intra_distance="l1", inter_distance="l1")
+    off = build(w_intra=0, w_c=0, w_rd=0, intra_distance="l1", inter_distance="l1")
     assert set(off.loss(images())) == {"channel", "spatial", "inter", "total"}
+
+
+def test_rd_term_is_rd4ads_loss_and_compact_norm_divides_by_the_width():
+    """``rd`` in SNL's loss is the RD baseline's loss on the same features; ``compact_norm``
+    "dim" is the op's compactness divided by D, "sum" the op's value."""
+    x = images()
+    by_norm = {}
+    for norm in ("sum", "dim"):
+        model = build(compact_norm=norm, w_c=1.0, w_rd=1.0)
+        features = model(x)
+        by_norm[norm] = model.loss(x)
+        torch.testing.assert_close(by_norm[norm]["rd"],
+                                   rd_loss(features.teachers, features.students,
+                                           backend="torch")["rd"])
+        assert model.compact_norm == norm
+    dim = build().arch.embed_dim
+    torch.testing.assert_close(by_norm["dim"]["compact"] * dim, by_norm["sum"]["compact"])
+    for term in ("channel", "spatial", "intra", "inter", "rd"):
+        torch.testing.assert_close(by_norm["dim"][term], by_norm["sum"][term])
 
 
 # --------------------------------------------------------------------------- teacher
@@ -199,6 +232,14 @@ def test_fused_equals_reference_with_triton(monkeypatch):
     monkeypatch.setenv("SNL_DOT_PRECISION", "ieee")
     x = images(device="cuda" if HAS_GPU else "cpu")
     assert_fused_matches_reference(SMALL, x, 1e-5, 1e-6, grad_rtol=1e-3, grad_atol=1e-4)
+
+
+def test_fused_equals_reference_on_the_cpu():
+    """On a CPU, fused=True runs the reference except the intra-affinity l2 loss, which takes
+    its PyTorch Gram form (snl_kernels/gram_path.py) at these sizes (C < N at every level)."""
+    if HAS_GPU:
+        pytest.skip("on a GPU fused=True runs kernels (the tests above)")
+    assert_fused_matches_reference(SMALL, images(), 1e-5, 1e-6, grad_rtol=1e-3, grad_atol=1e-4)
 
 
 @requires_gpu
@@ -350,7 +391,9 @@ def test_bad_image_types_raise():
     (dict(w_c=-1.0), r"w_c must be a finite number >= 0, got -1.0"),
     (dict(sigma=float("nan")), r"sigma must be a finite number >= 0, got nan"),
     (dict(num_centers=0), r"num_centers must be a positive int, got 0"),
-    (dict(w_ch=0, w_sp=0, w_intra=0, w_inter=0, w_c=0), r"every loss weight is 0"),
+    (dict(w_ch=0, w_sp=0, w_intra=0, w_inter=0, w_c=0, w_rd=0), r"every loss weight is 0"),
+    (dict(w_rd=float("inf")), r"w_rd must be a finite number >= 0, got inf"),
+    (dict(compact_norm="max"), r"compact_norm must be one of 'sum', 'dim', got 'max'"),
     (dict(backbone="no_such_net"), r"backbone must be a timm model name .* 'no_such_net'"),
     (dict(backbone="vit_tiny_patch16_224"), r"no feature level at stride 4"),
 ])

@@ -97,6 +97,14 @@ def test_cram_module_outputs():
         snl.CRAM(8, 0)
     with pytest.raises(ValueError, match="tau must be a positive number or None, got -1"):
         snl.CRAM(8, 2, tau=-1)
+    narrow = snl.CRAM(dim=32, num_centers=4, fused=False, residual_ratio=8)
+    assert [m.out_channels for m in narrow.phi if isinstance(m, torch.nn.Conv2d)] == [4, 32]
+    z, out = narrow(e)
+    torch.testing.assert_close(z, out.central + narrow.phi(e - out.central))
+    for bad in (0, 33, 2.0):
+        with pytest.raises(ValueError, match=f"residual_ratio must be an int from 1 to the "
+                                             f"embedding width 32, got {bad}"):
+            snl.CRAM(32, 4, residual_ratio=bad)
 
 
 @pytest.mark.skipif(NO_TRITON is not None, reason=NO_TRITON or "")
@@ -126,8 +134,8 @@ def test_cram_fused_equals_reference(monkeypatch):
 def test_snl_loss_is_the_sum_of_the_ops():
     teachers, students = levels()
     out = snl_loss(teachers, students, torch.full((2, 1, 1), 3.0),
-                   LossWeights(w_ch=1, w_sp=2, w_intra=3, w_inter=4, w_c=0.5), "l1", "l2",
-                   backend="torch")
+                   LossWeights(w_ch=1, w_sp=2, w_intra=3, w_inter=4, w_c=0.5, w_rd=6), "l1",
+                   "l2", backend="torch")
     sc = reference.spatial_channel_loss(teachers, students)
     intra = sum(reference.intra_affinity_loss(t, s, "l1")
                 for t, s in zip(teachers, students, strict=True))
@@ -135,10 +143,12 @@ def test_snl_loss_is_the_sum_of_the_ops():
              + reference.inter_affinity_loss(teachers[1], teachers[2], students[1],
                                              students[2]))
     expected = dict(channel=sc.pixel_mean, spatial=sc.channel_mean, intra=intra, inter=inter,
-                    compact=torch.tensor(3.0))
+                    compact=torch.tensor(3.0), rd=sc.sample_mean)
+    assert set(out) == set(expected) | {"total"}
     for k, v in expected.items():
         torch.testing.assert_close(out[k], v, msg=k)
-    total = sc.pixel_mean + 2 * sc.channel_mean + 3 * intra + 4 * inter + 0.5 * 3.0
+    total = (sc.pixel_mean + 2 * sc.channel_mean + 3 * intra + 4 * inter + 0.5 * 3.0
+             + 6 * sc.sample_mean)
     torch.testing.assert_close(out["total"], total)
     assert rd_loss(teachers, students, backend="torch")["total"] == sc.sample_mean
 
@@ -146,10 +156,11 @@ def test_snl_loss_is_the_sum_of_the_ops():
 def test_zero_weights_switch_terms_off():
     teachers, students = levels()
     out = snl_loss(teachers, students, None,
-                   LossWeights(w_ch=0, w_sp=1, w_intra=0, w_inter=1, w_c=1), backend="torch")
+                   LossWeights(w_ch=0, w_sp=1, w_intra=0, w_inter=1, w_c=1, w_rd=0),
+                   backend="torch")
     assert set(out) == {"spatial", "inter", "total"}
     with pytest.raises(ValueError, match="every loss weight is 0"):
-        snl_loss(teachers, students, None, LossWeights(0, 0, 0, 0, 0), backend="torch")
+        snl_loss(teachers, students, None, LossWeights(0, 0, 0, 0, 0, 0), backend="torch")
 
 
 @pytest.mark.skipif(NO_TRITON is not None, reason=NO_TRITON or "")

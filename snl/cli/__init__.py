@@ -26,12 +26,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from snl_kernels import BackendUnavailableError
+
 from .. import distributed
-from .arguments import build_parser, compare_config, probe_kinds, train_config
+from ..data import DatasetError, check_dataset
+from ..weights import WeightsUnavailableError
+from .arguments import UsageError, build_parser, compare_config, probe_kinds, train_config
 from .evaluation import evaluate, evaluate_all
 from .prediction import export_onnx, load_run, predict_files
 from .training import TrainConfig, build_model, resolve_data, train
@@ -40,9 +45,52 @@ __all__ = ["TrainConfig", "build_model", "evaluate", "evaluate_all", "export_onn
            "main", "predict_files", "resolve_data", "train"]
 
 
+class CommandError(Exception):
+    """An expected failure of a command (exit status 1), said in one line."""
+
+
+#: Errors a user can fix (a path, a file, an option, a missing package): one line, exit 1,
+#: unless --debug. Anything else is a bug and keeps its traceback.
+EXPECTED = (CommandError, DatasetError, WeightsUnavailableError, BackendUnavailableError,
+            FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
+            ValueError, ImportError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``snl`` command with ``argv`` (default: ``sys.argv[1:]``); the exit status."""
+    """Run the ``snl`` command with ``argv`` (default: ``sys.argv[1:]``); the exit status.
+
+    Bad usage prints ``snl: error: ...`` and returns 2; an expected failure (a missing
+    folder or checkpoint, an unreadable image, a missing extra) prints ``snl: error: ...``
+    and returns 1; ``--debug`` shows the full traceback instead.
+    """
     args = build_parser(__doc__.split("\n\n")[0]).parse_args(argv)
+    try:
+        return _run(args)
+    except UsageError as exc:
+        if args.debug:
+            raise
+        print(f"snl: error: {exc} (see: snl {args.command} --help)", file=sys.stderr)
+        return 2
+    except EXPECTED as exc:
+        if args.debug:
+            raise
+        print(f"snl: error: {_message(exc)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("snl: interrupted", file=sys.stderr)
+        return 130
+
+
+def _message(exc: BaseException) -> str:
+    if isinstance(exc, ImportError) and "onnx" in str(exc).lower():
+        return (f"{exc} (the export needs the export extra: pip install "
+                f"'snl-kernels[export]')")
+    return str(exc) or type(exc).__name__
+
+
+def _run(args) -> int:
     if args.command == "info":
         from snl_kernels.__main__ import report as kernels_report
 
@@ -58,20 +106,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                 name = args.name or time.strftime("%Y%m%d-%H%M%S")
                 run_dir = Path(args.out) / name
                 if world.is_main and (run_dir / "checkpoints" / "last.pt").exists():
-                    raise SystemExit(f"snl: {run_dir} already holds a run; use --resume "
-                                     f"{run_dir} or another --name")
+                    raise CommandError(f"{run_dir} already holds a run; use --resume "
+                                       f"{run_dir} or another --name")
                 train(config, run_dir, world=world)
         finally:
             distributed.teardown(world)
         return 0
     if args.command == "eval":
+        probes = probe_kinds(args)
         model, config, world = load_run(args.checkpoint, args.device)
         data = Path(args.data) if args.data else resolve_data(
             dataclasses.replace(config, data=None), world)
+        classes = "all" if args.classes == "all" else args.classes.split(",")
+        check_dataset(data, classes, train=False, test=True)
         out = Path(args.out) if args.out else Path(args.checkpoint).parent.parent / "eval"
-        probes = probe_kinds(args)
-        table = evaluate_all(model, data,
-                             "all" if args.classes == "all" else args.classes.split(","),
+        table = evaluate_all(model, data, classes,
                              config.image_size, out, world, dataclasses.asdict(config),
                              probes=probes, probe_seed=args.probe_seed,
                              probe_count=args.probe_count).table
@@ -82,11 +131,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             seeds = parse_ints(args.seeds, "--seeds")
         except ValueError as exc:
-            raise SystemExit(f"snl: {exc}") from None
+            raise UsageError(str(exc)) from None
         structures = [s for s in args.structures.split(",") if s]
         if not structures or any(s not in ("snl", "rd") for s in structures):
-            raise SystemExit(f"snl: --structures must name snl and/or rd, got "
-                             f"{args.structures!r}")
+            raise UsageError(f"--structures must name snl and/or rd, got {args.structures!r}")
         name = args.name or time.strftime("compare-%Y%m%d-%H%M%S")
         compare(Path(args.out) / name, compare_config(args), seeds=seeds,
                 structures=structures,

@@ -3,15 +3,40 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from ..data import PROBE_KINDS, parse_kinds
-from .training import CPU_DEFAULTS, GPU_DEFAULTS, TrainConfig
+from ..loss import COMPACT_NORMS, DEFAULT_COMPACT_NORM, LossWeights
+from .training import CPU_DEFAULTS, FORMULATION_FIELDS, GPU_DEFAULTS, TrainConfig
+
+
+class UsageError(Exception):
+    """A bad command line found after parsing (exit status 2, like argparse's own)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line ``snl: error: ...`` (exit status 2)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"snl: error: {message} (see: {self.prog} --help)\n")
 
 
 def build_parser(description: str) -> argparse.ArgumentParser:
     """The parser of ``snl train | eval | predict | export | compare | info``."""
-    p = argparse.ArgumentParser(prog="snl", description=description)
+    p = Parser(prog="snl", description=description)
+    p.add_argument("--debug", action="store_true",
+                   help="show the full traceback of an error instead of one line")
     sub = p.add_subparsers(dest="command", required=True)
+    _add_parser = sub.add_parser
+
+    def add_parser(name: str, **kwargs) -> argparse.ArgumentParser:
+        q = _add_parser(name, **kwargs)
+        # Also after the subcommand; SUPPRESS keeps a flag given before it.
+        q.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the full traceback of an error instead of one line")
+        return q
+
+    sub.add_parser = add_parser  # type: ignore[method-assign]
 
     t = sub.add_parser("train", help="train (and evaluate) a model")
     t.add_argument("--data", help="data set folder (MVTec AD or VisA 1-class layout); "
@@ -31,6 +56,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     t.add_argument("--no-pretrained", action="store_true", help="random teacher (tests only)")
     t.add_argument("--weights", help="teacher weights file (timm or torchvision names)")
     t.add_argument("--num-centers", type=int, default=16)
+    _formulation_arguments(t)
     t.add_argument("--seed", type=int, default=0, help="training seed (initialisation, "
                                                         "shuffling)")
     t.add_argument("--data-seed", type=int,
@@ -74,6 +100,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=int, default=16)
     c.add_argument("--lr", type=float, default=0.005)
     c.add_argument("--num-centers", type=int, default=16)
+    _formulation_arguments(c)
     c.add_argument("--reference", action="store_true", help="plain-PyTorch ops (fused=False)")
     c.add_argument("--no-pretrained", action="store_true", help="random teacher (tests only)")
     c.add_argument("--weights")
@@ -91,6 +118,35 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def _formulation_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("SNL's loss (DESIGN §3; structure snl only)")
+    for name, what in (("ch", "the per-pixel cosines (channel distillation)"),
+                       ("sp", "the per-channel cosines (spatial distillation)"),
+                       ("intra", "the intra-affinity loss"), ("inter", "the inter-affinity loss"),
+                       ("c", "CRAM's compactness"), ("rd", "RD4AD's flattened cosine")):
+        default = getattr(LossWeights, f"w_{name}")
+        g.add_argument(f"--w-{name}", type=_weight, default=default, metavar="W",
+                       help=f"weight of {what}; 0 switches it off (default {default})")
+    g.add_argument("--compact-norm", choices=COMPACT_NORMS, default=DEFAULT_COMPACT_NORM,
+                   help="compactness as the op returns it (sum over the embedding's D "
+                        "channels) or divided by D (default %(default)s)")
+    g.add_argument("--residual-ratio", type=int, default=1, metavar="R",
+                   help="CRAM's residual path phi through D / R channels (default 1: a D x D "
+                        "1x1 convolution)")
+
+
+def _weight(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"a loss weight must be a finite number >= 0, got {text}")
+    return value
+
+
+def formulation_arguments(args: argparse.Namespace) -> dict[str, float | str]:
+    """The ``TrainConfig`` loss fields of parsed ``snl train`` / ``snl compare`` arguments."""
+    return {name: getattr(args, name) for name in FORMULATION_FIELDS}
+
+
 def _probe_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--probes", default="", metavar="KINDS",
                    help="cross-class probes scored as extra defect types, comma-separated: "
@@ -105,7 +161,7 @@ def probe_kinds(args: argparse.Namespace) -> list[str]:
     try:
         return parse_kinds(args.probes)
     except ValueError as exc:
-        raise SystemExit(f"snl: --probes {args.probes!r}: {exc}") from None
+        raise UsageError(f"--probes {args.probes!r}: {exc}") from None
 
 
 def compare_config(args: argparse.Namespace) -> TrainConfig:
@@ -115,7 +171,7 @@ def compare_config(args: argparse.Namespace) -> TrainConfig:
         image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, fused=not args.reference, pretrained=not args.no_pretrained,
         weights=args.weights, num_centers=args.num_centers, data_seed=args.data_seed,
-        workers=args.workers, device=args.device)
+        workers=args.workers, device=args.device, **formulation_arguments(args))
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
@@ -126,5 +182,4 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         lr=args.lr, structure=args.structure, fused=not args.reference,
         pretrained=not args.no_pretrained, weights=args.weights,
         num_centers=args.num_centers, seed=args.seed, data_seed=args.data_seed,
-        workers=args.workers,
-        device=args.device)
+        workers=args.workers, device=args.device, **formulation_arguments(args))

@@ -21,7 +21,7 @@ def load_run(checkpoint_path: str | os.PathLike, device: str | None = None):
     """Model and config of a checkpoint (the teacher's weights are in it: no download)."""
     state = checkpoint.load(checkpoint_path)
     world = distributed.setup(device)
-    config = TrainConfig(**state["config"]).resolved(world.device)
+    config = TrainConfig.from_saved(state["config"]).resolved(world.device)
     config.pretrained, config.weights = False, None
     model = build_model(config, world)
     model.load_state_dict(state["model"])

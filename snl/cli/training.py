@@ -20,7 +20,8 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from .. import checkpoint, distributed, report
-from ..data import TrainDataset, default_root, make_default_dataset
+from ..data import TrainDataset, check_dataset, default_root, make_default_dataset
+from ..loss import DEFAULT_COMPACT_NORM, LossWeights
 from .console import log, progress
 from .evaluation import evaluate
 
@@ -46,6 +47,16 @@ class TrainConfig:
     pretrained: bool = True
     weights: str | None = None
     num_centers: int = 16
+    # SNL's loss (DESIGN §3; ignored by structure "rd"): the term weights and how CRAM's
+    # compactness is normalised.
+    w_ch: float = LossWeights.w_ch
+    w_sp: float = LossWeights.w_sp
+    w_intra: float = LossWeights.w_intra
+    w_inter: float = LossWeights.w_inter
+    w_c: float = LossWeights.w_c
+    w_rd: float = LossWeights.w_rd
+    compact_norm: str = DEFAULT_COMPACT_NORM
+    residual_ratio: int = 1  #: CRAM's residual path narrowed to D / residual_ratio channels
     seed: int = 0  #: training seed (initialisation, shuffling)
     #: seed of the embedded default data set; None: ``seed`` (the data set follows the
     #: training seed, as before this option existed)
@@ -61,6 +72,13 @@ class TrainConfig:
             if values[key] is None:
                 values[key] = value
         return TrainConfig(**values)
+
+    @classmethod
+    def from_saved(cls, values: dict) -> TrainConfig:
+        """The config saved in a checkpoint. One saved before the loss options existed was
+        trained with the first formulation (DESIGN §3, "v1"), which fills them."""
+        missing = {k: v for k, v in V1_FORMULATION.items() if k not in values}
+        return cls(**{**values, **missing})
 
     def class_list(self) -> str | list[str]:
         return "all" if self.classes == "all" else [c for c in self.classes.split(",") if c]
@@ -84,7 +102,21 @@ def build_model(config: TrainConfig, world: distributed.World):
     assert config.backbone is not None
     return snl.SNL(backbone=config.backbone, pretrained=config.pretrained,
                    weights=config.weights, fused=config.fused,
-                   structure=config.structure, num_centers=config.num_centers).to(world.device)
+                   structure=config.structure, num_centers=config.num_centers,
+                   **formulation(config)).to(world.device)
+
+
+#: The loss options of the first formulation (DESIGN §3), which checkpoints written before
+#: these options existed were trained with.
+V1_FORMULATION = {"w_ch": 1.0, "w_sp": 1.0, "w_intra": 1.0, "w_inter": 1.0, "w_c": 0.1,
+                  "w_rd": 0.0, "compact_norm": "sum", "residual_ratio": 1}
+FORMULATION_FIELDS = ("w_ch", "w_sp", "w_intra", "w_inter", "w_c", "w_rd", "compact_norm",
+                      "residual_ratio")
+
+
+def formulation(config: TrainConfig) -> dict[str, float | str]:
+    """The ``snl.SNL`` keyword arguments of SNL's loss that ``config`` sets."""
+    return {name: getattr(config, name) for name in FORMULATION_FIELDS}
 
 
 def default_data_root(data_seed: int) -> Path:
@@ -127,7 +159,7 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
     state = None
     if resume:
         state = checkpoint.load(ckpt_path)
-        config = TrainConfig(**state["config"])
+        config = TrainConfig.from_saved(state["config"])
         start_epoch, history = int(state["epoch"]), list(state["history"])
         log(world, f"resuming {run_dir} at epoch {start_epoch}")
     config = config.resolved(world.device)
@@ -140,6 +172,10 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
     norm = model.normalization
     dataset = TrainDataset(data_root, config.class_list(), size=config.image_size,
                            mean=norm.mean, std=norm.std)
+    if start_epoch < config.epochs:
+        # Every file is checked before the first step: a bad one stops the run here, with
+        # the list of all of them, not mid-epoch.
+        check_dataset(data_root, config.class_list(), train=True, test=evaluate_after)
     sampler = DistributedSampler(dataset, num_replicas=world.size, rank=world.rank,
                                  shuffle=True, seed=config.seed)
     loader = DataLoader(dataset, batch_size=config.batch_size, sampler=sampler,

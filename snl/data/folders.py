@@ -283,3 +283,72 @@ class TestDataset(_FolderDataset):
     def labels(self) -> np.ndarray:
         """(len,) int64: 1 for defect images, 0 for good ones, without reading any file."""
         return np.array([int(s.defect != GOOD) for s in self.samples], dtype=np.int64)
+
+
+def _header(path: Path) -> tuple[tuple[int, int] | None, str | None]:
+    """(width, height) of an image file and None, or None and why it cannot be read.
+
+    Pillow's ``verify`` checks the file's structure (for PNG every chunk's CRC) without
+    decoding the pixels, so checking a whole data set costs little.
+    """
+    try:
+        with Image.open(path) as image:
+            size = image.size
+            image.verify()
+        return size, None
+    except Exception as exc:  # Pillow raises many types for bad files
+        return None, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def check_dataset(root: str | os.PathLike, classes: str | Sequence[str] = "all",
+                  train: bool = True, test: bool = True) -> None:
+    """Check a data set folder before any training or evaluation starts.
+
+    Every image of the selected classes (``train/good`` with ``train``, ``test/*`` with
+    ``test``) must be a readable image file, every defect image must have its mask, and
+    every mask must be readable and have its image's width and height. All problems are
+    collected and raised at once.
+
+    Raises:
+        DatasetError: the layout is wrong (as :class:`TrainDataset` and
+            :class:`TestDataset` say), or a list of every bad file, one per line.
+    """
+    problems: list[str] = []
+    for name, folder in _select(root, classes).items():
+        groups: list[tuple[str, Path]] = []
+        if train:
+            good = folder / "train" / GOOD
+            if not good.is_dir():
+                problems.append(f"{good}: missing (class {name!r} has no training folder)")
+            else:
+                groups.append((GOOD, good))
+        if test:
+            test_dir = folder / "test"
+            if not test_dir.is_dir():
+                problems.append(f"{test_dir}: missing (class {name!r} has no test folder)")
+            else:
+                groups += [("test", d) for d in sorted(test_dir.iterdir()) if d.is_dir()]
+        for kind, group in groups:
+            images = _images_in(group)
+            if kind == GOOD and not images:
+                problems.append(f"{group}: no images (looked for {', '.join(IMAGE_EXTENSIONS)})")
+            for path in images:
+                size, why = _header(path)
+                if why:
+                    problems.append(f"{path}: not a readable image ({why})")
+                if kind == GOOD or group.name == GOOD:
+                    continue
+                try:
+                    mask = _find_mask(folder, group.name, path)
+                except DatasetError as exc:
+                    problems.append(f"{path}: {exc}")
+                    continue
+                mask_size, why = _header(mask)
+                if why:
+                    problems.append(f"{mask}: not a readable mask ({why})")
+                elif size is not None and mask_size != size:
+                    problems.append(f"{mask}: mask is {mask_size[0]}x{mask_size[1]}, its image "
+                                    f"{path.name} is {size[0]}x{size[1]}")
+    if problems:
+        raise DatasetError(f"{len(problems)} problem(s) in data set {root}:\n  "
+                           + "\n  ".join(problems))
