@@ -96,13 +96,41 @@ def test_eval_reproduces_and_predict_writes(data, tmp_path, capsys):
     assert_cli_error(capsys, ["eval", str(ckpt), "--data", str(data), "--probes", "blend"], 2,
                      "--probes 'blend'")
 
-    images = sorted((data / "brick" / "test").glob("*/*.png"))[:2]
+    # Training stored the F1 threshold of its evaluation with the checkpoint; eval replaces
+    # it (here by a false-positive-rate one) and predict reports scores, normalised, labels.
+    stored = checkpoint.load(ckpt)["calibration"]
+    assert stored == json.loads((tmp_path / "run" / "calibration.json").read_text())
+    assert stored["method"] == "f1"
+    assert stored["low"] <= stored["threshold"] <= stored["high"]
+    assert cli.main(["eval", str(ckpt), "--data", str(data), "--out", str(tmp_path / "fp"),
+                     "--device", "cpu", "--threshold", "fpr=0"]) == 0
+    assert "threshold (fpr=0)" in capsys.readouterr().out
+    calibrated = checkpoint.load(ckpt)["calibration"]
+    assert calibrated["method"] == "fpr=0"
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["eval", str(ckpt), "--threshold", "fpr=2"])
+    assert exit_.value.code == 2
+    assert "argument --threshold: threshold must be 'f1' or 'fpr=F'" in capsys.readouterr().err
+
+    images = sorted((data / "brick" / "test").glob("*/*.png"))
     assert cli.main(["predict", str(ckpt), *map(str, images), "--out", str(tmp_path / "pred"),
                      "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out.splitlines()
     scores = json.loads((tmp_path / "pred" / "scores.json").read_text())
     assert [s["path"] for s in scores] == [str(p) for p in images]
     assert all(os.path.isfile(s["overlay"]) for s in scores)
     assert all(s["score"] > 0 for s in scores)
+    assert printed[0].split() == ["score", "normalised", "label", "path"]
+    span = calibrated["high"] - calibrated["low"]
+    for s, line in zip(scores, printed[1:], strict=True):
+        want = min(max((s["score"] - calibrated["threshold"]) / span + 0.5, 0.0), 1.0)
+        assert s["normalised"] == pytest.approx(want)
+        assert (s["normalised"] >= 0.5) == (s["label"] == "anomalous")
+        assert s["label"] == ("anomalous" if s["score"] >= calibrated["threshold"] else "normal")
+        assert line.split() == [f"{s['score']:.6f}", f"{s['normalised']:.4f}", s["label"],
+                                s["path"]]
+    # fpr=0: no good test image of the evaluated set is labelled anomalous
+    assert all(s["label"] == "normal" for s in scores if "/good/" in s["path"])
 
 
 def test_existing_run_needs_resume(data, tmp_path, capsys):
@@ -182,15 +210,30 @@ def test_onnx_export_matches_pytorch(data, tmp_path):
     pytest.importorskip("onnx", reason="onnx not installed")
     cli.train(_config(data, epochs=1), tmp_path / "run", evaluate_after=False)
     ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
-    out = cli.export_onnx(ckpt, tmp_path / "m.onnx")
+    images = torch.randn(2, 3, 64, 64)
+    out = cli.export_onnx(ckpt, tmp_path / "m.onnx")  # not evaluated: scores and maps only
     model, _, _ = cli.load_run(ckpt, "cpu")
     model.fused = False
-    images = torch.randn(2, 3, 64, 64)
     scores, maps = model.predict(images)
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["scores", "maps"]
     o_scores, o_maps = session.run(None, {"images": images.numpy()})
     torch.testing.assert_close(torch.from_numpy(o_scores), scores, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(torch.from_numpy(o_maps), maps, atol=1e-4, rtol=1e-4)
+
+    # With a stored calibration the export carries the normalisation and the labels.
+    threshold = float(scores.min() + scores.max()) / 2
+    cli.store_calibration(ckpt, {"threshold": threshold, "low": float(scores.min()) - 1,
+                                 "high": float(scores.max()) + 1, "method": "f1"})
+    out = cli.export_onnx(ckpt, tmp_path / "c.onnx")
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["scores", "maps", "normalised", "labels"]
+    o_scores, _, o_norm, o_labels = session.run(None, {"images": images.numpy()})
+    span = float(scores.max() - scores.min()) + 2
+    torch.testing.assert_close(torch.from_numpy(o_norm), (scores - threshold) / span + 0.5,
+                               atol=1e-4, rtol=1e-4)
+    assert o_labels.tolist() == (o_scores >= threshold).astype(int).tolist()
+    assert sorted(o_labels.tolist()) == [0, 1]
 
 
 def test_data_seed_is_separate_from_the_training_seed(tmp_path, monkeypatch):

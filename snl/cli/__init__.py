@@ -39,10 +39,21 @@ from ..weights import WeightsUnavailableError
 from .arguments import UsageError, build_parser, compare_config, probe_kinds, train_config
 from .evaluation import evaluate, evaluate_all
 from .prediction import export_onnx, load_run, predict_files
-from .training import TrainConfig, build_model, resolve_data, train
+from .training import TrainConfig, build_model, resolve_data, store_calibration, train
 
-__all__ = ["TrainConfig", "build_model", "evaluate", "evaluate_all", "export_onnx", "load_run",
-           "main", "predict_files", "resolve_data", "train"]
+__all__ = [
+    "TrainConfig",
+    "build_model",
+    "evaluate",
+    "evaluate_all",
+    "export_onnx",
+    "load_run",
+    "main",
+    "predict_files",
+    "resolve_data",
+    "store_calibration",
+    "train",
+]
 
 
 class CommandError(Exception):
@@ -120,10 +131,15 @@ def _run(args) -> int:
         classes = "all" if args.classes == "all" else args.classes.split(",")
         check_dataset(data, classes, train=False, test=True)
         out = Path(args.out) if args.out else Path(args.checkpoint).parent.parent / "eval"
-        table = evaluate_all(model, data, classes,
-                             config.image_size, out, world, dataclasses.asdict(config),
-                             probes=probes, probe_seed=args.probe_seed,
-                             probe_count=args.probe_count).table
+        result = evaluate_all(model, data, classes,
+                              config.image_size, out, world, dataclasses.asdict(config),
+                              probes=probes, probe_seed=args.probe_seed,
+                              probe_count=args.probe_count, threshold=args.threshold)
+        if world.is_main:
+            store_calibration(args.checkpoint, result.calibration)
+            c = result.calibration
+            print(f"threshold ({c['method']}) {c['threshold']:.6g} stored in {args.checkpoint}")
+        table = result.table
         return 0 if all(not math.isnan(v) for row in table.values() for v in row.values()) else 1
     if args.command == "compare":
         from ..compare import compare, parse_ints
@@ -141,8 +157,17 @@ def _run(args) -> int:
                 probes=probe_kinds(args), probe_count=args.probe_count)
         return 0
     if args.command == "predict":
-        for result in predict_files(args.checkpoint, args.images, args.out, args.device):
-            print(f"{result['score']:.6f}  {result['path']}")
+        results = predict_files(args.checkpoint, args.images, args.out, args.device)
+        if results and "label" not in results[0]:
+            print("snl: no decision threshold in this checkpoint (run `snl eval` on it to "
+                  "store one): raw scores only", file=sys.stderr)
+            for result in results:
+                print(f"{result['score']:.6f}  {result['path']}")
+            return 0
+        print("score       normalised  label      path")
+        for result in results:
+            print(f"{result['score']:<10.6f}  {result['normalised']:<10.4f}  "
+                  f"{result['label']:<9}  {result['path']}")
         return 0
     if args.command == "export":
         print(export_onnx(args.checkpoint, args.onnx))

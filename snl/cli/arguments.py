@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 
+from ..calibration import parse_method
 from ..data import PROBE_KINDS, parse_kinds
 from ..loss import COMPACT_NORMS, DEFAULT_COMPACT_NORM, LossWeights
 from .training import CPU_DEFAULTS, FORMULATION_FIELDS, GPU_DEFAULTS, TrainConfig
@@ -74,6 +75,10 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     e.add_argument("--classes", default="all")
     e.add_argument("--out", help="output folder (default: beside the checkpoint's run)")
     e.add_argument("--device")
+    e.add_argument("--threshold", default="f1", type=_threshold, metavar="f1|fpr=F",
+                   help="decision threshold stored with the checkpoint for `snl predict`: the "
+                        "F1-optimal one on this set (f1, the default) or the one that lets a "
+                        "fraction F of its good images through as anomalous (fpr=0.05)")
     _probe_arguments(e)
 
     r = sub.add_parser("predict", help="score image files and write map overlays")
@@ -133,6 +138,13 @@ def _formulation_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--residual-ratio", type=int, default=1, metavar="R",
                    help="CRAM's residual path phi through D / R channels (default 1: a D x D "
                         "1x1 convolution)")
+
+
+def _threshold(text: str) -> str:
+    try:
+        return parse_method(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _weight(text: str) -> float:

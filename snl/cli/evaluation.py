@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .. import distributed, metrics, report
+from .. import calibration, distributed, metrics, report
 from ..data import GOOD, TestDataset, make_probes, parse_kinds
 from .console import progress
 
@@ -100,6 +100,9 @@ class Evaluation:
 
     table: dict  #: ``{class: {metric: value}, ..., "mean": {...}}``: good vs all real defects
     by_type: dict  #: ``{class: {type: {metric: value}}, ..., "mean": {type: {...}}}``
+    #: the decision threshold and score range over every class's test images (probes not
+    #: included), :class:`snl.calibration.Calibration` as a dict; None off rank 0
+    calibration: dict | None = None
 
 
 def evaluate_all(model, data_root: str | os.PathLike, classes: str | list[str],
@@ -107,7 +110,7 @@ def evaluate_all(model, data_root: str | os.PathLike, classes: str | list[str],
                  world: distributed.World | None = None, config: dict[str, Any] | None = None,
                  batch_size: int = 16, probes: Sequence[str] = (), probe_seed: int = 0,
                  probe_root: str | os.PathLike | None = None, probe_count: int = 8,
-                 quiet: bool = False) -> Evaluation:
+                 quiet: bool = False, threshold: str = "f1") -> Evaluation:
     """Per-class and per-defect-type metrics of ``model``; writes the report on rank 0.
 
     Each process predicts its shard of every class (images i with i % world == rank); the
@@ -122,7 +125,10 @@ def evaluate_all(model, data_root: str | os.PathLike, classes: str | list[str],
         probe_root: where the probe images are written (default ``out_dir/probes``).
         probe_count: probe images per class and kind.
         quiet: print nothing (the report files are written all the same).
+        threshold: how the decision threshold is chosen (:mod:`snl.calibration`): "f1" or
+            "fpr=F"; written to ``calibration.json``.
     """
+    threshold = calibration.parse_method(threshold)
     world = world or distributed.setup()
     out_dir = Path(out_dir)
     model.eval()
@@ -137,6 +143,7 @@ def evaluate_all(model, data_root: str | os.PathLike, classes: str | list[str],
                         size=image_size, count=probe_count)
         distributed.barrier(world)
     per_class, by_type, curves = {}, {}, {}
+    all_scores, all_labels = [], []
     overlays = out_dir / "overlays"
     if world.is_main:
         overlays.mkdir(parents=True, exist_ok=True)
@@ -155,6 +162,8 @@ def evaluate_all(model, data_root: str | os.PathLike, classes: str | list[str],
         per_class[name] = metrics.evaluate(scores.numpy(), labels.numpy(), maps.numpy(),
                                            masks.numpy())
         curves[name] = (scores.numpy(), labels.numpy())
+        all_scores.append(scores.numpy())
+        all_labels.append(labels.numpy())
         _write_overlays(overlays, name, dataset, scores, maps, masks, labels)
         defects = [s.defect for s in dataset.samples]
         if probe_result is not None:
@@ -164,11 +173,16 @@ def evaluate_all(model, data_root: str | os.PathLike, classes: str | list[str],
         by_type[name] = per_type_metrics(scores.numpy(), labels.numpy(), maps.numpy(),
                                          masks.numpy(), defects)
     table = report.with_mean(per_class)
+    calibrated = None
+    if world.is_main:
+        calibrated = calibration.calibrate(np.concatenate(all_scores),
+                                           np.concatenate(all_labels), threshold).to_dict()
     if by_type:
         by_type["mean"] = _mean_by_type(by_type)
     if world.is_main:
         report.write_json(out_dir / "metrics.json", table)
         report.write_json(out_dir / "metrics_by_type.json", by_type)
+        report.write_json(out_dir / "calibration.json", calibrated)
         report.plot_roc(out_dir / "roc.png", curves)
         extra = ["## Per defect type", "",
                  "Each type's images against the class's good test images"
@@ -184,7 +198,7 @@ def evaluate_all(model, data_root: str | os.PathLike, classes: str | list[str],
             if probes:
                 print(report.markdown_table(_flat_types(by_type)), flush=True)
             print(f"report: {out_dir / 'report.md'}", flush=True)
-    return Evaluation(table, by_type)
+    return Evaluation(table, by_type, calibrated)
 
 
 def _flat_types(by_type: dict) -> dict:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .. import checkpoint, distributed, report
+from ..calibration import Calibration
 from ..data import load_image
 from ..data.folders import IMAGE_EXTENSIONS
 from .console import progress
@@ -19,6 +20,12 @@ from .training import TrainConfig, build_model
 
 def load_run(checkpoint_path: str | os.PathLike, device: str | None = None):
     """Model and config of a checkpoint (the teacher's weights are in it: no download)."""
+    model, config, world, _ = load_calibrated_run(checkpoint_path, device)
+    return model, config, world
+
+
+def load_calibrated_run(checkpoint_path: str | os.PathLike, device: str | None = None):
+    """:func:`load_run` and the checkpoint's :class:`Calibration` (None if never evaluated)."""
     state = checkpoint.load(checkpoint_path)
     world = distributed.setup(device)
     config = TrainConfig.from_saved(state["config"]).resolved(world.device)
@@ -26,13 +33,13 @@ def load_run(checkpoint_path: str | os.PathLike, device: str | None = None):
     model = build_model(config, world)
     model.load_state_dict(state["model"])
     model.eval()
-    return model, config, world
+    return model, config, world, Calibration.from_dict(state.get("calibration"))
 
 
 def predict_files(checkpoint_path: str | os.PathLike, images: Sequence[str],
                   out_dir: str | os.PathLike, device: str | None = None) -> list[dict]:
     """Scores and overlay PNGs for image files; writes ``scores.json`` to ``out_dir``."""
-    model, config, world = load_run(checkpoint_path, device)
+    model, config, world, calibrated = load_calibrated_run(checkpoint_path, device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     norm, size = model.normalization, config.image_size
@@ -42,7 +49,12 @@ def predict_files(checkpoint_path: str | os.PathLike, images: Sequence[str],
             raise FileNotFoundError(f"not an image file: {path}")
         image = load_image(path, size, norm.mean, norm.std)[None].to(world.device)
         score, amap = model.predict(image)
-        results.append({"path": str(path), "score": float(score[0])})
+        result = {"path": str(path), "score": float(score[0])}
+        if calibrated is not None:
+            result["normalised"] = float(calibrated.normalise(result["score"]))
+            result["label"] = calibrated.label(result["score"])
+            result["threshold"] = calibrated.threshold
+        results.append(result)
         maps.append(amap[0, 0].float().cpu().numpy())
     vmax = max((float(m.max()) for m in maps), default=1.0)
     for result, amap in zip(results, maps, strict=True):
@@ -55,24 +67,32 @@ def predict_files(checkpoint_path: str | os.PathLike, images: Sequence[str],
 
 
 class _Inference(nn.Module):
-    """``forward`` is ``SNL.predict``, which is what ONNX export traces."""
+    """``forward`` is ``SNL.predict`` (and, with a calibration, the normalised scores and the
+    labels), which is what ONNX export traces."""
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, calibrated: Calibration | None = None) -> None:
         super().__init__()
         self.model = model
+        self.calibrated = calibrated
 
     def forward(self, images: torch.Tensor):
-        return self.model.predict(images)
+        scores, maps = self.model.predict(images)
+        if self.calibrated is None:
+            return scores, maps
+        labels = (scores >= self.calibrated.threshold).to(torch.int64)
+        return scores, maps, self.calibrated.normalise(scores), labels
 
 
 def export_onnx(checkpoint_path: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Export the inference model (reference ops) to ONNX: images -> (scores, maps)."""
-    model, config, _ = load_run(checkpoint_path, "cpu")
+    """Export the inference model (reference ops) to ONNX: images -> (scores, maps), and with
+    a stored calibration also ``normalised`` (0.5 at the threshold) and ``labels`` (1 =
+    anomalous)."""
+    model, config, _, calibrated = load_calibrated_run(checkpoint_path, "cpu")
     model.fused = False
     size = config.image_size
     example = torch.zeros(1, 3, size, size)
-    torch.onnx.export(_Inference(model), (example,), str(out), input_names=["images"],
-                      output_names=["scores", "maps"], dynamo=False,
-                      dynamic_axes={"images": {0: "batch"}, "scores": {0: "batch"},
-                                    "maps": {0: "batch"}})
+    names = ["scores", "maps"] + (["normalised", "labels"] if calibrated is not None else [])
+    torch.onnx.export(_Inference(model, calibrated), (example,), str(out),
+                      input_names=["images"], output_names=names, dynamo=False,
+                      dynamic_axes={"images": {0: "batch"}, **{n: {0: "batch"} for n in names}})
     return Path(out)

@@ -23,7 +23,7 @@ from .. import checkpoint, distributed, report
 from ..data import TrainDataset, check_dataset, default_root, make_default_dataset
 from ..loss import DEFAULT_COMPACT_NORM, LossWeights
 from .console import log, progress
-from .evaluation import evaluate
+from .evaluation import evaluate_all
 
 CPU_DEFAULTS = {"backbone": "tf_efficientnet_lite0", "image_size": 128, "epochs": 12}
 GPU_DEFAULTS = {"backbone": "wide_resnet50_2", "image_size": 256, "epochs": 200}
@@ -225,6 +225,15 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
             report.write_json(run_dir / "history.json", history)
         distributed.barrier(world)
     if evaluate_after:
-        evaluate(model, data_root, config.class_list(), config.image_size, run_dir, world,
-                 dataclasses.asdict(config))
+        result = evaluate_all(model, data_root, config.class_list(), config.image_size, run_dir,
+                              world, dataclasses.asdict(config))
+        if world.is_main:
+            store_calibration(ckpt_path, result.calibration)
     return model
+
+
+def store_calibration(ckpt_path: str | os.PathLike, calibrated: dict | None) -> None:
+    """Add an evaluation's decision threshold and score range to a checkpoint (atomically)."""
+    state = checkpoint.load(ckpt_path)
+    state["calibration"] = calibrated
+    checkpoint.save_atomic(state, ckpt_path)
