@@ -2,7 +2,8 @@
 
 Evaluation writes ``metrics.json`` (per class: good against all defect images),
 ``metrics_by_type.json`` (per class and defect type, cross-class probes included when asked
-for), ``report.md``, ``roc.png`` and ``overlays/*.png`` to its folder. Under ``torchrun``
+for), ``calibration.json`` (the decision threshold and score range, :mod:`snl.calibration`),
+``report.md``, ``roc.png`` and ``overlays/*.png`` to its folder. Under ``torchrun``
 every process predicts its shard of each class's test set; the shards are gathered and
 rank 0 scores and writes.
 """
