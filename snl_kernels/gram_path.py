@@ -3,10 +3,11 @@
 Automatic mode runs this instead of the reference where no kernel backend can (CPU tensors,
 or a GPU without kernels) and the Gram form applies: distance "l2", fewer channels than
 pixels, inputs not float64. The reference (``snl_kernels.reference``) stays the plain
-specification: it forms both N x N affinity matrices, 2 N^2 C operations per sample against
-10 C^2 N here (EfficientNet-Lite0 level 1 at 128 px: N = 1024, C = 24, about 8x fewer, and
-no 4 MB matrix per sample). Asking for ``backend="torch"`` (or ``SNL_BACKEND=torch``) always
-gets the reference; tests hold this path to it.
+specification: it forms both N x N affinity matrices, 4 N^2 C operations per sample, where
+this path forms one (3C x N)(N x 3C) product, 18 C^2 N (EfficientNet-Lite0 level 1 at
+128 px: N = 1024, C = 24, about 10x fewer, and no 4 MB matrix per sample). Asking for
+``backend="torch"`` (or ``SNL_BACKEND=torch``) always gets the reference; tests hold this
+path to it.
 
 Math, per sample, with ``X = F / max(|F|_C, eps)`` per pixel (C x N), ``D = X_S - X_T``
 formed from the normalised columns and ``G_ab = X_a X_b^T`` (C x C)::

@@ -8,6 +8,7 @@ On a machine with a CUDA GPU the kernels are compiled and the tests run on the G
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -140,8 +141,6 @@ def require_model_extra() -> None:
 def assert_cli_error(capsys, argv, status: int, match: str) -> str:
     """``snl ARGV`` returns ``status`` and prints one ``snl: error: ...`` message matching
     ``match`` (a regular expression), no traceback; returns the message."""
-    import re
-
     from snl import cli
 
     capsys.readouterr()

@@ -28,16 +28,6 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true",
                    help="show the full traceback of an error instead of one line")
     sub = p.add_subparsers(dest="command", required=True)
-    _add_parser = sub.add_parser
-
-    def add_parser(name: str, **kwargs) -> argparse.ArgumentParser:
-        q = _add_parser(name, **kwargs)
-        # Also after the subcommand; SUPPRESS keeps a flag given before it.
-        q.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                       help="show the full traceback of an error instead of one line")
-        return q
-
-    sub.add_parser = add_parser  # type: ignore[method-assign]
 
     t = sub.add_parser("train", help="train (and evaluate) a model")
     t.add_argument("--data", help="data set folder (MVTec AD or VisA 1-class layout); "
@@ -120,6 +110,10 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                    help="probe images per class and kind")
 
     sub.add_parser("info", help="versions, device and kernel backends")
+    for q in sub.choices.values():
+        # --debug also after the subcommand; SUPPRESS keeps a flag given before it.
+        q.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the full traceback of an error instead of one line")
     return p
 
 
