@@ -15,6 +15,9 @@ The comparison folder holds::
     compare.json                per-seed numbers of every finished run, and their summary
     compare.md                  the tables: mean ± std over seeds, per metric, per class
                                 and per defect type (probes included)
+    report.html                 the same tables, each class's ROC and PRO curves of every
+                                structure (first seed), and links to every run's
+                                report.html (its image grids), self-contained
 
 A run's ``result.json`` is written when its evaluation ends, and ``compare.json`` and
 ``compare.md`` are rewritten after every run, so a crash loses at most the run in flight;
@@ -35,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from . import distributed, report
+from . import distributed, html_report, report
 from .cli import CommandError
 from .cli.console import log
 from .cli.evaluation import evaluate_all
@@ -274,7 +277,89 @@ def _write_summary(out_dir: Path, runs: dict, settings: dict, total: int) -> dic
     _write_atomic(out_dir / "compare.json", json.dumps(content, indent=2, sort_keys=True)
                   + "\n")
     _write_atomic(out_dir / "compare.md", markdown(summary, settings, done, total, seconds))
+    html_report.write(out_dir / "report.html", html_page(out_dir, summary, settings, runs, done,
+                                                         total, seconds))
     return content
+
+
+def html_page(out_dir: Path, summary: dict, settings: dict, runs: dict, done: int, total: int,
+              seconds: dict[str, list[float]]) -> str:
+    """The text of the comparison's ``report.html`` (:mod:`snl.html_report`)."""
+    h = html_report
+    structures = list(summary)
+    classes, kinds = _order(summary)
+    intro = (f"Backbone {settings['backbone']}, {settings['image_size']} px, "
+             f"{settings['epochs']} epochs, batch {settings['batch_size']}, lr {settings['lr']}; "
+             f"data: {settings['data'] or 'embedded default set'} (data seed "
+             f"{settings['data_seed']}); probes: {', '.join(settings['probes']) or 'none'}. "
+             f"Metrics in percent, mean ± std over training seeds {settings['seeds']} ({SPREAD})."
+             f" Runs finished: {done}/{total}.")
+    labels = [label for _, label in report.METRIC_COLUMNS]
+    mean_rows = []
+    for structure in structures:
+        row = summary[structure].get("mean", {}).get(ALL, {})
+        secs = seconds.get(structure) or []
+        mean_rows.append([structure] + [_cell(row.get(k)) for k, _ in report.METRIC_COLUMNS]
+                         + [f"{np.mean(secs):.0f}" if secs else "–"])
+    sections = [h.paragraph(intro),
+                h.section("Mean over classes (type all: good against every real defect type)",
+                          h.table(["structure", *labels, "train s/run"], mean_rows))]
+    diff = len(structures) == 2
+    for key, label in report.METRIC_COLUMNS:
+        rows, bold = [], []
+        for name in classes:
+            for kind in kinds:
+                stats = [summary[s].get(name, {}).get(kind, {}).get(key) for s in structures]
+                if all(s is None for s in stats):
+                    continue
+                cells = [_cell(s) for s in stats]
+                if diff:
+                    a, b = stats
+                    cells.append("–" if a is None or b is None
+                                 else f"{100 * (a['mean'] - b['mean']):+.1f}")
+                if name == "mean":
+                    bold.append(len(rows))
+                rows.append([name, kind, *cells])
+        heads = ["class", "type", *structures] + ([f"{structures[0]} − {structures[1]}"]
+                                                  if diff else [])
+        sections.append(h.section(f"{label} per class and defect type", h.table(heads, rows, bold),
+                                  level=3))
+    roc, pro, styles = {}, {}, {}
+    for structure, by_seed in runs.items():
+        if not by_seed:
+            continue
+        seed = min(by_seed, key=int)
+        path = out_dir / "runs" / f"{structure}-seed{seed}" / "curves.json"
+        if not path.is_file():
+            continue
+        curves = json.loads(path.read_text())
+        for kind, target in (("roc", roc), ("pro", pro)):
+            for name, points in curves.get(kind, {}).items():
+                label = f"{structure} {name}"
+                target[label] = (np.asarray(points["fpr"]), np.asarray(points["y"]))
+                styles[label] = "-" if structure == structures[0] else "--"
+    if roc or pro:
+        sections.append(h.section(
+            "Curves (first seed of each structure)",
+            '<div class="curves">' + h.img_tag(h.curves_png(
+                roc, "image-level ROC", "false positive rate", "true positive rate",
+                diagonal=True, styles=styles), "image-level ROC curves")
+            + h.img_tag(h.curves_png(pro, "PRO up to FPR 0.3", "false positive rate (normal "
+                                     "pixels)", "per-region overlap", xlim=0.3, styles=styles),
+                        "PRO curves") + "</div>"))
+    links = []
+    for structure, by_seed in runs.items():
+        for seed in sorted(by_seed, key=int):
+            rel = f"runs/{structure}-seed{seed}/report.html"
+            if (out_dir / rel).is_file():
+                links.append(f'<li><a href="{rel}">{structure}, seed {seed}</a></li>')
+    if links:
+        sections.append(h.section(
+            "Runs", h.paragraph("Each run's own report: its tables, curves and, for every class, "
+                                "the grid of test images with their maps (the misses included)."),
+            "<ul>" + "".join(links) + "</ul>"))
+    title = " vs ".join(s.upper() for s in structures)
+    return h.page(title, sections)
 
 
 __all__ = ["SPREAD", "STRUCTURES", "compare", "markdown", "parse_ints", "summarize"]

@@ -226,7 +226,8 @@ class _Ranked:
         best = int(np.argmax(f1))
         return float(f1[best]), self.threshold(int(groups[best]))
 
-    def aupro(self, fpr_limit: float, weight_of_tag: np.ndarray) -> float:
+    def _pro_walk(self, fpr_limit: float, weight_of_tag: np.ndarray):
+        """(fpr, fpr_prev, a, b) of each group walked from the top score down to the limit."""
         n_neg = self.n_neg
         # Walk the groups in descending order down to the one holding the n_top-th highest
         # normal score (one more than the limit needs, against float rounding).
@@ -241,6 +242,10 @@ class _Ranked:
         pro = np.concatenate(([0.0], np.cumsum(weight_of_tag[self.pos_tags_desc])))
         b = pro[self.n_pos - pos_below]  # PRO(score >= u_j)
         a = pro[self.n_pos - pos_below - pos_in]  # PRO(score > u_j)
+        return fpr, fpr_prev, a, b
+
+    def aupro(self, fpr_limit: float, weight_of_tag: np.ndarray) -> float:
+        fpr, fpr_prev, a, b = self._pro_walk(fpr_limit, weight_of_tag)
         inside = fpr <= fpr_limit
         area = float(np.sum((fpr[inside] - fpr_prev[inside]) * (a[inside] + b[inside]) / 2))
         j = int(np.count_nonzero(inside))  # FPR rises along the walk: first group past it
@@ -249,6 +254,20 @@ class _Ranked:
             y_limit = a[j] + (b[j] - a[j]) * (fpr_limit - x0) / (x1 - x0)
             area += 0.5 * (a[j] + y_limit) * (fpr_limit - x0)
         return float(area / fpr_limit)
+
+    def pro_curve(self, fpr_limit: float, weight_of_tag: np.ndarray):
+        """The PRO curve's points from (0, 0) up to FPR = fpr_limit (cut there)."""
+        fpr, fpr_prev, a, b = self._pro_walk(fpr_limit, weight_of_tag)
+        # Within a group FPR and PRO rise together: segment (fpr_prev, a) -> (fpr, b).
+        x = np.concatenate(([0.0], np.column_stack((fpr_prev, fpr)).reshape(-1)))
+        y = np.concatenate(([0.0], np.column_stack((a, b)).reshape(-1)))
+        inside = x <= fpr_limit
+        j = int(np.count_nonzero(inside))
+        x_out, y_out = x[inside], y[inside]
+        if j < x.size and x[j] > x[j - 1]:
+            y_limit = y[j - 1] + (y[j] - y[j - 1]) * (fpr_limit - x[j - 1]) / (x[j] - x[j - 1])
+            x_out, y_out = np.append(x_out, fpr_limit), np.append(y_out, y_limit)
+        return x_out, y_out
 
 
 def _pixel_ranked(maps: ArrayLike, masks: ArrayLike,
@@ -369,6 +388,36 @@ def aupro(maps: ArrayLike, masks: ArrayLike, fpr_limit: float = 0.3) -> float:
         raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
     ranked, weight_of_tag = _pixel_ranked(maps, masks, with_regions=True)
     return ranked.aupro(fpr_limit, weight_of_tag)
+
+
+def pro_curve(maps: ArrayLike, masks: ArrayLike, fpr_limit: float = 0.3,
+              points: int | None = 1000) -> tuple[np.ndarray, np.ndarray]:
+    """The per-region-overlap curve behind :func:`aupro`: PRO against FPR up to the limit.
+
+    Args:
+        maps, masks: as :func:`aupro`.
+        fpr_limit: where the curve is cut, in (0, 1].
+        points: resample the curve at this many evenly spaced FPRs (for plotting; the exact
+            curve can have a point per distinct normal score); None keeps every point.
+
+    Returns:
+        ``(fpr, pro)``, float64, from (0, 0) to FPR ``fpr_limit``; the trapezoid area of the
+        exact curve divided by ``fpr_limit`` is :func:`aupro`.
+
+    Raises:
+        ValueError: as :func:`aupro`, or ``points`` below 2.
+    """
+    if not 0.0 < fpr_limit <= 1.0:
+        raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
+    if points is not None and points < 2:
+        raise ValueError(f"points must be at least 2 or None, got {points!r}")
+    ranked, weight_of_tag = _pixel_ranked(maps, masks, with_regions=True)
+    x, y = ranked.pro_curve(fpr_limit, weight_of_tag)
+    if points is None:
+        return x, y
+    grid = np.linspace(0.0, float(x[-1]), points)
+    # Vertical jumps (equal FPR) keep their top: np.interp takes the last of equal xs.
+    return grid, np.interp(grid, x, y)
 
 
 def evaluate(scores: ArrayLike, labels: ArrayLike, maps: ArrayLike | None = None,

@@ -44,7 +44,8 @@ def _states_equal(a, b):
 def test_train_writes_run_folder_and_resume_is_exact(data, tmp_path, monkeypatch):
     full = cli.train(_config(data), tmp_path / "full")
     run = tmp_path / "full"
-    for name in ("config.json", "history.json", "metrics.json", "report.md", "roc.png"):
+    for name in ("config.json", "history.json", "metrics.json", "report.md", "report.html",
+                 "curves.json", "roc.png"):
         assert (run / name).is_file(), name
     table = json.loads((run / "metrics.json").read_text())
     assert set(table) == {"brick", "grass", "mean"}

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 from support import assert_cli_error, require_model_extra
+from test_html_report import assert_renders, assert_self_contained
 
 from snl import cli, compare
 from snl.data import DEFECT_TYPES, PROBE_KINDS, make_default_dataset
@@ -53,6 +54,21 @@ def test_compare_tables_seeds_spread_and_rerun(tmp_path, capsys, monkeypatch):
     assert any(line.startswith("| grass | mixup | ") and cell in line
                for line in table.split("## AUPRO@0.3")[1].splitlines())
     assert "| **mean** | cutpaste | " in table
+    # report.html: the same tables, both structures' curves, links to every run's report.
+    page = folder / "report.html"
+    images = assert_self_contained(page, links_allowed=True)
+    text = page.read_text()
+    assert "<td>grass</td><td>mixup</td>" in text
+    assert cell in text
+    assert "snl − rd" in text
+    assert "PRO curves" in text
+    assert len(images) == 2
+    for structure in ("snl", "rd"):
+        for seed in (0, 1):
+            link = f"runs/{structure}-seed{seed}/report.html"
+            assert f'href="{link}"' in text
+            assert (folder / link).is_file()
+    assert_renders(page, len(images))
 
     # A rerun into the same folder keeps finished runs; one whose result was lost (a crash
     # after training) is evaluated again from its checkpoint, to the same numbers.

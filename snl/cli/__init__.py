@@ -10,7 +10,8 @@ so that the whole job finishes in minutes on two cores; on a GPU the paper's set
 A run folder holds ``config.json``, ``checkpoints/last.pt`` (written atomically after every
 epoch, read with ``weights_only=True``), ``history.json``, and after evaluation
 ``metrics.json``, ``calibration.json`` (also stored in the checkpoint, for ``snl
-predict``), ``report.md``, ``roc.png`` and ``overlays/*.png``. ``--resume RUN`` goes
+predict``), ``report.md``, ``report.html`` (self-contained: tables, curves, image grids;
+:mod:`snl.html_report`), ``curves.json``, ``roc.png`` and ``overlays/*.png``. ``--resume RUN`` goes
 on from the last checkpoint and gives the same parameters as an uninterrupted run: the
 shuffling order of epoch e depends only on (seed, e), and nothing else is random.
 

@@ -3,7 +3,9 @@
 Evaluation writes ``metrics.json`` (per class: good against all defect images),
 ``metrics_by_type.json`` (per class and defect type, cross-class probes included when asked
 for), ``calibration.json`` (the decision threshold and score range, :mod:`snl.calibration`),
-``report.md``, ``roc.png`` and ``overlays/*.png`` to its folder. Under ``torchrun``
+``report.md``, ``report.html`` (self-contained: tables, ROC and PRO curves, image grids with
+the misses, :mod:`snl.html_report`), ``curves.json`` (the curves' points), ``roc.png`` and
+``overlays/*.png`` to its folder. Under ``torchrun``
 every process predicts its shard of each class's test set; the shards are gathered and
 rank 0 scores and writes.
 """
@@ -21,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .. import calibration, distributed, metrics, report
+from .. import calibration, distributed, html_report, metrics, report
 from ..data import GOOD, TestDataset, make_probes, parse_kinds
 from .console import progress
 
@@ -143,7 +145,7 @@ def evaluate_all(model, data_root: str | os.PathLike, classes: str | list[str],
             make_probes(data_root, probe_dir, listing.classes, probes, seed=probe_seed,
                         size=image_size, count=probe_count)
         distributed.barrier(world)
-    per_class, by_type, curves = {}, {}, {}
+    per_class, by_type, curves, pro_curves, grids = {}, {}, {}, {}, {}
     all_scores, all_labels = [], []
     overlays = out_dir / "overlays"
     if world.is_main:
@@ -166,6 +168,10 @@ def evaluate_all(model, data_root: str | os.PathLike, classes: str | list[str],
         all_scores.append(scores.numpy())
         all_labels.append(labels.numpy())
         _write_overlays(overlays, name, dataset, scores, maps, masks, labels)
+        grids[name] = (grid_rows(dataset, scores, maps, masks, labels),
+                       *((float(maps.min()), float(maps.max())) if maps.numel() else (0, 1)))
+        if labels.any() and masks.any():
+            pro_curves[name] = metrics.pro_curve(maps.numpy(), masks.numpy(), points=300)
         defects = [s.defect for s in dataset.samples]
         if probe_result is not None:
             scores, maps, masks, labels = (torch.cat(pair) for pair in
@@ -185,21 +191,87 @@ def evaluate_all(model, data_root: str | os.PathLike, classes: str | list[str],
         report.write_json(out_dir / "metrics_by_type.json", by_type)
         report.write_json(out_dir / "calibration.json", calibrated)
         report.plot_roc(out_dir / "roc.png", curves)
+        roc_points = {name: report.roc_curve(*pair) for name, pair in curves.items()
+                      if pair[1].min() != pair[1].max()}
+        report.write_json(out_dir / "curves.json", curves_json(roc_points, pro_curves))
+        write_html(out_dir / "report.html", "SNL evaluation", table, by_type, roc_points,
+                   pro_curves, grids, calibrated, config or {}, probes)
         extra = ["## Per defect type", "",
                  "Each type's images against the class's good test images"
                  + (f"; cross-class probes: {', '.join(probes)} (seed {probe_seed}, "
                     f"images in `{probe_dir}`)" if probes else "") + ".", "",
                  report.markdown_table(_flat_types(by_type)), "",
                  "![image-level ROC](roc.png)", "",
-                 "Anomaly-map overlays (white outline: ground truth) are in `overlays/`."]
+                 "Anomaly-map overlays (white outline: ground truth) are in `overlays/`; "
+                 "`report.html` shows every class's images with their maps, the misses "
+                 "included, and the ROC and PRO curves."]
         report.write_report(out_dir / "report.md", "SNL evaluation", table, config or {},
                             extra=extra)
         if not quiet:
             print(report.markdown_table(table), flush=True)
             if probes:
                 print(report.markdown_table(_flat_types(by_type)), flush=True)
-            print(f"report: {out_dir / 'report.md'}", flush=True)
+            print(f"report: {out_dir / 'report.md'} and {out_dir / 'report.html'}", flush=True)
     return Evaluation(table, by_type, calibrated)
+
+
+def grid_rows(dataset, scores, maps, masks, labels) -> list[html_report.GridRow]:
+    """The images of one class's grid in ``report.html`` (:func:`snl.html_report.pick_rows`),
+    originals read again from their files at display size."""
+    size = max(html_report.DISPLAY, *dataset.size)
+    rows = []
+    for i, group in html_report.pick_rows(scores.numpy(), labels.numpy()):
+        sample = dataset.samples[i]
+        rows.append(html_report.GridRow(
+            name=f"{sample.defect}/{sample.path.name}", group=group, defect=sample.defect,
+            score=float(scores[i]),
+            image=resized_rgb(sample.path, (size, size)), amap=maps[i].numpy(),
+            mask=masks[i].numpy(), label=int(labels[i])))
+    return rows
+
+
+def curves_json(roc: dict, pro: dict) -> dict:
+    """The ROC (per image) and PRO (resampled) curves' points, per class, as lists."""
+    def points(pair):
+        return {"fpr": [round(float(v), 6) for v in pair[0]],
+                "y": [round(float(v), 6) for v in pair[1]]}
+    return {"roc": {name: points(pair) for name, pair in roc.items()},
+            "pro": {name: points(pair) for name, pair in pro.items()}}
+
+
+def write_html(path: Path, title: str, table: dict, by_type: dict, roc: dict, pro: dict,
+               grids: dict[str, tuple[list[html_report.GridRow], float, float]],
+               calibrated: dict | None, config: dict, probes: Sequence[str] = ()) -> Path:
+    """``report.html`` of an evaluation (:mod:`snl.html_report`): ``grids[class]`` is the
+    class's rows and its colour scale's bottom and top."""
+    h = html_report
+    threshold = calibrated["threshold"] if calibrated else None
+    intro = (f"{len(grids)} classes; metrics in percent; each class's good test images "
+             "against its defect images")
+    if threshold is not None:
+        intro += (f"; decision threshold {threshold:.4g} on the image score "
+                  f"({calibrated.get('method', '')})")
+    sections = [h.paragraph(intro + "."),
+                h.section("Per class", h.metrics_table(table)),
+                h.section("Per defect type",
+                          h.paragraph("Each type's images against the class's good test images"
+                                      + (f"; cross-class probes: {', '.join(probes)}"
+                                         if probes else "") + "."),
+                          h.metrics_table(_flat_types(by_type), first="class / type")),
+                h.section("Curves", '<div class="curves">' + h.img_tag(h.curves_png(
+                    roc, "image-level ROC", "false positive rate", "true positive rate",
+                    diagonal=True), "image-level ROC curves") + h.img_tag(h.curves_png(
+                        pro, "PRO up to FPR 0.3",
+                        "false positive rate (normal pixels)", "per-region overlap",
+                        xlim=0.3), "PRO curves") + "</div>")]
+    for name, (rows, vmin, vmax) in grids.items():
+        sections.append(h.section(
+            f"Class {name}",
+            h.paragraph("Highest-scored defects, then the misses: lowest-scored defects and "
+                        "highest-scored good images. Colour scale from the class's smallest to its "
+                        "largest map value; white in the ground truth is the defect."),
+            h.grid(rows, vmin, vmax, threshold), level=3))
+    return h.write(path, h.page(title, sections, config))
 
 
 def _flat_types(by_type: dict) -> dict:

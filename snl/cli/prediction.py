@@ -1,4 +1,10 @@
-"""``snl predict`` and ``snl export``: a trained run's model on image files, or as ONNX."""
+"""``snl predict`` and ``snl export``: a trained run's model on image files, or as ONNX.
+
+``snl predict`` writes ``scores.json``, an overlay PNG per image and ``report.html``: the
+scores (raw, normalised, label) of every image and, for the :data:`MAX_GRID_ROWS`
+highest-scored ones, original | anomaly map with its colour scale | overlay, as the
+evaluation's report shows them (:mod:`snl.html_report`).
+"""
 
 from __future__ import annotations
 
@@ -9,13 +15,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import checkpoint, distributed, report
+from .. import checkpoint, distributed, html_report, report
 from ..calibration import Calibration
 from ..data import load_image
 from ..data.folders import IMAGE_EXTENSIONS
 from .console import progress
 from .evaluation import resized_rgb
 from .training import TrainConfig, build_model
+
+#: Images shown in the grid of ``snl predict``'s report.html (the highest-scored ones); the
+#: table lists every image.
+MAX_GRID_ROWS = 48
 
 
 def load_run(checkpoint_path: str | os.PathLike, device: str | None = None):
@@ -63,7 +73,47 @@ def predict_files(checkpoint_path: str | os.PathLike, images: Sequence[str],
         report.save_png(out, report.overlay(rgb, amap, vmax))
         result["overlay"] = str(out)
     report.write_json(out_dir / "scores.json", results)
+    write_html(out_dir / "report.html", results, maps, calibrated, str(checkpoint_path))
     return results
+
+
+def write_html(path: Path, results: list[dict], maps: list, calibrated: Calibration | None,
+               source: str) -> Path:
+    """``snl predict``'s report.html: every image's scores, and a grid of the highest-scored."""
+    import html
+
+    import numpy as np
+
+    h = html_report
+    threshold = calibrated.threshold if calibrated is not None else None
+    head = "<tr><th>image</th><th>score</th>" + (
+        "<th>normalised</th><th>label</th>" if calibrated is not None else "") + "</tr>"
+    lines = ['<table class="metrics">', head]
+    order = sorted(range(len(results)), key=lambda i: -results[i]["score"])
+    for i in order:
+        r = results[i]
+        cells = f"<td>{html.escape(r['path'])}</td><td>{r['score']:.4g}</td>"
+        if calibrated is not None:
+            cells += f"<td>{r['normalised']:.3f}</td><td>{html.escape(str(r['label']))}</td>"
+        lines.append(f"<tr>{cells}</tr>")
+    lines.append("</table>")
+    shown = order[:MAX_GRID_ROWS]
+    rows = [h.GridRow(name=Path(results[i]["path"]).name, group=f"rank {rank + 1}", defect="",
+                      score=results[i]["score"],
+                      image=resized_rgb(results[i]["path"], (h.DISPLAY, h.DISPLAY)),
+                      amap=maps[i]) for rank, i in enumerate(shown)]
+    values = np.concatenate([m.reshape(-1) for m in maps]) if maps else np.zeros(1)
+    intro = (f"{len(results)} images scored with {source}"
+             + (f"; decision threshold {threshold:.4g} (normalised score 0.5, label 1 = "
+                "anomalous at or above it)" if threshold is not None
+                else "; the checkpoint has no stored threshold (run snl eval to store one)"))
+    sections = [h.paragraph(intro + "."), h.section("Scores", "\n".join(lines))]
+    if rows:
+        sections.append(h.section(
+            "Images", h.paragraph(f"The {len(rows)} highest-scored images; colour scale from "
+                                  "the smallest to the largest map value of all images."),
+            h.grid(rows, float(values.min()), float(values.max()), threshold)))
+    return h.write(path, h.page("SNL predictions", sections))
 
 
 class _Inference(nn.Module):
