@@ -71,7 +71,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                         "fraction F of its good images through as anomalous (fpr=0.05)")
     _probe_arguments(e)
 
-    r = sub.add_parser("predict", help="score image files; write scores, map overlays and report.html")
+    r = sub.add_parser("predict",
+                       help="score image files; write scores, map overlays and report.html")
     r.add_argument("checkpoint")
     r.add_argument("images", nargs="+")
     r.add_argument("--out", default="predictions")
