@@ -166,9 +166,11 @@ def test_inter_affinity(launches, distance):
 
 def test_cosine_distances(launches):
     kernels = _modules()[2]
-    shape = (2, 160, 9, 9)  # 81 pixels: two 64-pixel tiles; 160 channels: two 128-blocks
-    assert shape[2] * shape[3] > kernels.BLOCK_N
-    assert shape[1] > kernels.BLOCK_FIN
+    shape = (2, 160, 9, 9)  # 81 pixels, 160 channels: several tiles and finish blocks
+    # Few programs at this size: the GPU's blocks shrink to the smallest (16 pixels, 16
+    # channels), which therefore run here; more than one tile and channel block each.
+    block_n, block_fin = kernels.blocks(2, 160, 81, gpu=True)
+    assert (block_n, block_fin) == (kernels.MIN_BLOCK, kernels.MIN_BLOCK)
     t, s = features(shape, requires_grad=True)
     out = snl_kernels.cosine_distances(t, s, backend="triton")
     t64, s64 = oracle_inputs(t, s)
@@ -184,9 +186,9 @@ def test_cosine_distances(launches):
     for grad, ref_grad in zip(grads, ref_grads, strict=True):
         scale = ref_grad.abs().max().item()
         assert_matches_oracle(grad / scale, ref_grad / scale)
-    _launched(launches, "_cosine_distances_fwd_kernel", BLOCK_N=64, BLOCK_C=32)
-    _launched(launches, "_cosine_distances_fin_kernel", BLOCK_C=128)
-    _launched(launches, "_cosine_distances_bwd_kernel", BLOCK_N=64, BLOCK_C=32)
+    _launched(launches, "_cosine_distances_fwd_kernel", BLOCK_N=block_n, BLOCK_C=32)
+    _launched(launches, "_cosine_distances_fin_kernel", BLOCK_C=block_fin)
+    _launched(launches, "_cosine_distances_bwd_kernel", BLOCK_N=block_n, BLOCK_C=32)
 
 
 def test_cram(launches):
@@ -205,8 +207,13 @@ def test_cram(launches):
     _check(lambda *x: loss(snl_kernels.cram(*x, backend="triton"), torch.float32),
            lambda *x: loss(reference.cram(*x), torch.float64), inputs,
            loss_rtol=1e-5, grad_rtol=1e-4)
-    for kernel in ("_cram_fwd_kernel", "_cram_bwd_kernel"):
-        _launched(launches, kernel, KP=32, BLOCK_P=32, BLOCK_D=64)
+    for kernel in ("_cram_dots_kernel", "_cram_fwd_kernel", "_cram_bwd_rows_kernel",
+                   "_cram_grad_centres_kernel"):
+        _launched(launches, kernel, KP=32, BLOCK_P=32, BLOCK_D=64, PRECISION="tf32x3")
+    # Three row blocks: the GPU's plan cuts D and the positions into as many pieces as
+    # there are blocks, so slices are added in every kernel that has them.
+    plan = _modules()[3].plan(B, D, H * W, K, gpu=True)
+    assert (plan["rows"], plan["SPLIT"], plan["D_BLOCKS"], plan["P_SLICES"]) == (3, 2, 2, 3)
 
 
 @pytest.mark.parametrize("mode", ["add", "mul"])
@@ -221,6 +228,12 @@ def test_anomaly_map(launches, mode):
                                  [s.double() for s in students], (40, 36), 2.0, mode)
     assert_matches_oracle(got.maps, want.maps, atol=1e-5)
     assert_matches_oracle(got.scores, want.scores, atol=1e-5)
-    _launched(launches, "_pixel_distance_kernel", BLOCK_P=64, BLOCK_C=32)
+    # One launch for both levels, each with the GPU's pixel tile for its size.
+    kernels = _modules()[2]
+    found = _launched(launches, "_pixel_distance_kernel", BLOCK_C=32)
+    assert len(found) == 1
+    deep_first = sorted(shapes, key=lambda shape: -shape[1])
+    for j, (b, c, h, w) in enumerate(deep_first):
+        assert found[0][f"BLOCK_P{j}"] == kernels.blocks(b, c, h * w, gpu=True)[0]
     if mode == "add":  # (mul multiplies the upsampled levels in PyTorch)
         _launched(launches, "_combine_kernel", BLOCK_H=32, BLOCK_W=32)

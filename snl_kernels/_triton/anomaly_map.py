@@ -1,8 +1,12 @@
 """Triton kernels of ``anomaly_map``; the math is in ``snl_kernels/anomaly_map.py``.
 
-Memory plan. Phase 1, one launch per level: each program reads a tile of pixels of T and S
-over all C once and writes the per-pixel distance into a zero-padded per-level slot of a
-small (B, L, HK, WK) buffer. Phase 2, one launch: each program owns a BLOCK_H x BLOCK_W
+Memory plan. Phase 1, one launch for up to three levels (deepest first in the grid, so its
+long programs start first): each program reads a tile of pixels of one level's T and S over
+all C once and writes the per-pixel distance into a zero-padded per-level slot of a small
+(B, L, HK, WK) buffer. Each level's pixel tile is chosen as in the cosine kernels
+(``cosine_distances.blocks``): on a GPU small enough that the level alone has at least
+``MIN_PROGRAMS`` programs (16-pixel tiles, 256 programs, for the deepest WRN50 level at
+B = 16). Phase 2, one launch: each program owns a BLOCK_H x BLOCK_W
 tile of the output and forms ``sum_k Mh_k[rows] @ m_k @ Mw_k[cols]^T`` with on-chip
 matrix products over the padded levels, writes the tile and its maximum. The image score is
 the max over the tiles' maxima (max is exact, so any order gives the same bits).
@@ -16,24 +20,27 @@ import triton.language as tl
 from torch import Tensor
 
 from . import strides
-from .cosine_distances import _at_pixels, _channels, _distance, _pixel_block
+from .cosine_distances import _at_pixels, _channels, _distance
+from .cosine_distances import blocks as cosine_blocks
 
-# The same blocks in both configurations (see ``gpu_config`` in ``__init__.py``).
-BLOCK_P = 64
 BLOCK_C = 32
 BLOCK_H = 32
 BLOCK_W = 32
+GROUP = 3  # levels per distance launch
 
 
 @triton.jit
-def _pixel_distance_kernel(
-    t_ptr, s_ptr, out_ptr,
-    C, H, W, stride_ob, stride_oh,
+def _level_distance(
+    t_ptr, s_ptr, out_ptr, tile, b, C, H, W, stride_ob, stride_oh,
     stride_tb, stride_tc, stride_th, stride_tw,
     stride_sb, stride_sc, stride_sh, stride_sw,
     EPS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    b, _, mask_p, h, w = _pixel_block(H * W, W, BLOCK_P)
+    """Distances of pixel tile ``tile`` of sample b of one level into its slot of out."""
+    offs = tile * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = offs < H * W
+    h = offs // W
+    w = offs % W
     t_row = _at_pixels(t_ptr, b, h, w, stride_tb, stride_th, stride_tw)
     s_row = _at_pixels(s_ptr, b, h, w, stride_sb, stride_sh, stride_sw)
     dot = tl.zeros([BLOCK_P], dtype=tl.float32)
@@ -48,6 +55,37 @@ def _pixel_distance_kernel(
         tt += tl.sum(t * t, axis=0)
         ss += tl.sum(s * s, axis=0)
     tl.store(out_ptr + b * stride_ob + h * stride_oh + w, _distance(dot, tt, ss, EPS), mask=mask_p)
+
+
+@triton.jit
+def _pixel_distance_kernel(
+    t0, s0, o0, t1, s1, o1, t2, s2, o2,
+    start1, start2,
+    C0, H0, W0, C1, H1, W1, C2, H2, W2,
+    stride_ob, stride_oh,
+    t0_b, t0_c, t0_h, t0_w, s0_b, s0_c, s0_h, s0_w,
+    t1_b, t1_c, t1_h, t1_w, s1_b, s1_c, s1_h, s1_w,
+    t2_b, t2_c, t2_h, t2_w, s2_b, s2_c, s2_h, s2_w,
+    EPS: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_P0: tl.constexpr, BLOCK_P1: tl.constexpr, BLOCK_P2: tl.constexpr,
+):
+    # Grid axis 0 runs over the tiles of the group's levels one after another (level 0's
+    # tiles below start1, level 1's below start2, level 2's after); axis 1 is the sample.
+    # Each branch is a whole level: no value flows out of it.
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    if pid < start1:
+        _level_distance(t0, s0, o0, pid, b, C0, H0, W0, stride_ob, stride_oh,
+                        t0_b, t0_c, t0_h, t0_w, s0_b, s0_c, s0_h, s0_w,
+                        EPS, BLOCK_C, BLOCK_P0)
+    elif pid < start2:
+        _level_distance(t1, s1, o1, pid - start1, b, C1, H1, W1, stride_ob, stride_oh,
+                        t1_b, t1_c, t1_h, t1_w, s1_b, s1_c, s1_h, s1_w,
+                        EPS, BLOCK_C, BLOCK_P1)
+    else:
+        _level_distance(t2, s2, o2, pid - start2, b, C2, H2, W2, stride_ob, stride_oh,
+                        t2_b, t2_c, t2_h, t2_w, s2_b, s2_c, s2_h, s2_w,
+                        EPS, BLOCK_C, BLOCK_P2)
 
 
 @triton.jit
@@ -93,15 +131,27 @@ def pixel_distances(teachers: list[Tensor], students: list[Tensor], eps: float,
     hk = hk or _pad(max(t.shape[2] for t in teachers))
     wk = wk or _pad(max(t.shape[3] for t in teachers))
     m = torch.zeros((B, len(teachers), hk, wk), device=teachers[0].device, dtype=torch.float32)
-    for level, (t, s) in enumerate(zip(teachers, students, strict=True)):
-        _, C, H, W = t.shape
-        out = m[:, level]
-        _pixel_distance_kernel[(triton.cdiv(H * W, BLOCK_P), B)](
-            t_ptr=t, s_ptr=s, out_ptr=out, C=C, H=H, W=W,
-            stride_ob=out.stride(0), stride_oh=out.stride(1),
-            **strides(t, "stride_tb stride_tc stride_th stride_tw"),
-            **strides(s, "stride_sb stride_sc stride_sh stride_sw"),
-            EPS=eps, BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P,
+    # Deepest level first (most channels per pixel: the longest programs start first).
+    order = sorted(range(len(teachers)), key=lambda k: -teachers[k].shape[1])
+    for first in range(0, len(order), GROUP):
+        group = order[first:first + GROUP]
+        # Fewer than GROUP levels: the last one is repeated with no tiles (never run).
+        slots = group + [group[-1]] * (GROUP - len(group))
+        args, tiles, block_of = {}, [], {}
+        for j, level in enumerate(slots):
+            t, s = teachers[level], students[level]
+            _, C, H, W = t.shape
+            block = cosine_blocks(B, C, H * W)[0]
+            block_of[f"BLOCK_P{j}"] = block
+            tiles.append(triton.cdiv(H * W, block) if j < len(group) else 0)
+            args.update({f"t{j}": t, f"s{j}": s, f"o{j}": m[:, level], f"C{j}": C, f"H{j}": H,
+                         f"W{j}": W,
+                         **strides(t, f"t{j}_b t{j}_c t{j}_h t{j}_w"),
+                         **strides(s, f"s{j}_b s{j}_c s{j}_h s{j}_w")})
+        _pixel_distance_kernel[(sum(tiles), B)](
+            **args, start1=tiles[0], start2=tiles[0] + tiles[1],
+            stride_ob=m.stride(0), stride_oh=m.stride(2),
+            EPS=eps, BLOCK_C=BLOCK_C, **block_of,
         )
     return m
 

@@ -1,0 +1,140 @@
+"""How the Triton kernels fill an H200, checked from their launch plans, and how many
+launches the model makes, counted under the interpreter.
+
+The plans (blocks and grids a GPU launch uses, ``gpu=True``) are plain functions of the
+shapes, so the benchmark shapes of BENCHMARKS.md (B = 16, WRN50 levels, CRAM at D = 2048,
+8 x 8, K = 64) are checked here without a GPU: every launch there has at least one program
+per SM. The kernels themselves run these plans in ``test_triton_gpu_config.py``.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+
+import pytest
+from support import NO_TRITON, require_model_extra
+
+pytestmark = pytest.mark.skipif(NO_TRITON is not None, reason=NO_TRITON or "")
+
+SMS = 132  # an H200's streaming multiprocessors
+WRN50_LEVELS = ((256, 64, 64), (512, 32, 32), (1024, 16, 16))
+B = 16
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def test_cosine_kernels_have_a_program_per_sm_at_every_level():
+    from snl_kernels._triton import cosine_distances as kernels
+
+    for C, H, W in WRN50_LEVELS:
+        block_n, block_fin = kernels.blocks(B, C, H * W, gpu=True)
+        assert _cdiv(H * W, block_n) * B >= SMS, (C, H, W)  # forward and backward
+        assert _cdiv(C, block_fin) * B >= SMS, (C, H, W)  # finish
+    # The deepest level, which had 64 programs of 64 pixels, now has 16-pixel tiles.
+    assert kernels.blocks(B, 1024, 256, gpu=True)[0] == 16
+    # Under the interpreter's configuration the largest blocks stay.
+    assert kernels.blocks(B, 1024, 256, gpu=False) == (kernels.BLOCK_N, kernels.BLOCK_FIN)
+
+
+def test_anomaly_map_distances_of_every_level_in_one_launch_deepest_first():
+    from snl_kernels._triton import anomaly_map, cosine_distances
+
+    # Each level's share of the one launch has a program per SM by itself.
+    for C, H, W in WRN50_LEVELS:
+        assert _cdiv(H * W, cosine_distances.blocks(B, C, H * W, gpu=True)[0]) * B >= SMS
+    assert anomaly_map.GROUP == 3
+
+
+def test_cram_kernels_have_a_program_per_sm_at_the_benchmark_shape():
+    from snl_kernels._triton import cram
+
+    p = cram.plan(B, 2048, 64, 64, gpu=True)
+    grids = {
+        "dots (forward and backward)": p["rows"] * p["SPLIT"],
+        "forward": p["rows"] * p["D_BLOCKS"],
+        "backward rows": p["rows"] * p["D_BLOCKS"],
+        "centre gradient": p["CENTRE_BLOCKS"] * p["P_SLICES"],
+    }
+    assert all(programs >= SMS for programs in grids.values()), grids
+    # The slices cover D and the positions exactly once.
+    assert p["SPLIT"] * p["D_SLICE"] >= 2048 > (p["SPLIT"] - 1) * p["D_SLICE"]
+    assert p["D_BLOCKS"] * p["D_CHUNK"] >= 2048 > (p["D_BLOCKS"] - 1) * p["D_CHUNK"]
+    assert p["P_SLICES"] * p["P_SLICE"] >= B * 64 > (p["P_SLICES"] - 1) * p["P_SLICE"]
+    assert cram.PRECISION == "tf32x3"  # tensor-core products with about fp32 accuracy
+
+
+def test_cram_extra_memory_at_a_thousand_images():
+    from snl_kernels._triton import cram
+
+    # D = 2048, K = 256, B = 1000 at 8 x 8: at most 256 MB of buffers alive at once.
+    assert cram.workspace_bytes(1000, 2048, 64, 256, gpu=True) <= 256e6
+    shapes = cram.workspace(1000, 2048, 64, 256, gpu=True)
+    # No buffer per row block of D-wide partials (4,000 x 256 x 2048 floats: 8 GB).
+    assert shapes["backward"]["g_c_partial"][0] <= 8
+
+
+# ------------------------------------------------------------------ launches, counted
+
+
+def _count_launches(run):
+    """Triton launches made by ``run()`` under the interpreter: {kernel name: count}."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    counts = collections.Counter()
+    real = InterpretedFunction.run
+
+    def counting(self, *args, **kwargs):
+        counts[self.fn.__name__] += 1
+        return real(self, *args, **kwargs)
+
+    InterpretedFunction.run = counting
+    try:
+        run()
+    finally:
+        InterpretedFunction.run = real
+    return counts
+
+
+#: Launches of one SNL training loss, forward and backward (resnet18, 64 x 64, B = 2, every
+#: term, CRAM), today; issue #16's target is 16. Lower it as launches are merged: the test
+#: fails when the count rises above it.
+LOSS_LAUNCHES = 74
+PREDICT_LAUNCHES = 5
+
+
+@pytest.fixture(scope="module")
+def model():
+    require_model_extra()
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("counts launches under Triton's interpreter (TRITON_INTERPRET=1)")
+    import torch
+
+    import snl
+
+    torch.manual_seed(0)
+    return snl.SNL("resnet18", pretrained=False, num_centers=4, w_ch=1.0, w_sp=1.0,
+                   w_intra=1.0, w_inter=1.0, w_c=1.0, w_rd=1.0), torch.randn(2, 3, 64, 64)
+
+
+def test_training_loss_launches(model, monkeypatch):
+    net, images = model
+    monkeypatch.setenv("SNL_BACKEND", "triton")
+    net.train()
+    counts = _count_launches(lambda: net.loss(images)["total"].backward())
+    total = sum(counts.values())
+    assert total <= LOSS_LAUNCHES, dict(counts)
+    assert counts["_cram_dots_kernel"] == 2  # forward and backward
+
+
+def test_predict_launches(model, monkeypatch):
+    net, images = model
+    monkeypatch.setenv("SNL_BACKEND", "triton")
+    net.eval()
+    counts = _count_launches(lambda: net.predict(images))
+    assert sum(counts.values()) <= PREDICT_LAUNCHES, dict(counts)
+    # The three levels' distances in one launch, then the combination.
+    assert counts["_pixel_distance_kernel"] == 1
+    assert counts["_combine_kernel"] == 1
