@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from . import _cuda, checks, dispatch, reference
+from ._registration import KernelOp
 from .reference import AnomalyMap
 
 OP = "anomaly_map"
@@ -120,7 +121,6 @@ def _kernel_anomaly_map(distances, combine, teachers, students, size, sigma, mod
     return maps, maps.amax(dim=(1, 2, 3))
 
 
-@torch.library.custom_op("snl_triton::anomaly_map", mutates_args=(), schema=_SCHEMA)
 def _triton_anomaly_map(teachers, students, size, sigma, mode):
     from ._triton import anomaly_map as kernels
 
@@ -135,10 +135,16 @@ def _cuda_distances(teachers: list[Tensor], students: list[Tensor]) -> Tensor:
     return torch.ops.snl.anomaly_map_distances(teachers, students, hk, wk)
 
 
-@torch.library.custom_op("snl_cuda::anomaly_map", mutates_args=(), schema=_SCHEMA)
 def _cuda_anomaly_map(teachers, students, size, sigma, mode):
     return _kernel_anomaly_map(_cuda_distances, torch.ops.snl.anomaly_map_combine,
                                teachers, students, size, sigma, mode)
+
+
+# Inference only (no autograd): the eager path is the op's body itself (_registration).
+torch.library.custom_op("snl_triton::anomaly_map", _triton_anomaly_map, mutates_args=(),
+                        schema=_SCHEMA)
+torch.library.custom_op("snl_cuda::anomaly_map", _cuda_anomaly_map, mutates_args=(),
+                        schema=_SCHEMA)
 
 
 def _fake_anomaly_map(teachers, students, size, sigma, mode):
@@ -162,7 +168,8 @@ if all(_cuda.has_op(op) for op in _CUDA_OPS):
         return (m.new_empty((m.shape[0], 1, height, width)), m.new_empty((m.shape[0],)))
 
 
-_KERNEL_OPS = {"triton": torch.ops.snl_triton.anomaly_map, "cuda": torch.ops.snl_cuda.anomaly_map}
+_KERNEL_OPS = {"triton": KernelOp(torch.ops.snl_triton.anomaly_map, _triton_anomaly_map),
+               "cuda": KernelOp(torch.ops.snl_cuda.anomaly_map, _cuda_anomaly_map)}
 
 
 def anomaly_map(teachers: Sequence[Tensor], students: Sequence[Tensor],

@@ -59,18 +59,22 @@ def _triton_kernels():
     return kernels
 
 
-@torch.library.custom_op("snl_triton::cosine_distances_fwd", mutates_args=(), schema=_FWD_SCHEMA)
-def _triton_fwd(teacher: Tensor, student: Tensor):
+def _triton_fwd_body(teacher: Tensor, student: Tensor):
     return _triton_kernels().forward(teacher, student, EPS)
 
 
-@torch.library.custom_op("snl_triton::cosine_distances_bwd", mutates_args=(), schema=_BWD_SCHEMA)
-def _triton_bwd(teacher, student, pixel_stats, channel_stats, grad_pixel, grad_channel,
-                grad_sample, teacher_requires_grad):
+def _triton_bwd_body(teacher, student, pixel_stats, channel_stats, grad_pixel, grad_channel,
+                     grad_sample, teacher_requires_grad):
     return _triton_kernels().backward(
         teacher, student, pixel_stats, channel_stats, grad_pixel, grad_channel, grad_sample,
         teacher_requires_grad, EPS,
     )
+
+
+_triton_fwd = torch.library.custom_op("snl_triton::cosine_distances_fwd", _triton_fwd_body,
+                                      mutates_args=(), schema=_FWD_SCHEMA)
+_triton_bwd = torch.library.custom_op("snl_triton::cosine_distances_bwd", _triton_bwd_body,
+                                      mutates_args=(), schema=_BWD_SCHEMA)
 
 
 def _fake_fwd(teacher: Tensor, student: Tensor):
@@ -119,7 +123,8 @@ def _make_backward(bwd_op):
 
 
 _FORWARD_OPS = register_kernel_ops("cosine_distances_fwd", "cosine_distances_bwd", _triton_bwd,
-                                   _fake_fwd, _fake_bwd, _make_backward, _setup_context)
+                                   _fake_fwd, _fake_bwd, _make_backward, _setup_context,
+                                   (_triton_fwd_body, _triton_bwd_body), differentiable=3)
 
 
 def cosine_distances(

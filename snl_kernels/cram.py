@@ -53,16 +53,20 @@ def _kernels():
     return kernels
 
 
-@torch.library.custom_op("snl_triton::cram_fwd", mutates_args=(), schema=_FWD_SCHEMA)
-def _triton_fwd(embedding, centers, log_tau):
+def _triton_fwd_body(embedding, centers, log_tau):
     return _kernels().forward(embedding, centers, log_tau)
 
 
-@torch.library.custom_op("snl_triton::cram_bwd", mutates_args=(), schema=_BWD_SCHEMA)
-def _triton_bwd(embedding, centers, log_tau, assign, dist, grad_central, grad_assign,
-                grad_compact):
+def _triton_bwd_body(embedding, centers, log_tau, assign, dist, grad_central, grad_assign,
+                     grad_compact):
     return _kernels().backward(embedding, centers, log_tau, assign, dist, grad_central,
                                grad_assign, grad_compact)
+
+
+_triton_fwd = torch.library.custom_op("snl_triton::cram_fwd", _triton_fwd_body,
+                                      mutates_args=(), schema=_FWD_SCHEMA)
+_triton_bwd = torch.library.custom_op("snl_triton::cram_bwd", _triton_bwd_body,
+                                      mutates_args=(), schema=_BWD_SCHEMA)
 
 
 def _fake_fwd(embedding, centers, log_tau):
@@ -102,7 +106,8 @@ def _make_backward(bwd_op):
 
 
 _FORWARD_OPS = register_kernel_ops("cram_fwd", "cram_bwd", _triton_bwd, _fake_fwd, _fake_bwd,
-                                   _make_backward, _setup_context)
+                                   _make_backward, _setup_context,
+                                   (_triton_fwd_body, _triton_bwd_body), differentiable=3)
 
 
 def cram(embedding: Tensor, centers: Tensor, log_tau: Tensor | float,

@@ -56,8 +56,7 @@ def _operands(k, teacher_a, teacher_b, student_a, student_b):
     return p_t, p_s, norms
 
 
-@torch.library.custom_op("snl_triton::inter_affinity_fwd", mutates_args=(), schema=FWD_SCHEMA)
-def _triton_fwd(teacher_a, teacher_b, student_a, student_b, distance, precision):
+def _triton_fwd_body(teacher_a, teacher_b, student_a, student_b, distance, precision):
     k = _kernels()
     p_t, p_s, (r_pt, r_ps, r_qt, r_qs) = _operands(k, teacher_a, teacher_b, student_a, student_b)
     parts = k.delta(p_s, p_t, student_b, teacher_b, r_ps, r_pt, r_qs, r_qt, pix_rows=False,
@@ -65,9 +64,8 @@ def _triton_fwd(teacher_a, teacher_b, student_a, student_b, distance, precision)
     return parts.sum() / (teacher_a.shape[0] * teacher_a.shape[1] * teacher_b.shape[1])
 
 
-@torch.library.custom_op("snl_triton::inter_affinity_bwd", mutates_args=(), schema=BWD_SCHEMA)
-def _triton_bwd(teacher_a, teacher_b, student_a, student_b, grad_loss, distance, precision,
-                teacher_requires_grad):
+def _triton_bwd_body(teacher_a, teacher_b, student_a, student_b, grad_loss, distance,
+                     precision, teacher_requires_grad):
     k = _kernels()
     B, C_a = teacher_a.shape[:2]
     C_b = teacher_b.shape[1]
@@ -91,6 +89,12 @@ def _triton_bwd(teacher_a, teacher_b, student_a, student_b, grad_loss, distance,
     else:
         ga_t, gb_t = teacher_a.new_empty((0,)), teacher_b.new_empty((0,))
     return ga_t, gb_t, ga_s, gb_s
+
+
+_triton_fwd = torch.library.custom_op("snl_triton::inter_affinity_fwd", _triton_fwd_body,
+                                      mutates_args=(), schema=FWD_SCHEMA)
+_triton_bwd = torch.library.custom_op("snl_triton::inter_affinity_bwd", _triton_bwd_body,
+                                      mutates_args=(), schema=BWD_SCHEMA)
 
 
 def _fake_fwd(teacher_a, teacher_b, student_a, student_b, distance, precision):
@@ -125,7 +129,8 @@ def _make_backward(bwd_op):
 
 
 _FORWARD_OPS = register_kernel_ops("inter_affinity_fwd", "inter_affinity_bwd", _triton_bwd,
-                                   _fake_fwd, _fake_bwd, _make_backward, _setup_context)
+                                   _fake_fwd, _fake_bwd, _make_backward, _setup_context,
+                                   (_triton_fwd_body, _triton_bwd_body))
 
 
 def inter_affinity_loss(teacher_a: Tensor, teacher_b: Tensor, student_a: Tensor,

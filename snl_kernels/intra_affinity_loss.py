@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 
 from . import _cuda, checks, dispatch, gram_path, precision, reference
+from ._registration import KernelOp, eager_function
 from .precision import use_grams  # noqa: F401  (the path rule, where callers looked for it)
 
 OP = "intra_affinity_loss"
@@ -78,8 +79,7 @@ def _signs_shape(backend: str, teacher: Tensor, distance: str) -> tuple[int, ...
     return (B, N, (N + 31) // 32) if backend == "triton" and distance == "l1" else (0,)
 
 
-@torch.library.custom_op("snl_triton::intra_affinity_fwd", mutates_args=(), schema=FWD_SCHEMA)
-def _triton_fwd(teacher, student, distance, grams, precision):
+def _triton_fwd_body(teacher, student, distance, grams, precision):
     k = _kernels()
     B, _, H, W = teacher.shape
     N = H * W
@@ -94,9 +94,8 @@ def _triton_fwd(teacher, student, distance, grams, precision):
     return parts.sum() / (B * N * N), signs
 
 
-@torch.library.custom_op("snl_triton::intra_affinity_bwd", mutates_args=(), schema=BWD_SCHEMA)
-def _triton_bwd(teacher, student, grad_loss, signs, distance, grams, precision,
-                teacher_requires_grad):
+def _triton_bwd_body(teacher, student, grad_loss, signs, distance, grams, precision,
+                     teacher_requires_grad):
     k = _kernels()
     B, _, H, W = teacher.shape
     M = B * H * W * H * W
@@ -117,6 +116,12 @@ def _triton_bwd(teacher, student, grad_loss, signs, distance, grams, precision,
 
     grad_teacher = finish(teacher, r_t, g_t) if g_t is not None else teacher.new_empty((0,))
     return grad_teacher, finish(student, r_s, g_s)
+
+
+_triton_fwd = torch.library.custom_op("snl_triton::intra_affinity_fwd", _triton_fwd_body,
+                                      mutates_args=(), schema=FWD_SCHEMA)
+_triton_bwd = torch.library.custom_op("snl_triton::intra_affinity_bwd", _triton_bwd_body,
+                                      mutates_args=(), schema=BWD_SCHEMA)
 
 
 def _fake_fwd(backend, teacher, student, distance, grams, precision):
@@ -158,11 +163,12 @@ def _register(backend: str, fwd: str, bwd: str, bwd_op) -> None:
 
 _register("triton", "snl_triton::intra_affinity_fwd", "snl_triton::intra_affinity_bwd",
           _triton_bwd)
-_FORWARD_OPS = {"triton": torch.ops.snl_triton.intra_affinity_fwd}
+_FORWARD_OPS = {"triton": KernelOp(torch.ops.snl_triton.intra_affinity_fwd, eager_function(
+    _triton_fwd_body, _triton_bwd_body, _make_backward, _setup_context))}
 if _cuda.has_op("intra_affinity_fwd"):
     _register("cuda", "snl::intra_affinity_fwd", "snl::intra_affinity_bwd",
               torch.ops.snl.intra_affinity_bwd.default)
-    _FORWARD_OPS["cuda"] = torch.ops.snl.intra_affinity_fwd
+    _FORWARD_OPS["cuda"] = KernelOp(torch.ops.snl.intra_affinity_fwd)
 
 
 def intra_affinity_loss(teacher: Tensor, student: Tensor, distance: str = "l2",
