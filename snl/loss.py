@@ -73,32 +73,16 @@ def snl_loss(teachers: Sequence[Tensor], students: Sequence[Tensor], compact: Te
         so it holds the mean of the per-*channel* distances.
     """
     w = weights
+    weight_of = {"rd": w.w_rd, "channel": w.w_ch, "spatial": w.w_sp, "intra": w.w_intra,
+                 "inter": w.w_inter}
+    asked = [term for term, weight in weight_of.items() if weight]
     terms: dict[str, Tensor] = {}
     weighted: list[Tensor] = []
-    if w.w_ch or w.w_sp or w.w_rd:
-        mean_distances = snl_kernels.spatial_channel_loss(teachers, students, backend=backend)
-        if w.w_rd:
-            terms["rd"] = mean_distances.sample_mean
-            weighted.append(w.w_rd * mean_distances.sample_mean)
-        if w.w_ch:
-            terms["channel"] = mean_distances.pixel_mean
-            weighted.append(w.w_ch * mean_distances.pixel_mean)
-        if w.w_sp:
-            terms["spatial"] = mean_distances.channel_mean
-            weighted.append(w.w_sp * mean_distances.channel_mean)
-    if w.w_intra:
-        terms["intra"] = torch.stack([
-            snl_kernels.intra_affinity_loss(t, s, intra_distance, backend=backend)
-            for t, s in zip(teachers, students, strict=True)
-        ]).sum()
-        weighted.append(w.w_intra * terms["intra"])
-    if w.w_inter:
-        terms["inter"] = torch.stack([
-            snl_kernels.inter_affinity_loss(teachers[a], teachers[b], students[a], students[b],
-                                            inter_distance, backend=backend)
-            for a, b in PAIRS
-        ]).sum()
-        weighted.append(w.w_inter * terms["inter"])
+    if asked:
+        # One call for every distillation term (the inter term pairs levels (0, 1), (1, 2)).
+        terms.update(snl_kernels.snl_distillation_loss(
+            teachers, students, asked, intra_distance, inter_distance, backend=backend))
+        weighted += [weight_of[term] * terms[term] for term in asked]
     if w.w_c and compact is not None:
         terms["compact"] = compact.mean()
         weighted.append(w.w_c * terms["compact"])

@@ -58,18 +58,37 @@ def _operands(k, teacher_a, teacher_b, student_a, student_b):
 
 def _triton_fwd_body(teacher_a, teacher_b, student_a, student_b, distance, precision):
     k = _kernels()
-    p_t, p_s, (r_pt, r_ps, r_qt, r_qs) = _operands(k, teacher_a, teacher_b, student_a, student_b)
-    parts = k.delta(p_s, p_t, student_b, teacher_b, r_ps, r_pt, r_qs, r_qt, pix_rows=False,
-                    l1=distance == "l1", precision=precision)
-    return parts.sum() / (teacher_a.shape[0] * teacher_a.shape[1] * teacher_b.shape[1])
+    p_t, p_s, norms = _operands(k, teacher_a, teacher_b, student_a, student_b)
+    return triton_forward(p_t, p_s, teacher_b, student_b, norms, teacher_a.shape[1], distance,
+                          precision)
+
+
+def triton_forward(p_t, p_s, teacher_b, student_b, norms, c_a, distance, precision):
+    """The Triton forward from the pooled finer level ``p_t``, ``p_s`` and the inverse norms
+    ``(r_pt, r_ps, r_qt, r_qs)`` of the channels of the pooled level and of level b."""
+    r_pt, r_ps, r_qt, r_qs = norms
+    parts = _kernels().delta(p_s, p_t, student_b, teacher_b, r_ps, r_pt, r_qs, r_qt,
+                             pix_rows=False, l1=distance == "l1", precision=precision)
+    return parts.sum() / (teacher_b.shape[0] * c_a * teacher_b.shape[1])
 
 
 def _triton_bwd_body(teacher_a, teacher_b, student_a, student_b, grad_loss, distance,
                      precision, teacher_requires_grad):
     k = _kernels()
+    p_t, p_s, norms = _operands(k, teacher_a, teacher_b, student_a, student_b)
+    return triton_backward(teacher_a, teacher_b, student_a, student_b, p_t, p_s, norms,
+                           grad_loss, distance, precision, teacher_requires_grad)
+
+
+def triton_backward(teacher_a, teacher_b, student_a, student_b, p_t, p_s, norms, grad_loss,
+                    distance, precision, teacher_requires_grad):
+    """The Triton backward from the pooled level and the norms (see :func:`triton_forward`):
+    gradients of (teacher_a, teacher_b, student_a, student_b), the teacher's empty when not
+    asked for."""
+    k = _kernels()
+    r_pt, r_ps, r_qt, r_qs = norms
     B, C_a = teacher_a.shape[:2]
     C_b = teacher_b.shape[1]
-    p_t, p_s, (r_pt, r_ps, r_qt, r_qs) = _operands(k, teacher_a, teacher_b, student_a, student_b)
     coef = (1.0 if distance == "l1" else 2.0) / (B * C_a * C_b)
     g = grad_loss.to(torch.float32).reshape(1)
     l1 = distance == "l1"

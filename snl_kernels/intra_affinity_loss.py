@@ -81,9 +81,16 @@ def _signs_shape(backend: str, teacher: Tensor, distance: str) -> tuple[int, ...
 
 def _triton_fwd_body(teacher, student, distance, grams, precision):
     k = _kernels()
+    r_t, r_s = k.inv_norms(teacher, True, EPS), k.inv_norms(student, True, EPS)
+    return triton_forward(teacher, student, r_t, r_s, distance, grams, precision)
+
+
+def triton_forward(teacher, student, r_t, r_s, distance, grams, precision):
+    """The Triton forward from the pixels' inverse norms ``r_t``, ``r_s`` (B, N) (a zero
+    pixel's negative, as ``_inv_norm_kernel`` writes them): (loss, signs)."""
+    k = _kernels()
     B, _, H, W = teacher.shape
     N = H * W
-    r_t, r_s = k.inv_norms(teacher, True, EPS), k.inv_norms(student, True, EPS)
     signs = teacher.new_empty(_signs_shape("triton", teacher, distance), dtype=torch.int32)
     if grams:
         parts = k.gram_loss(student, teacher, r_s, r_t, precision)
@@ -97,9 +104,18 @@ def _triton_fwd_body(teacher, student, distance, grams, precision):
 def _triton_bwd_body(teacher, student, grad_loss, signs, distance, grams, precision,
                      teacher_requires_grad):
     k = _kernels()
+    r_t, r_s = k.inv_norms(teacher, True, EPS), k.inv_norms(student, True, EPS)
+    return triton_backward(teacher, student, r_t, r_s, grad_loss, signs, distance, grams,
+                           precision, teacher_requires_grad)
+
+
+def triton_backward(teacher, student, r_t, r_s, grad_loss, signs, distance, grams, precision,
+                    teacher_requires_grad):
+    """The Triton backward from the pixels' inverse norms: (grad_teacher or an empty tensor,
+    grad_student)."""
+    k = _kernels()
     B, _, H, W = teacher.shape
     M = B * H * W * H * W
-    r_t, r_s = k.inv_norms(teacher, True, EPS), k.inv_norms(student, True, EPS)
     g = grad_loss.to(torch.float32).reshape(1)
     if grams:
         g_s, g_t = k.gram_grad(student, teacher, r_s, r_t, g, 4.0 / M, teacher_requires_grad,

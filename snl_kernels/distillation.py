@@ -1,0 +1,244 @@
+"""SNL's distillation terms over all levels in one call, sharing what the separate ops recompute.
+
+``snl_distillation_loss(teachers, students)`` returns, summed over the levels k (and over the
+consecutive level pairs for the inter-affinity term):
+
+- ``rd``: ``sum_k mean(sample_k)``, RD4AD's flattened cosine (DESIGN §2.1);
+- ``channel``: ``sum_k mean(pixel_k)`` (L_ch), ``spatial``: ``sum_k mean(channel_k)`` (L_sp);
+- ``intra``: ``sum_k intra_affinity_loss(T_k, S_k)`` (§2.2);
+- ``inter``: ``sum_{k} inter_affinity_loss(T_k, T_{k+1}, S_k, S_{k+1})`` (§2.3),
+
+exactly what the separate public ops give (they remain the specification, and the
+reference path composes them). With the Triton backend in plain eager mode the terms are
+one ``torch.autograd.Function`` whose forward and backward call the kernels directly and
+share, per level:
+
+- the per-pixel sums of squares that the cosine kernel forms anyway: the pixels' inverse
+  norms of the intra-affinity term come from them (no kernel re-reads T and S for norms);
+- the per-channel sums of squares: the inverse norms of the coarser level's channels in the
+  inter-affinity term;
+- the pooled finer level and its channels' inverse norms, formed once in the forward and
+  saved for the backward;
+
+and the gradients of every term for a level are added into one buffer. Elsewhere (the CUDA
+backend, the reference, ``torch.compile``, fake tensors) the separate ops run, each with the
+given ``backend``. The norms from the cosine sums are the same quantity as the separate
+ops' (``1 / max(|x|, eps)``) summed in another order, so the two paths agree to float
+rounding, not bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from . import checks, dispatch, precision, reference
+from ._registration import plain_eager
+from .cosine_distances import spatial_channel_loss
+from .inter_affinity_loss import inter_affinity_loss
+from .intra_affinity_loss import intra_affinity_loss
+
+OP = "snl_distillation_loss"
+TERMS = ("rd", "channel", "spatial", "intra", "inter")
+EPS = reference.EPS
+
+
+def _pairs(levels: int) -> list[tuple[int, int]]:
+    return [(k, k + 1) for k in range(levels - 1)]
+
+
+def snl_distillation_loss(teachers: Sequence[Tensor], students: Sequence[Tensor],
+                          terms: Sequence[str] = TERMS, intra_distance: str = "l2",
+                          inter_distance: str = "l2",
+                          backend: str | None = None) -> dict[str, Tensor]:
+    """SNL's distillation terms over the levels (see the module doc).
+
+    Args:
+        teachers: per-level (B, C_k, H_k, W_k) teacher features, fine to coarse.
+        students: the student's levels, same shapes, dtypes and devices.
+        terms: which of ``TERMS`` to compute (the others are neither computed nor returned).
+        intra_distance, inter_distance: "l2" or "l1".
+        backend: "torch", "triton", "cuda" or None (``SNL_BACKEND``, then automatic). The
+            shared path runs for "triton" (and in automatic mode where Triton runs on the
+            inputs); otherwise the separate ops, each with this ``backend``.
+
+    Returns:
+        ``{term: 0-dim float32 tensor}`` for the requested terms.
+
+    Raises:
+        TypeError, ValueError: bad levels, terms or distances (the message names which).
+        BackendUnavailableError: the requested backend cannot run here (with the reasons).
+    """
+    checks.check_levels(OP, teachers, students)
+    terms = tuple(terms)
+    unknown = [t for t in terms if t not in TERMS]
+    if unknown or not terms:
+        raise ValueError(f"{OP}: terms must be a non-empty subset of {TERMS}, got {terms!r}")
+    checks.check_choice(OP, "intra_distance", intra_distance, ("l2", "l1"))
+    checks.check_choice(OP, "inter_distance", inter_distance, ("l2", "l1"))
+    if "inter" in terms and len(teachers) < 2:
+        raise ValueError(f"{OP}: the inter term needs at least two levels, got {len(teachers)}")
+    for k, (t, s) in enumerate(zip(teachers, students, strict=True)):
+        checks.check_features(OP, t, s, (f"teachers[{k}]", f"students[{k}]"))
+    tensors = (*teachers, *students)
+    if _shared_path(backend, tensors):
+        values = _Shared.apply((terms, intra_distance, inter_distance, len(teachers)), *tensors)
+        return dict(zip(terms, values, strict=True))
+    return _separate(teachers, students, terms, intra_distance, inter_distance, backend)
+
+
+def _shared_path(backend: str | None, tensors: Sequence[Tensor]) -> bool:
+    requested = dispatch.requested_backend(backend)
+    if requested not in (None, "triton") or not plain_eager(tensors):
+        return False
+    why_not = ("float64 inputs run on the reference only"
+               if any(t.dtype == torch.float64 for t in tensors) else None)
+    chosen = dispatch.select_backend(OP, backend, tensors, ("triton",), prefer=("triton",),
+                                     why_not=why_not)
+    return chosen == "triton"
+
+
+def _separate(teachers, students, terms, intra_distance, inter_distance, backend):
+    """The terms from the separate public ops (the specification)."""
+    out: dict[str, Tensor] = {}
+    if {"rd", "channel", "spatial"} & set(terms):
+        means = spatial_channel_loss(teachers, students, backend=backend)
+        for term, value in (("rd", means.sample_mean), ("channel", means.pixel_mean),
+                            ("spatial", means.channel_mean)):
+            if term in terms:
+                out[term] = value
+    if "intra" in terms:
+        out["intra"] = torch.stack([intra_affinity_loss(t, s, intra_distance, backend=backend)
+                                    for t, s in zip(teachers, students, strict=True)]).sum()
+    if "inter" in terms:
+        out["inter"] = torch.stack([
+            inter_affinity_loss(teachers[a], teachers[b], students[a], students[b],
+                                inter_distance, backend=backend)
+            for a, b in _pairs(len(teachers))]).sum()
+    return {term: out[term] for term in terms}
+
+
+def _inverse_norms(squares: Tensor) -> Tensor:
+    """1 / max(sqrt(sum of squares), eps) per row, negative for an exactly zero row (the
+    convention of the Triton kernels' ``_inv_norm_kernel``); (B, R) contiguous float32."""
+    r = 1.0 / squares.sqrt().clamp_min(EPS)
+    return torch.where(squares == 0, -r, r).contiguous()
+
+
+class _Shared(torch.autograd.Function):
+    """The Triton path of :func:`snl_distillation_loss` (see the module doc)."""
+
+    @staticmethod
+    def forward(ctx, plan, *tensors):
+        from ._triton import affinity as ka
+        from ._triton import cosine_distances as kc
+        from .inter_affinity_loss import triton_forward as inter_forward
+        from .intra_affinity_loss import triton_forward as intra_forward
+
+        terms, intra_distance, inter_distance, levels = plan
+        teachers, students = tensors[:levels], tensors[levels:]
+        zero = teachers[0].new_zeros((), dtype=torch.float32)
+        values = dict.fromkeys(TERMS, zero)
+        saved: dict = {"cos": [], "r_pix": [], "r_chan": [], "signs": [], "pooled": [],
+                       "intra_plan": [], "inter_plan": []}
+        for t, s in zip(teachers, students, strict=True):
+            pixel, channel, sample, p_stats, c_stats = kc.forward(t, s, EPS)
+            saved["cos"].append((p_stats, c_stats))
+            values["rd"] = values["rd"] + sample.mean()
+            values["channel"] = values["channel"] + pixel.mean()
+            values["spatial"] = values["spatial"] + channel.mean()
+            saved["r_pix"].append((_inverse_norms(p_stats[:, 1]), _inverse_norms(p_stats[:, 2]))
+                                  if "intra" in terms else None)
+            saved["r_chan"].append((_inverse_norms(c_stats[:, 1]), _inverse_norms(c_stats[:, 2]))
+                                   if "inter" in terms else None)
+        if "intra" in terms:
+            total = zero
+            for k, (t, s) in enumerate(zip(teachers, students, strict=True)):
+                grams, dot = precision.intra_plan("triton", t, intra_distance)
+                r_t, r_s = saved["r_pix"][k]
+                loss, signs = intra_forward(t, s, r_t, r_s, intra_distance, grams, dot)
+                saved["signs"].append(signs)
+                saved["intra_plan"].append((grams, dot))
+                total = total + loss
+            values["intra"] = total
+        if "inter" in terms:
+            total = zero
+            for a, b in _pairs(levels):
+                size = tuple(teachers[b].shape[-2:])
+                p_t, p_s = ka.pool(teachers[a], size), ka.pool(students[a], size)
+                r_qt, r_qs = saved["r_chan"][b]
+                norms = (ka.inv_norms(p_t, False, EPS), ka.inv_norms(p_s, False, EPS), r_qt,
+                         r_qs)
+                dot = precision.inter_plan("triton", teachers[a], teachers[b], inter_distance)
+                saved["pooled"].append((p_t, p_s, norms))
+                saved["inter_plan"].append(dot)
+                total = total + inter_forward(p_t, p_s, teachers[b], students[b], norms,
+                                              teachers[a].shape[1], inter_distance, dot)
+            values["inter"] = total
+        ctx.plan = plan
+        ctx.saved = saved
+        ctx.save_for_backward(*tensors)
+        ctx.set_materialize_grads(False)
+        return tuple(values[term] for term in terms)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        from ._triton import cosine_distances as kc
+        from .inter_affinity_loss import triton_backward as inter_backward
+        from .intra_affinity_loss import triton_backward as intra_backward
+
+        terms, intra_distance, inter_distance, levels = ctx.plan
+        tensors = ctx.saved_tensors
+        teachers, students = tensors[:levels], tensors[levels:]
+        need_t = any(ctx.needs_input_grad[1:1 + levels])
+        g = {term: grad for term, grad in zip(terms, grads, strict=True) if grad is not None}
+        saved = ctx.saved
+        f32 = dict(dtype=torch.float32)
+        grad_t: list = [None] * levels
+        grad_s: list = [None] * levels
+
+        def add(store, k, value):
+            store[k] = value if store[k] is None else store[k].add_(value)
+
+        for k, (t, s) in enumerate(zip(teachers, students, strict=True)):
+            if not {"rd", "channel", "spatial"} & set(g):
+                break
+            B, C, H, W = t.shape
+            zero = t.new_zeros((), **f32)
+            # d mean(x) / dx = 1 / numel, broadcast as the kernel's upstream gradients.
+            g_pixel = (g.get("channel", zero) / (B * H * W)).expand(B, H, W).contiguous()
+            g_channel = (g.get("spatial", zero) / (B * C)).expand(B, C).contiguous()
+            g_sample = (g.get("rd", zero) / B).expand(B).contiguous()
+            p_stats, c_stats = saved["cos"][k]
+            dt, ds = kc.backward(t, s, p_stats, c_stats, g_pixel, g_channel, g_sample,
+                                 need_t, EPS)
+            add(grad_s, k, ds)
+            if need_t:
+                add(grad_t, k, dt)
+        if "intra" in g:
+            for k, (t, s) in enumerate(zip(teachers, students, strict=True)):
+                r_t, r_s = saved["r_pix"][k]
+                grams, dot = saved["intra_plan"][k]
+                dt, ds = intra_backward(t, s, r_t, r_s, g["intra"], saved["signs"][k],
+                                        intra_distance, grams, dot, need_t)
+                add(grad_s, k, ds)
+                if need_t:
+                    add(grad_t, k, dt)
+        if "inter" in g:
+            for (a, b), (p_t, p_s, norms), dot in zip(_pairs(levels), saved["pooled"],
+                                                     saved["inter_plan"], strict=True):
+                ga_t, gb_t, ga_s, gb_s = inter_backward(
+                    teachers[a], teachers[b], students[a], students[b], p_t, p_s, norms,
+                    g["inter"], inter_distance, dot, need_t)
+                add(grad_s, a, ga_s)
+                add(grad_s, b, gb_s)
+                if need_t:
+                    add(grad_t, a, ga_t)
+                    add(grad_t, b, gb_t)
+        out_t = [gt if need else None
+                 for gt, need in zip(grad_t, ctx.needs_input_grad[1:1 + levels], strict=True)]
+        out_s = [gs if need else None
+                 for gs, need in zip(grad_s, ctx.needs_input_grad[1 + levels:], strict=True)]
+        return (None, *out_t, *out_s)

@@ -1,0 +1,142 @@
+"""snl_distillation_loss: the shared Triton path against the separate ops (and float64)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from support import DEVICE, NO_TRITON
+
+import snl_kernels
+from snl_kernels import distillation
+
+pytestmark = pytest.mark.skipif(NO_TRITON is not None, reason=NO_TRITON or "")
+
+# Three levels, fine to coarse: Gram form at the first (C < N), Delta tiles at the others.
+SHAPES = [(2, 8, 6, 6), (2, 12, 3, 3), (2, 16, 2, 2)]
+
+
+def _levels(shapes=SHAPES, dtype=torch.float32, seed=0, teacher_grad=False, zero_pixel=False):
+    g = torch.Generator().manual_seed(seed)
+    teachers, students = [], []
+    for shape in shapes:
+        t = torch.randn(shape, generator=g, dtype=torch.float64)
+        s = t + 0.3 * torch.randn(shape, generator=g, dtype=torch.float64)
+        if zero_pixel:
+            t[0, :, 0, 0] = 0
+            s[0, :, 0, 0] = 0
+            s[1, :, 1, 1] = 0
+        teachers.append(t.to(DEVICE, dtype).requires_grad_(teacher_grad))
+        students.append(s.to(DEVICE, dtype).requires_grad_(True))
+    return teachers, students
+
+
+def _run(fn, teachers, students, weights):
+    terms = fn(teachers, students)
+    loss = sum(weights[name] * value for name, value in terms.items())
+    inputs = [x for x in (*teachers, *students) if x.requires_grad]
+    return terms, torch.autograd.grad(loss, inputs)
+
+
+WEIGHTS = {"rd": 1.0, "channel": 0.7, "spatial": 0.5, "intra": 3.0, "inter": 2.0}
+
+
+@pytest.mark.parametrize("distance", ["l2", "l1"])
+@pytest.mark.parametrize("teacher_grad", [False, True])
+def test_shared_path_equals_separate_ops(distance, teacher_grad):
+    teachers, students = _levels(teacher_grad=teacher_grad, zero_pixel=True)
+
+    def shared(t, s):
+        return snl_kernels.snl_distillation_loss(t, s, intra_distance=distance,
+                                                 inter_distance=distance, backend="triton")
+
+    def separate(t, s):
+        return distillation._separate(t, s, distillation.TERMS, distance, distance, "triton")
+
+    got, got_grads = _run(shared, teachers, students, WEIGHTS)
+    want, want_grads = _run(separate, teachers, students, WEIGHTS)
+    assert list(got) == list(distillation.TERMS)
+    for name in got:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        scale = w.abs().max().item()
+        torch.testing.assert_close(g / scale, w / scale, rtol=0, atol=1e-5)
+
+
+def test_shared_path_against_float64_reference():
+    teachers, students = _levels()
+    got, got_grads = _run(lambda t, s: snl_kernels.snl_distillation_loss(t, s, backend="triton"),
+                          teachers, students, WEIGHTS)
+    t64 = [t.detach().double() for t in teachers]
+    s64 = [s.detach().double().requires_grad_(True) for s in students]
+    want, want_grads = _run(lambda t, s: snl_kernels.snl_distillation_loss(t, s,
+                                                                           backend="torch"),
+                            t64, s64, WEIGHTS)
+    for name in got:
+        assert abs(got[name].item() - want[name].item()) <= 1e-4 * abs(want[name].item())
+    for g, w in zip(got_grads, want_grads, strict=True):
+        err = (g.double() - w.to(g.device)).norm() / w.norm()
+        assert err.item() <= 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_inputs(dtype):
+    teachers, students = _levels(dtype=dtype)
+    got, grads = _run(lambda t, s: snl_kernels.snl_distillation_loss(t, s, backend="triton"),
+                      teachers, students, WEIGHTS)
+    want, _ = _run(lambda t, s: distillation._separate(t, s, distillation.TERMS, "l2", "l2",
+                                                       "triton"), teachers, students, WEIGHTS)
+    for name in got:
+        assert got[name].dtype == torch.float32
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6)
+    for g, s in zip(grads, students, strict=True):
+        assert g.dtype == dtype
+        assert g.shape == s.shape
+        assert torch.isfinite(g).all()
+
+
+def test_subsets_of_terms_and_paths():
+    teachers, students = _levels()
+    only = snl_kernels.snl_distillation_loss(teachers, students, ["inter", "rd"],
+                                             backend="triton")
+    assert list(only) == ["inter", "rd"]
+    full = snl_kernels.snl_distillation_loss(teachers, students, backend="triton")
+    for name, value in only.items():
+        torch.testing.assert_close(value, full[name])
+    # The reference path composes the reference ops.
+    ref = snl_kernels.snl_distillation_loss(teachers, students, backend="torch")
+    for name, value in ref.items():
+        torch.testing.assert_close(value, full[name], rtol=1e-4, atol=1e-6)
+
+
+def test_shared_path_is_taken_only_in_plain_eager_triton(monkeypatch):
+    teachers, students = _levels()
+    taken = []
+    real = distillation._Shared.apply
+    monkeypatch.setattr(distillation._Shared, "apply",
+                        lambda *a: taken.append(1) or real(*a))
+    snl_kernels.snl_distillation_loss(teachers, students, backend="triton")
+    assert taken == [1]
+    snl_kernels.snl_distillation_loss(teachers, students, backend="torch")
+    monkeypatch.setenv("SNL_BACKEND", "triton")
+    snl_kernels.snl_distillation_loss(teachers, students)
+    assert taken == [1, 1]
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as fake:
+        ft = [fake.from_tensor(t) for t in teachers]
+        fs = [fake.from_tensor(s) for s in students]
+        out = snl_kernels.snl_distillation_loss(ft, fs, backend="triton")
+        assert out["rd"].shape == ()
+    assert taken == [1, 1]
+
+
+def test_errors_name_the_argument():
+    teachers, students = _levels()
+    with pytest.raises(ValueError, match="terms must be a non-empty subset"):
+        snl_kernels.snl_distillation_loss(teachers, students, ["rd", "bogus"])
+    with pytest.raises(ValueError, match="intra_distance"):
+        snl_kernels.snl_distillation_loss(teachers, students, intra_distance="l3")
+    with pytest.raises(ValueError, match="at least two levels"):
+        snl_kernels.snl_distillation_loss(teachers[:1], students[:1], ["inter"])
+    with pytest.raises(ValueError, match=r"teachers\[1\] and students\[1\]"):
+        snl_kernels.snl_distillation_loss(teachers, [students[0], students[2], students[1]])
