@@ -254,6 +254,22 @@ def exercise(quick: bool) -> None:
             central, assign, compact, dist = ops.cram_fwd(e, c, tau)
             ops.cram_bwd(e, c, tau, assign, dist, torch.randn_like(central),
                          torch.randn_like(assign), torch.randn_like(compact))
+        # snl_distillation_loss's shared path: three levels per cosine launch (an odd set and
+        # one of multiples of 16), the pooling of four tensors with their norms
+        from snl_kernels._triton import affinity as ka
+        from snl_kernels._triton import cosine_distances as kc
+
+        for shapes in (((2, 40, 9, 9), (2, 24, 5, 5), (2, 12, 3, 3)),
+                       ((2, 64, 16, 16), (2, 128, 8, 8), (2, 256, 4, 4))):
+            ts = [feats(shape, dtype) for shape in shapes]
+            ss = [feats(shape, dtype, 1) for shape in shapes]
+            outs = kc.forward_levels(ts, ss, 1e-8)
+            ups = [[torch.randn_like(out[i]) for out in outs] for i in range(3)]
+            for need_teacher in (True, False):
+                kc.backward_levels(ts, ss, [o[3] for o in outs], [o[4] for o in outs], *ups,
+                                   need_teacher, 1e-8)
+            sizes = [tuple(shapes[1][2:])] * 2 + [tuple(shapes[2][2:])] * 2
+            ka.pool_with_norms([ts[0], ss[0], ts[1], ss[1]], sizes, 1e-8)
         # affinity: Gram and tiled paths, l1 and l2, with and without the teacher's gradient,
         # at the precision the library asks for each call (every precision in the full run)
         affinity(ops, dtype, None if quick else plan.PRECISIONS)

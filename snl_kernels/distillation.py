@@ -143,8 +143,8 @@ class _Shared(torch.autograd.Function):
         values = dict.fromkeys(TERMS, zero)
         saved: dict = {"cos": [], "r_pix": [], "r_chan": [], "signs": [], "pooled": [],
                        "intra_plan": [], "inter_plan": []}
-        for t, s in zip(teachers, students, strict=True):
-            pixel, channel, sample, p_stats, c_stats = kc.forward(t, s, EPS)
+        for pixel, channel, sample, p_stats, c_stats in kc.forward_levels(
+                list(teachers), list(students), EPS):
             saved["cos"].append((p_stats, c_stats))
             values["rd"] = values["rd"] + sample.mean()
             values["channel"] = values["channel"] + pixel.mean()
@@ -165,12 +165,16 @@ class _Shared(torch.autograd.Function):
             values["intra"] = total
         if "inter" in terms:
             total = zero
-            for a, b in _pairs(levels):
-                size = tuple(teachers[b].shape[-2:])
-                p_t, p_s = ka.pool(teachers[a], size), ka.pool(students[a], size)
+            pairs = _pairs(levels)
+            # Every pair's finer level, teacher and student, pooled to the coarser level's
+            # size with its channels' norms, in as few launches as the kernel takes.
+            finer = [x for a, _ in pairs for x in (teachers[a], students[a])]
+            sizes = [tuple(teachers[b].shape[-2:]) for _, b in pairs for _ in range(2)]
+            pooled = ka.pool_with_norms(finer, sizes, EPS)
+            for i, (a, b) in enumerate(pairs):
+                (p_t, r_pt), (p_s, r_ps) = pooled[2 * i], pooled[2 * i + 1]
                 r_qt, r_qs = saved["r_chan"][b]
-                norms = (ka.inv_norms(p_t, False, EPS), ka.inv_norms(p_s, False, EPS), r_qt,
-                         r_qs)
+                norms = (r_pt, r_ps, r_qt, r_qs)
                 dot = precision.inter_plan("triton", teachers[a], teachers[b], inter_distance)
                 saved["pooled"].append((p_t, p_s, norms))
                 saved["inter_plan"].append(dot)
@@ -202,21 +206,22 @@ class _Shared(torch.autograd.Function):
         def add(store, k, value):
             store[k] = value if store[k] is None else store[k].add_(value)
 
-        for k, (t, s) in enumerate(zip(teachers, students, strict=True)):
-            if not {"rd", "channel", "spatial"} & set(g):
-                break
-            B, C, H, W = t.shape
-            zero = t.new_zeros((), **f32)
-            # d mean(x) / dx = 1 / numel, broadcast as the kernel's upstream gradients.
-            g_pixel = (g.get("channel", zero) / (B * H * W)).expand(B, H, W).contiguous()
-            g_channel = (g.get("spatial", zero) / (B * C)).expand(B, C).contiguous()
-            g_sample = (g.get("rd", zero) / B).expand(B).contiguous()
-            p_stats, c_stats = saved["cos"][k]
-            dt, ds = kc.backward(t, s, p_stats, c_stats, g_pixel, g_channel, g_sample,
-                                 need_t, EPS)
-            add(grad_s, k, ds)
-            if need_t:
-                add(grad_t, k, dt)
+        if {"rd", "channel", "spatial"} & set(g):
+            upstream: list = [[], [], []]
+            for t in teachers:
+                B, C, H, W = t.shape
+                zero = t.new_zeros((), **f32)
+                # d mean(x) / dx = 1 / numel, broadcast as the kernel's upstream gradients.
+                upstream[0].append((g.get("channel", zero) / (B * H * W)).expand(B, H, W))
+                upstream[1].append((g.get("spatial", zero) / (B * C)).expand(B, C))
+                upstream[2].append((g.get("rd", zero) / B).expand(B))
+            cos = kc.backward_levels(list(teachers), list(students),
+                                     [p for p, _ in saved["cos"]], [c for _, c in saved["cos"]],
+                                     *upstream, need_t, EPS)
+            for k, (dt, ds) in enumerate(cos):
+                add(grad_s, k, ds)
+                if need_t:
+                    add(grad_t, k, dt)
         if "intra" in g:
             for k, (t, s) in enumerate(zip(teachers, students, strict=True)):
                 r_t, r_s = saved["r_pix"][k]

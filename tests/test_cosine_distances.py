@@ -220,3 +220,34 @@ def test_compiles_fullgraph_on_gpu(backend):
     teachers = [p[0] for p in pairs]
     assert_fullgraph_compile_matches_eager(loss, teachers, students)
 
+
+
+def test_triton_levels_in_one_launch_equal_one_launch_per_level():
+    """Up to three levels share a launch (a branch per level): four levels (two launches),
+    one of them channels-last, give the bits of one launch per level, forward and backward."""
+    from support import NO_TRITON
+
+    if NO_TRITON is not None:
+        pytest.skip(NO_TRITON)
+    from snl_kernels._triton import cosine_distances as kc
+
+    shapes = [(2, 8, 6, 6), (2, 12, 3, 5), (2, 20, 2, 2), (2, 4, 7, 1)]
+    pairs = [features(shape, seed=k) for k, shape in enumerate(shapes)]
+    teachers = [t for t, _ in pairs]
+    students = [s for _, s in pairs]
+    students[1] = students[1].contiguous(memory_format=torch.channels_last)
+    grouped = kc.forward_levels(teachers, students, reference.EPS)
+    single = [kc.forward(t, s, reference.EPS) for t, s in zip(teachers, students, strict=True)]
+    for a, b in zip(grouped, single, strict=True):
+        for x, y in zip(a, b, strict=True):
+            assert torch.equal(x, y)
+    g = torch.Generator().manual_seed(2)
+    ups = [[torch.randn(out[i].shape, generator=g) for out in single] for i in range(3)]
+    for need_teacher in (False, True):
+        grads = kc.backward_levels(teachers, students, [o[3] for o in single],
+                                   [o[4] for o in single], *ups, need_teacher, reference.EPS)
+        for k, (t, s) in enumerate(zip(teachers, students, strict=True)):
+            one = kc.backward(t, s, single[k][3], single[k][4], ups[0][k], ups[1][k],
+                              ups[2][k], need_teacher, reference.EPS)
+            for x, y in zip(grads[k], one, strict=True):
+                assert torch.equal(x, y)

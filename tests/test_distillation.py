@@ -140,3 +140,22 @@ def test_errors_name_the_argument():
         snl_kernels.snl_distillation_loss(teachers[:1], students[:1], ["inter"])
     with pytest.raises(ValueError, match=r"teachers\[1\] and students\[1\]"):
         snl_kernels.snl_distillation_loss(teachers, [students[0], students[2], students[1]])
+
+
+def test_pooling_with_norms_equals_pool_then_norms():
+    from snl_kernels._triton import affinity as ka
+
+    g = torch.Generator().manual_seed(4)
+    shapes = [(2, 40, 7, 9), (2, 8, 6, 6), (2, 5, 4, 4), (2, 3, 5, 3), (2, 33, 8, 8)]
+    sizes = [(3, 4), (3, 3), (2, 2), (5, 3), (1, 1)]  # uneven bins, identity, one bin
+    tensors = [torch.randn(shape, generator=g).to(DEVICE) for shape in shapes]
+    tensors[1][0, 2] = 0  # a zero channel: negative inverse norm
+    tensors[2] = tensors[2].half()
+    tensors[3] = tensors[3].contiguous(memory_format=torch.channels_last)
+    got = ka.pool_with_norms(tensors, sizes, distillation.EPS)  # two launches (4 + 1)
+    for (pooled, r), f, size in zip(got, tensors, sizes, strict=True):
+        want = ka.pool(f, size)
+        assert torch.equal(pooled, want)
+        torch.testing.assert_close(r, ka.inv_norms(want, False, distillation.EPS),
+                                   rtol=1e-6, atol=0)
+    assert got[1][1][0, 2] < 0

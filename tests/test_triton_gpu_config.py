@@ -186,9 +186,10 @@ def test_cosine_distances(launches):
     for grad, ref_grad in zip(grads, ref_grads, strict=True):
         scale = ref_grad.abs().max().item()
         assert_matches_oracle(grad / scale, ref_grad / scale)
-    _launched(launches, "_cosine_distances_fwd_kernel", BLOCK_N=block_n, BLOCK_C=32)
-    _launched(launches, "_cosine_distances_fin_kernel", BLOCK_C=block_fin)
-    _launched(launches, "_cosine_distances_bwd_kernel", BLOCK_N=block_n, BLOCK_C=32)
+    # One level: slot 0 of the (up to three) levels a launch takes.
+    _launched(launches, "_cosine_distances_fwd_kernel", BLOCK_N0=block_n, BLOCK_C=32)
+    _launched(launches, "_cosine_distances_fin_kernel", BLOCK_C0=block_fin)
+    _launched(launches, "_cosine_distances_bwd_kernel", BLOCK_N0=block_n, BLOCK_C=32)
 
 
 def test_cram(launches):

@@ -454,6 +454,73 @@ def _pool_kernel(
 
 
 @triton.jit
+def _pool_rows(
+    f_ptr, out_ptr, r_ptr, block, b, C, H_in, W_in, H_out, W_out, f_b, f_c, f_h, f_w,
+    EPS: tl.constexpr, MAX_BH: tl.constexpr, MAX_BW: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Channels ``block`` of sample b: their adaptive average pool (B, C, H_out, W_out) fp32
+    and its rows' inverse norms (negative for a zero row, as ``_inv_norm_kernel``)."""
+    rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_r = rows < C
+    K = H_out * W_out
+    ss = tl.zeros([BLOCK_R], dtype=tl.float32)
+    big = tl.zeros([BLOCK_R], dtype=tl.float32)
+    base = f_ptr + b * f_b + rows[:, None] * f_c
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        mask_k = ks < K
+        h0, h1 = _bin(ks // W_out, H_in, H_out)
+        w0, w1 = _bin(ks % W_out, W_in, W_out)
+        acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
+        for dh in range(0, MAX_BH):
+            for dw in range(0, MAX_BW):
+                h = h0 + dh
+                w = w0 + dw
+                m = mask_r[:, None] & (mask_k & (h < h1) & (w < w1))[None, :]
+                acc += tl.load(base + (h * f_h + w * f_w)[None, :], mask=m,
+                               other=0.0).to(tl.float32)
+        pooled = acc / ((h1 - h0) * (w1 - w0)).to(tl.float32)[None, :]
+        mask = mask_r[:, None] & mask_k[None, :]
+        pooled = tl.where(mask, pooled, 0.0)
+        tl.store(out_ptr + (b * C + rows[:, None]) * K + ks[None, :], pooled, mask=mask)
+        ss += tl.sum(pooled * pooled, axis=1)
+        big = tl.maximum(big, tl.max(tl.abs(pooled), axis=1))
+    r = 1.0 / tl.maximum(tl.sqrt(ss), EPS)
+    tl.store(r_ptr + b * C + rows, tl.where(big == 0.0, -r, r), mask=mask_r)
+
+
+@triton.jit
+def _pool_norms_kernel(
+    f0, o0, r0, C0, Hi0, Wi0, Ho0, Wo0, f0_b, f0_c, f0_h, f0_w,
+    f1, o1, r1, C1, Hi1, Wi1, Ho1, Wo1, f1_b, f1_c, f1_h, f1_w,
+    f2, o2, r2, C2, Hi2, Wi2, Ho2, Wo2, f2_b, f2_c, f2_h, f2_w,
+    f3, o3, r3, C3, Hi3, Wi3, Ho3, Wo3, f3_b, f3_c, f3_h, f3_w,
+    start1, start2, start3,
+    EPS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    BH0: tl.constexpr, BW0: tl.constexpr, BH1: tl.constexpr, BW1: tl.constexpr,
+    BH2: tl.constexpr, BW2: tl.constexpr, BH3: tl.constexpr, BW3: tl.constexpr,
+):
+    # Up to four tensors pooled in one launch (the teacher's and student's finer level of two
+    # level pairs): grid axis 0 runs over the channel blocks of one tensor after another,
+    # axis 1 over the samples; a branch per tensor.
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    if pid < start1:
+        _pool_rows(f0, o0, r0, pid, b, C0, Hi0, Wi0, Ho0, Wo0, f0_b, f0_c, f0_h, f0_w,
+                   EPS, BH0, BW0, BLOCK_R, BLOCK_K)
+    elif pid < start2:
+        _pool_rows(f1, o1, r1, pid - start1, b, C1, Hi1, Wi1, Ho1, Wo1, f1_b, f1_c, f1_h, f1_w,
+                   EPS, BH1, BW1, BLOCK_R, BLOCK_K)
+    elif pid < start3:
+        _pool_rows(f2, o2, r2, pid - start2, b, C2, Hi2, Wi2, Ho2, Wo2, f2_b, f2_c, f2_h, f2_w,
+                   EPS, BH2, BW2, BLOCK_R, BLOCK_K)
+    else:
+        _pool_rows(f3, o3, r3, pid - start3, b, C3, Hi3, Wi3, Ho3, Wo3, f3_b, f3_c, f3_h, f3_w,
+                   EPS, BH3, BW3, BLOCK_R, BLOCK_K)
+
+
+@triton.jit
 def _unpool_kernel(
     g_ptr, out_ptr, total, C, H_in, W_in, H_out, W_out,
     o_b, o_c, o_h, o_w,
@@ -694,6 +761,42 @@ def pool(f: Tensor, size: tuple[int, int]) -> Tensor:
         MAX_BH=_max_bin(H, h), MAX_BW=_max_bin(W, w), BLOCK=BLOCK_ELEMENTS,
     )
     return out
+
+
+POOL_GROUP = 4  # tensors per pooling launch
+
+
+def pool_with_norms(tensors: list[Tensor], sizes: list[tuple[int, int]],
+                    eps: float) -> list[tuple[Tensor, Tensor]]:
+    """``(adaptive_avg_pool2d(f, size), inverse norms of its channel rows)`` of every
+    tensor, up to four per launch; the same values as :func:`pool` then :func:`inv_norms`
+    (channel rows)."""
+    B = tensors[0].shape[0]
+    results = []
+    for first in range(0, len(tensors), POOL_GROUP):
+        picked = list(range(first, min(first + POOL_GROUP, len(tensors))))
+        slots = picked + [picked[-1]] * (POOL_GROUP - len(picked))
+        args, counts, outs = {}, [], {}
+        for j, k in enumerate(slots):
+            f = tensors[k]
+            _, C, H, W = f.shape
+            h, w = sizes[k]
+            if k not in outs:
+                outs[k] = (torch.empty((B, C, h, w), device=f.device, dtype=torch.float32),
+                           torch.empty((B, C), device=f.device, dtype=torch.float32))
+            pooled, r = outs[k]
+            counts.append(triton.cdiv(C, BLOCK_ROWS) if j < len(picked) else 0)
+            args.update({f"f{j}": f, f"o{j}": pooled, f"r{j}": r, f"C{j}": C, f"Hi{j}": H,
+                         f"Wi{j}": W, f"Ho{j}": h, f"Wo{j}": w,
+                         **strides(f, f"f{j}_b f{j}_c f{j}_h f{j}_w"),
+                         f"BH{j}": _max_bin(H, h), f"BW{j}": _max_bin(W, w)})
+        starts = [sum(counts[:i]) for i in range(1, POOL_GROUP)]
+        _pool_norms_kernel[(sum(counts), B)](
+            **args, start1=starts[0], start2=starts[1], start3=starts[2],
+            EPS=eps, BLOCK_R=BLOCK_ROWS, BLOCK_K=BLOCK_K,
+        )
+        results += [outs[k] for k in picked]
+    return results
 
 
 def unpool(g: Tensor, like: Tensor) -> Tensor:
