@@ -270,6 +270,13 @@ def exercise(quick: bool) -> None:
                                    need_teacher, 1e-8)
             sizes = [tuple(shapes[1][2:])] * 2 + [tuple(shapes[2][2:])] * 2
             ka.pool_with_norms([ts[0], ss[0], ts[1], ss[1]], sizes, 1e-8)
+            jobs = []
+            for x in ss:
+                for pix_rows in (True, False):
+                    out = None if dtype == torch.float32 else torch.empty_like(x)
+                    jobs.append((x, ka.inv_norms(x, pix_rows, 1e-8),
+                                 torch.randn(x.shape), pix_rows, out))
+            ka.norm_backward_group(jobs, 1e-8)
         # affinity: Gram and tiled paths, l1 and l2, with and without the teacher's gradient,
         # at the precision the library asks for each call (every precision in the full run)
         affinity(ops, dtype, None if quick else plan.PRECISIONS)

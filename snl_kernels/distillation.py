@@ -189,9 +189,11 @@ class _Shared(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
+        from ._triton import affinity as ka
         from ._triton import cosine_distances as kc
-        from .inter_affinity_loss import triton_backward as inter_backward
-        from .intra_affinity_loss import triton_backward as intra_backward
+        from .inter_affinity_loss import triton_backward_normalised as inter_normalised
+        from .intra_affinity_loss import norm_job
+        from .intra_affinity_loss import triton_backward_normalised as intra_normalised
 
         terms, intra_distance, inter_distance, levels = ctx.plan
         tensors = ctx.saved_tensors
@@ -222,26 +224,35 @@ class _Shared(torch.autograd.Function):
                 add(grad_s, k, ds)
                 if need_t:
                     add(grad_t, k, dt)
+        # The affinity terms' gradients for the normalised features, then every norm
+        # backward in one launch (up to eight per launch), then the pooled ones unpooled.
+        jobs, where = [], []
         if "intra" in g:
             for k, (t, s) in enumerate(zip(teachers, students, strict=True)):
                 r_t, r_s = saved["r_pix"][k]
                 grams, dot = saved["intra_plan"][k]
-                dt, ds = intra_backward(t, s, r_t, r_s, g["intra"], saved["signs"][k],
-                                        intra_distance, grams, dot, need_t)
-                add(grad_s, k, ds)
+                g_t, g_s = intra_normalised(t, s, r_t, r_s, g["intra"], saved["signs"][k],
+                                            intra_distance, grams, dot, need_t)
+                jobs.append(norm_job(s, r_s, g_s))
+                where.append((grad_s, k, None))
                 if need_t:
-                    add(grad_t, k, dt)
+                    jobs.append(norm_job(t, r_t, g_t))
+                    where.append((grad_t, k, None))
         if "inter" in g:
             for (a, b), (p_t, p_s, norms), dot in zip(_pairs(levels), saved["pooled"],
                                                      saved["inter_plan"], strict=True):
-                ga_t, gb_t, ga_s, gb_s = inter_backward(
+                teacher_side, student_side = inter_normalised(
                     teachers[a], teachers[b], students[a], students[b], p_t, p_s, norms,
                     g["inter"], inter_distance, dot, need_t)
-                add(grad_s, a, ga_s)
-                add(grad_s, b, gb_s)
-                if need_t:
-                    add(grad_t, a, ga_t)
-                    add(grad_t, b, gb_t)
+                for store, side in ((grad_s, student_side), (grad_t, teacher_side)):
+                    if side is None:
+                        continue
+                    (p_job, q_job), f_a = side
+                    jobs += [p_job, q_job]
+                    where += [(store, a, f_a), (store, b, None)]
+        for (store, k, unpool_to), grad in zip(where, ka.norm_backward_group(jobs, EPS),
+                                               strict=True):
+            add(store, k, grad if unpool_to is None else ka.unpool(grad, unpool_to))
         out_t = [gt if need else None
                  for gt, need in zip(grad_t, ctx.needs_input_grad[1:1 + levels], strict=True)]
         out_s = [gs if need else None

@@ -86,28 +86,46 @@ def triton_backward(teacher_a, teacher_b, student_a, student_b, p_t, p_s, norms,
     gradients of (teacher_a, teacher_b, student_a, student_b), the teacher's empty when not
     asked for."""
     k = _kernels()
+    parts = triton_backward_normalised(teacher_a, teacher_b, student_a, student_b, p_t, p_s,
+                                       norms, grad_loss, distance, precision,
+                                       teacher_requires_grad)
+    grads = []
+    for side in parts:
+        if side is None:
+            grads += [teacher_a.new_empty((0,)), teacher_b.new_empty((0,))]
+            continue
+        (p_job, q_job), f_a = side
+        d_p, d_q = k.norm_backward_group([p_job, q_job], EPS)
+        grads += [k.unpool(d_p, f_a), d_q]
+    ga_t, gb_t, ga_s, gb_s = grads
+    return ga_t, gb_t, ga_s, gb_s
+
+
+def triton_backward_normalised(teacher_a, teacher_b, student_a, student_b, p_t, p_s, norms,
+                               grad_loss, distance, precision, teacher_requires_grad):
+    """The gradients for the normalised pooled level P^ and level Q^, as ``norm_backward``
+    jobs: ``(teacher, student)``, each None (the teacher's, when not asked for) or
+    ``((p_job, q_job), f_a)``: the pooled gradient goes back through ``unpool`` to f_a."""
+    k = _kernels()
     r_pt, r_ps, r_qt, r_qs = norms
     B, C_a = teacher_a.shape[:2]
     C_b = teacher_b.shape[1]
     coef = (1.0 if distance == "l1" else 2.0) / (B * C_a * C_b)
     g = grad_loss.to(torch.float32).reshape(1)
-    l1 = distance == "l1"
     gd = k.delta(p_s, p_t, student_b, teacher_b, r_ps, r_pt, r_qs, r_qt, pix_rows=False,
-                 l1=l1, precision=precision, grad=(g, coef))
+                 l1=distance == "l1", precision=precision, grad=(g, coef))
 
-    def grads(sign, f_a, p, r_p, f_b, r_q):
-        # dL/dP^ = sign Gd Q^, dL/dQ^ = sign Gd^T P^, then the normalisations and the pooling.
-        d_p = k.norm_backward(p, r_p, k.scaled_mm(gd, f_b, r_q, sign, precision), False, EPS)
+    def side(sign, f_a, p, r_p, f_b, r_q):
+        # dL/dP^ = sign Gd Q^, dL/dQ^ = sign Gd^T P^ (then the normalisations and pooling).
+        d_p = k.scaled_mm(gd, f_b, r_q, sign, precision)
         d_q = k.scaled_mm(gd.transpose(1, 2), p, r_p, sign, precision)
         out_q = None if f_b.dtype == torch.float32 else f_b.new_empty(f_b.shape)
-        return k.unpool(d_p, f_a), k.norm_backward(f_b, r_q, d_q, False, EPS, out_q)
+        return ((p, r_p, d_p, False, None), (f_b, r_q, d_q, False, out_q)), f_a
 
-    ga_s, gb_s = grads(-1.0, student_a, p_s, r_ps, student_b, r_qs)
-    if teacher_requires_grad:
-        ga_t, gb_t = grads(1.0, teacher_a, p_t, r_pt, teacher_b, r_qt)
-    else:
-        ga_t, gb_t = teacher_a.new_empty((0,)), teacher_b.new_empty((0,))
-    return ga_t, gb_t, ga_s, gb_s
+    student = side(-1.0, student_a, p_s, r_ps, student_b, r_qs)
+    teacher = (side(1.0, teacher_a, p_t, r_pt, teacher_b, r_qt) if teacher_requires_grad
+               else None)
+    return teacher, student
 
 
 _triton_fwd = torch.library.custom_op("snl_triton::inter_affinity_fwd", _triton_fwd_body,

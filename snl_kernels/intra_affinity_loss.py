@@ -114,6 +114,18 @@ def triton_backward(teacher, student, r_t, r_s, grad_loss, signs, distance, gram
     """The Triton backward from the pixels' inverse norms: (grad_teacher or an empty tensor,
     grad_student)."""
     k = _kernels()
+    g_t, g_s = triton_backward_normalised(teacher, student, r_t, r_s, grad_loss, signs,
+                                          distance, grams, precision, teacher_requires_grad)
+    grad_teacher = (k.norm_backward_group([norm_job(teacher, r_t, g_t)], EPS)[0] if g_t is not None
+                    else teacher.new_empty((0,)))
+    return grad_teacher, k.norm_backward_group([norm_job(student, r_s, g_s)], EPS)[0]
+
+
+def triton_backward_normalised(teacher, student, r_t, r_s, grad_loss, signs, distance, grams,
+                               precision, teacher_requires_grad):
+    """The gradients for the normalised features X_T (None when not asked for) and X_S, fp32
+    (B, C, H, W); :func:`norm_job` turns each into a job of ``norm_backward``."""
+    k = _kernels()
     B, _, H, W = teacher.shape
     M = B * H * W * H * W
     g = grad_loss.to(torch.float32).reshape(1)
@@ -125,13 +137,13 @@ def triton_backward(teacher, student, r_t, r_s, grad_loss, signs, distance, gram
         g_s, g_t = k.intra_tiled_grad(student, teacher, r_s, r_t, g, coef, distance == "l1",
                                       teacher_requires_grad, precision,
                                       signs if distance == "l1" else None)
+    return g_t, g_s
 
-    def finish(f, r, gx):
-        out = None if f.dtype == torch.float32 else f.new_empty(f.shape)
-        return k.norm_backward(f, r, gx, True, EPS, out)
 
-    grad_teacher = finish(teacher, r_t, g_t) if g_t is not None else teacher.new_empty((0,))
-    return grad_teacher, finish(student, r_s, g_s)
+def norm_job(f, r, gx):
+    """(f, r, gx, pix_rows, out) for ``norm_backward``: in place in the fp32 gx, or into a
+    new tensor of f's dtype."""
+    return f, r, gx, True, None if f.dtype == torch.float32 else f.new_empty(f.shape)
 
 
 _triton_fwd = torch.library.custom_op("snl_triton::intra_affinity_fwd", _triton_fwd_body,

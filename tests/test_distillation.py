@@ -159,3 +159,24 @@ def test_pooling_with_norms_equals_pool_then_norms():
         torch.testing.assert_close(r, ka.inv_norms(want, False, distillation.EPS),
                                    rtol=1e-6, atol=0)
     assert got[1][1][0, 2] < 0
+
+
+def test_grouped_norm_backward_equals_one_launch_each():
+    from snl_kernels._triton import affinity as ka
+
+    g = torch.Generator().manual_seed(5)
+    jobs, singles = [], []
+    shapes = [(2, 6, 5, 4), (2, 9, 3, 3), (2, 4, 2, 6)] * 3  # nine jobs: two launches
+    for i, shape in enumerate(shapes):
+        f = torch.randn(shape, generator=g).to(DEVICE)
+        pix_rows = i % 2 == 0
+        if i == 4:
+            f[0, :, 1, 1] = 0  # a zero pixel
+        r = ka.inv_norms(f, pix_rows, distillation.EPS)
+        gx = torch.randn(shape, generator=g).to(DEVICE)
+        out = None if i % 3 else torch.empty_like(f)
+        jobs.append((f, r, gx.clone(), pix_rows, out))
+        singles.append(ka.norm_backward(f, r, gx.clone(), pix_rows, distillation.EPS,
+                                        None if out is None else torch.empty_like(f)))
+    for got, want in zip(ka.norm_backward_group(jobs, distillation.EPS), singles, strict=True):
+        assert torch.equal(got, want)

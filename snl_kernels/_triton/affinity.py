@@ -387,22 +387,23 @@ def _scaled_mm_kernel(
 
 
 @triton.jit
-def _norm_bwd_kernel(
-    f_ptr, r_ptr, gx_ptr, out_ptr, R, K, W,
-    f_b, f_c, f_h, f_w, gx_b, gx_c, gx_h, gx_w, o_b, o_c, o_h, o_w,
+def _norm_bwd_rows(
+    f_ptr, r_ptr, gx_ptr, out_ptr, block, b, R, K, W,
+    f_b, f_c, f_h, f_w, g_b, g_c, g_h, g_w,
     EPS: tl.constexpr, PIX_ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """Rows ``block`` of sample b: gradient for f from the gradient gx of x = f / max(|row|,
+    eps); gx and out share the strides g_* (out may alias gx)."""
     # x = f r, r = 1 / max(|f|, eps): df = r (dx - x (x . dx)) when |f| > eps, else r dx.
     # Each program owns whole rows, so out may alias gx.
-    b = tl.program_id(1).to(tl.int64)
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
     r = tl.abs(_vec(r_ptr + b * R, rows, R))  # negative: a zero row (see _inv_norm_kernel)
     dot = tl.zeros([BLOCK_R], dtype=tl.float32)
     ss = tl.zeros([BLOCK_R], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         f = _tile(f_ptr + b * f_b, rows, ks, R, K, W, f_c, f_h, f_w, PIX_ROWS)
-        dx = _tile(gx_ptr + b * gx_b, rows, ks, R, K, W, gx_c, gx_h, gx_w, PIX_ROWS)
+        dx = _tile(gx_ptr + b * g_b, rows, ks, R, K, W, g_c, g_h, g_w, PIX_ROWS)
         ss += tl.sum(f * f, axis=1)
         dot += tl.sum(f * dx, axis=1)
     # x . dx = r (f . dx); the projection term drops where the norm was clamped.
@@ -410,14 +411,77 @@ def _norm_bwd_kernel(
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         f = _tile(f_ptr + b * f_b, rows, ks, R, K, W, f_c, f_h, f_w, PIX_ROWS)
-        dx = _tile(gx_ptr + b * gx_b, rows, ks, R, K, W, gx_c, gx_h, gx_w, PIX_ROWS)
+        dx = _tile(gx_ptr + b * g_b, rows, ks, R, K, W, g_c, g_h, g_w, PIX_ROWS)
         df = r[:, None] * dx - proj[:, None] * r[:, None] * f
         if PIX_ROWS:
-            off = ((rows // W) * o_h + (rows % W) * o_w)[:, None] + (ks * o_c)[None, :]
+            off = ((rows // W) * g_h + (rows % W) * g_w)[:, None] + (ks * g_c)[None, :]
         else:
-            off = (rows * o_c)[:, None] + ((ks // W) * o_h + (ks % W) * o_w)[None, :]
+            off = (rows * g_c)[:, None] + ((ks // W) * g_h + (ks % W) * g_w)[None, :]
         mask = (rows < R)[:, None] & (ks < K)[None, :]
-        tl.store(out_ptr + b * o_b + off, df.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + b * g_b + off, df.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _norm_bwd_kernel(
+    f_ptr, r_ptr, gx_ptr, out_ptr, R, K, W,
+    f_b, f_c, f_h, f_w, g_b, g_c, g_h, g_w,
+    EPS: tl.constexpr, PIX_ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    _norm_bwd_rows(f_ptr, r_ptr, gx_ptr, out_ptr, tl.program_id(0),
+                   tl.program_id(1).to(tl.int64), R, K, W, f_b, f_c, f_h, f_w, g_b, g_c, g_h,
+                   g_w, EPS, PIX_ROWS, BLOCK_R, BLOCK_K)
+
+
+@triton.jit
+def _norm_bwd_group_kernel(
+    f0, r0, gx0, o0, R0, K0, W0, f0_b, f0_c, f0_h, f0_w, g0_b, g0_c, g0_h, g0_w,
+    f1, r1, gx1, o1, R1, K1, W1, f1_b, f1_c, f1_h, f1_w, g1_b, g1_c, g1_h, g1_w,
+    f2, r2, gx2, o2, R2, K2, W2, f2_b, f2_c, f2_h, f2_w, g2_b, g2_c, g2_h, g2_w,
+    f3, r3, gx3, o3, R3, K3, W3, f3_b, f3_c, f3_h, f3_w, g3_b, g3_c, g3_h, g3_w,
+    f4, r4, gx4, o4, R4, K4, W4, f4_b, f4_c, f4_h, f4_w, g4_b, g4_c, g4_h, g4_w,
+    f5, r5, gx5, o5, R5, K5, W5, f5_b, f5_c, f5_h, f5_w, g5_b, g5_c, g5_h, g5_w,
+    f6, r6, gx6, o6, R6, K6, W6, f6_b, f6_c, f6_h, f6_w, g6_b, g6_c, g6_h, g6_w,
+    f7, r7, gx7, o7, R7, K7, W7, f7_b, f7_c, f7_h, f7_w, g7_b, g7_c, g7_h, g7_w,
+    start1, start2, start3, start4, start5, start6, start7,
+    EPS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    PIX0: tl.constexpr, PIX1: tl.constexpr, PIX2: tl.constexpr, PIX3: tl.constexpr, PIX4: tl.constexpr, PIX5: tl.constexpr, PIX6: tl.constexpr, PIX7: tl.constexpr,
+):
+    # Up to eight norm backwards in one launch: grid axis 0 runs over the row blocks of one
+    # slot after another, axis 1 over the samples; a branch per slot.
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    if pid < start1:
+        _norm_bwd_rows(f0, r0, gx0, o0, pid, b, R0, K0, W0,
+                       f0_b, f0_c, f0_h, f0_w, g0_b, g0_c, g0_h, g0_w,
+                       EPS, PIX0, BLOCK_R, BLOCK_K)
+    elif pid < start2:
+        _norm_bwd_rows(f1, r1, gx1, o1, pid - start1, b, R1, K1, W1,
+                       f1_b, f1_c, f1_h, f1_w, g1_b, g1_c, g1_h, g1_w,
+                       EPS, PIX1, BLOCK_R, BLOCK_K)
+    elif pid < start3:
+        _norm_bwd_rows(f2, r2, gx2, o2, pid - start2, b, R2, K2, W2,
+                       f2_b, f2_c, f2_h, f2_w, g2_b, g2_c, g2_h, g2_w,
+                       EPS, PIX2, BLOCK_R, BLOCK_K)
+    elif pid < start4:
+        _norm_bwd_rows(f3, r3, gx3, o3, pid - start3, b, R3, K3, W3,
+                       f3_b, f3_c, f3_h, f3_w, g3_b, g3_c, g3_h, g3_w,
+                       EPS, PIX3, BLOCK_R, BLOCK_K)
+    elif pid < start5:
+        _norm_bwd_rows(f4, r4, gx4, o4, pid - start4, b, R4, K4, W4,
+                       f4_b, f4_c, f4_h, f4_w, g4_b, g4_c, g4_h, g4_w,
+                       EPS, PIX4, BLOCK_R, BLOCK_K)
+    elif pid < start6:
+        _norm_bwd_rows(f5, r5, gx5, o5, pid - start5, b, R5, K5, W5,
+                       f5_b, f5_c, f5_h, f5_w, g5_b, g5_c, g5_h, g5_w,
+                       EPS, PIX5, BLOCK_R, BLOCK_K)
+    elif pid < start7:
+        _norm_bwd_rows(f6, r6, gx6, o6, pid - start6, b, R6, K6, W6,
+                       f6_b, f6_c, f6_h, f6_w, g6_b, g6_c, g6_h, g6_w,
+                       EPS, PIX6, BLOCK_R, BLOCK_K)
+    else:
+        _norm_bwd_rows(f7, r7, gx7, o7, pid - start7, b, R7, K7, W7,
+                       f7_b, f7_c, f7_h, f7_w, g7_b, g7_c, g7_h, g7_w,
+                       EPS, PIX7, BLOCK_R, BLOCK_K)
 
 
 @triton.jit
@@ -733,17 +797,51 @@ def scaled_mm(g: Tensor, y: Tensor, r_y: Tensor, alpha: float, precision: str) -
 def norm_backward(f: Tensor, r: Tensor, gx: Tensor, pix_rows: bool, eps: float,
                   out: Tensor | None = None) -> Tensor:
     """Gradient for f from the gradient gx of x = f / max(|row|, eps); in place when out is
-    None (gx must then be float32 and is overwritten)."""
-    B, C, H, W = f.shape
-    R, K = (H * W, C) if pix_rows else (C, H * W)
-    out = gx if out is None else out
-    _norm_bwd_kernel[(triton.cdiv(R, BLOCK_ROWS), B)](
-        f_ptr=f, r_ptr=r, gx_ptr=gx, out_ptr=out, R=R, K=K, W=W,
-        **strides(f, "f_b f_c f_h f_w"), **strides(gx, "gx_b gx_c gx_h gx_w"),
-        **strides(out, "o_b o_c o_h o_w"),
-        EPS=eps, PIX_ROWS=pix_rows, BLOCK_R=BLOCK_ROWS, BLOCK_K=BLOCK_K,
-    )
-    return out
+    None (gx must then be float32 and is overwritten); out has gx's strides."""
+    return norm_backward_group([(f, r, gx, pix_rows, out)], eps)[0]
+
+
+NORM_GROUP = 8  # norm backwards per launch
+
+
+def norm_backward_group(jobs: list[tuple], eps: float) -> list[Tensor]:
+    """:func:`norm_backward` of every ``(f, r, gx, pix_rows, out)``, up to eight per launch
+    (one launch, a branch per job)."""
+    outs = []
+    for first in range(0, len(jobs), NORM_GROUP):
+        picked = list(range(first, min(first + NORM_GROUP, len(jobs))))
+        slots = picked + [picked[-1]] * (NORM_GROUP - len(picked))
+        args, counts, results = {}, [], {}
+        B = jobs[picked[0]][0].shape[0]
+        for j, k in enumerate(slots):
+            f, r, gx, pix_rows, out = jobs[k]
+            if k not in results:
+                results[k] = gx if out is None else out
+                if results[k].stride() != gx.stride():
+                    raise ValueError("norm_backward: out must have gx's strides")
+            _, C, H, W = f.shape
+            R, K = (H * W, C) if pix_rows else (C, H * W)
+            counts.append(triton.cdiv(R, BLOCK_ROWS) if j < len(picked) else 0)
+            args.update({f"f{j}": f, f"r{j}": r, f"gx{j}": gx, f"o{j}": results[k],
+                         f"R{j}": R, f"K{j}": K, f"W{j}": W, f"PIX{j}": pix_rows,
+                         **strides(f, f"f{j}_b f{j}_c f{j}_h f{j}_w"),
+                         **strides(gx, f"g{j}_b g{j}_c g{j}_h g{j}_w")})
+        starts = {f"start{i}": sum(counts[:i]) for i in range(1, NORM_GROUP)}
+        if len(picked) == 1:
+            k = picked[0]
+            f, r, gx, pix_rows, _ = jobs[k]
+            _norm_bwd_kernel[(counts[0], B)](
+                f_ptr=f, r_ptr=r, gx_ptr=gx, out_ptr=results[k], R=args["R0"], K=args["K0"],
+                W=args["W0"], **strides(f, "f_b f_c f_h f_w"),
+                **strides(gx, "g_b g_c g_h g_w"), EPS=eps, PIX_ROWS=pix_rows,
+                BLOCK_R=BLOCK_ROWS, BLOCK_K=BLOCK_K,
+            )
+        else:
+            _norm_bwd_group_kernel[(sum(counts), B)](
+                **args, **starts, EPS=eps, BLOCK_R=BLOCK_ROWS, BLOCK_K=BLOCK_K,
+            )
+        outs += [results[k] for k in picked]
+    return outs
 
 
 def _max_bin(n_in: int, n_out: int) -> int:
