@@ -162,7 +162,7 @@ step tests "${LIMIT_TESTS:-90}" "$OUT/tests.log" "${PYTEST[@]}" \
 
 # ---------------------------------------------------------------- kernel-provider benchmarks
 # shellcheck disable=SC2206
-BENCH_FILES=(${BENCH_FILES:-benchmarks/bench_copy.py benchmarks/bench_cosine_distances.py benchmarks/bench_anomaly_map.py benchmarks/bench_cram.py benchmarks/bench_affinity.py})
+BENCH_FILES=(${BENCH_FILES:-benchmarks/bench_copy.py benchmarks/bench_cosine_distances.py benchmarks/bench_anomaly_map.py benchmarks/bench_cram.py benchmarks/bench_affinity.py benchmarks/bench_distillation.py})
 BENCH_OPTS=(--benchmark-only --benchmark-min-rounds=10 --benchmark-max-time=0.1
   --benchmark-warmup=off -p no:cacheprovider -q)
 step bench "${LIMIT_BENCH:-50}" "$OUT/bench.log" "${PYTEST[@]}" "${BENCH_FILES[@]}" \
@@ -177,7 +177,8 @@ step compile-smoke "$TOTAL_S" "$OUT/smoke.log" "$PYTHON" scripts/gpu_smoke.py \
   anomaly_map inter_affinity_loss/l2 intra_affinity_loss/l1 intra_affinity_loss/l2 \
   inter_affinity_loss/l1
 step compile-bench "$TOTAL_S" "$OUT/bench.log" "${PYTEST[@]}" "${BENCH_FILES[@]}" \
-  "${BENCH_OPTS[@]}" -k "compile and not test_affinity" --benchmark-json="$COMPILE_JSON"
+  "${BENCH_OPTS[@]}" -k "compile and not test_affinity and not test_distillation" \
+  --benchmark-json="$COMPILE_JSON"
 
 # ---------------------------------------------------------------- report (always)
 timeout --kill-after=5 14 "$PYTHON" scripts/gpu_report.py "$OUT" "$STEPS" \

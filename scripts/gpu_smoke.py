@@ -68,6 +68,8 @@ TARGET_MS = {
     "inter_affinity_loss/l2": 0.3,
     "inter_affinity_loss/l1": 0.3,
     "anomaly_map": 0.1,
+    # every SNL distillation term, three levels, forward and backward (l2)
+    "snl_distillation_loss": 1.5,
 }
 TARGET_TEXT = {"cram": ">= 3x torch.compile"}
 # torch.compile of the reference, measured on an H200 at the GPU shapes (anchors in
@@ -147,6 +149,20 @@ def _inter(distance: str) -> Callable:
     return forward
 
 
+def _distillation(backend: str, x: dict) -> tuple:
+    """Every distillation term (snl_distillation_loss): the shared path for a kernel
+    backend, the separate reference ops for "torch"."""
+    from snl_kernels import distillation
+
+    if backend == "torch":
+        terms = distillation._separate(x["teachers"], x["students"], distillation.TERMS,
+                                       "l2", "l2", "torch")
+    else:
+        terms = snl_kernels.snl_distillation_loss(x["teachers"], x["students"],
+                                                  backend=backend)
+    return tuple(terms.values())
+
+
 def _cram_inputs() -> dict:
     g = torch.Generator(device=DEVICE).manual_seed(0)
     d, h, w, k = CRAM["D"], CRAM["h"], CRAM["w"], CRAM["K"]
@@ -202,6 +218,8 @@ CASES = [
            _intra(d), ("students",), flops=_intra_flops) for d in ("l2", "l1")],
     *[Case(f"inter_affinity_loss/{d}", "inter_affinity_loss", lambda: _levels(True),
            _inter(d), ("students",), flops=_inter_flops) for d in ("l2", "l1")],
+    Case("snl_distillation_loss", "distillation", lambda: _levels(True), _distillation,
+         ("students",), flops=lambda x: _intra_flops(x) + _inter_flops(x)),
     Case("cram", "cram", _cram_inputs, _cram, ("embedding", "centers", "log_tau"),
          flops=_cram_flops),
     Case("anomaly_map", "anomaly_map", lambda: _levels(False), _anomaly_map, (),

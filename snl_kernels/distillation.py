@@ -41,6 +41,7 @@ from .inter_affinity_loss import inter_affinity_loss
 from .intra_affinity_loss import intra_affinity_loss
 
 OP = "snl_distillation_loss"
+IMPLEMENTED: tuple[str, ...] = ("triton",)  # the shared path; CUDA runs the separate ops
 TERMS = ("rd", "channel", "spatial", "intra", "inter")
 EPS = reference.EPS
 
@@ -95,7 +96,7 @@ def _shared_path(backend: str | None, tensors: Sequence[Tensor]) -> bool:
         return False
     why_not = ("float64 inputs run on the reference only"
                if any(t.dtype == torch.float64 for t in tensors) else None)
-    chosen = dispatch.select_backend(OP, backend, tensors, ("triton",), prefer=("triton",),
+    chosen = dispatch.select_backend(OP, backend, tensors, IMPLEMENTED, prefer=IMPLEMENTED,
                                      why_not=why_not)
     return chosen == "triton"
 

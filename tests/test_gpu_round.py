@@ -26,7 +26,8 @@ SMOKE = ROOT / "scripts" / "gpu_smoke.py"
 REPORT = ROOT / "scripts" / "gpu_report.py"
 CHECK = ROOT / "scripts" / "gpu_check.sh"
 OPS = ["cosine_distances", "intra_affinity_loss/l2", "intra_affinity_loss/l1",
-       "inter_affinity_loss/l2", "inter_affinity_loss/l1", "cram", "anomaly_map"]
+       "inter_affinity_loss/l2", "inter_affinity_loss/l1", "snl_distillation_loss", "cram",
+       "anomaly_map"]
 
 pytestmark = pytest.mark.skipif(HAS_GPU, reason="the CPU run of the round's scripts; on a GPU "
                                 "the round itself runs them at full size")
