@@ -277,6 +277,12 @@ def exercise(quick: bool) -> None:
                     jobs.append((x, ka.inv_norms(x, pix_rows, 1e-8),
                                  torch.randn(x.shape), pix_rows, out))
             ka.norm_backward_group(jobs, 1e-8)
+            gd = torch.randn(shapes[0][0], shapes[0][1], shapes[1][1])
+            p0 = ka.pool(ts[0], tuple(shapes[1][2:]))
+            ka.scaled_mm_group([(gd, ts[1], ka.inv_norms(ts[1], False, 1e-8), -1.0, "tf32"),
+                                (gd.transpose(1, 2), p0, ka.inv_norms(p0, False, 1e-8), -1.0,
+                                 "tf32x3")])
+            ka.unpool_group([(p0, ts[0]), (p0, ss[0])])
         # affinity: Gram and tiled paths, l1 and l2, with and without the teacher's gradient,
         # at the precision the library asks for each call (every precision in the full run)
         affinity(ops, dtype, None if quick else plan.PRECISIONS)

@@ -240,20 +240,29 @@ class _Shared(torch.autograd.Function):
                     jobs.append(norm_job(t, r_t, g_t))
                     where.append((grad_t, k, None))
         if "inter" in g:
+            mm, pending = [], []
             for (a, b), (p_t, p_s, norms), dot in zip(_pairs(levels), saved["pooled"],
                                                      saved["inter_plan"], strict=True):
                 teacher_side, student_side = inter_normalised(
                     teachers[a], teachers[b], students[a], students[b], p_t, p_s, norms,
                     g["inter"], inter_distance, dot, need_t)
                 for store, side in ((grad_s, student_side), (grad_t, teacher_side)):
-                    if side is None:
-                        continue
-                    (p_job, q_job), f_a = side
-                    jobs += [p_job, q_job]
-                    where += [(store, a, f_a), (store, b, None)]
-        for (store, k, unpool_to), grad in zip(where, ka.norm_backward_group(jobs, EPS),
-                                               strict=True):
-            add(store, k, grad if unpool_to is None else ka.unpool(grad, unpool_to))
+                    if side is not None:
+                        mm += side[0]
+                        pending.append((store, a, b, side))
+            # Every pair's two products in one launch (up to four per launch).
+            products = iter(ka.scaled_mm_group(mm))
+            for store, a, b, (_, (p_job, q_job), f_a) in pending:
+                jobs += [p_job(next(products)), q_job(next(products))]
+                where += [(store, a, f_a), (store, b, None)]
+        grads = ka.norm_backward_group(jobs, EPS)
+        # The pooled levels' gradients back to their finer levels (two per launch).
+        pooled = [(grad, unpool_to) for (_, _, unpool_to), grad in zip(where, grads,
+                                                                        strict=True)
+                  if unpool_to is not None]
+        unpooled = iter(ka.unpool_group(pooled))
+        for (store, k, unpool_to), grad in zip(where, grads, strict=True):
+            add(store, k, grad if unpool_to is None else next(unpooled))
         out_t = [gt if need else None
                  for gt, need in zip(grad_t, ctx.needs_input_grad[1:1 + levels], strict=True)]
         out_s = [gs if need else None

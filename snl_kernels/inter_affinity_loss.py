@@ -86,16 +86,18 @@ def triton_backward(teacher_a, teacher_b, student_a, student_b, p_t, p_s, norms,
     gradients of (teacher_a, teacher_b, student_a, student_b), the teacher's empty when not
     asked for."""
     k = _kernels()
-    parts = triton_backward_normalised(teacher_a, teacher_b, student_a, student_b, p_t, p_s,
+    sides = triton_backward_normalised(teacher_a, teacher_b, student_a, student_b, p_t, p_s,
                                        norms, grad_loss, distance, precision,
                                        teacher_requires_grad)
+    mm = [job for side in sides if side is not None for job in side[0]]
+    products = iter(k.scaled_mm_group(mm))
     grads = []
-    for side in parts:
+    for side in sides:
         if side is None:
             grads += [teacher_a.new_empty((0,)), teacher_b.new_empty((0,))]
             continue
-        (p_job, q_job), f_a = side
-        d_p, d_q = k.norm_backward_group([p_job, q_job], EPS)
+        _, (p_job, q_job), f_a = side
+        d_p, d_q = k.norm_backward_group([p_job(next(products)), q_job(next(products))], EPS)
         grads += [k.unpool(d_p, f_a), d_q]
     ga_t, gb_t, ga_s, gb_s = grads
     return ga_t, gb_t, ga_s, gb_s
@@ -103,9 +105,12 @@ def triton_backward(teacher_a, teacher_b, student_a, student_b, p_t, p_s, norms,
 
 def triton_backward_normalised(teacher_a, teacher_b, student_a, student_b, p_t, p_s, norms,
                                grad_loss, distance, precision, teacher_requires_grad):
-    """The gradients for the normalised pooled level P^ and level Q^, as ``norm_backward``
-    jobs: ``(teacher, student)``, each None (the teacher's, when not asked for) or
-    ``((p_job, q_job), f_a)``: the pooled gradient goes back through ``unpool`` to f_a."""
+    """What the backward still has to run after the gradient of Delta, per side:
+    ``(teacher, student)``, each None (the teacher's, when not asked for) or
+    ``(mm_jobs, (p_job, q_job), f_a)``: the two ``scaled_mm`` jobs giving dL/dP^ and dL/dQ^
+    (for the normalised pooled level and level b), the two functions that make a
+    ``norm_backward`` job of each product, and the finer level the pooled gradient goes back
+    to through ``unpool``."""
     k = _kernels()
     r_pt, r_ps, r_qt, r_qs = norms
     B, C_a = teacher_a.shape[:2]
@@ -117,10 +122,10 @@ def triton_backward_normalised(teacher_a, teacher_b, student_a, student_b, p_t, 
 
     def side(sign, f_a, p, r_p, f_b, r_q):
         # dL/dP^ = sign Gd Q^, dL/dQ^ = sign Gd^T P^ (then the normalisations and pooling).
-        d_p = k.scaled_mm(gd, f_b, r_q, sign, precision)
-        d_q = k.scaled_mm(gd.transpose(1, 2), p, r_p, sign, precision)
+        mm = [(gd, f_b, r_q, sign, precision), (gd.transpose(1, 2), p, r_p, sign, precision)]
         out_q = None if f_b.dtype == torch.float32 else f_b.new_empty(f_b.shape)
-        return ((p, r_p, d_p, False, None), (f_b, r_q, d_q, False, out_q)), f_a
+        return (mm, (lambda d_p: (p, r_p, d_p, False, None),
+                     lambda d_q: (f_b, r_q, d_q, False, out_q)), f_a)
 
     student = side(-1.0, student_a, p_s, r_ps, student_b, r_qs)
     teacher = (side(1.0, teacher_a, p_t, r_pt, teacher_b, r_qt) if teacher_requires_grad

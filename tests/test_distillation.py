@@ -180,3 +180,25 @@ def test_grouped_norm_backward_equals_one_launch_each():
                                         None if out is None else torch.empty_like(f)))
     for got, want in zip(ka.norm_backward_group(jobs, distillation.EPS), singles, strict=True):
         assert torch.equal(got, want)
+
+
+def test_grouped_products_and_unpooling_equal_one_launch_each():
+    from snl_kernels._triton import affinity as ka
+
+    g = torch.Generator().manual_seed(6)
+    jobs = []
+    for m, c, h, w, prec in ((5, 7, 3, 4, "ieee"), (20, 6, 2, 2, "tf32x3"), (9, 9, 4, 1, "tf32"),
+                             (3, 12, 5, 5, "ieee"), (8, 4, 2, 3, "tf32x3")):  # two launches
+        gm = torch.randn(2, c, m, generator=g).to(DEVICE).transpose(1, 2)  # strided, as G^T
+        y = torch.randn(2, c, h, w, generator=g).to(DEVICE)
+        jobs.append((gm, y, ka.inv_norms(y, False, distillation.EPS), -0.5, prec))
+    for got, job in zip(ka.scaled_mm_group(jobs), jobs, strict=True):
+        assert torch.equal(got, ka.scaled_mm(*job))
+    pairs = []
+    for (b, c, h, w), (ho, wo) in (((2, 3, 7, 5), (3, 2)), ((2, 4, 6, 6), (3, 3)),
+                                   ((2, 2, 4, 4), (4, 4))):  # three: two launches
+        pairs.append((torch.randn(b, c, ho, wo, generator=g).to(DEVICE),
+                      torch.randn(b, c, h, w, generator=g).to(DEVICE).half()))
+    for got, (grad, like) in zip(ka.unpool_group(pairs), pairs, strict=True):
+        assert got.dtype == like.dtype
+        assert torch.equal(got, ka.unpool(grad, like))

@@ -157,7 +157,8 @@ def test_inter_affinity(launches, distance):
     _check(lambda *x: snl_kernels.inter_affinity_loss(*x, distance=distance, backend="triton"),
            lambda *x: reference.inter_affinity_loss(*x, distance=distance), [t_a, t_b, s_a, s_b])
     _launched(launches, "_delta_kernel", BI=64, BJ=64, L1=distance == "l1")
-    _launched(launches, "_scaled_mm_kernel", BM=64, BN=64)
+    # The two products of the student's backward share one launch.
+    _launched(launches, "_scaled_mm_group_kernel", BM0=64, BN0=64, BM1=64, BN1=64)
 
 
 # --------------------------------------------------------------------------- the other ops

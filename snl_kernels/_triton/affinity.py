@@ -365,15 +365,14 @@ def _gram_apply_kernel(
 
 
 @triton.jit
-def _scaled_mm_kernel(
+def _scaled_mm_tile(
     g_ptr, y_ptr, ry_ptr, out_ptr, alpha, M, N, K, W,
-    g_b, g_m, g_k, y_b, y_c, y_h, y_w,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    PRECISION: tl.constexpr,
+    g_b, g_m, g_k, y_b, y_c, y_h, y_w, pid_m, pid_n, b,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    # out[b, m, n] = alpha sum_k G[b, m, k] Y^[b, k, n], Y^ = rows of Y (channels) scaled by
-    # their inverse norms ry; G read through strides (a transpose is a stride swap).
-    b, rm, rn = _out_tile(BM, BN)
+    """Output tile (pid_m, pid_n) of sample b of out = alpha G Y^ (see the kernel)."""
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     for k0 in range(0, K, BK):
         ks = k0 + tl.arange(0, BK)
@@ -384,6 +383,51 @@ def _scaled_mm_kernel(
         acc = _dot(g, y, acc, PRECISION)
     mask = (rm < M)[:, None] & (rn < N)[None, :]
     tl.store(out_ptr + (b * M + rm[:, None]) * N + rn[None, :], alpha * acc, mask=mask)
+
+
+@triton.jit
+def _scaled_mm_kernel(
+    g_ptr, y_ptr, ry_ptr, out_ptr, alpha, M, N, K, W,
+    g_b, g_m, g_k, y_b, y_c, y_h, y_w,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    # out[b, m, n] = alpha sum_k G[b, m, k] Y^[b, k, n], Y^ = rows of Y (channels) scaled by
+    # their inverse norms ry; G read through strides (a transpose is a stride swap).
+    _scaled_mm_tile(g_ptr, y_ptr, ry_ptr, out_ptr, alpha, M, N, K, W, g_b, g_m, g_k,
+                    y_b, y_c, y_h, y_w, tl.program_id(0), tl.program_id(1),
+                    tl.program_id(2).to(tl.int64), BM, BN, BK, PRECISION)
+
+
+@triton.jit
+def _scaled_mm_group_kernel(
+    g0, y0, ry0, o0, alpha0, M0, N0, K0, W0, NT0, g0_b, g0_m, g0_k, y0_b, y0_c, y0_h, y0_w,
+    g1, y1, ry1, o1, alpha1, M1, N1, K1, W1, NT1, g1_b, g1_m, g1_k, y1_b, y1_c, y1_h, y1_w,
+    g2, y2, ry2, o2, alpha2, M2, N2, K2, W2, NT2, g2_b, g2_m, g2_k, y2_b, y2_c, y2_h, y2_w,
+    g3, y3, ry3, o3, alpha3, M3, N3, K3, W3, NT3, g3_b, g3_m, g3_k, y3_b, y3_c, y3_h, y3_w,
+    start1, start2, start3,
+    BM0: tl.constexpr, BN0: tl.constexpr, BK0: tl.constexpr, P0: tl.constexpr, BM1: tl.constexpr, BN1: tl.constexpr, BK1: tl.constexpr, P1: tl.constexpr, BM2: tl.constexpr, BN2: tl.constexpr, BK2: tl.constexpr, P2: tl.constexpr, BM3: tl.constexpr, BN3: tl.constexpr, BK3: tl.constexpr, P3: tl.constexpr,
+):
+    # Up to four products in one launch: grid axis 0 runs over the output tiles of one
+    # product after another (NT column tiles per row of tiles), axis 1 over the samples.
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    if pid < start1:
+        _scaled_mm_tile(g0, y0, ry0, o0, alpha0, M0, N0, K0, W0,
+                        g0_b, g0_m, g0_k, y0_b, y0_c, y0_h, y0_w,
+                        pid // NT0, pid % NT0, b, BM0, BN0, BK0, P0)
+    elif pid < start2:
+        _scaled_mm_tile(g1, y1, ry1, o1, alpha1, M1, N1, K1, W1,
+                        g1_b, g1_m, g1_k, y1_b, y1_c, y1_h, y1_w,
+                        (pid - start1) // NT1, (pid - start1) % NT1, b, BM1, BN1, BK1, P1)
+    elif pid < start3:
+        _scaled_mm_tile(g2, y2, ry2, o2, alpha2, M2, N2, K2, W2,
+                        g2_b, g2_m, g2_k, y2_b, y2_c, y2_h, y2_w,
+                        (pid - start2) // NT2, (pid - start2) % NT2, b, BM2, BN2, BK2, P2)
+    else:
+        _scaled_mm_tile(g3, y3, ry3, o3, alpha3, M3, N3, K3, W3,
+                        g3_b, g3_m, g3_k, y3_b, y3_c, y3_h, y3_w,
+                        (pid - start3) // NT3, (pid - start3) % NT3, b, BM3, BN3, BK3, P3)
 
 
 @triton.jit
@@ -585,14 +629,14 @@ def _pool_norms_kernel(
 
 
 @triton.jit
-def _unpool_kernel(
-    g_ptr, out_ptr, total, C, H_in, W_in, H_out, W_out,
+def _unpool_block(
+    g_ptr, out_ptr, block, total, C, H_in, W_in, H_out, W_out,
     o_b, o_c, o_h, o_w,
     BLOCK: tl.constexpr,
 ):
     # out[b, c, h, w] = sum over the (at most 2 x 2) bins holding (h, w) of g / bin size;
     # g (B, C, H_out, W_out) fp32 contiguous, H_out <= H_in and W_out <= W_in.
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    offs = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < total
     w = offs % W_in
     h = (offs // W_in) % H_in
@@ -615,6 +659,32 @@ def _unpool_kernel(
             acc += tl.where(m, g / count, 0.0)
     out = out_ptr + (bc // C) * o_b + (bc % C) * o_c + h * o_h + w * o_w
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _unpool_kernel(
+    g_ptr, out_ptr, total, C, H_in, W_in, H_out, W_out,
+    o_b, o_c, o_h, o_w,
+    BLOCK: tl.constexpr,
+):
+    _unpool_block(g_ptr, out_ptr, tl.program_id(0), total, C, H_in, W_in, H_out, W_out,
+                  o_b, o_c, o_h, o_w, BLOCK)
+
+
+@triton.jit
+def _unpool_group_kernel(
+    g0, o0, total0, C0, Hi0, Wi0, Ho0, Wo0, o0_b, o0_c, o0_h, o0_w,
+    g1, o1, total1, C1, Hi1, Wi1, Ho1, Wo1, o1_b, o1_c, o1_h, o1_w,
+    start1, BLOCK: tl.constexpr,
+):
+    # Two unpoolings in one launch: the blocks of the first, then those of the second.
+    pid = tl.program_id(0)
+    if pid < start1:
+        _unpool_block(g0, o0, pid, total0, C0, Hi0, Wi0, Ho0, Wo0, o0_b, o0_c, o0_h, o0_w,
+                      BLOCK)
+    else:
+        _unpool_block(g1, o1, pid - start1, total1, C1, Hi1, Wi1, Ho1, Wo1, o1_b, o1_c, o1_h,
+                      o1_w, BLOCK)
 
 
 # --------------------------------------------------------------------------- launchers
@@ -778,20 +848,60 @@ def gram_grad(s: Tensor, t: Tensor, r_s: Tensor, r_t: Tensor, grad_loss: Tensor,
 def scaled_mm(g: Tensor, y: Tensor, r_y: Tensor, alpha: float, precision: str) -> Tensor:
     """alpha g @ (y's channel rows scaled by r_y): g (B, M, C_y), y (B, C_y, h, w) ->
     float32 (B, M, h, w); products at ``precision`` (``snl_kernels/precision.py``)."""
+    return scaled_mm_group([(g, y, r_y, alpha, precision)])[0]
+
+
+MM_GROUP = 4  # products per launch
+
+
+def _mm_plan(g: Tensor, y: Tensor) -> dict:
     B, M, K = g.shape
     _, _, H, W = y.shape
     N = H * W
-    out = torch.empty((B, M, H, W), device=g.device, dtype=torch.float32)
     tile = _tiles()[0]
-    bm = _pow2(M, hi=tile)
-    bn = _pow2(N, hi=tile)
-    _scaled_mm_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn), B)](
-        g_ptr=g, y_ptr=y, ry_ptr=r_y, out_ptr=out, alpha=alpha, M=M, N=N, K=K, W=W,
-        **strides(g, "g_b g_m g_k"), **strides(y, "y_b y_c y_h y_w"),
-        BM=bm, BN=bn, BK=_pow2(K, hi=BLOCK_K),
-        PRECISION=precision,
-    )
-    return out
+    bm, bn = _pow2(M, hi=tile), _pow2(N, hi=tile)
+    return {"M": M, "N": N, "K": K, "W": W, "H": H, "B": B, "BM": bm, "BN": bn,
+            "BK": _pow2(K, hi=BLOCK_K), "tiles_m": triton.cdiv(M, bm),
+            "tiles_n": triton.cdiv(N, bn)}
+
+
+def scaled_mm_group(jobs: list[tuple]) -> list[Tensor]:
+    """:func:`scaled_mm` of every ``(g, y, r_y, alpha, precision)``, up to four per launch."""
+    outs = []
+    for first in range(0, len(jobs), MM_GROUP):
+        picked = list(range(first, min(first + MM_GROUP, len(jobs))))
+        plans = {k: _mm_plan(jobs[k][0], jobs[k][1]) for k in picked}
+        results = {k: torch.empty((p["B"], p["M"], p["H"], p["W"]), device=jobs[k][0].device,
+                                  dtype=torch.float32) for k, p in plans.items()}
+        if len(picked) == 1:
+            k = picked[0]
+            g, y, r_y, alpha, precision = jobs[k]
+            p = plans[k]
+            _scaled_mm_kernel[(p["tiles_m"], p["tiles_n"], p["B"])](
+                g_ptr=g, y_ptr=y, ry_ptr=r_y, out_ptr=results[k], alpha=alpha, M=p["M"],
+                N=p["N"], K=p["K"], W=p["W"], **strides(g, "g_b g_m g_k"),
+                **strides(y, "y_b y_c y_h y_w"), BM=p["BM"], BN=p["BN"], BK=p["BK"],
+                PRECISION=precision,
+            )
+            outs.append(results[k])
+            continue
+        slots = picked + [picked[-1]] * (MM_GROUP - len(picked))
+        args, counts = {}, []
+        for j, k in enumerate(slots):
+            g, y, r_y, alpha, precision = jobs[k]
+            p = plans[k]
+            counts.append(p["tiles_m"] * p["tiles_n"] if j < len(picked) else 0)
+            args.update({f"g{j}": g, f"y{j}": y, f"ry{j}": r_y, f"o{j}": results[k],
+                         f"alpha{j}": alpha, f"M{j}": p["M"], f"N{j}": p["N"], f"K{j}": p["K"],
+                         f"W{j}": p["W"], f"NT{j}": p["tiles_n"],
+                         **strides(g, f"g{j}_b g{j}_m g{j}_k"),
+                         **strides(y, f"y{j}_b y{j}_c y{j}_h y{j}_w"),
+                         f"BM{j}": p["BM"], f"BN{j}": p["BN"], f"BK{j}": p["BK"],
+                         f"P{j}": precision})
+        starts = {f"start{i}": sum(counts[:i]) for i in range(1, MM_GROUP)}
+        _scaled_mm_group_kernel[(sum(counts), plans[picked[0]]["B"])](**args, **starts)
+        outs += [results[k] for k in picked]
+    return outs
 
 
 def norm_backward(f: Tensor, r: Tensor, gx: Tensor, pix_rows: bool, eps: float,
@@ -899,11 +1009,31 @@ def pool_with_norms(tensors: list[Tensor], sizes: list[tuple[int, int]],
 
 def unpool(g: Tensor, like: Tensor) -> Tensor:
     """Gradient of adaptive_avg_pool2d for input ``like`` from g (B, C, h, w) float32."""
-    B, C, H, W = like.shape
-    h, w = g.shape[2:]
-    out = torch.empty((B, C, H, W), device=g.device, dtype=like.dtype)
-    _unpool_kernel[(triton.cdiv(out.numel(), BLOCK_ELEMENTS),)](
-        g_ptr=g, out_ptr=out, total=out.numel(), C=C, H_in=H, W_in=W, H_out=h, W_out=w,
-        **strides(out, "o_b o_c o_h o_w"), BLOCK=BLOCK_ELEMENTS,
-    )
-    return out
+    return unpool_group([(g, like)])[0]
+
+
+def unpool_group(jobs: list[tuple[Tensor, Tensor]]) -> list[Tensor]:
+    """:func:`unpool` of every ``(g, like)``, two per launch."""
+    outs = []
+    for first in range(0, len(jobs), 2):
+        picked = jobs[first:first + 2]
+        results, args, counts = [], {}, []
+        for j, (g, like) in enumerate(picked):
+            B, C, H, W = like.shape
+            h, w = g.shape[2:]
+            out = torch.empty((B, C, H, W), device=g.device, dtype=like.dtype)
+            results.append(out)
+            counts.append(triton.cdiv(out.numel(), BLOCK_ELEMENTS))
+            args.update({f"g{j}": g, f"o{j}": out, f"total{j}": out.numel(), f"C{j}": C,
+                         f"Hi{j}": H, f"Wi{j}": W, f"Ho{j}": h, f"Wo{j}": w,
+                         **strides(out, f"o{j}_b o{j}_c o{j}_h o{j}_w")})
+        if len(picked) == 1:
+            _unpool_kernel[(counts[0],)](
+                g_ptr=args["g0"], out_ptr=results[0], total=args["total0"], C=args["C0"],
+                H_in=args["Hi0"], W_in=args["Wi0"], H_out=args["Ho0"], W_out=args["Wo0"],
+                **strides(results[0], "o_b o_c o_h o_w"), BLOCK=BLOCK_ELEMENTS,
+            )
+        else:
+            _unpool_group_kernel[(sum(counts),)](**args, start1=counts[0], BLOCK=BLOCK_ELEMENTS)
+        outs += results
+    return outs
