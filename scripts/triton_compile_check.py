@@ -283,6 +283,19 @@ def exercise(quick: bool) -> None:
                                 (gd.transpose(1, 2), p0, ka.inv_norms(p0, False, 1e-8), -1.0,
                                  "tf32x3")])
             ka.unpool_group([(p0, ts[0]), (p0, ss[0])])
+            # Deltas grouped: an intra-affinity level (symmetric, l1 with sign bits), an
+            # inter-affinity pair, and its gradient
+            r1 = [ka.inv_norms(x, True, 1e-8) for x in (ss[1], ts[1])]
+            n1 = shapes[1][2] * shapes[1][3]
+            signs = torch.zeros((shapes[1][0], n1, -(-n1 // 32)), dtype=torch.int32)
+            q = [ka.inv_norms(x, False, 1e-8) for x in (p0, p0, ss[1], ts[1])]
+            inter = dict(a_s=p0, a_t=p0, b_s=ss[1], b_t=ts[1], r_as=q[0], r_at=q[1], r_bs=q[2],
+                         r_bt=q[3], pix_rows=False, l1=False, precision="tf32")
+            ka.delta_group([
+                dict(a_s=ss[1], a_t=ts[1], b_s=ss[1], b_t=ts[1], r_as=r1[0], r_at=r1[1],
+                     r_bs=r1[0], r_bt=r1[1], pix_rows=True, l1=True, precision="tf32x3",
+                     signs=signs),
+                inter, dict(inter, grad=(torch.ones(1), 0.5))])
         # affinity: Gram and tiled paths, l1 and l2, with and without the teacher's gradient,
         # at the precision the library asks for each call (every precision in the full run)
         affinity(ops, dtype, None if quick else plan.PRECISIONS)

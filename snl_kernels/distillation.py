@@ -135,8 +135,7 @@ class _Shared(torch.autograd.Function):
     def forward(ctx, plan, *tensors):
         from ._triton import affinity as ka
         from ._triton import cosine_distances as kc
-        from .inter_affinity_loss import triton_forward as inter_forward
-        from .intra_affinity_loss import triton_forward as intra_forward
+        from .intra_affinity_loss import _signs_shape as signs_shape
 
         terms, intra_distance, inter_distance, levels = plan
         teachers, students = tensors[:levels], tensors[levels:]
@@ -154,18 +153,28 @@ class _Shared(torch.autograd.Function):
                                   if "intra" in terms else None)
             saved["r_chan"].append((_inverse_norms(c_stats[:, 1]), _inverse_norms(c_stats[:, 2]))
                                    if "inter" in terms else None)
+        # The affinity terms' Deltas: every intra-affinity level on the tiled path and every
+        # inter-affinity pair in as few launches as the grouped kernel takes (the Gram path's
+        # levels in their own launch); the per-tile partial sums are added afterwards.
+        jobs, finish = [], []
         if "intra" in terms:
-            total = zero
             for k, (t, s) in enumerate(zip(teachers, students, strict=True)):
                 grams, dot = precision.intra_plan("triton", t, intra_distance)
                 r_t, r_s = saved["r_pix"][k]
-                loss, signs = intra_forward(t, s, r_t, r_s, intra_distance, grams, dot)
+                B, _, H, W = t.shape
+                l1 = intra_distance == "l1"
+                signs = t.new_empty(signs_shape("triton", t, intra_distance), dtype=torch.int32)
                 saved["signs"].append(signs)
                 saved["intra_plan"].append((grams, dot))
-                total = total + loss
-            values["intra"] = total
+                scale = 1.0 / (B * (H * W) ** 2)
+                if grams:
+                    finish.append(("intra", ka.gram_loss(s, t, r_s, r_t, dot), scale))
+                else:
+                    jobs.append(dict(a_s=s, a_t=t, b_s=s, b_t=t, r_as=r_s, r_at=r_t, r_bs=r_s,
+                                     r_bt=r_t, pix_rows=True, l1=l1, precision=dot,
+                                     signs=signs if l1 else None))
+                    finish.append(("intra", len(jobs) - 1, scale))
         if "inter" in terms:
-            total = zero
             pairs = _pairs(levels)
             # Every pair's finer level, teacher and student, pooled to the coarser level's
             # size with its channels' norms, in as few launches as the kernel takes.
@@ -179,9 +188,16 @@ class _Shared(torch.autograd.Function):
                 dot = precision.inter_plan("triton", teachers[a], teachers[b], inter_distance)
                 saved["pooled"].append((p_t, p_s, norms))
                 saved["inter_plan"].append(dot)
-                total = total + inter_forward(p_t, p_s, teachers[b], students[b], norms,
-                                              teachers[a].shape[1], inter_distance, dot)
-            values["inter"] = total
+                jobs.append(dict(a_s=p_s, a_t=p_t, b_s=students[b], b_t=teachers[b],
+                                 r_as=r_ps, r_at=r_pt, r_bs=r_qs, r_bt=r_qt, pix_rows=False,
+                                 l1=inter_distance == "l1", precision=dot))
+                scale = 1.0 / (teachers[a].shape[0] * teachers[a].shape[1]
+                               * teachers[b].shape[1])
+                finish.append(("inter", len(jobs) - 1, scale))
+        parts = ka.delta_group(jobs)
+        for term, part, scale in finish:
+            part = parts[part] if isinstance(part, int) else part
+            values[term] = values[term] + part.sum() * scale
         ctx.plan = plan
         ctx.saved = saved
         ctx.save_for_backward(*tensors)
@@ -192,6 +208,7 @@ class _Shared(torch.autograd.Function):
     def backward(ctx, *grads):
         from ._triton import affinity as ka
         from ._triton import cosine_distances as kc
+        from .inter_affinity_loss import delta_grad_job as inter_delta_grad_job
         from .inter_affinity_loss import triton_backward_normalised as inter_normalised
         from .intra_affinity_loss import norm_job
         from .intra_affinity_loss import triton_backward_normalised as intra_normalised
@@ -240,12 +257,19 @@ class _Shared(torch.autograd.Function):
                     jobs.append(norm_job(t, r_t, g_t))
                     where.append((grad_t, k, None))
         if "inter" in g:
+            # The gradient of every pair's Delta in one launch (up to four per launch).
+            grads_of_delta = ka.delta_group([
+                inter_delta_grad_job(teachers[a], teachers[b], students[a], students[b],
+                                     p_t, p_s, norms, g["inter"], inter_distance, dot)
+                for (a, b), (p_t, p_s, norms), dot in zip(_pairs(levels), saved["pooled"],
+                                                         saved["inter_plan"], strict=True)])
             mm, pending = [], []
-            for (a, b), (p_t, p_s, norms), dot in zip(_pairs(levels), saved["pooled"],
-                                                     saved["inter_plan"], strict=True):
+            for (a, b), (p_t, p_s, norms), dot, gd in zip(
+                    _pairs(levels), saved["pooled"], saved["inter_plan"], grads_of_delta,
+                    strict=True):
                 teacher_side, student_side = inter_normalised(
                     teachers[a], teachers[b], students[a], students[b], p_t, p_s, norms,
-                    g["inter"], inter_distance, dot, need_t)
+                    g["inter"], inter_distance, dot, need_t, gd=gd)
                 for store, side in ((grad_s, student_side), (grad_t, teacher_side)):
                     if side is not None:
                         mm += side[0]

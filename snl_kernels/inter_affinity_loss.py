@@ -103,22 +103,31 @@ def triton_backward(teacher_a, teacher_b, student_a, student_b, p_t, p_s, norms,
     return ga_t, gb_t, ga_s, gb_s
 
 
+def delta_grad_job(teacher_a, teacher_b, student_a, student_b, p_t, p_s, norms, grad_loss,
+                   distance, precision) -> dict:
+    """The ``delta`` job (keyword arguments) of dL/dDelta, (B, C_a, C_b) fp32."""
+    r_pt, r_ps, r_qt, r_qs = norms
+    B, C_a = teacher_a.shape[:2]
+    coef = (1.0 if distance == "l1" else 2.0) / (B * C_a * teacher_b.shape[1])
+    g = grad_loss.to(torch.float32).reshape(1)
+    return dict(a_s=p_s, a_t=p_t, b_s=student_b, b_t=teacher_b, r_as=r_ps, r_at=r_pt,
+                r_bs=r_qs, r_bt=r_qt, pix_rows=False, l1=distance == "l1",
+                precision=precision, grad=(g, coef))
+
+
 def triton_backward_normalised(teacher_a, teacher_b, student_a, student_b, p_t, p_s, norms,
-                               grad_loss, distance, precision, teacher_requires_grad):
+                               grad_loss, distance, precision, teacher_requires_grad, gd=None):
     """What the backward still has to run after the gradient of Delta, per side:
     ``(teacher, student)``, each None (the teacher's, when not asked for) or
     ``(mm_jobs, (p_job, q_job), f_a)``: the two ``scaled_mm`` jobs giving dL/dP^ and dL/dQ^
     (for the normalised pooled level and level b), the two functions that make a
     ``norm_backward`` job of each product, and the finer level the pooled gradient goes back
-    to through ``unpool``."""
+    to through ``unpool``. ``gd``: dL/dDelta when already formed (:func:`delta_grad_job`)."""
     k = _kernels()
     r_pt, r_ps, r_qt, r_qs = norms
-    B, C_a = teacher_a.shape[:2]
-    C_b = teacher_b.shape[1]
-    coef = (1.0 if distance == "l1" else 2.0) / (B * C_a * C_b)
-    g = grad_loss.to(torch.float32).reshape(1)
-    gd = k.delta(p_s, p_t, student_b, teacher_b, r_ps, r_pt, r_qs, r_qt, pix_rows=False,
-                 l1=distance == "l1", precision=precision, grad=(g, coef))
+    if gd is None:
+        gd = k.delta_group([delta_grad_job(teacher_a, teacher_b, student_a, student_b, p_t,
+                                           p_s, norms, grad_loss, distance, precision)])[0]
 
     def side(sign, f_a, p, r_p, f_b, r_q):
         # dL/dP^ = sign Gd Q^, dL/dQ^ = sign Gd^T P^ (then the normalisations and pooling).

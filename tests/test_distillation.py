@@ -202,3 +202,40 @@ def test_grouped_products_and_unpooling_equal_one_launch_each():
     for got, (grad, like) in zip(ka.unpool_group(pairs), pairs, strict=True):
         assert got.dtype == like.dtype
         assert torch.equal(got, ka.unpool(grad, like))
+
+
+def test_grouped_deltas_equal_one_launch_each():
+    from snl_kernels._triton import affinity as ka
+
+    eps = distillation.EPS
+    g = torch.Generator().manual_seed(7)
+
+    def pair(shape):
+        t = torch.randn(shape, generator=g).to(DEVICE)
+        return t, t + 0.3 * torch.randn(shape, generator=g).to(DEVICE)
+
+    jobs = []
+    for shape, l1 in (((2, 6, 5, 5), True), ((2, 9, 3, 4), False)):  # intra: symmetric
+        t, s = pair(shape)
+        r_t, r_s = ka.inv_norms(t, True, eps), ka.inv_norms(s, True, eps)
+        n = shape[2] * shape[3]
+        signs = torch.zeros((2, n, -(-n // 32)), dtype=torch.int32, device=DEVICE)
+        jobs.append(dict(a_s=s, a_t=t, b_s=s, b_t=t, r_as=r_s, r_at=r_t, r_bs=r_s, r_bt=r_t,
+                         pix_rows=True, l1=l1, precision="tf32x3", signs=signs if l1 else None))
+    for l1, grad in ((False, None), (True, (torch.ones(1, device=DEVICE), 0.25)),
+                     (False, (torch.ones(1, device=DEVICE), 0.5))):  # inter, and gradients
+        (ta, sa), (tb, sb) = pair((2, 7, 3, 3)), pair((2, 11, 3, 3))
+        norms = [ka.inv_norms(x, False, eps) for x in (sa, ta, sb, tb)]
+        jobs.append(dict(a_s=sa, a_t=ta, b_s=sb, b_t=tb, r_as=norms[0], r_at=norms[1],
+                         r_bs=norms[2], r_bt=norms[3], pix_rows=False, l1=l1,
+                         precision="ieee", grad=grad))
+    singles = []
+    for job in jobs:
+        job_copy = dict(job)
+        if job.get("signs") is not None:
+            job_copy["signs"] = torch.zeros_like(job["signs"])
+        singles.append((ka.delta(**job_copy), job_copy.get("signs")))
+    for got, job, (want, want_signs) in zip(ka.delta_group(jobs), jobs, singles, strict=True):
+        assert torch.equal(got, want)
+        if want_signs is not None:
+            assert torch.equal(job["signs"], want_signs)

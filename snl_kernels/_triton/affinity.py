@@ -164,18 +164,19 @@ def _inv_norm_kernel(
 
 
 @triton.jit
-def _delta_kernel(
+def _delta_tile(
     as_ptr, at_ptr, bs_ptr, bt_ptr, ras_ptr, rat_ptr, rbs_ptr, rbt_ptr, out_ptr, g_ptr, coef,
     sign_ptr, Ra, Rb, K, W, WORDS,
     as_b, as_c, as_h, as_w, at_b, at_c, at_h, at_w,
     bs_b, bs_c, bs_h, bs_w, bt_b, bt_c, bt_h, bt_w,
+    pid_i, pid_j, b, n_i, n_j,
     A_PIX: tl.constexpr, B_PIX: tl.constexpr, L1: tl.constexpr, WRITE_GRAD: tl.constexpr,
     SYMMETRIC: tl.constexpr, WRITE_SIGNS: tl.constexpr, BITS: tl.constexpr,
     BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    b, ri, rj = _out_tile(BI, BJ)
-    pid_i = tl.program_id(0)
-    pid_j = tl.program_id(1)
+    """Tile (pid_i, pid_j) of sample b of one Delta (n_i x n_j tiles per sample)."""
+    ri = pid_i * BI + tl.arange(0, BI)
+    rj = pid_j * BJ + tl.arange(0, BJ)
     # SYMMETRIC (a and b the same features, square tiles): tile (j, i) is tile (i, j)
     # transposed, so tiles below the diagonal skip their work and those above count twice.
     k_end = K
@@ -219,7 +220,85 @@ def _delta_kernel(
             part = tl.sum(tl.sum(delta * delta, axis=1), axis=0)
         if SYMMETRIC:
             part = tl.where(pid_j > pid_i, 2.0 * part, part)
-        _store_partial(out_ptr, b, part)
+        tl.store(out_ptr + (b * n_i + pid_i) * n_j + pid_j, part)
+
+
+@triton.jit
+def _delta_kernel(
+    as_ptr, at_ptr, bs_ptr, bt_ptr, ras_ptr, rat_ptr, rbs_ptr, rbt_ptr, out_ptr, g_ptr, coef,
+    sign_ptr, Ra, Rb, K, W, WORDS,
+    as_b, as_c, as_h, as_w, at_b, at_c, at_h, at_w,
+    bs_b, bs_c, bs_h, bs_w, bt_b, bt_c, bt_h, bt_w,
+    A_PIX: tl.constexpr, B_PIX: tl.constexpr, L1: tl.constexpr, WRITE_GRAD: tl.constexpr,
+    SYMMETRIC: tl.constexpr, WRITE_SIGNS: tl.constexpr, BITS: tl.constexpr,
+    BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # One Delta: grid (tiles of rows, tiles of columns, samples).
+    _delta_tile(as_ptr, at_ptr, bs_ptr, bt_ptr, ras_ptr, rat_ptr, rbs_ptr, rbt_ptr, out_ptr,
+                g_ptr, coef, sign_ptr, Ra, Rb, K, W, WORDS,
+                as_b, as_c, as_h, as_w, at_b, at_c, at_h, at_w,
+                bs_b, bs_c, bs_h, bs_w, bt_b, bt_c, bt_h, bt_w,
+                tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64),
+                tl.num_programs(0), tl.num_programs(1),
+                A_PIX, B_PIX, L1, WRITE_GRAD, SYMMETRIC, WRITE_SIGNS, BITS, BI, BJ, BK, PRECISION)
+
+
+@triton.jit
+def _delta_group_kernel(
+    as0, at0, bs0, bt0, ras0, rat0, rbs0, rbt0, out0, g0, coef0, sign0, Ra0, Rb0, K0, W0, WORDS0,
+    as_b0, as_c0, as_h0, as_w0, at_b0, at_c0, at_h0, at_w0, bs_b0, bs_c0, bs_h0, bs_w0, bt_b0,
+    bt_c0, bt_h0, bt_w0, NI0, NJ0,
+    as1, at1, bs1, bt1, ras1, rat1, rbs1, rbt1, out1, g1, coef1, sign1, Ra1, Rb1, K1, W1, WORDS1,
+    as_b1, as_c1, as_h1, as_w1, at_b1, at_c1, at_h1, at_w1, bs_b1, bs_c1, bs_h1, bs_w1, bt_b1,
+    bt_c1, bt_h1, bt_w1, NI1, NJ1,
+    as2, at2, bs2, bt2, ras2, rat2, rbs2, rbt2, out2, g2, coef2, sign2, Ra2, Rb2, K2, W2, WORDS2,
+    as_b2, as_c2, as_h2, as_w2, at_b2, at_c2, at_h2, at_w2, bs_b2, bs_c2, bs_h2, bs_w2, bt_b2,
+    bt_c2, bt_h2, bt_w2, NI2, NJ2,
+    as3, at3, bs3, bt3, ras3, rat3, rbs3, rbt3, out3, g3, coef3, sign3, Ra3, Rb3, K3, W3, WORDS3,
+    as_b3, as_c3, as_h3, as_w3, at_b3, at_c3, at_h3, at_w3, bs_b3, bs_c3, bs_h3, bs_w3, bt_b3,
+    bt_c3, bt_h3, bt_w3, NI3, NJ3,
+    start1, start2, start3,
+    A_PIX0: tl.constexpr, B_PIX0: tl.constexpr, L10: tl.constexpr, WRITE_GRAD0: tl.constexpr,
+    SYMMETRIC0: tl.constexpr, WRITE_SIGNS0: tl.constexpr, BITS0: tl.constexpr, BI0: tl.constexpr,
+    BJ0: tl.constexpr, BK0: tl.constexpr, PRECISION0: tl.constexpr,
+    A_PIX1: tl.constexpr, B_PIX1: tl.constexpr, L11: tl.constexpr, WRITE_GRAD1: tl.constexpr,
+    SYMMETRIC1: tl.constexpr, WRITE_SIGNS1: tl.constexpr, BITS1: tl.constexpr, BI1: tl.constexpr,
+    BJ1: tl.constexpr, BK1: tl.constexpr, PRECISION1: tl.constexpr,
+    A_PIX2: tl.constexpr, B_PIX2: tl.constexpr, L12: tl.constexpr, WRITE_GRAD2: tl.constexpr,
+    SYMMETRIC2: tl.constexpr, WRITE_SIGNS2: tl.constexpr, BITS2: tl.constexpr, BI2: tl.constexpr,
+    BJ2: tl.constexpr, BK2: tl.constexpr, PRECISION2: tl.constexpr,
+    A_PIX3: tl.constexpr, B_PIX3: tl.constexpr, L13: tl.constexpr, WRITE_GRAD3: tl.constexpr,
+    SYMMETRIC3: tl.constexpr, WRITE_SIGNS3: tl.constexpr, BITS3: tl.constexpr, BI3: tl.constexpr,
+    BJ3: tl.constexpr, BK3: tl.constexpr, PRECISION3: tl.constexpr,
+):
+    # Up to four Deltas in one launch (intra-affinity levels, inter-affinity pairs, or their
+    # gradients): grid axis 0 runs over the tiles of one Delta after another (NJ column tiles
+    # per row of tiles), axis 1 over the samples; a branch per Delta.
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    if pid < start1:
+        _delta_tile(as0, at0, bs0, bt0, ras0, rat0, rbs0, rbt0, out0, g0, coef0, sign0, Ra0, Rb0,
+        K0, W0, WORDS0, as_b0, as_c0, as_h0, as_w0, at_b0, at_c0, at_h0, at_w0, bs_b0, bs_c0, bs_h0,
+        bs_w0, bt_b0, bt_c0, bt_h0, bt_w0, pid // NJ0, pid % NJ0, b, NI0, NJ0, A_PIX0, B_PIX0, L10,
+        WRITE_GRAD0, SYMMETRIC0, WRITE_SIGNS0, BITS0, BI0, BJ0, BK0, PRECISION0)
+    elif pid < start2:
+        _delta_tile(as1, at1, bs1, bt1, ras1, rat1, rbs1, rbt1, out1, g1, coef1, sign1, Ra1, Rb1,
+        K1, W1, WORDS1, as_b1, as_c1, as_h1, as_w1, at_b1, at_c1, at_h1, at_w1, bs_b1, bs_c1, bs_h1,
+        bs_w1, bt_b1, bt_c1, bt_h1, bt_w1, (pid - start1) // NJ1, (pid - start1) % NJ1, b, NI1, NJ1,
+        A_PIX1, B_PIX1, L11, WRITE_GRAD1, SYMMETRIC1, WRITE_SIGNS1, BITS1, BI1, BJ1, BK1,
+        PRECISION1)
+    elif pid < start3:
+        _delta_tile(as2, at2, bs2, bt2, ras2, rat2, rbs2, rbt2, out2, g2, coef2, sign2, Ra2, Rb2,
+        K2, W2, WORDS2, as_b2, as_c2, as_h2, as_w2, at_b2, at_c2, at_h2, at_w2, bs_b2, bs_c2, bs_h2,
+        bs_w2, bt_b2, bt_c2, bt_h2, bt_w2, (pid - start2) // NJ2, (pid - start2) % NJ2, b, NI2, NJ2,
+        A_PIX2, B_PIX2, L12, WRITE_GRAD2, SYMMETRIC2, WRITE_SIGNS2, BITS2, BI2, BJ2, BK2,
+        PRECISION2)
+    else:
+        _delta_tile(as3, at3, bs3, bt3, ras3, rat3, rbs3, rbt3, out3, g3, coef3, sign3, Ra3, Rb3,
+        K3, W3, WORDS3, as_b3, as_c3, as_h3, as_w3, at_b3, at_c3, at_h3, at_w3, bs_b3, bs_c3, bs_h3,
+        bs_w3, bt_b3, bt_c3, bt_h3, bt_w3, (pid - start3) // NJ3, (pid - start3) % NJ3, b, NI3, NJ3,
+        A_PIX3, B_PIX3, L13, WRITE_GRAD3, SYMMETRIC3, WRITE_SIGNS3, BITS3, BI3, BJ3, BK3,
+        PRECISION3)
 
 
 @triton.jit
@@ -736,6 +815,23 @@ def delta(a_s: Tensor, a_t: Tensor, b_s: Tensor, b_t: Tensor, r_as: Tensor, r_at
     ``signs`` (int32 (B, Ra, ceil(Rb / 32)), intra-affinity l1): also store Delta > 0 as bits,
     for the tiles computed (the upper triangle of tiles when symmetric).
     """
+    return delta_group([dict(a_s=a_s, a_t=a_t, b_s=b_s, b_t=b_t, r_as=r_as, r_at=r_at,
+                             r_bs=r_bs, r_bt=r_bt, pix_rows=pix_rows, l1=l1,
+                             precision=precision, grad=grad, signs=signs)])[0]
+
+
+DELTA_GROUP = 4  # Deltas per launch
+_DELTA_ARGS = ("as_ptr", "at_ptr", "bs_ptr", "bt_ptr", "ras_ptr", "rat_ptr", "rbs_ptr",
+               "rbt_ptr", "out_ptr", "g_ptr", "coef", "sign_ptr", "Ra", "Rb", "K", "W", "WORDS",
+               "as_b", "as_c", "as_h", "as_w", "at_b", "at_c", "at_h", "at_w",
+               "bs_b", "bs_c", "bs_h", "bs_w", "bt_b", "bt_c", "bt_h", "bt_w")
+_DELTA_CONSTANTS = ("A_PIX", "B_PIX", "L1", "WRITE_GRAD", "SYMMETRIC", "WRITE_SIGNS", "BITS",
+                    "BI", "BJ", "BK", "PRECISION")
+
+
+def _delta_launch(a_s, a_t, b_s, b_t, r_as, r_at, r_bs, r_bt, pix_rows, l1, precision,
+                  grad=None, signs=None) -> tuple[dict, Tensor, tuple[int, int, int]]:
+    """One Delta's kernel arguments (the single kernel's names), its output and grid."""
     B, Ca, Ha, Wa = a_s.shape
     _, Cb, _, _ = b_s.shape
     Ra, Rb, K = (Ha * Wa, Ha * Wa, Ca) if pix_rows else (Ca, Cb, Ha * Wa)
@@ -754,7 +850,7 @@ def delta(a_s: Tensor, a_t: Tensor, b_s: Tensor, b_t: Tensor, r_as: Tensor, r_at
     else:
         out = torch.empty((B, Ra, Rb), device=a_s.device, dtype=torch.float32)
         g_loss, coef = grad
-    _delta_kernel[grid](
+    args = dict(
         as_ptr=a_s, at_ptr=a_t, bs_ptr=b_s, bt_ptr=b_t,
         ras_ptr=r_as, rat_ptr=r_at, rbs_ptr=r_bs, rbt_ptr=r_bt,
         out_ptr=out, g_ptr=g_loss, coef=coef, sign_ptr=out if signs is None else signs,
@@ -766,7 +862,33 @@ def delta(a_s: Tensor, a_t: Tensor, b_s: Tensor, b_t: Tensor, r_as: Tensor, r_at
         BI=bi, BJ=bj, BK=bk,
         PRECISION=precision,
     )
-    return out
+    return args, out, grid
+
+
+def _slot_name(name: str, j: int) -> str:
+    return f"{name[:-4]}{j}" if name.endswith("_ptr") else f"{name}{j}"
+
+
+def delta_group(jobs: list[dict]) -> list[Tensor]:
+    """:func:`delta` of every job (its keyword arguments), up to four per launch."""
+    outs = []
+    for first in range(0, len(jobs), DELTA_GROUP):
+        picked = [_delta_launch(**job) for job in jobs[first:first + DELTA_GROUP]]
+        if len(picked) == 1:
+            args, out, grid = picked[0]
+            _delta_kernel[grid](**args)
+            outs.append(out)
+            continue
+        slots = picked + [picked[-1]] * (DELTA_GROUP - len(picked))
+        kwargs, counts = {}, []
+        for j, (args, _, grid) in enumerate(slots):
+            counts.append(grid[0] * grid[1] if j < len(picked) else 0)
+            kwargs.update({_slot_name(n, j): args[n] for n in _DELTA_ARGS + _DELTA_CONSTANTS})
+            kwargs.update({f"NI{j}": grid[0], f"NJ{j}": grid[1]})
+        starts = {f"start{i}": sum(counts[:i]) for i in range(1, DELTA_GROUP)}
+        _delta_group_kernel[(sum(counts), picked[0][2][2])](**kwargs, **starts)
+        outs += [out for _, out, _ in picked]
+    return outs
 
 
 def intra_tiled_grad(s: Tensor, t: Tensor, r_s: Tensor, r_t: Tensor, grad_loss: Tensor,
