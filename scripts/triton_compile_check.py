@@ -296,6 +296,14 @@ def exercise(quick: bool) -> None:
                      r_bs=r1[0], r_bt=r1[1], pix_rows=True, l1=True, precision="tf32x3",
                      signs=signs),
                 inter, dict(inter, grad=(torch.ones(1), 0.5))])
+            # the tiled intra-affinity backward of two levels in one launch (l1 from sign
+            # bits with the teacher's gradient, l2 recomputed without)
+            r2 = [ka.inv_norms(x, True, 1e-8) for x in (ss[2], ts[2])]
+            ka.intra_tiled_grad_group([
+                dict(s=ss[1], t=ts[1], r_s=r1[0], r_t=r1[1], grad_loss=torch.ones(1), coef=0.5,
+                     l1=True, teacher=True, precision="tf32x3", signs=signs),
+                dict(s=ss[2], t=ts[2], r_s=r2[0], r_t=r2[1], grad_loss=torch.ones(1), coef=0.5,
+                     l1=False, teacher=False, precision="tf32")])
         # affinity: Gram and tiled paths, l1 and l2, with and without the teacher's gradient,
         # at the precision the library asks for each call (every precision in the full run)
         affinity(ops, dtype, None if quick else plan.PRECISIONS)

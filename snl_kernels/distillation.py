@@ -210,7 +210,7 @@ class _Shared(torch.autograd.Function):
         from ._triton import cosine_distances as kc
         from .inter_affinity_loss import delta_grad_job as inter_delta_grad_job
         from .inter_affinity_loss import triton_backward_normalised as inter_normalised
-        from .intra_affinity_loss import norm_job
+        from .intra_affinity_loss import norm_job, tiled_grad_job
         from .intra_affinity_loss import triton_backward_normalised as intra_normalised
 
         terms, intra_distance, inter_distance, levels = ctx.plan
@@ -246,11 +246,25 @@ class _Shared(torch.autograd.Function):
         # backward in one launch (up to eight per launch), then the pooled ones unpooled.
         jobs, where = [], []
         if "intra" in g:
+            # The Gram path's levels one by one; the tiled levels' gradients in one launch.
+            normalised, tiled, tiled_levels = {}, [], []
             for k, (t, s) in enumerate(zip(teachers, students, strict=True)):
                 r_t, r_s = saved["r_pix"][k]
                 grams, dot = saved["intra_plan"][k]
-                g_t, g_s = intra_normalised(t, s, r_t, r_s, g["intra"], saved["signs"][k],
-                                            intra_distance, grams, dot, need_t)
+                if grams:
+                    normalised[k] = intra_normalised(t, s, r_t, r_s, g["intra"],
+                                                     saved["signs"][k], intra_distance, grams,
+                                                     dot, need_t)
+                else:
+                    tiled.append(tiled_grad_job(t, s, r_t, r_s, g["intra"], saved["signs"][k],
+                                                intra_distance, dot, need_t))
+                    tiled_levels.append(k)
+            for k, (g_s, g_t) in zip(tiled_levels, ka.intra_tiled_grad_group(tiled),
+                                     strict=True):
+                normalised[k] = (g_t, g_s)
+            for k, (t, s) in enumerate(zip(teachers, students, strict=True)):
+                r_t, r_s = saved["r_pix"][k]
+                g_t, g_s = normalised[k]
                 jobs.append(norm_job(s, r_s, g_s))
                 where.append((grad_s, k, None))
                 if need_t:

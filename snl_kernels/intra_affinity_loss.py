@@ -140,6 +140,18 @@ def triton_backward_normalised(teacher, student, r_t, r_s, grad_loss, signs, dis
     return g_t, g_s
 
 
+def tiled_grad_job(teacher, student, r_t, r_s, grad_loss, signs, distance, precision,
+                   teacher_requires_grad) -> dict:
+    """The ``intra_tiled_grad`` job (keyword arguments) of a level on the tiled path."""
+    B, _, H, W = teacher.shape
+    M = B * H * W * H * W
+    return dict(s=student, t=teacher, r_s=r_s, r_t=r_t,
+                grad_loss=grad_loss.to(torch.float32).reshape(1),
+                coef=(2.0 if distance == "l1" else 4.0) / M, l1=distance == "l1",
+                teacher=teacher_requires_grad, precision=precision,
+                signs=signs if distance == "l1" else None)
+
+
 def norm_job(f, r, gx):
     """(f, r, gx, pix_rows, out) for ``norm_backward``: in place in the fp32 gx, or into a
     new tensor of f's dtype."""

@@ -239,3 +239,30 @@ def test_grouped_deltas_equal_one_launch_each():
         assert torch.equal(got, want)
         if want_signs is not None:
             assert torch.equal(job["signs"], want_signs)
+
+
+def test_grouped_tiled_gradients_equal_one_launch_each():
+    from snl_kernels._triton import affinity as ka
+
+    eps = distillation.EPS
+    g = torch.Generator().manual_seed(8)
+    jobs = []
+    for shape, l1, teacher in (((2, 6, 5, 5), True, True), ((2, 9, 3, 4), False, False),
+                               ((2, 5, 2, 3), False, True), ((2, 4, 4, 4), True, False)):
+        t = torch.randn(shape, generator=g).to(DEVICE)
+        s = t + 0.3 * torch.randn(shape, generator=g).to(DEVICE)
+        r_t, r_s = ka.inv_norms(t, True, eps), ka.inv_norms(s, True, eps)
+        n = shape[2] * shape[3]
+        signs = None
+        if l1:
+            signs = torch.zeros((2, n, -(-n // 32)), dtype=torch.int32, device=DEVICE)
+            ka.delta(s, t, s, t, r_s, r_t, r_s, r_t, pix_rows=True, l1=True,
+                     precision="tf32x3", signs=signs)
+        jobs.append(dict(s=s, t=t, r_s=r_s, r_t=r_t, grad_loss=torch.ones(1, device=DEVICE),
+                         coef=0.5, l1=l1, teacher=teacher, precision="tf32x3", signs=signs))
+    for (g_s, g_t), job in zip(ka.intra_tiled_grad_group(jobs), jobs, strict=True):  # 3 + 1
+        want_s, want_t = ka.intra_tiled_grad(**job)
+        assert torch.equal(g_s, want_s)
+        assert (g_t is None) == (want_t is None)
+        if g_t is not None:
+            assert torch.equal(g_t, want_t)

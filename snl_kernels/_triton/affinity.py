@@ -302,19 +302,22 @@ def _delta_group_kernel(
 
 
 @triton.jit
-def _intra_tiled_grad_kernel(
+def _intra_tiled_grad_tile(
     s_ptr, t_ptr, rs_ptr, rt_ptr, gs_ptr, gt_ptr, g_ptr, coef, sign_ptr,
     N, C, W, WORDS,
     s_b, s_c, s_h, s_w, t_b, t_c, t_h, t_w,
+    pid_i, pid_c, b,
     L1: tl.constexpr, TEACHER: tl.constexpr, SIGNS: tl.constexpr,
     BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
+    """Output tile (pixels pid_i, channels pid_c) of sample b of one level (see below)."""
     # Rows are pixels: X^T (N, C). dX_S^T[i, c] = -2 sum_j G[i, j] X_S^T[j, c] (G symmetric),
     # dX_T^T = +2 G X_T^T, with G = dL/dDelta from the Delta tile recomputed for every j.
     # l1's G is +-1 or 0, exact in tf32: its split has nothing to add.
     G_PRECISION: tl.constexpr = "tf32x3-exact-a" if L1 and PRECISION == "tf32x3" else PRECISION
-    b, ri, cs = _out_tile(BI, BC)
+    ri = pid_i * BI + tl.arange(0, BI)
+    cs = pid_c * BC + tl.arange(0, BC)
     s_base = s_ptr + b * s_b
     t_base = t_ptr + b * t_b
     r_si, r_ti = _norms(rs_ptr, rt_ptr, b, ri, N)
@@ -361,6 +364,56 @@ def _intra_tiled_grad_kernel(
     tl.store(gs_ptr + off, -scale * acc_s, mask=mask)
     if TEACHER:
         tl.store(gt_ptr + off, scale * acc_t, mask=mask)
+
+
+@triton.jit
+def _intra_tiled_grad_kernel(
+    s_ptr, t_ptr, rs_ptr, rt_ptr, gs_ptr, gt_ptr, g_ptr, coef, sign_ptr,
+    N, C, W, WORDS,
+    s_b, s_c, s_h, s_w, t_b, t_c, t_h, t_w,
+    L1: tl.constexpr, TEACHER: tl.constexpr, SIGNS: tl.constexpr,
+    BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    # One level: grid (tiles of pixels, blocks of channels, samples).
+    _intra_tiled_grad_tile(s_ptr, t_ptr, rs_ptr, rt_ptr, gs_ptr, gt_ptr, g_ptr, coef, sign_ptr,
+                           N, C, W, WORDS, s_b, s_c, s_h, s_w, t_b, t_c, t_h, t_w,
+                           tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64),
+                           L1, TEACHER, SIGNS, BI, BJ, BK, BC, PRECISION)
+
+
+@triton.jit
+def _intra_tiled_grad_group_kernel(
+    s0, t0, rs0, rt0, gs0, gt0, g0, coef0, sign0, N0, C0, W0, WORDS0, s_b0, s_c0, s_h0, s_w0, t_b0,
+    t_c0, t_h0, t_w0, NC0,
+    s1, t1, rs1, rt1, gs1, gt1, g1, coef1, sign1, N1, C1, W1, WORDS1, s_b1, s_c1, s_h1, s_w1, t_b1,
+    t_c1, t_h1, t_w1, NC1,
+    s2, t2, rs2, rt2, gs2, gt2, g2, coef2, sign2, N2, C2, W2, WORDS2, s_b2, s_c2, s_h2, s_w2, t_b2,
+    t_c2, t_h2, t_w2, NC2,
+    start1, start2,
+    L10: tl.constexpr, TEACHER0: tl.constexpr, SIGNS0: tl.constexpr, BI0: tl.constexpr, BJ0:
+    tl.constexpr, BK0: tl.constexpr, BC0: tl.constexpr, PRECISION0: tl.constexpr,
+    L11: tl.constexpr, TEACHER1: tl.constexpr, SIGNS1: tl.constexpr, BI1: tl.constexpr, BJ1:
+    tl.constexpr, BK1: tl.constexpr, BC1: tl.constexpr, PRECISION1: tl.constexpr,
+    L12: tl.constexpr, TEACHER2: tl.constexpr, SIGNS2: tl.constexpr, BI2: tl.constexpr, BJ2:
+    tl.constexpr, BK2: tl.constexpr, BC2: tl.constexpr, PRECISION2: tl.constexpr,
+):
+    # Up to three levels in one launch: grid axis 0 runs over the output tiles of one level
+    # after another (NC channel blocks per pixel tile), axis 1 over the samples.
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    if pid < start1:
+        _intra_tiled_grad_tile(s0, t0, rs0, rt0, gs0, gt0, g0, coef0, sign0, N0, C0, W0, WORDS0,
+        s_b0, s_c0, s_h0, s_w0, t_b0, t_c0, t_h0, t_w0, pid // NC0, pid % NC0, b, L10, TEACHER0,
+        SIGNS0, BI0, BJ0, BK0, BC0, PRECISION0)
+    elif pid < start2:
+        _intra_tiled_grad_tile(s1, t1, rs1, rt1, gs1, gt1, g1, coef1, sign1, N1, C1, W1, WORDS1,
+        s_b1, s_c1, s_h1, s_w1, t_b1, t_c1, t_h1, t_w1, (pid - start1) // NC1, (pid - start1) % NC1,
+        b, L11, TEACHER1, SIGNS1, BI1, BJ1, BK1, BC1, PRECISION1)
+    else:
+        _intra_tiled_grad_tile(s2, t2, rs2, rt2, gs2, gt2, g2, coef2, sign2, N2, C2, W2, WORDS2,
+        s_b2, s_c2, s_h2, s_w2, t_b2, t_c2, t_h2, t_w2, (pid - start2) // NC2, (pid - start2) % NC2,
+        b, L12, TEACHER2, SIGNS2, BI2, BJ2, BK2, BC2, PRECISION2)
 
 
 @triton.jit
@@ -896,6 +949,20 @@ def intra_tiled_grad(s: Tensor, t: Tensor, r_s: Tensor, r_t: Tensor, grad_loss: 
                      signs: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """dL/dX_S and dL/dX_T (normalised features) as fp32 (B, C, H, W) buffers; for l1 from
     the forward's ``signs`` of Delta when given, else from Delta tiles recomputed."""
+    return intra_tiled_grad_group([dict(s=s, t=t, r_s=r_s, r_t=r_t, grad_loss=grad_loss,
+                                        coef=coef, l1=l1, teacher=teacher,
+                                        precision=precision, signs=signs)])[0]
+
+
+TILED_GROUP = 3  # levels per launch of the tiled backward
+_TILED_ARGS = ("s_ptr", "t_ptr", "rs_ptr", "rt_ptr", "gs_ptr", "gt_ptr", "g_ptr", "coef",
+               "sign_ptr", "N", "C", "W", "WORDS", "s_b", "s_c", "s_h", "s_w", "t_b", "t_c",
+               "t_h", "t_w")
+_TILED_CONSTANTS = ("L1", "TEACHER", "SIGNS", "BI", "BJ", "BK", "BC", "PRECISION")
+
+
+def _tiled_launch(s, t, r_s, r_t, grad_loss, coef, l1, teacher, precision, signs=None):
+    """One level's kernel arguments (the single kernel's names), outputs and grid."""
     B, C, H, W = s.shape
     N = H * W
     g_s = torch.empty((B, C, H, W), device=s.device, dtype=torch.float32)
@@ -903,7 +970,7 @@ def intra_tiled_grad(s: Tensor, t: Tensor, r_s: Tensor, r_t: Tensor, grad_loss: 
     tile, max_bc, max_bc_signs = _tiles()
     bi = bj = _pow2(N, hi=tile)
     bc = _pow2(C, hi=max_bc if signs is None else max_bc_signs)
-    _intra_tiled_grad_kernel[(triton.cdiv(N, bi), triton.cdiv(C, bc), B)](
+    args = dict(
         s_ptr=s, t_ptr=t, rs_ptr=r_s, rt_ptr=r_t,
         # Without the teacher's gradient or the signs, those pointers are unused: g_s.
         gs_ptr=g_s, gt_ptr=g_s if g_t is None else g_t, g_ptr=grad_loss, coef=coef,
@@ -911,10 +978,33 @@ def intra_tiled_grad(s: Tensor, t: Tensor, r_s: Tensor, r_t: Tensor, grad_loss: 
         N=N, C=C, W=W, WORDS=triton.cdiv(N, 32),
         **strides(s, "s_b s_c s_h s_w"), **strides(t, "t_b t_c t_h t_w"),
         L1=l1, TEACHER=teacher, SIGNS=signs is not None, BI=bi, BJ=bj,
-        BK=_pow2(C, hi=BLOCK_K), BC=bc,
-        PRECISION=precision, num_warps=8,
+        BK=_pow2(C, hi=BLOCK_K), BC=bc, PRECISION=precision,
     )
-    return g_s, g_t
+    return args, (g_s, g_t), (triton.cdiv(N, bi), triton.cdiv(C, bc), B)
+
+
+def intra_tiled_grad_group(jobs: list[dict]) -> list[tuple[Tensor, Tensor | None]]:
+    """:func:`intra_tiled_grad` of every job (its keyword arguments), up to three per
+    launch."""
+    outs = []
+    for first in range(0, len(jobs), TILED_GROUP):
+        picked = [_tiled_launch(**job) for job in jobs[first:first + TILED_GROUP]]
+        if len(picked) == 1:
+            args, out, grid = picked[0]
+            _intra_tiled_grad_kernel[grid](**args, num_warps=8)
+            outs.append(out)
+            continue
+        slots = picked + [picked[-1]] * (TILED_GROUP - len(picked))
+        kwargs, counts = {}, []
+        for j, (args, _, grid) in enumerate(slots):
+            counts.append(grid[0] * grid[1] if j < len(picked) else 0)
+            kwargs.update({_slot_name(n, j): args[n] for n in _TILED_ARGS + _TILED_CONSTANTS})
+            kwargs[f"NC{j}"] = grid[1]
+        starts = {f"start{i}": sum(counts[:i]) for i in range(1, TILED_GROUP)}
+        _intra_tiled_grad_group_kernel[(sum(counts), picked[0][2][2])](**kwargs, **starts,
+                                                                        num_warps=8)
+        outs += [out for _, out, _ in picked]
+    return outs
 
 
 def gram_loss(s: Tensor, t: Tensor, r_s: Tensor, r_t: Tensor, precision: str) -> Tensor:
