@@ -119,6 +119,23 @@ def _order(summary: dict) -> tuple[list[str], list[str]]:
     return classes, kinds
 
 
+def _metric_rows(summary: dict, classes: list[str], kinds: list[str], key: str):
+    """(class, type, cells) of one metric's table: mean ± std per structure, and with two
+    structures the difference of their means; rows no structure has are left out."""
+    structures = list(summary)
+    for name in classes:
+        for kind in kinds:
+            stats = [summary[s].get(name, {}).get(kind, {}).get(key) for s in structures]
+            if all(s is None for s in stats):
+                continue
+            cells = [_cell(s) for s in stats]
+            if len(structures) == 2:
+                a, b = stats
+                cells.append("–" if a is None or b is None
+                             else f"{100 * (a['mean'] - b['mean']):+.1f}")
+            yield name, kind, cells
+
+
 def markdown(summary: dict, settings: dict, done: int, total: int,
              seconds: dict[str, list[float]]) -> str:
     """The text of ``compare.md``."""
@@ -146,18 +163,9 @@ def markdown(summary: dict, settings: dict, done: int, total: int,
                   "| class | type | " + " | ".join(structures)
                   + (f" | {structures[0]} − {structures[1]} |" if diff else " |"),
                   "|---|---|" + "---|" * (len(structures) + diff)]
-        for name in classes:
-            for kind in kinds:
-                stats = [summary[s].get(name, {}).get(kind, {}).get(key) for s in structures]
-                if all(s is None for s in stats):
-                    continue
-                cells = [_cell(s) for s in stats]
-                if diff:
-                    a, b = stats
-                    cells.append("–" if a is None or b is None
-                                 else f"{100 * (a['mean'] - b['mean']):+.1f}")
-                label_name = f"**{name}**" if name == "mean" else name
-                lines.append(f"| {label_name} | {kind} | " + " | ".join(cells) + " |")
+        for name, kind, cells in _metric_rows(summary, classes, kinds, key):
+            label_name = f"**{name}**" if name == "mean" else name
+            lines.append(f"| {label_name} | {kind} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -307,19 +315,10 @@ def html_page(out_dir: Path, summary: dict, settings: dict, runs: dict, done: in
     diff = len(structures) == 2
     for key, label in report.METRIC_COLUMNS:
         rows, bold = [], []
-        for name in classes:
-            for kind in kinds:
-                stats = [summary[s].get(name, {}).get(kind, {}).get(key) for s in structures]
-                if all(s is None for s in stats):
-                    continue
-                cells = [_cell(s) for s in stats]
-                if diff:
-                    a, b = stats
-                    cells.append("–" if a is None or b is None
-                                 else f"{100 * (a['mean'] - b['mean']):+.1f}")
-                if name == "mean":
-                    bold.append(len(rows))
-                rows.append([name, kind, *cells])
+        for name, kind, cells in _metric_rows(summary, classes, kinds, key):
+            if name == "mean":
+                bold.append(len(rows))
+            rows.append([name, kind, *cells])
         heads = ["class", "type", *structures] + ([f"{structures[0]} − {structures[1]}"]
                                                   if diff else [])
         sections.append(h.section(f"{label} per class and defect type", h.table(heads, rows, bold),
