@@ -38,7 +38,7 @@ def _loss_fn(provider, distance):
     if provider in ("eager", "compile"):
         fn = lambda t, s: _total(distillation._separate(t, s, distillation.TERMS, distance,
                                                         distance, "torch"))
-        return torch.compile(fn) if provider == "compile" else fn
+        return torch.compile(fn, dynamic=False) if provider == "compile" else fn
     if provider == "separate-triton":
         return lambda t, s: _total(distillation._separate(t, s, distillation.TERMS, distance,
                                                           distance, "triton"))

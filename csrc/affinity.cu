@@ -53,18 +53,19 @@ void check_inter_features(const at::Tensor& teacher_a, const at::Tensor& teacher
   CHECK_SAME_DEVICE(teacher_b, teacher_a);
   CHECK_SAME_DTYPE(teacher_b, teacher_a);
   TORCH_CHECK(teacher_b.size(0) == teacher_a.size(0),
-              "teacher_b must have the batch size of teacher_a, got ", teacher_b.size(0), " and ",
-              teacher_a.size(0));
+              "teacher_b must have the batch size of teacher_a, got ", int_text(teacher_b.size(0)),
+              " and ", int_text(teacher_a.size(0)));
   TORCH_CHECK(teacher_b.size(2) <= teacher_a.size(2) && teacher_b.size(3) <= teacher_a.size(3),
               "level b must not be finer than level a, got teacher_a spatial size ",
-              teacher_a.sizes().slice(2), " and teacher_b ", teacher_b.sizes().slice(2));
+              shape_text(teacher_a.sizes().slice(2)), " and teacher_b ",
+              shape_text(teacher_b.sizes().slice(2)));
 }
 
 at::Tensor checked_grad_loss(const at::Tensor& grad_loss, const at::Tensor& ref) {
   CHECK_SAME_DEVICE(grad_loss, ref);
   CHECK_DTYPE(grad_loss, at::kFloat);
   TORCH_CHECK(grad_loss.numel() == 1, "grad_loss must hold one element, got shape ",
-              grad_loss.sizes());
+              shape_text(grad_loss.sizes()));
   return grad_loss.contiguous();
 }
 
@@ -82,7 +83,7 @@ IntraPlan intra_plan(const at::Tensor& teacher, c10::string_view distance, bool 
   if (mma) {
     const int major = at::cuda::getDeviceProperties(teacher.device().index())->major;
     TORCH_CHECK_VALUE(major >= 8, "precision \"tf32\" needs a GPU of compute capability 8.0 or "
-                      "newer, got ", major, ".x");
+                      "newer, got ", int_text(major), ".x");
   }
   return {teacher.size(0), teacher.size(1), teacher.size(2) * teacher.size(3), l1, grams, mma};
 }
@@ -94,7 +95,8 @@ struct CudaLaunch {
 
   template <typename... Params, typename... Args>
   void operator()(void (*kernel)(Params...), int64_t gx, int64_t gy, Args&&... args) const {
-    TORCH_CHECK(gx <= int64_t{0x7fffffff}, "problem too large for one launch: ", gx, " blocks");
+    TORCH_CHECK(gx <= int64_t{0x7fffffff}, "problem too large for one launch: ", int_text(gx),
+                " blocks");
     kernel<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)), kThreads, 0, stream>>>(
         std::forward<Args>(args)...);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -130,7 +132,7 @@ std::tuple<at::Tensor, at::Tensor> intra_affinity_bwd_cuda(
     bool teacher_requires_grad) {
   check_features(teacher, student);
   TORCH_CHECK_VALUE(signs.numel() == 0, "signs must be the CUDA forward's empty tensor (the "
-                    "backward recomputes Delta), got shape ", signs.sizes());
+                    "backward recomputes Delta), got shape ", shape_text(signs.sizes()));
   const at::Tensor grad_loss_c = checked_grad_loss(grad_loss, teacher);
   const at::cuda::CUDAGuard device_guard(teacher.device());
   const IntraPlan plan = intra_plan(teacher, distance, grams, precision);

@@ -36,18 +36,20 @@ void check_level(const at::Tensor& teacher, const at::Tensor& student, const at:
   check_same_dtype(student, s_name.c_str(), teacher, t_name.c_str());
   check_nonempty(teacher, t_name.c_str());
   TORCH_CHECK(teacher.size(0) == first.size(0), t_name, " must have the batch size of teachers[0], ",
-              first.size(0), ", got shape ", teacher.sizes());
+              int_text(first.size(0)), ", got shape ", shape_text(teacher.sizes()));
   TORCH_CHECK(teacher.size(2) <= hk && teacher.size(3) <= wk,
-              "hk and wk must be at least the height and width of every level, got hk=", hk,
-              ", wk=", wk, " and ", t_name, " of shape ", teacher.sizes());
+              "hk and wk must be at least the height and width of every level, got hk=",
+              int_text(hk), ", wk=", int_text(wk), " and ", t_name, " of shape ",
+              shape_text(teacher.sizes()));
 }
 
 at::Tensor anomaly_map_distances_cuda(at::TensorList teachers, at::TensorList students,
                                       int64_t hk, int64_t wk) {
   TORCH_CHECK(!teachers.empty(), "teachers must hold at least one level, got an empty list");
   TORCH_CHECK(teachers.size() == students.size(),
-              "teachers and students must have the same number of levels, got ", teachers.size(),
-              " and ", students.size());
+              "teachers and students must have the same number of levels, got ",
+              int_text(static_cast<int64_t>(teachers.size())), " and ",
+              int_text(static_cast<int64_t>(students.size())));
   const at::Tensor& first = teachers[0];
   const int64_t L = static_cast<int64_t>(teachers.size());
   for (int64_t k = 0; k < L; ++k) check_level(teachers[k], students[k], first, k, hk, wk);
@@ -94,8 +96,8 @@ std::tuple<at::Tensor, at::Tensor> anomaly_map_combine_cuda(const at::Tensor& m,
   CHECK_DIM(m, 4);
   CHECK_DTYPE(m, at::kFloat);
   CHECK_NONEMPTY(m);
-  TORCH_CHECK(height > 0 && width > 0, "height and width must be positive, got ", height, " and ",
-              width);
+  TORCH_CHECK(height > 0 && width > 0, "height and width must be positive, got ",
+              int_text(height), " and ", int_text(width));
   const int64_t B = m.size(0), L = m.size(1), hk = m.size(2), wk = m.size(3);
   CHECK_SAME_DEVICE(mh, m);
   CHECK_SAME_DEVICE(mw, m);
@@ -108,8 +110,8 @@ std::tuple<at::Tensor, at::Tensor> anomaly_map_combine_cuda(const at::Tensor& m,
 
   const int64_t n_tiles_w = ceil_div(width, kTileW);
   const int64_t n_tiles = ceil_div(height, kTileH) * n_tiles_w;
-  TORCH_CHECK(n_tiles <= INT32_MAX, "height x width is too large for one launch, got ", height,
-              " x ", width);
+  TORCH_CHECK(n_tiles <= INT32_MAX, "height x width is too large for one launch, got ",
+              int_text(height), " x ", int_text(width));
   const auto f32 = m.options().dtype(at::kFloat);
   at::Tensor maps = at::empty({B, 1, height, width}, f32);
   at::Tensor scores = at::empty({B}, f32);

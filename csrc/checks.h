@@ -5,9 +5,26 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <cstddef>
 #include <cstdint>
+#include <string>
 
 namespace snl {
+
+// Messages format integers and shapes to text themselves, without iostream's numeric formatting:
+// streaming a number into a check's message crashed the process on the GPU machine's toolchain
+// when the check failed, and a failing check must raise, never crash.
+inline std::string int_text(int64_t v) { return std::to_string(v); }
+
+// A shape as c10 prints an IntArrayRef: "[2, 3, 4, 4]", "[]" when empty.
+inline std::string shape_text(at::IntArrayRef s) {
+  std::string text = "[";
+  for (size_t i = 0; i < s.size(); ++i) {
+    if (i > 0) text += ", ";
+    text += int_text(s[i]);
+  }
+  return text + "]";
+}
 
 inline void check_cuda(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.is_cuda(), name, " must be a CUDA tensor, got device ", x.device());
@@ -36,15 +53,17 @@ inline void check_same_dtype(const at::Tensor& x, const char* name, const at::Te
 }
 
 inline void check_dim(const at::Tensor& x, const char* name, int64_t dim) {
-  TORCH_CHECK(x.dim() == dim, name, " must have ", dim, " dimensions, got shape ", x.sizes());
+  TORCH_CHECK(x.dim() == dim, name, " must have ", int_text(dim), " dimensions, got shape ",
+              shape_text(x.sizes()));
 }
 
 inline void check_shape(const at::Tensor& x, const char* name, at::IntArrayRef shape) {
-  TORCH_CHECK(x.sizes() == shape, name, " must have shape ", shape, ", got ", x.sizes());
+  TORCH_CHECK(x.sizes() == shape, name, " must have shape ", shape_text(shape), ", got ",
+              shape_text(x.sizes()));
 }
 
 inline void check_nonempty(const at::Tensor& x, const char* name) {
-  TORCH_CHECK(x.numel() > 0, name, " must not be empty, got shape ", x.sizes());
+  TORCH_CHECK(x.numel() > 0, name, " must not be empty, got shape ", shape_text(x.sizes()));
 }
 
 // A small fp32 operand (saved statistics, upstream gradients) on ref's device with the given

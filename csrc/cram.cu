@@ -40,16 +40,17 @@ void check_inputs(const at::Tensor& embedding, const at::Tensor& centers,
   CHECK_DIM(centers, 2);
   CHECK_FLOAT_DTYPE(centers);
   const int64_t K = centers.size(0), D = embedding.size(1);
-  TORCH_CHECK(K >= 1 && K <= kMaxK, "centers must hold 1 to ", kMaxK,
-              " centres for the CUDA kernels, got K=", K);
-  TORCH_CHECK(centers.size(1) == D, "centers must have width D=", D,
-              " (the channels of embedding), got shape ", centers.sizes());
-  TORCH_CHECK(ceil_div(D, kWideThreads) <= kMaxGridY, "embedding has D=", D,
-              " channels, more than the CUDA kernels take (", kMaxGridY * kWideThreads, ")");
+  TORCH_CHECK(K >= 1 && K <= kMaxK, "centers must hold 1 to ", int_text(kMaxK),
+              " centres for the CUDA kernels, got K=", int_text(K));
+  TORCH_CHECK(centers.size(1) == D, "centers must have width D=", int_text(D),
+              " (the channels of embedding), got shape ", shape_text(centers.sizes()));
+  TORCH_CHECK(ceil_div(D, kWideThreads) <= kMaxGridY, "embedding has D=", int_text(D),
+              " channels, more than the CUDA kernels take (", int_text(kMaxGridY * kWideThreads),
+              ")");
   CHECK_CUDA(log_tau);
   CHECK_SAME_DEVICE(log_tau, embedding);
   TORCH_CHECK(log_tau.numel() == 1, "log_tau must hold one element, got shape ",
-              log_tau.sizes());
+              shape_text(log_tau.sizes()));
   TORCH_CHECK(log_tau.is_floating_point(), "log_tau must be a floating tensor, got ",
               log_tau.scalar_type());
 }

@@ -35,6 +35,9 @@ mkdir -p "$1" || exit 2
 OUT=$(cd "$1" && pwd)
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 ROOT=$(pwd)
+# The in-tree package, also for scripts/ and tests/ (nothing is installed on the GPU machine:
+# a script's sys.path starts at its own folder, pytest's at tests/).
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 START=$SECONDS
 TOTAL_S=${TOTAL_S:-360}
 REPORT_RESERVE_S=20  # the report's 14 s limit and its 5 s kill margin
@@ -117,6 +120,10 @@ EOF
       break
     fi
   done
+  # The host compiler and the C++ runtime the process loads: an extension built with one
+  # libstdc++ and run with another can crash where it formats numbers.
+  echo "host compiler: ${CXX:-c++} ($(command -v "${CXX:-c++}")): $("${CXX:-c++}" --version 2>&1 | head -n 1)"
+  "$PYTHON" -c 'import torch, re; print("libstdc++ loaded:", sorted({l.split()[-1] for l in open("/proc/self/maps") if "libstdc++" in l}))' 2>&1
   if [[ -n $found ]]; then
     echo "cuda toolkit: $found has lib64/libcudart.so"
     echo "$found" >"$OUT/.cuda_home"
@@ -137,6 +144,10 @@ rm -f "$OUT/.cuda_home"
 export TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=${MAX_JOBS:-16} SNL_FORCE_CUDA=1
 step build "${LIMIT_BUILD:-70}" "$OUT/build.log" "$PYTHON" setup.py build_ext --inplace
 step extension "${LIMIT_EXTENSION:-10}" "$OUT/build.log" "$PYTHON" -m snl_kernels
+{
+  echo "== the C++ runtime the extension links to"
+  ldd snl_kernels/_C*.so 2>&1 | grep -E 'libstdc\+\+|libgcc_s' || echo "(ldd: none found)"
+} >>"$OUT/build.log"
 export SNL_REQUIRE_EXTENSION=1  # from here on, a missing extension fails tests, not skips
 
 # ---------------------------------------------------------------- smoke
@@ -161,8 +172,9 @@ step tests "${LIMIT_TESTS:-90}" "$OUT/tests.log" "${PYTEST[@]}" \
   "${existing[@]}" -q -rfE "${PARALLEL[@]}" "${TIMEOUT[@]}" -p no:cacheprovider
 
 # ---------------------------------------------------------------- kernel-provider benchmarks
+# The fused training loss and CRAM first: their targets are the open ones.
 # shellcheck disable=SC2206
-BENCH_FILES=(${BENCH_FILES:-benchmarks/bench_copy.py benchmarks/bench_cosine_distances.py benchmarks/bench_anomaly_map.py benchmarks/bench_cram.py benchmarks/bench_affinity.py benchmarks/bench_distillation.py})
+BENCH_FILES=(${BENCH_FILES:-benchmarks/bench_copy.py benchmarks/bench_distillation.py benchmarks/bench_cram.py benchmarks/bench_cosine_distances.py benchmarks/bench_anomaly_map.py benchmarks/bench_affinity.py})
 BENCH_OPTS=(--benchmark-only --benchmark-min-rounds=10 --benchmark-max-time=0.1
   --benchmark-warmup=off -p no:cacheprovider -q)
 step bench "${LIMIT_BENCH:-50}" "$OUT/bench.log" "${PYTEST[@]}" "${BENCH_FILES[@]}" \

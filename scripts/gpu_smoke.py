@@ -121,7 +121,9 @@ _COMPILED: dict[Callable, Callable] = {}
 
 def _compiled(fn: Callable) -> Callable:
     if fn not in _COMPILED:
-        _COMPILED[fn] = torch.compile(fn)
+        # Static shapes: the levels' different sizes would otherwise recompile with dynamic
+        # shapes, which Inductor cannot lower for adaptive_avg_pool2d (torch 2.11).
+        _COMPILED[fn] = torch.compile(fn, dynamic=False)
     return _COMPILED[fn]
 
 

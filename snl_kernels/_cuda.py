@@ -36,11 +36,23 @@ def load_error() -> str | None:
     return _error
 
 
+_has_op: dict[str, bool] = {}
+
+
+@torch.compiler.assume_constant_result
 def has_op(name: str) -> bool:
-    """Whether the extension defines ``torch.ops.snl.<name>`` with a CUDA kernel."""
-    if not load():
-        return False
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(f"snl::{name}", "CUDA")
-    except RuntimeError:
-        return False
+    """Whether the extension defines ``torch.ops.snl.<name>`` with a CUDA kernel.
+
+    Answered once per name (the extension cannot gain or lose ops once loaded) and a constant
+    to ``torch.compile``, which cannot trace the dispatcher query (``fullgraph=True`` would
+    fail on it).
+    """
+    if name not in _has_op:
+        found = False
+        if load():
+            try:
+                found = torch._C._dispatch_has_kernel_for_dispatch_key(f"snl::{name}", "CUDA")
+            except RuntimeError:
+                found = False
+        _has_op[name] = found
+    return _has_op[name]

@@ -242,7 +242,8 @@ def test_triton_levels_in_one_launch_equal_one_launch_per_level():
         for x, y in zip(a, b, strict=True):
             assert torch.equal(x, y)
     g = torch.Generator().manual_seed(2)
-    ups = [[torch.randn(out[i].shape, generator=g) for out in single] for i in range(3)]
+    ups = [[torch.randn(out[i].shape, generator=g).to(out[i].device) for out in single]
+           for i in range(3)]
     for need_teacher in (False, True):
         grads = kc.backward_levels(teachers, students, [o[3] for o in single],
                                    [o[4] for o in single], *ups, need_teacher, reference.EPS)

@@ -179,7 +179,7 @@ def test_cosine_distances(launches):
     for a, r in zip(out, ref, strict=True):
         assert_matches_oracle(a, r)
     g = torch.Generator().manual_seed(1)
-    weights = [torch.randn(r.shape, generator=g, dtype=torch.float64) for r in ref]
+    weights = [torch.randn(r.shape, generator=g, dtype=torch.float64).to(DEVICE) for r in ref]
     loss = sum((o * w.float()).sum() for o, w in zip(out, weights, strict=True))
     ref_loss = sum((r * w).sum() for r, w in zip(ref, weights, strict=True))
     grads = torch.autograd.grad(loss, (t, s))
