@@ -86,12 +86,14 @@ def smoke_section(out: str) -> list[str]:
         rows.append([r["op"], r["backend"], ran, err[:300] if isinstance(err, str) else err,
                      r.get("ms"), rate, target, r.get("x_eager"), x_compile])
     shapes = sorted({r["shapes"] for r in data.get("records", []) if r.get("shapes")})
-    lines += table(["op", "backend", "ran", "error (max rel.)", "ms", "rate", "target",
+    lines += table(["op", "backend", "ran", "error", "ms", "rate", "target",
                     "x eager", "x compile"], rows, ["---"] * 4 + ["---:"] * 2 + ["---"]
                    + ["---:"] * 2)
     lines += ["", f"Device: {data.get('device')}, torch {data.get('torch')}; shapes: "
-              + "; ".join(shapes) + ". Error: largest |kernel - reference| over outputs and "
-              "input gradients, relative to the reference's largest magnitude. x compile "
+              + "; ".join(shapes) + ". Error: against the reference in float64 on the same "
+              "values; outputs: largest |kernel - reference| relative to the reference's "
+              "largest magnitude; input gradients: ||kernel - reference|| / ||reference||; "
+              "the larger of the two. x compile "
               "(anchor): against the H200 torch.compile anchor of BENCHMARKS.md, not measured "
               "in this run.", ""]
     return lines

@@ -14,11 +14,12 @@ import torch
 
 _loaded: bool | None = None
 _error: str | None = None
+_cuda_ops: frozenset[str] = frozenset()  # ops of namespace snl with a CUDA kernel
 
 
 def load() -> bool:
     """Import ``snl_kernels._C`` once; return whether it loaded."""
-    global _loaded, _error
+    global _loaded, _error, _cuda_ops
     if _loaded is None:
         try:
             importlib.import_module("snl_kernels._C")
@@ -27,6 +28,11 @@ def load() -> bool:
             _error = f"{type(exc).__name__}: {exc}"
         else:
             _loaded = True
+            _cuda_ops = frozenset(
+                entry.split("::", 1)[1].split(".", 1)[0]
+                for entry in torch._C._dispatch_get_registrations_for_dispatch_key("CUDA")
+                if entry.startswith("snl::")
+            )
     return _loaded
 
 
@@ -36,23 +42,11 @@ def load_error() -> str | None:
     return _error
 
 
-_has_op: dict[str, bool] = {}
-
-
-@torch.compiler.assume_constant_result
 def has_op(name: str) -> bool:
     """Whether the extension defines ``torch.ops.snl.<name>`` with a CUDA kernel.
 
-    Answered once per name (the extension cannot gain or lose ops once loaded) and a constant
-    to ``torch.compile``, which cannot trace the dispatcher query (``fullgraph=True`` would
-    fail on it).
+    A lookup in the set read from the dispatcher when the extension loaded (its ops cannot
+    change after that), so ``torch.compile`` traces it as a constant: the dispatcher query
+    itself cannot be traced (``fullgraph=True`` failed on it).
     """
-    if name not in _has_op:
-        found = False
-        if load():
-            try:
-                found = torch._C._dispatch_has_kernel_for_dispatch_key(f"snl::{name}", "CUDA")
-            except RuntimeError:
-                found = False
-        _has_op[name] = found
-    return _has_op[name]
+    return load() and name in _cuda_ops

@@ -193,10 +193,11 @@ def test_intra_equal_features_give_zero(backend):
             if distance == "l2":
                 assert s.grad.abs().max().item() == 0.0
         else:
-            # On a GPU, fp32 rounding in the tensor-core products leaves -2.2e-16 in the loss
-            # and 1.5e-10 in the gradient (H200 round, 2026-11-30); with a noisy student
-            # (noise 0.7) these features give a loss of 0.09 and gradients up to 0.01.
-            assert abs(loss.item()) <= 1e-12
+            # On a GPU, fp32 rounding in the tensor-core products leaves a little in the loss
+            # (l2: -2.2e-16; l1, linear in it: 9.8e-9) and 1.5e-10 in the l2 gradient (H200
+            # rounds, 2026-11-30); with a noisy student (noise 0.7) these features give
+            # losses of 0.09 (l2) and 0.22 (l1) and gradients up to 0.01.
+            assert abs(loss.item()) <= (1e-12 if distance == "l2" else 1e-6)
             if distance == "l2":
                 assert s.grad.abs().max().item() <= 1e-8
 

@@ -84,6 +84,24 @@ def test_every_op_of_the_library_has_its_cuda_kernel(extension, name):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"snl::{name}", "CUDA")
 
 
+def test_has_op_reads_the_dispatcher_once_and_traces_as_a_constant(extension):
+    """``_cuda.has_op`` agrees with the dispatcher, and ``torch.compile(fullgraph=True)`` can
+    trace through it (the backend choice runs it inside compiled code; the dispatcher query
+    itself is untraceable)."""
+    from snl_kernels import _cuda
+
+    for name in SCHEMAS:
+        assert _cuda.has_op(name), name
+    assert not _cuda.has_op("no_such_op")
+    assert not _cuda.has_op("cosine_distances_fwd.default")  # names, not overloads
+
+    def pick(x):
+        return x + 1 if _cuda.has_op("cram_fwd") else x - 1
+
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(pick, fullgraph=True)(torch.zeros(2)), torch.ones(2))
+
+
 def test_fwd_has_no_cpu_kernel(extension):
     teacher = torch.randn(1, 2, 3, 4)
     with pytest.raises(RuntimeError, match="'CPU' backend"):

@@ -57,7 +57,9 @@ def test_smoke_runs_every_op_and_backend_on_cpu(smoke):
     for op in OPS:
         ref = records[(op, "torch")]
         assert ref["ran"], ref
-        assert ref["max_err"] == 0.0, ref
+        # The reference in fp32 against itself in float64: rounding only.
+        assert ref["within_tol"], ref
+        assert ref["max_err"] < 1e-4, ref
         assert ref["ms"] > 0, ref
         assert ref["x_eager"] == 1.0
         triton = records[(op, "triton")]
@@ -90,7 +92,7 @@ def test_smoke_reports_an_error_against_the_reference(tmp_path):
                            "--backends", "torch", "triton", "--tol", "0"], env=_env(),
                           capture_output=True, text=True, timeout=600)
     records = {r["backend"]: r for r in json.loads(out.read_text())["records"]}
-    assert records["torch"]["within_tol"]  # identical to itself
+    assert records["torch"]["max_err"] > 0  # fp32 against the float64 reference
     assert records["triton"]["max_err"] > 0
     assert not records["triton"]["within_tol"]
     assert proc.returncode == 1
