@@ -8,11 +8,11 @@
 # gets at most what is left before the deadline, and a later step still runs when an earlier
 # one fails):
 #   env      20  nvidia-smi, versions, nvcc --version, the toolkit's lib64/libcudart.so
-#   build    70  the CUDA extension, sm_90 only, in place; 10 more to import it
+#   build    70  the CUDA extension, sm_90 only, in place; 20 more to import it
 #   smoke    70  scripts/gpu_smoke.py: every op x backend once at the benchmark shapes,
 #                checked against the reference and timed with CUDA events
-#   tests    90  the kernel tests, in parallel (pytest-xdist) with a per-test timeout
-#   bench    50  the kernel-provider benchmarks (pytest-benchmark)
+#   tests    90  the kernel tests, in parallel (12 pytest-xdist workers) with a per-test timeout
+#   bench    80  the kernel-provider benchmarks (pytest-benchmark), the fused loss first
 #   compile  rest torch.compile of the references: smoke records, then benchmarks
 #   report   20  scripts/gpu_report.py folds everything into report.md
 # Each step's limit leaves room for its 10 s kill margin before the deadline.
@@ -143,7 +143,7 @@ rm -f "$OUT/.cuda_home"
 # ---------------------------------------------------------------- build (sm_90 only)
 export TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=${MAX_JOBS:-16} SNL_FORCE_CUDA=1
 step build "${LIMIT_BUILD:-70}" "$OUT/build.log" "$PYTHON" setup.py build_ext --inplace
-step extension "${LIMIT_EXTENSION:-10}" "$OUT/build.log" "$PYTHON" -m snl_kernels
+step extension "${LIMIT_EXTENSION:-20}" "$OUT/build.log" "$PYTHON" -m snl_kernels
 {
   echo "== the C++ runtime the extension links to"
   ldd snl_kernels/_C*.so 2>&1 | grep -E 'libstdc\+\+|libgcc_s' || echo "(ldd: none found)"
@@ -160,7 +160,7 @@ step smoke "${LIMIT_SMOKE:-70}" "$OUT/smoke.log" "${SMOKE[@]}"
 TEST_FILES=(${TEST_FILES:-tests/test_cosine_distances.py tests/test_affinity.py tests/test_cram.py tests/test_anomaly_map.py tests/test_triton_gpu_config.py tests/test_extension.py tests/test_dispatch.py})
 PARALLEL=()
 if "$PYTHON" -c 'import xdist' 2>/dev/null; then
-  PARALLEL=(-n "${XDIST_WORKERS:-8}")
+  PARALLEL=(-n "${XDIST_WORKERS:-12}")
 fi
 TIMEOUT=()
 if "$PYTHON" -c 'import pytest_timeout' 2>/dev/null; then
@@ -177,7 +177,7 @@ step tests "${LIMIT_TESTS:-90}" "$OUT/tests.log" "${PYTEST[@]}" \
 BENCH_FILES=(${BENCH_FILES:-benchmarks/bench_copy.py benchmarks/bench_distillation.py benchmarks/bench_cram.py benchmarks/bench_cosine_distances.py benchmarks/bench_anomaly_map.py benchmarks/bench_affinity.py})
 BENCH_OPTS=(--benchmark-only --benchmark-min-rounds=10 --benchmark-max-time=0.1
   --benchmark-warmup=off -p no:cacheprovider -q)
-step bench "${LIMIT_BENCH:-50}" "$OUT/bench.log" "${PYTEST[@]}" "${BENCH_FILES[@]}" \
+step bench "${LIMIT_BENCH:-80}" "$OUT/bench.log" "${PYTEST[@]}" "${BENCH_FILES[@]}" \
   "${BENCH_OPTS[@]}" -k "not compile" --benchmark-json="$OUT/bench.json"
 
 # ---------------------------------------------------------------- torch.compile, if time is left
