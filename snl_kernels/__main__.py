@@ -45,11 +45,12 @@ def report() -> str:
     lines.append(f"extension   snl_kernels._C {ext}")
     lines.append(f"SNL_BACKEND {dispatch.requested_backend(None) or 'auto'}")
     lines.append("")
-    lines.append(f"backends on {device} tensors (automatic mode picks the first available kernel, "
-                 "else torch):")
+    lines.append(f"backends on {device} tensors (automatic mode on CUDA tensors: the first "
+                 "available of the op's order, else torch):")
     for module in OPS:
         reasons = dispatch.availability(module.OP, module.IMPLEMENTED, device)
-        lines.append(f"  {module.OP}")
+        order = dispatch.AUTO_ORDER.get(module.OP, ("cuda", "triton"))
+        lines.append(f"  {module.OP} (order: {', '.join(order)})")
         for backend, why in reasons.items():
             state = "available" if not why else "unavailable: " + "; ".join(why)
             lines.append(f"    {backend:<7} {state}")

@@ -5,9 +5,11 @@ Order of precedence, evaluated on every call:
 1. the ``backend=`` argument of the op, when not None;
 2. the ``SNL_BACKEND`` environment variable, when set and not ``auto`` (read on every call,
    so it can be changed at run time);
-3. automatic: the first kernel backend of the op's preference order that can run on the
-   inputs, else the reference (``torch``; the intra-affinity l2 loss then takes its
-   PyTorch Gram form where it applies, :mod:`snl_kernels.gram_path`).
+3. automatic: on CUDA inputs, the first backend of the op's order (``AUTO_ORDER``: fastest
+   first as measured on an H200) that can run on the inputs, else the reference
+   (``torch``; the intra-affinity l2 loss then takes its PyTorch Gram form where it
+   applies, :mod:`snl_kernels.gram_path`). Where the reference was measured faster than
+   both kernels (the inter-affinity loss), the order is the reference alone.
 
 An explicitly requested backend that cannot run raises ``BackendUnavailableError`` listing
 every reason; automatic mode never raises, it falls back to the reference. Automatic mode
@@ -37,6 +39,17 @@ CUDA_OPS = {
     "inter_affinity_loss": ("inter_affinity_fwd", "inter_affinity_bwd"),
     "cram": ("cram_fwd", "cram_bwd"),
     "anomaly_map": ("anomaly_map_distances", "anomaly_map_combine"),
+}
+
+
+# Automatic mode's order per op, fastest first: one forward and backward at the benchmark
+# shapes on an H200 (BENCHMARKS.md, GPU rounds of 2026-11-30; ms for cuda / triton / torch).
+AUTO_ORDER = {
+    "cosine_distances": ("cuda", "triton"),  # 1.73 / 3.47 / 5.07
+    "intra_affinity_loss": ("triton", "cuda"),  # l2 13.1 / 4.58 / 19.4; l1 83.2 / 16.8 / 18.9
+    "inter_affinity_loss": ("torch",),  # l2 15.0 / 5.43 / 3.62; l1 15.0 / 5.77 / 3.59
+    "cram": ("cuda", "triton"),  # 0.89 / 1.82 / 2.09
+    "anomaly_map": ("cuda", "triton"),  # 0.25 / 0.56 / 1.13
 }
 
 
@@ -159,7 +172,7 @@ def select_backend(
     backend: str | None,
     tensors: Sequence[Tensor],
     implemented: Sequence[str] = (),
-    prefer: Sequence[str] = ("cuda", "triton"),
+    prefer: Sequence[str] | None = None,
     why_not: str | None = None,
 ) -> str:
     """Choose the backend that runs ``op`` on ``tensors``.
@@ -169,7 +182,8 @@ def select_backend(
         backend: the caller's ``backend=`` argument.
         tensors: the op's tensor inputs (their devices matter).
         implemented: the kernel backends ("triton", "cuda") that implement ``op``.
-        prefer: automatic mode's order of kernel backends.
+        prefer: automatic mode's order of backends; None: ``AUTO_ORDER[op]``, else
+            ("cuda", "triton").
         why_not: a reason specific to this call that rules out every kernel backend.
 
     Returns:
@@ -189,7 +203,7 @@ def select_backend(
             )
         return requested
     if _devices(tensors) == {"cuda"}:
-        for candidate in prefer:
+        for candidate in prefer if prefer is not None else AUTO_ORDER.get(op, ("cuda", "triton")):
             if not unavailable_reasons(candidate, op, tensors, implemented, why_not):
                 return candidate
     return "torch"

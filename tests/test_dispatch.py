@@ -123,7 +123,37 @@ def test_info_command_prints_every_backend():
     assert f"torch       {torch.__version__}" in out
     for op in ("cosine_distances", "intra_affinity_loss", "inter_affinity_loss", "cram",
                "anomaly_map"):
-        assert f"  {op}\n" in out
+        order = ", ".join(dispatch.AUTO_ORDER[op])
+        assert f"  {op} (order: {order})\n" in out
     assert out.count("    torch   available") == 5
     if torch.version.cuda is None:
         assert "is a CPU build" in out
+
+
+@pytest.mark.parametrize("op", sorted(dispatch.AUTO_ORDER))
+def test_automatic_follows_the_measured_order(op, monkeypatch):
+    """On CUDA tensors automatic mode takes the op's AUTO_ORDER: its first backend when all
+    can run, the next when the first cannot, the reference when none can."""
+    order = dispatch.AUTO_ORDER[op]
+    monkeypatch.setattr(dispatch, "_devices", lambda tensors: {"cuda"})
+    down: set[str] = set()
+    monkeypatch.setattr(dispatch, "unavailable_reasons",
+                        lambda backend, *a, **k: ["down"] if backend in down else [])
+    tensors = [torch.zeros(1)]
+    assert dispatch.select_backend(op, None, tensors, ("triton", "cuda")) == order[0]
+    down.add(order[0])
+    want = order[1] if len(order) > 1 else "torch"
+    assert dispatch.select_backend(op, None, tensors, ("triton", "cuda")) == want
+    down.update(("triton", "cuda"))
+    assert dispatch.select_backend(op, None, tensors, ("triton", "cuda")) == "torch"
+    # an explicit order still wins
+    down.clear()
+    assert dispatch.select_backend(op, None, tensors, ("triton", "cuda"),
+                                   prefer=("triton",)) == "triton"
+
+
+def test_automatic_order_from_the_h200_round():
+    # Fastest first in BENCHMARKS.md's H200 smoke table (2026-11-30).
+    assert dispatch.AUTO_ORDER["intra_affinity_loss"][0] == "triton"
+    assert dispatch.AUTO_ORDER["inter_affinity_loss"] == ("torch",)
+    assert dispatch.AUTO_ORDER["cosine_distances"][0] == "cuda"
