@@ -1,8 +1,8 @@
 """The ``backend=`` the model passes to snl_kernels' ops, and autocast switched off around them.
 
 ``fused=True`` passes ``backend=None``: ``SNL_BACKEND`` and then automatic choice decide per
-op (CUDA extension, then Triton, on CUDA tensors; the reference elsewhere), as
-:mod:`snl_kernels.dispatch` explains. ``fused=False`` passes ``backend="torch"``: the
+op (on CUDA tensors the op's measured order, ``snl_kernels.dispatch.AUTO_ORDER``; the
+reference elsewhere), as :mod:`snl_kernels.dispatch` explains. ``fused=False`` passes ``backend="torch"``: the
 plain-PyTorch reference of :mod:`snl_kernels.reference`, whatever ``SNL_BACKEND`` says. The
 model has no dispatch of its own: every op is one of snl_kernels' public functions.
 
