@@ -11,6 +11,9 @@
 #   build    70  the CUDA extension, sm_90 only, in place; 20 more to import it
 #   smoke    70  scripts/gpu_smoke.py: every op x backend once at the benchmark shapes,
 #                checked against the reference and timed with CUDA events
+#   profile  40  scripts/gpu_profile.py: GPU and host time, kernels per step and the kernels
+#                taking the most time of the fused loss and the affinity ops; a CUDA-graph
+#                capture of the fused loss
 #   tests    90  the kernel tests, in parallel (12 pytest-xdist workers) with a per-test timeout
 #   bench    80  the kernel-provider benchmarks (pytest-benchmark), the fused loss first
 #   compile  rest torch.compile of the references: smoke records, then benchmarks
@@ -24,7 +27,7 @@
 #
 # Overrides (for trying the script elsewhere, e.g. on a CPU): PYTHON, LIMIT_<STEP>
 # (seconds), TOTAL_S (the deadline, default 360), TEST_FILES, BENCH_FILES, TEST_TIMEOUT_S,
-# XDIST_WORKERS, SMOKE_ARGS.
+# XDIST_WORKERS, SMOKE_ARGS, PROFILE_ARGS.
 set -uo pipefail
 
 if (($# != 1)); then
@@ -155,6 +158,12 @@ export SNL_REQUIRE_EXTENSION=1  # from here on, a missing extension fails tests,
 SMOKE=("$PYTHON" scripts/gpu_smoke.py --out "$OUT/smoke.json" ${SMOKE_ARGS:---warm-jobs 8})
 step smoke "${LIMIT_SMOKE:-70}" "$OUT/smoke.log" "${SMOKE[@]}"
 
+# ---------------------------------------------------------------- profile of the fused loss
+PROFILE_MD=$(mktemp "${TMPDIR:-/tmp}/gpu-check-profile.XXXXXX.md")
+# shellcheck disable=SC2206  # word splitting wanted
+PROFILE=("$PYTHON" scripts/gpu_profile.py --out "$PROFILE_MD" ${PROFILE_ARGS:-})
+step profile "${LIMIT_PROFILE:-40}" "$OUT/smoke.log" "${PROFILE[@]}"
+
 # ---------------------------------------------------------------- kernel tests
 # shellcheck disable=SC2206
 TEST_FILES=(${TEST_FILES:-tests/test_cosine_distances.py tests/test_affinity.py tests/test_cram.py tests/test_anomaly_map.py tests/test_triton_gpu_config.py tests/test_extension.py tests/test_dispatch.py})
@@ -194,7 +203,8 @@ step compile-bench "$TOTAL_S" "$OUT/bench.log" "${PYTEST[@]}" "${BENCH_FILES[@]}
 
 # ---------------------------------------------------------------- report (always)
 timeout --kill-after=5 14 "$PYTHON" scripts/gpu_report.py "$OUT" "$STEPS" \
-  --compile-bench "$COMPILE_JSON" --total "$TOTAL_S" >"$OUT/.report.log" 2>&1
+  --compile-bench "$COMPILE_JSON" --profile "$PROFILE_MD" --total "$TOTAL_S" \
+  >"$OUT/.report.log" 2>&1
 rc=$?
 if ((rc != 0)) || [[ ! -s $OUT/report.md ]]; then
   # The report script itself failed: a plain report from the shell, with its error.
@@ -212,7 +222,7 @@ if ((rc != 0)) || [[ ! -s $OUT/report.md ]]; then
     echo '```'
   } >"$OUT/report.md"
 fi
-rm -f "$OUT/.report.log" "$COMPILE_JSON" "$PYTEST_PY"
+rm -f "$OUT/.report.log" "$COMPILE_JSON" "$PROFILE_MD" "$PYTEST_PY"
 failed=$(awk -F'\t' '$3 != 0' "$STEPS" | wc -l)
 rm -f "$STEPS"
 echo "== $failed step(s) did not pass; $((SECONDS - START)) s in all; report: $OUT/report.md"

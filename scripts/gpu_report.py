@@ -1,6 +1,7 @@
 """Fold the GPU round's logs and JSON files into OUTDIR/report.md (scripts/gpu_check.sh).
 
-    python scripts/gpu_report.py OUTDIR STEPS_TSV [--compile-bench JSON] [--total S]
+    python scripts/gpu_report.py OUTDIR STEPS_TSV [--compile-bench JSON] [--profile MD]
+                                 [--total S]
 
 Reads what the round left in OUTDIR (env.log, build.log, smoke.json, tests.log, bench.json)
 and the steps file (name, seconds, exit code, limit per line); any of them may be missing or
@@ -181,15 +182,25 @@ def build_section(out: str, steps_path: str) -> list[str]:
     return ["## Build (did not pass)", "", "```", *tail, "```", ""]
 
 
+def profile_section(path: str | None) -> list[str]:
+    """The profile step's markdown as it was written (it is rewritten after every case)."""
+    text = read(path) if path else ""
+    if not text.strip():
+        return ["## Profile", "", "(the profile step wrote nothing: see smoke.log)", ""]
+    return [text.rstrip(), ""]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("outdir")
     parser.add_argument("steps", help="the round's steps file (tab-separated)")
     parser.add_argument("--compile-bench", help="JSON of the torch.compile benchmarks")
+    parser.add_argument("--profile", help="markdown of the profile step (gpu_profile.py)")
     parser.add_argument("--total", type=int, help="the round's time limit in seconds")
     args = parser.parse_args(argv)
     out = args.outdir
-    sections = ((header, (out,)), (smoke_section, (out,)), (tests_section, (out,)),
+    sections = ((header, (out,)), (smoke_section, (out,)), (profile_section, (args.profile,)),
+                (tests_section, (out,)),
                 (build_section, (out, args.steps)), (steps_section, (args.steps, args.total)),
                 (bench_section, (out, args.compile_bench)))
     lines: list[str] = []

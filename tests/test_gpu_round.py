@@ -24,6 +24,7 @@ from support import HAS_GPU, NO_TRITON
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "scripts" / "gpu_smoke.py"
 REPORT = ROOT / "scripts" / "gpu_report.py"
+PROFILE = ROOT / "scripts" / "gpu_profile.py"
 CHECK = ROOT / "scripts" / "gpu_check.sh"
 OPS = ["cosine_distances", "intra_affinity_loss/l2", "intra_affinity_loss/l1",
        "inter_affinity_loss/l2", "inter_affinity_loss/l1", "snl_distillation_loss", "cram",
@@ -118,8 +119,33 @@ def test_report_from_partial_output(smoke, tmp_path):
     assert "1 failed, 4 passed" in report
     assert "FAILED tests/test_x.py::test_y" in report
     assert "stopped at its time limit" in report
+    assert "## Profile: one forward and backward step" in report
     assert "## Build (did not pass)" in report
     assert "bench.json was not written" in report
+
+
+def test_profile_runs_on_cpu(tmp_path):
+    """gpu_profile.py at small shapes: the fused loss profiled (CPU operators by self time,
+    its two autograd functions among them), a CUDA case skipped with the reason, the graph
+    capture skipped without a GPU."""
+    if NO_TRITON:
+        pytest.skip(NO_TRITON)
+    out = tmp_path / "profile.md"
+    proc = subprocess.run([sys.executable, str(PROFILE), "--out", str(out), "--steps", "1",
+                           "--cases", "loss-l2", "intra-l1-cuda"], env=_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = out.read_text()
+    assert text.startswith("## Profile: one forward and backward step")
+    assert "| case | GPU ms | host ms (enqueue) | kernels per step |" in text
+    row = next(line for line in text.splitlines()
+               if line.startswith("| snl_distillation_loss l2 (shared triton) |"))
+    assert float(row.split("|")[3]) > 0  # the host time of a step
+    assert "| intra_affinity_loss l1 cuda |" in text
+    assert "skipped: intra_affinity_loss: backend='cuda' cannot run" in text
+    assert "| skipped: no CUDA GPU |" in text
+    assert "_SharedBackward" in text
+    assert "CPU operators by self time" in text
 
 
 def test_gpu_check_always_reports_within_its_deadline(tmp_path):
@@ -135,6 +161,7 @@ def test_gpu_check_always_reports_within_its_deadline(tmp_path):
     total = 100
     env = _env(TOTAL_S=str(total), LIMIT_BUILD="5", LIMIT_SMOKE="60", LIMIT_TESTS="20",
                LIMIT_BENCH="10", SMOKE_ARGS="--ops cram --backends torch", XDIST_WORKERS="1",
+               LIMIT_PROFILE="30", PROFILE_ARGS="--cases intra-l1-cuda --steps 1",
                TEST_FILES=str(tests / "test_slow.py"), TEST_TIMEOUT_S="300",
                BENCH_FILES="benchmarks/bench_copy.py")
     start = time.monotonic()
@@ -156,3 +183,4 @@ def test_gpu_check_always_reports_within_its_deadline(tmp_path):
     assert "KeyboardInterrupt" in log, log[-2000:]
     assert "1 passed" in log, log[-2000:]
     assert "stopped at its time limit" in report
+    assert "## Profile: one forward and backward step" in report
