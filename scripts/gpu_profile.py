@@ -2,9 +2,10 @@
 
     python scripts/gpu_profile.py --out profile.md [--steps 3] [--cases ID ...] [--no-graph]
 
-Each case is one forward and backward step at the smoke's shapes (the WRN50 levels, B=16,
-on a GPU): ``snl_distillation_loss`` on its shared Triton path (l2 and l1, every term), and
-the separate Triton and CUDA affinity ops, whose H200 times were far from their targets.
+Each case is one forward and backward step of the smoke's cases at its shapes (the WRN50
+levels, B=16, and CRAM at D=2048, on a GPU): ``snl_distillation_loss`` on its shared Triton
+path (l2 and l1, every term), and the separate Triton and CUDA affinity, cosine and CRAM
+ops, whose H200 times were far from their targets.
 For each case, after two warm-up steps:
 
 - GPU ms: CUDA events around the step (median of ``--steps``);
@@ -44,44 +45,45 @@ HAS_GPU = smoke.HAS_GPU
 TOP = 12
 
 
-def _distillation(distance: str) -> Callable[[dict], list[torch.Tensor]]:
-    def loss(x: dict) -> list[torch.Tensor]:
+def _smoke_step(op: str, backend: str) -> Callable[[], Callable[[], object]]:
+    """A factory of one step of the smoke's case ``op`` on ``backend`` (fresh inputs)."""
+    def make() -> Callable[[], object]:
+        case = next(c for c in smoke.CASES if c.name == op)
+        x = case.make()
+        return lambda: smoke._step(case, backend, x, collect=False)
+    return make
+
+
+def _fused_l1() -> Callable[[], object]:
+    """Every distillation term with l1 affinities, on the shared Triton path."""
+    x = smoke._levels(True)
+
+    def step() -> object:
         terms = snl_kernels.snl_distillation_loss(x["teachers"], x["students"],
-                                                  intra_distance=distance,
-                                                  inter_distance=distance, backend="triton")
-        return list(terms.values())
-    return loss
+                                                  intra_distance="l1", inter_distance="l1",
+                                                  backend="triton")
+        return torch.autograd.grad(sum(terms.values()), x["students"])
+    return step
 
 
-def _intra(backend: str, distance: str) -> Callable[[dict], list[torch.Tensor]]:
-    def loss(x: dict) -> list[torch.Tensor]:
-        return [snl_kernels.intra_affinity_loss(t, s, distance, backend=backend)
-                for t, s in zip(x["teachers"], x["students"], strict=True)]
-    return loss
-
-
-def _inter(backend: str, distance: str) -> Callable[[dict], list[torch.Tensor]]:
-    def loss(x: dict) -> list[torch.Tensor]:
-        t, s = x["teachers"], x["students"]
-        return [snl_kernels.inter_affinity_loss(t[k], t[k + 1], s[k], s[k + 1], distance,
-                                                backend=backend) for k in range(len(t) - 1)]
-    return loss
-
-
-# id -> (what the report calls it, the loss)
-CASES: dict[str, tuple[str, Callable[[dict], list[torch.Tensor]]]] = {
-    "loss-l2": ("snl_distillation_loss l2 (shared triton)", _distillation("l2")),
-    "loss-l1": ("snl_distillation_loss l1 (shared triton)", _distillation("l1")),
-    "intra-l2-triton": ("intra_affinity_loss l2 triton", _intra("triton", "l2")),
-    "intra-l1-triton": ("intra_affinity_loss l1 triton", _intra("triton", "l1")),
-    "intra-l1-cuda": ("intra_affinity_loss l1 cuda", _intra("cuda", "l1")),
-    "inter-l2-triton": ("inter_affinity_loss l2 triton", _inter("triton", "l2")),
-    "inter-l2-cuda": ("inter_affinity_loss l2 cuda", _inter("cuda", "l2")),
+# id -> (what the report calls it, a factory of the step)
+CASES: dict[str, tuple[str, Callable[[], Callable[[], object]]]] = {
+    "loss-l2": ("snl_distillation_loss l2 (shared triton)",
+                _smoke_step("snl_distillation_loss", "triton")),
+    "loss-l1": ("snl_distillation_loss l1 (shared triton)", _fused_l1),
+    "intra-l2-triton": ("intra_affinity_loss l2 triton",
+                        _smoke_step("intra_affinity_loss/l2", "triton")),
+    "intra-l1-triton": ("intra_affinity_loss l1 triton",
+                        _smoke_step("intra_affinity_loss/l1", "triton")),
+    "intra-l1-cuda": ("intra_affinity_loss l1 cuda", _smoke_step("intra_affinity_loss/l1", "cuda")),
+    "inter-l2-triton": ("inter_affinity_loss l2 triton",
+                        _smoke_step("inter_affinity_loss/l2", "triton")),
+    "inter-l2-cuda": ("inter_affinity_loss l2 cuda", _smoke_step("inter_affinity_loss/l2", "cuda")),
+    "cosine-triton": ("cosine_distances triton", _smoke_step("cosine_distances", "triton")),
+    "cosine-cuda": ("cosine_distances cuda", _smoke_step("cosine_distances", "cuda")),
+    "cram-triton": ("cram triton", _smoke_step("cram", "triton")),
+    "cram-cuda": ("cram cuda", _smoke_step("cram", "cuda")),
 }
-
-
-def _step(loss: Callable[[dict], list[torch.Tensor]], x: dict) -> tuple[torch.Tensor, ...]:
-    return torch.autograd.grad(sum(v.float() for v in loss(x)), x["students"])
 
 
 def _sync() -> None:
@@ -138,12 +140,8 @@ def _kernels(fn: Callable[[], object], steps: int) -> tuple[float, list[tuple[st
 
 
 def profile_case(case: str, steps: int) -> tuple[list[object], list[tuple[str, float, float]]]:
-    x = smoke._levels(True)
-    name, loss = CASES[case]
-
-    def fn():
-        return _step(loss, x)
-
+    name, make = CASES[case]
+    fn = make()
     for _ in range(2):  # compile and warm the allocator
         fn()
     _sync()
@@ -156,21 +154,25 @@ def profile_case(case: str, steps: int) -> tuple[list[object], list[tuple[str, f
 
 def graph_capture(steps: int) -> list[object]:
     """Capture the shared l2 loss's forward and backward in a CUDA graph and replay it."""
-    name, loss = CASES["loss-l2"]
-    name += ", forward and backward in one graph"
+    name = CASES["loss-l2"][0] + ", forward and backward in one graph"
     if not HAS_GPU:
         return [name, "skipped: no CUDA GPU", None]
     x = smoke._levels(True)
+
+    def step() -> object:
+        terms = snl_kernels.snl_distillation_loss(x["teachers"], x["students"], backend="triton")
+        return torch.autograd.grad(sum(terms.values()), x["students"])
+
     try:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(3):
-                _step(loss, x)
+                step()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            _step(loss, x)
+            step()
         graph.replay()
         torch.cuda.synchronize()
         replay = statistics.median(_gpu_ms(graph.replay) for _ in range(max(steps, 5)))
