@@ -157,3 +157,38 @@ def test_predict_launches(model, monkeypatch):
     # The three levels' distances in one launch, then the combination.
     assert counts["_pixel_distance_kernel"] == 1
     assert counts["_combine_kernel"] == 1
+
+
+# Tensor methods that wait for the device (a value or a copy on the host): one of them in the
+# training loss would break a CUDA-graph capture and stall the host on every step.
+_HOST_SYNCS = ("item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__",
+               "__index__")
+
+
+def test_training_loss_waits_for_no_device_value(model, monkeypatch):
+    """Issue #16 part 3: the loss can be captured in a CUDA graph only if its forward and
+    backward read no tensor value on the host. Every call of a syncing Tensor method from
+    the library's code (snl_kernels/, snl/) during one training loss is recorded; there must
+    be none. (The graph capture itself runs in the GPU round's profile step.)"""
+    import sys
+
+    import torch
+
+    net, images = model
+    monkeypatch.setenv("SNL_BACKEND", "triton")
+    net.train()
+    package_dirs = (os.sep + "snl_kernels" + os.sep, os.sep + "snl" + os.sep)
+    calls = []
+
+    def recording(name, real):
+        def method(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if any(d in caller for d in package_dirs):
+                calls.append(f"{name} from {caller}:{sys._getframe(1).f_lineno}")
+            return real(self, *args, **kwargs)
+        return method
+
+    for name in _HOST_SYNCS:
+        monkeypatch.setattr(torch.Tensor, name, recording(name, getattr(torch.Tensor, name)))
+    net.loss(images)["total"].backward()
+    assert calls == []
