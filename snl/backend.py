@@ -2,9 +2,10 @@
 
 ``fused=True`` passes ``backend=None``: ``SNL_BACKEND`` and then automatic choice decide per
 op (on CUDA tensors the op's measured order, ``snl_kernels.dispatch.AUTO_ORDER``; the
-reference elsewhere), as :mod:`snl_kernels.dispatch` explains. ``fused=False`` passes ``backend="torch"``: the
-plain-PyTorch reference of :mod:`snl_kernels.reference`, whatever ``SNL_BACKEND`` says. The
-model has no dispatch of its own: every op is one of snl_kernels' public functions.
+reference elsewhere), as :mod:`snl_kernels.dispatch` explains. ``fused=False`` passes
+``backend="torch"``: the plain-PyTorch reference of :mod:`snl_kernels.reference`, whatever
+``SNL_BACKEND`` says. The model has no dispatch of its own: every op is one of snl_kernels'
+public functions.
 
 With ``SNL_BACKEND=triton`` (or ``cuda``) every op of a fused model is asked for that backend,
 and an op that cannot run there raises ``snl_kernels.BackendUnavailableError`` naming the
