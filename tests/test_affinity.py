@@ -34,6 +34,9 @@ GRAD_ATOL = 1e-6 if DEVICE == "cpu" else 1e-5
 # 32-wide reductions; the C x C Gram form runs for l2 when C < N, the tiled form otherwise.
 INTRA = {
     "grams-odd-sizes": (2, 20, 5, 7),
+    # C < N: the Gram form with three tiles of channels (the last one partial), six pairs
+    # of the upper triangle, each standing for itself and its mirror image.
+    "grams-channels-span-tiles": (2, 70, 9, 9),
     "tiled-l2-c-above-n": (1, 40, 3, 3),
     "pixels-span-tiles": (1, 6, 7, 11),
     "channels-span-tiles": (2, 45, 2, 3),

@@ -39,7 +39,8 @@ from . import gpu_config, strides
 
 BLOCK_ROWS = 32
 BLOCK_K = 32
-BLOCK_GRAM = 32  # Gram tiles (five accumulators): BLOCK_GRAM x BLOCK_GRAM
+BLOCK_GRAM = 32  # Gram tiles: BLOCK_GRAM x BLOCK_GRAM (the loss's: BLOCK_GRAM_GPU on a GPU)
+BLOCK_GRAM_GPU = 64  # 64 rows and up: tiles Hopper's wgmma takes
 BLOCK_ELEMENTS = 512  # elements per program of pooling and its gradient
 
 
@@ -93,13 +94,6 @@ def _out_tile(BM: tl.constexpr, BN: tl.constexpr):
     (BM, BN) output tile."""
     b = tl.program_id(2).to(tl.int64)
     return b, tl.program_id(0) * BM + tl.arange(0, BM), tl.program_id(1) * BN + tl.arange(0, BN)
-
-
-@triton.jit
-def _store_partial(out_ptr, b, part):
-    """This program's partial sum into out (B, programs on grid axis 0, on axis 1)."""
-    pid = (b * tl.num_programs(0) + tl.program_id(0)) * tl.num_programs(1) + tl.program_id(1)
-    tl.store(out_ptr + pid, part)
 
 
 @triton.jit
@@ -417,26 +411,33 @@ def _intra_tiled_grad_group_kernel(
 
 
 @triton.jit
-def _gram_kernel(
-    s_ptr, t_ptr, rs_ptr, rt_ptr, out_ptr, g1_ptr, g2_ptr, g3_ptr, g4_ptr,
-    C, N, W,
+def _gram_loss_kernel(
+    s_ptr, t_ptr, rs_ptr, rt_ptr, out_ptr,
+    C, N, W, NT,
     s_b, s_c, s_h, s_w, t_b, t_c, t_h, t_w,
-    WRITE: tl.constexpr, TEACHER: tl.constexpr,
-    BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr,
-    PRECISION: tl.constexpr,
+    BI: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    # Rows are channels, the reduction runs over pixels (scaled by their inverse norms).
-    # Loss tile: <G_SS + G_TT, G_DD> + 2 <G_SD, G_DT>. WRITE: G_SS, G_SD (and G_TS, G_TD).
-    b, ci, cj = _out_tile(BI, BJ)
+    # One tile pair (I, J), I <= J, of the C x C Grams of E = X_S + X_T and D = X_S - X_T
+    # (rows: channels; the reduction runs over pixels scaled by their inverse norms). Since
+    # X_S^T X_S - X_T^T X_T = (E^T D + D^T E) / 2, ||Delta||^2 = (<G_EE, G_DD> + <G_ED, G_DE>)
+    # / 2. G_EE and G_DD are symmetric and G_ED(J, I) = G_DE(I, J)^T, so the tile (I, J)
+    # with I < J also stands for (J, I): weight 1 there, 1/2 on the diagonal. Four products
+    # per step, and no tile pair is formed twice.
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    # The pid-th pair of the upper triangle, row by row: row r starts at r NT - r (r - 1) / 2.
+    ti = pid * 0
+    for r in range(1, NT):
+        ti += (pid >= r * NT - r * (r - 1) // 2).to(tl.int32)
+    tj = ti + pid - (ti * NT - ti * (ti - 1) // 2)
+    ci = ti * BI + tl.arange(0, BI)
+    cj = tj * BI + tl.arange(0, BI)
     s_base = s_ptr + b * s_b
     t_base = t_ptr + b * t_b
-    g_ss = tl.zeros([BI, BJ], dtype=tl.float32)
-    g_sd = tl.zeros([BI, BJ], dtype=tl.float32)
-    g_tt = tl.zeros([BI, BJ], dtype=tl.float32)
-    g_dd = tl.zeros([BI, BJ], dtype=tl.float32)
-    g_dt = tl.zeros([BI, BJ], dtype=tl.float32)
-    g_ts = tl.zeros([BI, BJ], dtype=tl.float32)
-    g_td = tl.zeros([BI, BJ], dtype=tl.float32)
+    g_ee = tl.zeros([BI, BI], dtype=tl.float32)
+    g_dd = tl.zeros([BI, BI], dtype=tl.float32)
+    g_ed = tl.zeros([BI, BI], dtype=tl.float32)
+    g_de = tl.zeros([BI, BI], dtype=tl.float32)
     for k0 in range(0, N, BK):
         ks = k0 + tl.arange(0, BK)
         r_s, r_t = _norms(rs_ptr, rt_ptr, b, ks, N)
@@ -444,29 +445,55 @@ def _gram_kernel(
         xt_i = _tile(t_base, ci, ks, C, N, W, t_c, t_h, t_w, False) * r_t[None, :]
         xs_j = _tile(s_base, cj, ks, C, N, W, s_c, s_h, s_w, False) * r_s[None, :]
         xt_j = _tile(t_base, cj, ks, C, N, W, t_c, t_h, t_w, False) * r_t[None, :]
+        e_i, d_i = xs_i + xt_i, xs_i - xt_i
+        e_j, d_j = xs_j + xt_j, xs_j - xt_j
+        g_ee = _dot(e_i, tl.trans(e_j), g_ee, PRECISION)
+        g_dd = _dot(d_i, tl.trans(d_j), g_dd, PRECISION)
+        g_ed = _dot(e_i, tl.trans(d_j), g_ed, PRECISION)
+        g_de = _dot(d_i, tl.trans(e_j), g_de, PRECISION)
+    weight = tl.where(ti == tj, 0.5, 1.0)
+    part = weight * tl.sum(tl.sum(g_ee * g_dd + g_ed * g_de, axis=1), axis=0)
+    tl.store(out_ptr + b * tl.num_programs(0) + pid, part)
+
+
+@triton.jit
+def _gram_kernel(
+    s_ptr, t_ptr, rs_ptr, rt_ptr, g1_ptr, g2_ptr, g3_ptr, g4_ptr,
+    C, N, W,
+    s_b, s_c, s_h, s_w, t_b, t_c, t_h, t_w,
+    TEACHER: tl.constexpr,
+    BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    # Rows are channels, the reduction runs over pixels (scaled by their inverse norms).
+    # The backward's Grams: G_SS, G_SD (and G_TS, G_TD with the teacher's gradient).
+    b, ci, cj = _out_tile(BI, BJ)
+    s_base = s_ptr + b * s_b
+    t_base = t_ptr + b * t_b
+    g_ss = tl.zeros([BI, BJ], dtype=tl.float32)
+    g_sd = tl.zeros([BI, BJ], dtype=tl.float32)
+    g_ts = tl.zeros([BI, BJ], dtype=tl.float32)
+    g_td = tl.zeros([BI, BJ], dtype=tl.float32)
+    for k0 in range(0, N, BK):
+        ks = k0 + tl.arange(0, BK)
+        r_s, r_t = _norms(rs_ptr, rt_ptr, b, ks, N)
+        xs_i = _tile(s_base, ci, ks, C, N, W, s_c, s_h, s_w, False) * r_s[None, :]
+        xs_j = _tile(s_base, cj, ks, C, N, W, s_c, s_h, s_w, False) * r_s[None, :]
+        xt_j = _tile(t_base, cj, ks, C, N, W, t_c, t_h, t_w, False) * r_t[None, :]
         d_j = xs_j - xt_j
         g_ss = _dot(xs_i, tl.trans(xs_j), g_ss, PRECISION)
         g_sd = _dot(xs_i, tl.trans(d_j), g_sd, PRECISION)
-        if WRITE:
-            if TEACHER:
-                g_ts = _dot(xt_i, tl.trans(xs_j), g_ts, PRECISION)
-                g_td = _dot(xt_i, tl.trans(d_j), g_td, PRECISION)
-        else:
-            d_i = xs_i - xt_i
-            g_tt = _dot(xt_i, tl.trans(xt_j), g_tt, PRECISION)
-            g_dd = _dot(d_i, tl.trans(d_j), g_dd, PRECISION)
-            g_dt = _dot(d_i, tl.trans(xt_j), g_dt, PRECISION)
-    if WRITE:
-        mask = (ci < C)[:, None] & (cj < C)[None, :]
-        off = (b * C + ci[:, None]) * C + cj[None, :]
-        tl.store(g1_ptr + off, g_ss, mask=mask)
-        tl.store(g2_ptr + off, g_sd, mask=mask)
         if TEACHER:
-            tl.store(g3_ptr + off, g_ts, mask=mask)
-            tl.store(g4_ptr + off, g_td, mask=mask)
-    else:
-        part = tl.sum(tl.sum((g_ss + g_tt) * g_dd + 2.0 * g_sd * g_dt, axis=1), axis=0)
-        _store_partial(out_ptr, b, part)
+            xt_i = _tile(t_base, ci, ks, C, N, W, t_c, t_h, t_w, False) * r_t[None, :]
+            g_ts = _dot(xt_i, tl.trans(xs_j), g_ts, PRECISION)
+            g_td = _dot(xt_i, tl.trans(d_j), g_td, PRECISION)
+    mask = (ci < C)[:, None] & (cj < C)[None, :]
+    off = (b * C + ci[:, None]) * C + cj[None, :]
+    tl.store(g1_ptr + off, g_ss, mask=mask)
+    tl.store(g2_ptr + off, g_sd, mask=mask)
+    if TEACHER:
+        tl.store(g3_ptr + off, g_ts, mask=mask)
+        tl.store(g4_ptr + off, g_td, mask=mask)
 
 
 @triton.jit
@@ -1007,19 +1034,25 @@ def intra_tiled_grad_group(jobs: list[dict]) -> list[tuple[Tensor, Tensor | None
     return outs
 
 
+def gram_loss_block(C: int) -> int:
+    """Rows of a Gram tile of the loss (the configuration in force, ``gpu_config``)."""
+    return _pow2(C, hi=BLOCK_GRAM_GPU if gpu_config(INTERPRETED) else BLOCK_GRAM)
+
+
 def gram_loss(s: Tensor, t: Tensor, r_s: Tensor, r_t: Tensor, precision: str) -> Tensor:
-    """Per-tile sums of <G_SS + G_TT, G_DD> + 2 <G_SD, G_DT>, (B, tiles, tiles)."""
+    """Per-tile-pair sums of ||Delta||^2 (B, tile pairs of the upper triangle), from the
+    Grams of E = X_S + X_T and D = X_S - X_T (``_gram_loss_kernel``)."""
     B, C, H, W = s.shape
-    bi = _pow2(C, hi=BLOCK_GRAM)
-    grid = (triton.cdiv(C, bi), triton.cdiv(C, bi), B)
-    out = torch.empty((B, grid[0], grid[1]), device=s.device, dtype=torch.float32)
-    _gram_kernel[grid](
+    bi = gram_loss_block(C)
+    nt = triton.cdiv(C, bi)
+    pairs = nt * (nt + 1) // 2
+    out = torch.empty((B, pairs), device=s.device, dtype=torch.float32)
+    _gram_loss_kernel[(pairs, B)](
         s_ptr=s, t_ptr=t, rs_ptr=r_s, rt_ptr=r_t, out_ptr=out,
-        # WRITE=False writes no Gram: the Gram pointers are unused.
-        g1_ptr=out, g2_ptr=out, g3_ptr=out, g4_ptr=out,
-        C=C, N=H * W, W=W, **strides(s, "s_b s_c s_h s_w"), **strides(t, "t_b t_c t_h t_w"),
-        WRITE=False, TEACHER=False, BI=bi, BJ=bi, BK=_pow2(H * W, hi=BLOCK_K),
-        PRECISION=precision,
+        C=C, N=H * W, W=W, NT=nt,
+        **strides(s, "s_b s_c s_h s_w"), **strides(t, "t_b t_c t_h t_w"),
+        BI=bi, BK=_pow2(H * W, hi=BLOCK_K), PRECISION=precision,
+        num_warps=8 if bi >= 64 else 4,
     )
     return out
 
@@ -1037,9 +1070,9 @@ def gram_grad(s: Tensor, t: Tensor, r_s: Tensor, r_t: Tensor, grad_loss: Tensor,
     bk = _pow2(N, hi=BLOCK_K)
     _gram_kernel[(triton.cdiv(C, bi), triton.cdiv(C, bi), B)](
         s_ptr=s, t_ptr=t, rs_ptr=r_s, rt_ptr=r_t,
-        out_ptr=grams[0],  # WRITE=True writes no loss: unused
         g1_ptr=grams[0], g2_ptr=grams[1], g3_ptr=g3, g4_ptr=g4, C=C, N=N, W=W,
-        **strides(s, "s_b s_c s_h s_w"), **strides(t, "t_b t_c t_h t_w"), WRITE=True, TEACHER=teacher, BI=bi, BJ=bi, BK=bk,
+        **strides(s, "s_b s_c s_h s_w"), **strides(t, "t_b t_c t_h t_w"), TEACHER=teacher,
+        BI=bi, BJ=bi, BK=bk,
         PRECISION=precision,
     )
     bn = _pow2(N, hi=_tiles()[0])
