@@ -4,9 +4,9 @@
 #
 #   scripts/gpu_check.sh OUTDIR
 #
-# Steps, in the order a short window must answer them (limits in seconds, 360 in all; a step
-# gets at most what is left before the deadline, and a later step still runs when an earlier
-# one fails):
+# Steps, in the order a short window must answer them (limits in seconds; a step gets at most
+# what is left before the 360 s deadline, so the last ones get what the first ones leave, and
+# a later step still runs when an earlier one fails):
 #   env      20  nvidia-smi, versions, nvcc --version, the toolkit's lib64/libcudart.so
 #   build    70  the CUDA extension, sm_90 only, in place; 20 more to import it
 #   smoke    70  scripts/gpu_smoke.py: every op x backend once at the benchmark shapes,
