@@ -126,7 +126,7 @@ EOF
   # The host compiler and the C++ runtime the process loads: an extension built with one
   # libstdc++ and run with another can crash where it formats numbers.
   echo "host compiler: ${CXX:-c++} ($(command -v "${CXX:-c++}")): $("${CXX:-c++}" --version 2>&1 | head -n 1)"
-  "$PYTHON" -c 'import torch, re; print("libstdc++ loaded:", sorted({l.split()[-1] for l in open("/proc/self/maps") if "libstdc++" in l}))' 2>&1
+  "$PYTHON" -c 'import torch; print("libstdc++ loaded:", sorted({l.split()[-1] for l in open("/proc/self/maps") if "libstdc++" in l}))' 2>&1
   if [[ -n $found ]]; then
     echo "cuda toolkit: $found has lib64/libcudart.so"
     echo "$found" >"$OUT/.cuda_home"

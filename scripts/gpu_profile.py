@@ -54,23 +54,26 @@ def _smoke_step(op: str, backend: str) -> Callable[[], Callable[[], object]]:
     return make
 
 
-def _fused_l1() -> Callable[[], object]:
-    """Every distillation term with l1 affinities, on the shared Triton path."""
-    x = smoke._levels(True)
+def _fused(distance: str) -> Callable[[], Callable[[], object]]:
+    """A factory of one step of every distillation term with ``distance`` affinities, on the
+    shared Triton path (fresh inputs)."""
+    def make() -> Callable[[], object]:
+        x = smoke._levels(True)
 
-    def step() -> object:
-        terms = snl_kernels.snl_distillation_loss(x["teachers"], x["students"],
-                                                  intra_distance="l1", inter_distance="l1",
-                                                  backend="triton")
-        return torch.autograd.grad(sum(terms.values()), x["students"])
-    return step
+        def step() -> object:
+            terms = snl_kernels.snl_distillation_loss(x["teachers"], x["students"],
+                                                      intra_distance=distance,
+                                                      inter_distance=distance, backend="triton")
+            return torch.autograd.grad(sum(terms.values()), x["students"])
+        return step
+    return make
 
 
 # id -> (what the report calls it, a factory of the step)
 CASES: dict[str, tuple[str, Callable[[], Callable[[], object]]]] = {
     "loss-l2": ("snl_distillation_loss l2 (shared triton)",
                 _smoke_step("snl_distillation_loss", "triton")),
-    "loss-l1": ("snl_distillation_loss l1 (shared triton)", _fused_l1),
+    "loss-l1": ("snl_distillation_loss l1 (shared triton)", _fused("l1")),
     "intra-l2-triton": ("intra_affinity_loss l2 triton",
                         _smoke_step("intra_affinity_loss/l2", "triton")),
     "intra-l1-triton": ("intra_affinity_loss l1 triton",
@@ -157,12 +160,7 @@ def graph_capture(steps: int) -> list[object]:
     name = CASES["loss-l2"][0] + ", forward and backward in one graph"
     if not HAS_GPU:
         return [name, "skipped: no CUDA GPU", None]
-    x = smoke._levels(True)
-
-    def step() -> object:
-        terms = snl_kernels.snl_distillation_loss(x["teachers"], x["students"], backend="triton")
-        return torch.autograd.grad(sum(terms.values()), x["students"])
-
+    step = _fused("l2")()
     try:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
