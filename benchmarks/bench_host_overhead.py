@@ -11,7 +11,11 @@ Providers:
 - ``registered-op``: the ``torch.library`` op as ``torch.compile`` sees it (dispatcher and
   Python autograd kernel), with autograd;
 - ``public-grad`` / ``public-no-grad``: ``snl_kernels.cosine_distances(..., backend="triton")``
-  as user code calls it, an input requiring grad or under ``torch.no_grad()``.
+  as user code calls it, an input requiring grad or under ``torch.no_grad()``;
+- ``autograd-floor``: no library code, a bare ``torch.autograd.Function`` with the op's three
+  differentiable outputs and four saved tensors, applied through the C++ ``apply``: what
+  PyTorch's autograd bookkeeping alone costs for such an op (``public-grad`` minus this is
+  the library's own host work with autograd).
 
 The issue's bar is 10 us per op call on top of the launch; BENCHMARKS.md records the numbers.
 On a CPU the kernels need the interpreter, which this module switches on before importing
@@ -34,7 +38,7 @@ import snl_kernels
 from snl_kernels._triton import cosine_distances as kernels
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-PROVIDERS = ["body", "registered-op", "public-grad", "public-no-grad"]
+PROVIDERS = ["body", "registered-op", "public-grad", "public-no-grad", "autograd-floor"]
 
 
 @pytest.fixture
@@ -63,10 +67,31 @@ def test_host_overhead_cosine(benchmark, no_op_launches, provider):
     elif provider == "public-grad":
         def call():
             return snl_kernels.cosine_distances(teacher, student, backend="triton")
-    else:
+    elif provider == "public-no-grad":
         def call():
             with torch.no_grad():
                 return snl_kernels.cosine_distances(teacher, student, backend="triton")
+    else:
+        outputs = kernels.forward(teacher, student.detach(), 1e-8)
+
+        class Floor(torch.autograd.Function):
+            @staticmethod
+            def forward(t, s):
+                return outputs[:3]
+
+            @staticmethod
+            def setup_context(ctx, inputs, output):
+                ctx.save_for_backward(*inputs, *outputs[3:])
+                ctx.set_materialize_grads(False)
+
+            @staticmethod
+            def backward(ctx, *grads):
+                return None, None
+
+        apply = super(torch.autograd.Function, Floor).apply
+
+        def call():
+            return apply(teacher, student)
     out = call()
     assert out[0].shape == (1, 2, 2)
     benchmark.pedantic(call, rounds=200, iterations=20, warmup_rounds=5)

@@ -13,10 +13,11 @@ well under 1 us for the body itself (``benchmarks/bench_host_overhead.py``). So 
 :class:`KernelOp` runs a Triton op's Python body directly, inside a plain
 ``torch.autograd.Function`` built from the *same* ``setup_context`` and backward formula,
 whenever the call is plain eager PyTorch: not under ``torch.compile``, not inside a
-``TorchDispatchMode`` (fake tensors, ``opcheck``, flop counters), no tensor subclass or
-functorch-wrapped tensor among the arguments. Anything else takes the registered op, which
-is what compiles, traces and exports. The CUDA backend's ops (C++ kernels with Python
-autograd) keep the registered path.
+``TorchDispatchMode`` (fake tensors, ``opcheck``, flop counters), no tensor subclass (a
+``Parameter`` counts as plain) or functorch-wrapped tensor among the arguments. Anything
+else takes the registered op, which is what compiles, traces and exports. The Function is
+applied through :func:`fast_apply`, which skips ``Function.apply``'s Python wrapper. The
+CUDA backend's ops (C++ kernels with Python autograd) keep the registered path.
 """
 
 from __future__ import annotations
@@ -27,25 +28,72 @@ import torch
 
 from . import _cuda
 
+_is_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+#: Tensor types the eager path takes: plain tensors and parameters (a Parameter disables
+#: ``__torch_function__``, so it dispatches as a plain tensor).
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
 
 def _plain(value) -> bool:
+    if type(value) in _PLAIN_TYPES:
+        return _is_wrapped is None or not _is_wrapped(value)
     if isinstance(value, torch.Tensor):
-        return type(value) is torch.Tensor and not _functorch_wrapped(value)
+        return False
     if isinstance(value, (list, tuple)):
         return all(_plain(v) for v in value)
     return True
 
 
-def _functorch_wrapped(tensor: torch.Tensor) -> bool:
-    check = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
-    return bool(check(tensor)) if check is not None else False
-
-
 def plain_eager(args) -> bool:
     """Whether a call with these arguments is plain eager PyTorch (see the module doc)."""
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+    if torch.compiler.is_compiling() or _dispatch_modes() > 0:
         return False
     return all(_plain(a) for a in args)
+
+
+def fast_apply(function: type[torch.autograd.Function]) -> Callable:
+    """``function.apply`` without its Python wrapper, for plain eager calls.
+
+    ``torch.autograd.Function.apply`` is a Python classmethod around the C++ ``apply``: it
+    binds default arguments (for a ``setup_context`` Function) and routes calls under
+    functorch transforms (``torch.func``) to their own path. Neither applies to a call whose
+    arguments :func:`plain_eager` accepted and that passes every argument positionally, and
+    the wrapper alone costs more host time than the library's whole call path (about 35 of
+    40 us for a ``setup_context`` Function on this project's CPU; ``bench_host_overhead``).
+    The returned callable goes to the C++ ``apply`` directly, and back to ``function.apply``
+    while a functorch transform is active.
+    """
+    direct = super(torch.autograd.Function, function).apply
+    transforms_active = torch._C._are_functorch_transforms_active
+
+    def apply(*args):
+        if transforms_active():
+            return function.apply(*args)
+        return direct(*args)
+
+    return apply
+
+
+def _any_requires_grad(inputs) -> bool:
+    for x in inputs:
+        if isinstance(x, torch.Tensor) and x.requires_grad:
+            return True
+    return False
+
+
+class _Inputs:
+    """What the backward formula sees of an eager call's ctx: every attribute of ``ctx``, with
+    ``needs_input_grad`` of the op's inputs only (not of the output holder after them)."""
+
+    __slots__ = ("_ctx", "needs_input_grad")
+
+    def __init__(self, ctx) -> None:
+        self._ctx = ctx
+        self.needs_input_grad = ctx.needs_input_grad[:-1]
+
+    def __getattr__(self, name: str):
+        return getattr(self._ctx, name)
 
 
 def eager_function(forward: Callable, backward_op: Callable,
@@ -53,7 +101,8 @@ def eager_function(forward: Callable, backward_op: Callable,
                    setup_context: Callable, differentiable: int | None = None) -> Callable:
     """``forward`` (an op's Python body) with the op's autograd, as a plain
     ``torch.autograd.Function``: the same ``setup_context`` and backward formula as the
-    registered op, around ``backward_op`` (the backward op's Python body).
+    registered op, around ``backward_op`` (the backward op's Python body), applied with
+    :func:`fast_apply`.
 
     ``differentiable``: how many leading outputs carry gradients (None: all); the others
     (saved statistics, sign bits) are returned beside the Function, not through it, which
@@ -62,29 +111,34 @@ def eager_function(forward: Callable, backward_op: Callable,
     backward = make_backward(backward_op)
 
     class _Op(torch.autograd.Function):
+        # The last argument is a list that receives the body's whole output, so that
+        # setup_context and the caller see the outputs kept out of the Function.
         @staticmethod
-        def forward(ctx, *inputs):
-            output = forward(*inputs)
-            setup_context(ctx, inputs, output)
+        def forward(*args):
+            output = forward(*args[:-1])
+            args[-1].append(output)
+            return output if differentiable is None else output[:differentiable]
+
+        @staticmethod
+        def setup_context(ctx, args, _output):
+            output = args[-1][0]
+            setup_context(ctx, args[:-1], output)
             ctx.set_materialize_grads(False)
-            if differentiable is None:
-                return output
-            ctx.rest = output[differentiable:]  # handed back beside the Function (call)
-            return output[:differentiable]
+            ctx.rest = 0 if differentiable is None else len(output) - differentiable
 
         @staticmethod
         def backward(ctx, *grads):
-            extra = [None] * len(ctx.rest) if differentiable is not None else []
-            return backward(ctx, *grads, *extra)
+            return (*backward(_Inputs(ctx), *grads, *([None] * ctx.rest)), None)
+
+    apply = fast_apply(_Op)
 
     def call(*inputs):
-        if torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad
-                                           for x in inputs):
-            output = _Op.apply(*inputs)
+        if torch.is_grad_enabled() and _any_requires_grad(inputs):
+            held: list = []
+            output = apply(*inputs, held)
             if differentiable is None:
                 return output
-            # The outputs' grad_fn is this call's ctx, which holds the other outputs.
-            return (*output, *output[0].grad_fn.rest)
+            return (*output, *held[0][differentiable:])
         return forward(*inputs)
 
     return call

@@ -41,7 +41,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from . import _cuda, checks, dispatch, reference
+from . import _cuda, _triton, checks, dispatch, reference
 from ._registration import KernelOp
 from .reference import AnomalyMap
 
@@ -122,8 +122,7 @@ def _kernel_anomaly_map(distances, combine, teachers, students, size, sigma, mod
 
 
 def _triton_anomaly_map(teachers, students, size, sigma, mode):
-    from ._triton import anomaly_map as kernels
-
+    kernels = _triton.kernels("anomaly_map")
     return _kernel_anomaly_map(
         lambda ts, ss: kernels.pixel_distances(ts, ss, reference.EPS), kernels.combine,
         teachers, students, size, sigma, mode)

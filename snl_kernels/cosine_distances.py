@@ -37,7 +37,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from . import checks, dispatch, reference
+from . import _triton, checks, dispatch, reference
 from ._registration import register_kernel_ops
 from .reference import CosineDistances, SpatialChannelLoss
 
@@ -54,9 +54,7 @@ _BWD_SCHEMA = (
 
 
 def _triton_kernels():
-    from ._triton import cosine_distances as kernels
-
-    return kernels
+    return _triton.kernels("cosine_distances")
 
 
 def _triton_fwd_body(teacher: Tensor, student: Tensor):

@@ -29,7 +29,7 @@ implementations and registered autograd.
 import torch
 from torch import Tensor
 
-from . import checks, dispatch, reference
+from . import _triton, checks, dispatch, reference
 from ._registration import register_kernel_ops
 from .reference import CramOutput
 
@@ -48,9 +48,7 @@ _BWD_SCHEMA = (
 
 
 def _kernels():
-    from ._triton import cram as kernels
-
-    return kernels
+    return _triton.kernels("cram")
 
 
 def _triton_fwd_body(embedding, centers, log_tau):

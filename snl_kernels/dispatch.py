@@ -88,23 +88,28 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+_TRITON_DEVICES = frozenset(("cpu", "cuda"))
+
+
 def _devices(tensors: Sequence[Tensor]) -> set[str]:
     return {t.device.type for t in tensors}
 
 
 def unavailable_reasons(
     backend: str, op: str, tensors: Sequence[Tensor], implemented: Sequence[str],
-    why_not: str | None = None,
+    why_not: str | None = None, devices: set[str] | None = None,
 ) -> list[str]:
     """Every reason ``backend`` cannot run ``op`` on ``tensors`` (empty list: it can).
 
     ``why_not`` is a reason, specific to this call, that rules out every kernel backend
     (e.g. float64 inputs, or gradients requested from an inference-only kernel).
+    ``devices``: the tensors' device types, where the caller has them already.
     """
     if backend == "torch":
         return []
     reasons: list[str] = []
-    devices = _devices(tensors)
+    if devices is None:
+        devices = _devices(tensors)
     if backend not in implemented:
         reasons.append(f"{op} has no {backend} implementation yet")
     if why_not:
@@ -118,9 +123,9 @@ def unavailable_reasons(
                 "the inputs are on the CPU and Triton's interpreter is off "
                 "(set TRITON_INTERPRET=1 before importing snl_kernels to run kernels on the CPU)"
             )
-        others = devices - {"cpu", "cuda"}
-        if others:
-            reasons.append(f"the inputs are on {sorted(others)}; Triton runs on CUDA GPUs")
+        if not devices <= _TRITON_DEVICES:
+            others = sorted(devices - _TRITON_DEVICES)
+            reasons.append(f"the inputs are on {others}; Triton runs on CUDA GPUs")
     elif backend == "cuda":
         if torch.version.cuda is None:
             reasons.append(f"PyTorch {torch.__version__} is a CPU build")
@@ -194,17 +199,18 @@ def select_backend(
         ValueError: the argument or ``SNL_BACKEND`` names no backend.
     """
     requested = requested_backend(backend)
+    devices = _devices(tensors)
     if requested is not None:
-        why = unavailable_reasons(requested, op, tensors, implemented, why_not)
+        why = unavailable_reasons(requested, op, tensors, implemented, why_not, devices)
         if why:
             source = "backend=" if backend is not None else f"{ENV_VAR}="
             raise BackendUnavailableError(
                 f"{op}: {source}{requested!r} cannot run: " + "; ".join(why)
             )
         return requested
-    if _devices(tensors) == {"cuda"}:
+    if devices == {"cuda"}:
         for candidate in prefer if prefer is not None else AUTO_ORDER.get(op, ("cuda", "triton")):
-            if not unavailable_reasons(candidate, op, tensors, implemented, why_not):
+            if not unavailable_reasons(candidate, op, tensors, implemented, why_not, devices):
                 return candidate
     return "torch"
 

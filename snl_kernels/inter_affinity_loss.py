@@ -26,7 +26,7 @@ implementations and registered autograd.
 import torch
 from torch import Tensor
 
-from . import checks, dispatch, precision, reference
+from . import _triton, checks, dispatch, precision, reference
 from ._registration import register_kernel_ops
 
 OP = "inter_affinity_loss"
@@ -44,9 +44,7 @@ BWD_SCHEMA = ("(Tensor teacher_a, Tensor teacher_b, Tensor student_a, Tensor stu
 
 
 def _kernels():
-    from ._triton import affinity as kernels
-
-    return kernels
+    return _triton.kernels("affinity")
 
 
 def _operands(k, teacher_a, teacher_b, student_a, student_b):

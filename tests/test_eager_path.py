@@ -115,7 +115,13 @@ def test_registered_op_under_dispatch_modes_fake_tensors_and_subclasses():
         ft, fs = fake.from_tensor(t), fake.from_tensor(s)
         out = snl_kernels.cosine_distances(ft, fs, backend="triton")
         assert out.pixel.shape == (1, 3, 3)
-    assert not plain_eager((torch.nn.Parameter(t),))  # a subclass
+    # A Parameter dispatches as a plain tensor (CRAM's centres are one); other subclasses do not.
+    assert plain_eager((torch.nn.Parameter(t),))
+
+    class Sub(torch.Tensor):
+        pass
+
+    assert not plain_eager((t.as_subclass(Sub),))
 
 
 def test_fullgraph_compile_uses_the_registered_op():
@@ -127,3 +133,32 @@ def test_fullgraph_compile_uses_the_registered_op():
     assert torch.equal(loss, ref)
     loss.backward()
     assert s.grad is not None
+
+
+def test_fast_apply_falls_back_to_apply_under_functorch_transforms():
+    """fast_apply skips Function.apply's Python wrapper in plain eager calls and takes it while a
+    functorch transform is active (torch.func needs the wrapper's path)."""
+    from snl_kernels._registration import fast_apply
+
+    class Square(torch.autograd.Function):
+        @staticmethod
+        def forward(x):
+            return x * x
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.save_for_backward(inputs[0])
+
+        @staticmethod
+        def backward(ctx, grad):
+            (x,) = ctx.saved_tensors
+            return 2 * x * grad
+
+    square = fast_apply(Square)
+    x = torch.randn(5, dtype=torch.float64)
+    assert torch.equal(torch.func.grad(lambda v: square(v).sum())(x), 2 * x)
+    leaf = x.clone().requires_grad_(True)
+    out = square(leaf)
+    assert type(out.grad_fn).__name__ == "SquareBackward"
+    out.sum().backward()
+    assert torch.equal(leaf.grad, 2 * x)

@@ -20,6 +20,7 @@ no kernel-side change avoids it that keeps the compiled loop a pipelined ``for``
 code is not affected: the interpreter's argument handling is not used there.
 """
 
+import importlib
 import os
 
 CONFIG_VARIABLE = "SNL_TRITON_CONFIG"
@@ -52,3 +53,16 @@ def strides(x, names: str) -> dict[str, int]:
     """x's strides as keyword arguments of a launch, one name per dimension in order:
     ``**strides(teacher, "stride_tb stride_tc stride_th stride_tw")``."""
     return dict(zip(names.split(), x.stride(), strict=True))
+
+
+_loaded: dict = {}
+
+
+def kernels(name: str):
+    """The kernel module ``snl_kernels._triton.<name>``, imported on its first use (importing
+    it imports Triton, an optional dependency) and then taken from a dict: an ``import``
+    statement in a launcher's call path costs microseconds of host time on every call."""
+    module = _loaded.get(name)
+    if module is None:
+        module = _loaded[name] = importlib.import_module(f"{__name__}.{name}")
+    return module
