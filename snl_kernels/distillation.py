@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from . import checks, dispatch, precision, reference
-from ._registration import plain_eager
+from ._registration import fast_apply, plain_eager
 from .cosine_distances import spatial_channel_loss
 from .inter_affinity_loss import inter_affinity_loss
 from .intra_affinity_loss import intra_affinity_loss
@@ -85,7 +85,7 @@ def snl_distillation_loss(teachers: Sequence[Tensor], students: Sequence[Tensor]
         checks.check_features(OP, t, s, (f"teachers[{k}]", f"students[{k}]"))
     tensors = (*teachers, *students)
     if _shared_path(backend, tensors):
-        values = _Shared.apply((terms, intra_distance, inter_distance, len(teachers)), *tensors)
+        values = _apply_shared((terms, intra_distance, inter_distance, len(teachers)), *tensors)
         return dict(zip(terms, values, strict=True))
     return _separate(teachers, students, terms, intra_distance, inter_distance, backend)
 
@@ -142,7 +142,11 @@ class _Shared(torch.autograd.Function):
         zero = teachers[0].new_zeros((), dtype=torch.float32)
         values = dict.fromkeys(TERMS, zero)
         saved: dict = {"cos": [], "r_pix": [], "r_chan": [], "signs": [], "pooled": [],
-                       "intra_plan": [], "inter_plan": []}
+                       "intra_plan": [], "inter_plan": [], "grams": []}
+        # The Gram path's loss kernel also writes the backward's Grams when a gradient will
+        # be asked for (the teacher's two only if a teacher level requires one).
+        need_t = any(ctx.needs_input_grad[1:1 + levels])
+        store = 2 if need_t else 1 if any(ctx.needs_input_grad[1 + levels:]) else 0
         for pixel, channel, sample, p_stats, c_stats in kc.forward_levels(
                 list(teachers), list(students), EPS):
             saved["cos"].append((p_stats, c_stats))
@@ -168,8 +172,11 @@ class _Shared(torch.autograd.Function):
                 saved["intra_plan"].append((grams, dot))
                 scale = 1.0 / (B * (H * W) ** 2)
                 if grams:
-                    finish.append(("intra", ka.gram_loss(s, t, r_s, r_t, dot), scale))
+                    part, stored = ka.gram_loss(s, t, r_s, r_t, dot, store)
+                    saved["grams"].append(stored)
+                    finish.append(("intra", part, scale))
                 else:
+                    saved["grams"].append(None)
                     jobs.append(dict(a_s=s, a_t=t, b_s=s, b_t=t, r_as=r_s, r_at=r_t, r_bs=r_s,
                                      r_bt=r_t, pix_rows=True, l1=l1, precision=dot,
                                      signs=signs if l1 else None))
@@ -254,7 +261,7 @@ class _Shared(torch.autograd.Function):
                 if grams:
                     normalised[k] = intra_normalised(t, s, r_t, r_s, g["intra"],
                                                      saved["signs"][k], intra_distance, grams,
-                                                     dot, need_t)
+                                                     dot, need_t, saved["grams"][k])
                 else:
                     tiled.append(tiled_grad_job(t, s, r_t, r_s, g["intra"], saved["signs"][k],
                                                 intra_distance, dot, need_t))
@@ -306,3 +313,6 @@ class _Shared(torch.autograd.Function):
         out_s = [gs if need else None
                  for gs, need in zip(grad_s, ctx.needs_input_grad[1 + levels:], strict=True)]
         return (None, *out_t, *out_s)
+
+
+_apply_shared = fast_apply(_Shared)  # _shared_path has checked plain_eager

@@ -9,11 +9,15 @@ A_T - A_S, M = B N^2; the loss is ``sum ||Delta||^2 / M`` ("l2") or ``sum |Delta
 so rounding errors scale with the difference, not with the affinities (the plain
 ``A_T - A_S`` cancels when the student is close to the teacher). Two forms:
 
-- C x C Grams (l2 when C < N): ``||Delta||^2 = <G_SS + G_TT, G_DD> + 2 <G_SD, G_DT>``,
-  ``G_ab = X_a X_b^T``. Each program forms one tile of the five Grams over all pixels and
-  reduces it to a partial sum: no Gram reaches memory in the forward. Backward:
-  ``dL/dX_S = (4 g / M)(G_SS D + G_SD X_T)``, ``dL/dX_T = -(4 g / M)(G_TS D + G_TD X_T)``
-  (g the upstream gradient), with the Grams written once (B C^2 floats each).
+- C x C Grams (l2 when C < N), ``G_ab = X_a X_b^T``, over the tile pairs I <= J only. Triton:
+  ``||Delta||^2 = (<G_EE, G_DD> + <G_ED, G_DE>) / 2`` with E = X_S + X_T (four products per
+  pair), and the same four products give the backward's Grams, which the loss kernel writes
+  when a gradient will be needed (the fused loss keeps them from its forward; this op's
+  backward runs the loss kernel again to write them). CUDA:
+  ``<G_SS + G_TT, G_DD> + 2 <G_SD, G_DT>`` reduced on chip, its backward forming the Grams
+  it needs. Backward: ``dL/dX_S = (4 g / M)(G_SS D + G_SD X_T)``,
+  ``dL/dX_T = -(4 g / M)(G_TS D + G_TD X_T)`` (g the upstream gradient), through Grams of
+  B C^2 floats each.
 - Tiled (l1, and l2 when N <= C): tiles of Delta formed on chip from the stacked operands
   and reduced there. Backward: ``dL/dX_S = -2 X_S G``, ``dL/dX_T = 2 X_T G`` with
   ``G = dL/dDelta`` (``2 g Delta / M`` or ``g sign(Delta) / M``, symmetric), the Delta tiles
@@ -46,7 +50,7 @@ import functools
 import torch
 from torch import Tensor
 
-from . import _cuda, checks, dispatch, gram_path, precision, reference
+from . import _cuda, _triton, checks, dispatch, gram_path, precision, reference
 from ._registration import KernelOp, eager_function
 from .precision import use_grams  # noqa: F401  (the path rule, where callers looked for it)
 
@@ -66,9 +70,7 @@ BWD_SCHEMA = ("(Tensor teacher, Tensor student, Tensor grad_loss, Tensor signs, 
 
 
 def _kernels():
-    from ._triton import affinity as kernels
-
-    return kernels
+    return _triton.kernels("affinity")
 
 
 def _signs_shape(backend: str, teacher: Tensor, distance: str) -> tuple[int, ...]:
@@ -93,7 +95,7 @@ def triton_forward(teacher, student, r_t, r_s, distance, grams, precision):
     N = H * W
     signs = teacher.new_empty(_signs_shape("triton", teacher, distance), dtype=torch.int32)
     if grams:
-        parts = k.gram_loss(student, teacher, r_s, r_t, precision)
+        parts, _ = k.gram_loss(student, teacher, r_s, r_t, precision)
     else:
         parts = k.delta(student, teacher, student, teacher, r_s, r_t, r_s, r_t,
                         pix_rows=True, l1=distance == "l1", precision=precision,
@@ -122,16 +124,18 @@ def triton_backward(teacher, student, r_t, r_s, grad_loss, signs, distance, gram
 
 
 def triton_backward_normalised(teacher, student, r_t, r_s, grad_loss, signs, distance, grams,
-                               precision, teacher_requires_grad):
+                               precision, teacher_requires_grad, stored_grams=None):
     """The gradients for the normalised features X_T (None when not asked for) and X_S, fp32
-    (B, C, H, W); :func:`norm_job` turns each into a job of ``norm_backward``."""
+    (B, C, H, W); :func:`norm_job` turns each into a job of ``norm_backward``.
+    ``stored_grams``: on the Gram path, the Grams the forward wrote (``gram_loss`` with
+    ``store``); None forms them here."""
     k = _kernels()
     B, _, H, W = teacher.shape
     M = B * H * W * H * W
     g = grad_loss.to(torch.float32).reshape(1)
     if grams:
         g_s, g_t = k.gram_grad(student, teacher, r_s, r_t, g, 4.0 / M, teacher_requires_grad,
-                               precision)
+                               precision, stored_grams)
     else:
         coef = (2.0 if distance == "l1" else 4.0) / M
         g_s, g_t = k.intra_tiled_grad(student, teacher, r_s, r_t, g, coef, distance == "l1",

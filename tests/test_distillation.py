@@ -78,6 +78,37 @@ def test_shared_path_against_float64_reference():
         assert err.item() <= 1e-3
 
 
+@pytest.mark.parametrize("teacher_grad", [False, True], ids=["student", "teacher-too"])
+def test_gram_level_over_several_tiles_uses_the_forwards_grams(teacher_grad, monkeypatch):
+    """A Gram-path level of 40 channels (two 32-channel tiles: the loss kernel writes the
+    tile pair (0, 1) and its mirror (1, 0) of every Gram): the gradients come from the Grams
+    the forward stored, no kernel forms them again, and they match float64."""
+    from snl_kernels._triton import affinity
+
+    shapes = [(2, 40, 7, 7), (2, 48, 4, 4)]
+    teachers, students = _levels(shapes, teacher_grad=teacher_grad)
+    stores = []
+    real = affinity.gram_loss
+
+    def recording(*args, **kwargs):
+        out = real(*args, **kwargs)
+        stores.append(len(out[1] or ()))
+        return out
+
+    monkeypatch.setattr(affinity, "gram_loss", recording)
+    got, got_grads = _run(lambda t, s: snl_kernels.snl_distillation_loss(t, s, backend="triton"),
+                          teachers, students, WEIGHTS)
+    assert stores == [4 if teacher_grad else 2]  # one Gram-path level, one loss launch
+    x64 = [x.detach().double().requires_grad_(x.requires_grad) for x in (*teachers, *students)]
+    want, want_grads = _run(lambda t, s: snl_kernels.snl_distillation_loss(t, s, backend="torch"),
+                            x64[:2], x64[2:], WEIGHTS)
+    for name in got:
+        assert abs(got[name].item() - want[name].item()) <= 1e-4 * abs(want[name].item())
+    for g, w in zip(got_grads, want_grads, strict=True):
+        err = (g.double() - w.to(g.device)).norm() / w.norm()
+        assert err.item() <= 1e-4
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_inputs(dtype):
     teachers, students = _levels(dtype=dtype)
@@ -111,9 +142,8 @@ def test_subsets_of_terms_and_paths():
 def test_shared_path_is_taken_only_in_plain_eager_triton(monkeypatch):
     teachers, students = _levels()
     taken = []
-    real = distillation._Shared.apply
-    monkeypatch.setattr(distillation._Shared, "apply",
-                        lambda *a: taken.append(1) or real(*a))
+    real = distillation._apply_shared
+    monkeypatch.setattr(distillation, "_apply_shared", lambda *a: taken.append(1) or real(*a))
     snl_kernels.snl_distillation_loss(teachers, students, backend="triton")
     assert taken == [1]
     snl_kernels.snl_distillation_loss(teachers, students, backend="torch")

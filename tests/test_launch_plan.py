@@ -55,6 +55,7 @@ def test_cram_kernels_have_a_program_per_sm_at_the_benchmark_shape():
     grids = {
         "dots (forward and backward)": p["rows"] * p["SPLIT"],
         "forward": p["rows"] * p["D_BLOCKS"],
+        # the backward's one launch runs both kinds of programs; each kind fills the SMs
         "backward rows": p["rows"] * p["D_BLOCKS"],
         "centre gradient": p["CENTRE_BLOCKS"] * p["P_SLICES"],
     }
@@ -99,12 +100,12 @@ def _count_launches(run):
 
 
 #: Launches of one SNL training loss, forward and backward (resnet18, 64 x 64, B = 2, every
-#: term, CRAM), today (74 before snl_distillation_loss shared the norms and pooled levels
-#: and grouped the levels' cosine, pooling, Delta, tiled-gradient, norm-backward, product
-#: and unpooling launches);
-#: issue #16's target is 16. Lower it as launches are merged: the test fails when the count
-#: rises above it.
-LOSS_LAUNCHES = 18
+#: term, CRAM): issue #16's bound. 74 before snl_distillation_loss shared the norms and pooled
+#: levels and grouped the levels' cosine, pooling, Delta, tiled-gradient, norm-backward,
+#: product and unpooling launches; 18 before the Gram path's backward took the Grams its
+#: forward wrote and CRAM's backward ran its two kinds of programs in one launch. The test
+#: fails when the count rises above it.
+LOSS_LAUNCHES = 16
 PREDICT_LAUNCHES = 5
 
 
@@ -130,6 +131,10 @@ def test_training_loss_launches(model, monkeypatch):
     total = sum(counts.values())
     assert total <= LOSS_LAUNCHES, dict(counts)
     assert counts["_cram_dots_kernel"] == 2  # forward and backward
+    assert counts["_cram_fwd_kernel"] == counts["_cram_bwd_kernel"] == 1
+    # Level 1 (64 channels, 256 pixels) takes the Gram path: its loss kernel writes the
+    # backward's Grams, so the backward only applies them.
+    assert counts["_gram_loss_kernel"] == counts["_gram_apply_kernel"] == 1
     # The pixels' norms come from the cosine kernel's sums, the pooled levels and their
     # channels' norms from one launch in the forward; the three levels' cosine terms share
     # one launch per phase.

@@ -16,7 +16,10 @@ Kernels:
 - ``_intra_tiled_grad_kernel``: dL/dX = -+2 X G for a block of pixels and channels, G from
   the Delta tiles of the pixel pairs recomputed on chip (l2), or for l1 from the forward's
   sign bits of Delta (N^2 / 8 bytes per sample; no N x N float matrix in memory).
-- ``_gram_kernel`` / ``_gram_apply_kernel``: the C x C Gram form of intra-affinity l2.
+- ``_gram_loss_kernel`` / ``_gram_apply_kernel``: the C x C Gram form of intra-affinity l2:
+  the loss from the upper triangle of tile pairs, which also writes the backward's Grams
+  (formed once, by the forward when it runs with gradients), then their products with the
+  features.
 - ``_scaled_mm_kernel``: the inter-affinity backward products (dL/dDelta) Q^ and (.)^T P^.
 - ``_norm_bwd_kernel``: back through x = f / max(|f|, eps), per row.
 - ``_pool_kernel`` / ``_unpool_kernel``: adaptive average pooling and its gradient.
@@ -39,7 +42,7 @@ from . import gpu_config, strides
 
 BLOCK_ROWS = 32
 BLOCK_K = 32
-BLOCK_GRAM = 32  # Gram tiles: BLOCK_GRAM x BLOCK_GRAM (the loss's: BLOCK_GRAM_GPU on a GPU)
+BLOCK_GRAM = 32  # Gram tiles: BLOCK_GRAM rows (BLOCK_GRAM_GPU on a GPU)
 BLOCK_GRAM_GPU = 64  # 64 rows and up: tiles Hopper's wgmma takes
 BLOCK_ELEMENTS = 512  # elements per program of pooling and its gradient
 
@@ -411,11 +414,21 @@ def _intra_tiled_grad_group_kernel(
 
 
 @triton.jit
+def _store_pair(ptr, base, C, ci, cj, tile, mirror, mirrored):
+    """Tile (I, J) of a (B, C, C) matrix, and if ``mirrored`` its tile (J, I), whose [j, i] is
+    ``mirror[i, j]``: stored through transposed addresses, no transpose in registers."""
+    mask = (ci < C)[:, None] & (cj < C)[None, :]
+    tl.store(ptr + base + ci[:, None] * C + cj[None, :], tile, mask=mask)
+    if mirrored:
+        tl.store(ptr + base + cj[None, :] * C + ci[:, None], mirror, mask=mask)
+
+
+@triton.jit
 def _gram_loss_kernel(
-    s_ptr, t_ptr, rs_ptr, rt_ptr, out_ptr,
+    s_ptr, t_ptr, rs_ptr, rt_ptr, out_ptr, gss_ptr, gsd_ptr, gts_ptr, gtd_ptr,
     C, N, W, NT,
     s_b, s_c, s_h, s_w, t_b, t_c, t_h, t_w,
-    BI: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
+    STORE: tl.constexpr, BI: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # One tile pair (I, J), I <= J, of the C x C Grams of E = X_S + X_T and D = X_S - X_T
     # (rows: channels; the reduction runs over pixels scaled by their inverse norms). Since
@@ -423,6 +436,9 @@ def _gram_loss_kernel(
     # / 2. G_EE and G_DD are symmetric and G_ED(J, I) = G_DE(I, J)^T, so the tile (I, J)
     # with I < J also stands for (J, I): weight 1 there, 1/2 on the diagonal. Four products
     # per step, and no tile pair is formed twice.
+    # STORE >= 1 also writes the backward's Grams G_SS = X_S X_S^T and G_SD = X_S D^T (and,
+    # STORE = 2, G_TS = X_T X_S^T and G_TD = X_T D^T), tiles (I, J) and (J, I), from the same
+    # four products: X_S = (E + D) / 2 and X_T = (E - D) / 2.
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     # The pid-th pair of the upper triangle, row by row: row r starts at r NT - r (r - 1) / 2.
@@ -454,46 +470,19 @@ def _gram_loss_kernel(
     weight = tl.where(ti == tj, 0.5, 1.0)
     part = weight * tl.sum(tl.sum(g_ee * g_dd + g_ed * g_de, axis=1), axis=0)
     tl.store(out_ptr + b * tl.num_programs(0) + pid, part)
-
-
-@triton.jit
-def _gram_kernel(
-    s_ptr, t_ptr, rs_ptr, rt_ptr, g1_ptr, g2_ptr, g3_ptr, g4_ptr,
-    C, N, W,
-    s_b, s_c, s_h, s_w, t_b, t_c, t_h, t_w,
-    TEACHER: tl.constexpr,
-    BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    # Rows are channels, the reduction runs over pixels (scaled by their inverse norms).
-    # The backward's Grams: G_SS, G_SD (and G_TS, G_TD with the teacher's gradient).
-    b, ci, cj = _out_tile(BI, BJ)
-    s_base = s_ptr + b * s_b
-    t_base = t_ptr + b * t_b
-    g_ss = tl.zeros([BI, BJ], dtype=tl.float32)
-    g_sd = tl.zeros([BI, BJ], dtype=tl.float32)
-    g_ts = tl.zeros([BI, BJ], dtype=tl.float32)
-    g_td = tl.zeros([BI, BJ], dtype=tl.float32)
-    for k0 in range(0, N, BK):
-        ks = k0 + tl.arange(0, BK)
-        r_s, r_t = _norms(rs_ptr, rt_ptr, b, ks, N)
-        xs_i = _tile(s_base, ci, ks, C, N, W, s_c, s_h, s_w, False) * r_s[None, :]
-        xs_j = _tile(s_base, cj, ks, C, N, W, s_c, s_h, s_w, False) * r_s[None, :]
-        xt_j = _tile(t_base, cj, ks, C, N, W, t_c, t_h, t_w, False) * r_t[None, :]
-        d_j = xs_j - xt_j
-        g_ss = _dot(xs_i, tl.trans(xs_j), g_ss, PRECISION)
-        g_sd = _dot(xs_i, tl.trans(d_j), g_sd, PRECISION)
-        if TEACHER:
-            xt_i = _tile(t_base, ci, ks, C, N, W, t_c, t_h, t_w, False) * r_t[None, :]
-            g_ts = _dot(xt_i, tl.trans(xs_j), g_ts, PRECISION)
-            g_td = _dot(xt_i, tl.trans(d_j), g_td, PRECISION)
-    mask = (ci < C)[:, None] & (cj < C)[None, :]
-    off = (b * C + ci[:, None]) * C + cj[None, :]
-    tl.store(g1_ptr + off, g_ss, mask=mask)
-    tl.store(g2_ptr + off, g_sd, mask=mask)
-    if TEACHER:
-        tl.store(g3_ptr + off, g_ts, mask=mask)
-        tl.store(g4_ptr + off, g_td, mask=mask)
+    if STORE >= 1:
+        # [i, j] of tile (I, J); [j, i] of tile (J, I) from G_ED[j, i] = g_de[i, j] and
+        # G_DE[j, i] = g_ed[i, j] (the diagonal tile is written once, by itself).
+        base = b * C * C
+        mirror = ti != tj
+        g_ss = (g_ee + g_ed + g_de + g_dd) * 0.25
+        _store_pair(gss_ptr, base, C, ci, cj, g_ss, g_ss, mirror)
+        _store_pair(gsd_ptr, base, C, ci, cj, (g_ed + g_dd) * 0.5, (g_de + g_dd) * 0.5, mirror)
+        if STORE == 2:
+            _store_pair(gts_ptr, base, C, ci, cj, (g_ee + g_ed - g_de - g_dd) * 0.25,
+                        (g_ee + g_de - g_ed - g_dd) * 0.25, mirror)
+            _store_pair(gtd_ptr, base, C, ci, cj, (g_ed - g_dd) * 0.5, (g_de - g_dd) * 0.5,
+                        mirror)
 
 
 @triton.jit
@@ -1035,56 +1024,58 @@ def intra_tiled_grad_group(jobs: list[dict]) -> list[tuple[Tensor, Tensor | None
 
 
 def gram_loss_block(C: int) -> int:
-    """Rows of a Gram tile of the loss (the configuration in force, ``gpu_config``)."""
+    """Rows of a Gram tile, of the loss and of the gradient's products (the configuration in
+    force, ``gpu_config``)."""
     return _pow2(C, hi=BLOCK_GRAM_GPU if gpu_config(INTERPRETED) else BLOCK_GRAM)
 
 
-def gram_loss(s: Tensor, t: Tensor, r_s: Tensor, r_t: Tensor, precision: str) -> Tensor:
+def gram_loss(s: Tensor, t: Tensor, r_s: Tensor, r_t: Tensor, precision: str,
+              store: int = 0) -> tuple[Tensor, tuple[Tensor, ...] | None]:
     """Per-tile-pair sums of ||Delta||^2 (B, tile pairs of the upper triangle), from the
-    Grams of E = X_S + X_T and D = X_S - X_T (``_gram_loss_kernel``)."""
+    Grams of E = X_S + X_T and D = X_S - X_T (``_gram_loss_kernel``); with ``store`` 1 also
+    the backward's (B, C, C) float32 Grams (G_SS, G_SD), with 2 (G_SS, G_SD, G_TS, G_TD)."""
     B, C, H, W = s.shape
     bi = gram_loss_block(C)
     nt = triton.cdiv(C, bi)
     pairs = nt * (nt + 1) // 2
     out = torch.empty((B, pairs), device=s.device, dtype=torch.float32)
+    grams = tuple(torch.empty((B, C, C), device=s.device, dtype=torch.float32)
+                  for _ in range(2 * store))
+    # Pointers of Grams not stored are given ``out``: the kernel does not touch them.
+    g = grams + (out,) * (4 - len(grams))
     _gram_loss_kernel[(pairs, B)](
         s_ptr=s, t_ptr=t, rs_ptr=r_s, rt_ptr=r_t, out_ptr=out,
+        gss_ptr=g[0], gsd_ptr=g[1], gts_ptr=g[2], gtd_ptr=g[3],
         C=C, N=H * W, W=W, NT=nt,
         **strides(s, "s_b s_c s_h s_w"), **strides(t, "t_b t_c t_h t_w"),
-        BI=bi, BK=_pow2(H * W, hi=BLOCK_K), PRECISION=precision,
+        STORE=store, BI=bi, BK=_pow2(H * W, hi=BLOCK_K), PRECISION=precision,
         num_warps=8 if bi >= 64 else 4,
     )
-    return out
+    return out, grams or None
 
 
 def gram_grad(s: Tensor, t: Tensor, r_s: Tensor, r_t: Tensor, grad_loss: Tensor, coef: float,
-              teacher: bool, precision: str) -> tuple[Tensor, Tensor | None]:
-    """coef g (G_SS D + G_SD X_T) and -coef g (G_TS D + G_TD X_T), fp32 (B, C, H, W)."""
+              teacher: bool, precision: str,
+              grams: tuple[Tensor, ...] | None = None) -> tuple[Tensor, Tensor | None]:
+    """coef g (G_SS D + G_SD X_T) and -coef g (G_TS D + G_TD X_T), fp32 (B, C, H, W).
+
+    ``grams``: the Grams the forward stored (:func:`gram_loss` with ``store``, 2 for the
+    teacher's gradient); None forms them again with the loss kernel."""
     B, C, H, W = s.shape
     N = H * W
-    grams = [torch.empty((B, C, C), device=s.device, dtype=torch.float32)
-             for _ in range(4 if teacher else 2)]
-    # Without the teacher's gradient G_TS and G_TD are not written: their pointers are unused.
-    g3, g4 = (grams[2], grams[3]) if teacher else (grams[0], grams[1])
-    bi = _pow2(C, hi=BLOCK_GRAM)
-    bk = _pow2(N, hi=BLOCK_K)
-    _gram_kernel[(triton.cdiv(C, bi), triton.cdiv(C, bi), B)](
-        s_ptr=s, t_ptr=t, rs_ptr=r_s, rt_ptr=r_t,
-        g1_ptr=grams[0], g2_ptr=grams[1], g3_ptr=g3, g4_ptr=g4, C=C, N=N, W=W,
-        **strides(s, "s_b s_c s_h s_w"), **strides(t, "t_b t_c t_h t_w"), TEACHER=teacher,
-        BI=bi, BJ=bi, BK=bk,
-        PRECISION=precision,
-    )
+    if grams is None:
+        grams = gram_loss(s, t, r_s, r_t, precision, store=2 if teacher else 1)[1]
+    bi = gram_loss_block(C)
     bn = _pow2(N, hi=_tiles()[0])
     grid = (triton.cdiv(C, bi), triton.cdiv(N, bn), B)
     outs = []
-    for g1, g2, sign in ((grams[0], grams[1], 1.0), (g3, g4, -1.0))[: 2 if teacher else 1]:
+    for g1, g2, sign in ((grams[0], grams[1], 1.0), (*grams[2:4], -1.0))[: 2 if teacher else 1]:
         out = torch.empty((B, C, H, W), device=s.device, dtype=torch.float32)
         _gram_apply_kernel[grid](
             s_ptr=s, t_ptr=t, rs_ptr=r_s, rt_ptr=r_t, g1_ptr=g1, g2_ptr=g2, out_ptr=out,
             g_ptr=grad_loss, coef=sign * coef, C=C, N=N, W=W,
-            **strides(s, "s_b s_c s_h s_w"), **strides(t, "t_b t_c t_h t_w"), BI=bi, BN=bn, BK=_pow2(C, hi=BLOCK_K),
-            PRECISION=precision,
+            **strides(s, "s_b s_c s_h s_w"), **strides(t, "t_b t_c t_h t_w"), BI=bi, BN=bn,
+            BK=_pow2(C, hi=BLOCK_K), PRECISION=precision,
         )
         outs.append(out)
     return outs[0], outs[1] if teacher else None

@@ -17,18 +17,20 @@ Forward, two launches:
    first D block), and ``mu = a C`` over its block of D. The few (BLOCK_P, KP) softmax
    values are recomputed by each D block rather than stored and read back.
 
-Backward, three launches:
+Backward, two launches:
 
-1. ``_cram_grad_dots_kernel``, grid (row blocks, SPLIT): ``G_mu,i . c_k`` in slices of D, as
-   in the forward.
-2. ``_cram_bwd_rows_kernel``, grid (row blocks, D blocks): dL/da, the softmax backward and
-   ``delta = dL/dd`` of its rows (written once, with its row sums and the rows' share of
-   dL/dlog_tau, by the first D block), and ``dL/de = 2 e sum_k delta - 2 delta C`` over its
-   block of D.
-3. ``_cram_grad_centres_kernel``, grid (D blocks, P slices): ``a^T G_mu - 2 delta^T E`` over
-   a slice of the positions for a block of D (and the slice's column sums of delta), into
-   a (P slices, KP, D) buffer that is summed in a fixed order; ``+ 2 c_k sum_i delta_ik``
-   is added after.
+1. ``_cram_dots_kernel`` on G_mu, grid (row blocks, SPLIT): ``G_mu,i . c_k`` in slices of D,
+   as in the forward.
+2. ``_cram_bwd_kernel``, one grid of two kinds of programs, which need only those sums (and
+   the forward's saved assignment and distances), so one launch runs both:
+   - (row blocks x D chunks): dL/da, the softmax backward and ``delta = dL/dd`` of its rows
+     (the rows' share of dL/dlog_tau from the first chunk), and
+     ``dL/de = 2 e sum_k delta - 2 delta C`` over its chunk of D;
+   - (blocks of D x slices of the positions): ``a^T G_mu - 2 delta^T E`` over the slice for
+     the block of D (and the slice's column sums of delta), into a (P slices, KP, D) buffer
+     that is summed in a fixed order; ``+ 2 c_k sum_i delta_ik`` is added after. These
+     programs form delta again for their rows (a few (BLOCK_P, KP) loads of values the
+     first kind reads too, from L2) instead of reading it from a third launch.
 
 No atomics anywhere: the same bits on every run. Extra memory (``workspace``) is a few
 (P, KP) buffers and (slices, KP, D) partial sums: at most about 200 MB alive at once for
@@ -108,7 +110,7 @@ def workspace(B: int, D: int, N: int, K: int, gpu: bool | None = None) -> dict[s
     return {
         "forward": {"dist": (P, K), "part": (p["SPLIT"], P, KP), "e2_part": (p["SPLIT"], P),
                     "c2_part": (p["SPLIT"], KP)},
-        "backward": {"part": (p["SPLIT"], P, KP), "delta": (P, KP), "delta_row": (P,),
+        "backward": {"part": (p["SPLIT"], P, KP),
                      "g_log_tau_partial": (p["rows"],), "g_c_partial": (p["P_SLICES"], KP, D),
                      "delta_col_partial": (p["P_SLICES"], KP)},
     }
@@ -245,22 +247,10 @@ def _cram_fwd_kernel(
 
 
 @triton.jit
-def _cram_bwd_rows_kernel(
-    e_ptr, c_ptr, log_tau_ptr, assign_ptr, dist_ptr, part_ptr,
-    g_assign_ptr, g_compact_ptr, g_e_ptr, delta_ptr, delta_row_ptr, g_log_tau_partial_ptr,
-    P, N, W, D, K, SPLIT, D_CHUNK,
-    stride_eb, stride_ed, stride_eh, stride_ew,
-    stride_ck, stride_cd,
-    stride_geb, stride_ged, stride_geh, stride_gew,
-    KP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    offs_p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < P
-    offs_k = tl.arange(0, KP)
-    mask_k = offs_k < K
+def _delta_rows(assign_ptr, dist_ptr, part_ptr, g_assign_ptr, g_compact_ptr, tau,
+                offs_p, mask_p, offs_k, mask_k, P, N, K, SPLIT, KP: tl.constexpr):
+    """A block of rows' dL/dlogits and ``delta = dL/dd`` (zero outside the rows and K)."""
     mask_pk = mask_p[:, None] & mask_k[None, :]
-    tau = tl.exp(tl.load(log_tau_ptr).to(tl.float32))
     pk = _by_channel(offs_p, offs_k, K, N)
     a = tl.load(assign_ptr + pk, mask=mask_pk, other=0.0)
     dist = tl.load(dist_ptr + offs_p[:, None].to(tl.int64) * K + offs_k[None, :], mask=mask_pk,
@@ -273,20 +263,39 @@ def _cram_bwd_rows_kernel(
     # Softmax backward, then logits = -dist / tau.
     g_logit = a * (g_a - tl.sum(a * g_a, axis=1)[:, None])
     delta = tl.where(mask_pk, g_compact[:, None] * a - g_logit / tau, 0.0)
+    return a, dist, g_logit, delta
+
+
+@triton.jit
+def _cram_bwd_rows(
+    e_ptr, c_ptr, assign_ptr, dist_ptr, part_ptr, g_assign_ptr, g_compact_ptr, g_e_ptr,
+    g_log_tau_partial_ptr, tau, row_block, d_block,
+    P, N, W, D, K, SPLIT, D_CHUNK,
+    stride_eb, stride_ed, stride_eh, stride_ew, stride_ck, stride_cd,
+    stride_geb, stride_ged, stride_geh, stride_gew,
+    KP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # dL/de = 2 e sum_k delta - 2 delta C over a chunk of D for a block of rows (and, from
+    # the first chunk, the rows' share of dL/dlog_tau).
+    offs_p = row_block * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < P
+    offs_k = tl.arange(0, KP)
+    mask_k = offs_k < K
+    mask_pk = mask_p[:, None] & mask_k[None, :]
+    _, dist, g_logit, delta = _delta_rows(assign_ptr, dist_ptr, part_ptr, g_assign_ptr,
+                                          g_compact_ptr, tau, offs_p, mask_p, offs_k, mask_k,
+                                          P, N, K, SPLIT, KP)
     delta_row = tl.sum(delta, axis=1)
-    if tl.program_id(1) == 0:
+    if d_block == 0:
         # sum_k dL/dl_ik = 0, so each row's distances may be taken from their minimum: the
         # same value with far less cancellation when distances are large and close together.
         d_min = tl.min(tl.where(mask_pk, dist, float("inf")), axis=1)
         d_rel = tl.where(mask_pk, dist - d_min[:, None], 0.0)
-        tl.store(g_log_tau_partial_ptr + pid,
+        tl.store(g_log_tau_partial_ptr + row_block,
                  tl.sum(tl.sum(g_logit * d_rel, axis=1), axis=0) / tau)
-        tl.store(delta_ptr + offs_p[:, None].to(tl.int64) * KP + offs_k[None, :], delta,
-                 mask=mask_p[:, None])
-        tl.store(delta_row_ptr + offs_p, delta_row, mask=mask_p)
     e_row = _row_offsets(offs_p, N, W, stride_eb, stride_eh, stride_ew)
     ge_row = _row_offsets(offs_p, N, W, stride_geb, stride_geh, stride_gew)
-    d_start = tl.program_id(1) * D_CHUNK
+    d_start = d_block * D_CHUNK
     d_end = tl.minimum(d_start + D_CHUNK, D)
     for d0 in range(d_start, d_end, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
@@ -302,18 +311,18 @@ def _cram_bwd_rows_kernel(
 
 
 @triton.jit
-def _cram_grad_centres_kernel(
-    e_ptr, g_central_ptr, assign_ptr, delta_ptr, g_c_partial_ptr, delta_col_partial_ptr,
-    P, N, W, D, K, P_SLICE,
+def _cram_grad_centres(
+    e_ptr, g_central_ptr, assign_ptr, dist_ptr, part_ptr, g_assign_ptr, g_compact_ptr,
+    g_c_partial_ptr, delta_col_partial_ptr, tau, d_block, sl,
+    P, N, W, D, K, SPLIT, P_SLICE,
     stride_eb, stride_ed, stride_eh, stride_ew,
     stride_gb, stride_gd, stride_gh, stride_gw,
     KP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    # Block of D (axis 0) x slice of the positions (axis 1):
-    # part[slice, k, d] = sum_p a_pk G_mu,pd - 2 delta_pk e_pd.
-    offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    # A block of D x a slice of the positions:
+    # part[slice, k, d] = sum_p a_pk G_mu,pd - 2 delta_pk e_pd, delta formed again here.
+    offs_d = d_block * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
-    sl = tl.program_id(1)
     offs_k = tl.arange(0, KP)
     mask_k = offs_k < K
     acc = tl.zeros([KP, BLOCK_D], dtype=tl.float32)
@@ -322,11 +331,10 @@ def _cram_grad_centres_kernel(
     for p0 in range(sl * P_SLICE, p_end, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
         mask_p = offs_p < p_end
-        mask_pk = mask_p[:, None] & mask_k[None, :]
         mask_pd = mask_p[:, None] & mask_d[None, :]
-        a = tl.load(assign_ptr + _by_channel(offs_p, offs_k, K, N), mask=mask_pk, other=0.0)
-        delta = tl.load(delta_ptr + offs_p[:, None].to(tl.int64) * KP + offs_k[None, :],
-                        mask=mask_p[:, None], other=0.0)
+        a, _, _, delta = _delta_rows(assign_ptr, dist_ptr, part_ptr, g_assign_ptr,
+                                     g_compact_ptr, tau, offs_p, mask_p, offs_k, mask_k,
+                                     P, N, K, SPLIT, KP)
         e = _rows(e_ptr, _row_offsets(offs_p, N, W, stride_eb, stride_eh, stride_ew), offs_d,
                   mask_pd, stride_ed)
         gm = _rows(g_central_ptr, _row_offsets(offs_p, N, W, stride_gb, stride_gh, stride_gw),
@@ -336,8 +344,41 @@ def _cram_grad_centres_kernel(
         col += tl.sum(delta, axis=0)
     tl.store(g_c_partial_ptr + (sl * KP + offs_k[:, None]).to(tl.int64) * D + offs_d[None, :],
              acc, mask=mask_d[None, :])
-    if tl.program_id(0) == 0:
+    if d_block == 0:
         tl.store(delta_col_partial_ptr + sl * KP + offs_k, col)
+
+
+@triton.jit
+def _cram_bwd_kernel(
+    e_ptr, c_ptr, log_tau_ptr, assign_ptr, dist_ptr, part_ptr, g_assign_ptr, g_compact_ptr,
+    g_central_ptr, g_e_ptr, g_log_tau_partial_ptr, g_c_partial_ptr, delta_col_partial_ptr,
+    P, N, W, D, K, SPLIT, D_CHUNK, D_BLOCKS, P_SLICE, P_SLICES, ROW_PROGRAMS,
+    stride_eb, stride_ed, stride_eh, stride_ew,
+    stride_ck, stride_cd,
+    stride_gb, stride_gd, stride_gh, stride_gw,
+    stride_geb, stride_ged, stride_geh, stride_gew,
+    KP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # The first ROW_PROGRAMS programs: dL/de (row blocks x D chunks); the others: dL/dc
+    # partials (blocks of D x slices of the positions). The two need only the dot kernel's
+    # sums, so they share one launch; each forms the rows' delta it needs.
+    pid = tl.program_id(0)
+    tau = tl.exp(tl.load(log_tau_ptr).to(tl.float32))
+    if pid < ROW_PROGRAMS:
+        _cram_bwd_rows(e_ptr, c_ptr, assign_ptr, dist_ptr, part_ptr, g_assign_ptr,
+                       g_compact_ptr, g_e_ptr, g_log_tau_partial_ptr, tau,
+                       pid // D_BLOCKS, pid % D_BLOCKS, P, N, W, D, K, SPLIT, D_CHUNK,
+                       stride_eb, stride_ed, stride_eh, stride_ew, stride_ck, stride_cd,
+                       stride_geb, stride_ged, stride_geh, stride_gew,
+                       KP, BLOCK_P, BLOCK_D, PRECISION)
+    else:
+        q = pid - ROW_PROGRAMS
+        _cram_grad_centres(e_ptr, g_central_ptr, assign_ptr, dist_ptr, part_ptr, g_assign_ptr,
+                           g_compact_ptr, g_c_partial_ptr, delta_col_partial_ptr, tau,
+                           q // P_SLICES, q % P_SLICES, P, N, W, D, K, SPLIT, P_SLICE,
+                           stride_eb, stride_ed, stride_eh, stride_ew,
+                           stride_gb, stride_gd, stride_gh, stride_gw,
+                           KP, BLOCK_P, BLOCK_D, PRECISION)
 
 
 def forward(embedding: Tensor, centers: Tensor, log_tau: Tensor):
@@ -382,10 +423,9 @@ def backward(embedding: Tensor, centers: Tensor, log_tau: Tensor, assign: Tensor
     assign = assign.contiguous()
     grad_embedding = torch.empty_like(embedding)
     shapes = workspace(B, D, N, K)["backward"]
-    part, delta, delta_row, g_log_tau_partial, g_c_partial, delta_col_partial = (
+    part, g_log_tau_partial, g_c_partial, delta_col_partial = (
         torch.empty(shapes[name], **f32) for name in (
-            "part", "delta", "delta_row", "g_log_tau_partial", "g_c_partial",
-            "delta_col_partial"))
+            "part", "g_log_tau_partial", "g_c_partial", "delta_col_partial"))
     common = dict(KP=KP, BLOCK_P=p["BLOCK_P"], BLOCK_D=p["BLOCK_D"], PRECISION=PRECISION)
     _cram_dots_kernel[(p["rows"], p["SPLIT"])](
         x_ptr=grad_central, c_ptr=centers, part_ptr=part,
@@ -394,22 +434,20 @@ def backward(embedding: Tensor, centers: Tensor, log_tau: Tensor, assign: Tensor
         **strides(grad_central, "stride_xb stride_xd stride_xh stride_xw"),
         **strides(centers, "stride_ck stride_cd"), SQUARES=False, **common,
     )
-    _cram_bwd_rows_kernel[(p["rows"], p["D_BLOCKS"])](
+    row_programs = p["rows"] * p["D_BLOCKS"]
+    _cram_bwd_kernel[(row_programs + p["CENTRE_BLOCKS"] * p["P_SLICES"],)](
         e_ptr=embedding, c_ptr=centers, log_tau_ptr=log_tau, assign_ptr=assign,
         dist_ptr=dist, part_ptr=part, g_assign_ptr=grad_assign.contiguous(),
-        g_compact_ptr=grad_compact.contiguous(), g_e_ptr=grad_embedding, delta_ptr=delta,
-        delta_row_ptr=delta_row, g_log_tau_partial_ptr=g_log_tau_partial,
+        g_compact_ptr=grad_compact.contiguous(), g_central_ptr=grad_central,
+        g_e_ptr=grad_embedding, g_log_tau_partial_ptr=g_log_tau_partial,
+        g_c_partial_ptr=g_c_partial, delta_col_partial_ptr=delta_col_partial,
         P=P, N=N, W=W, D=D, K=K, SPLIT=p["SPLIT"], D_CHUNK=p["D_CHUNK"],
+        D_BLOCKS=p["D_BLOCKS"], P_SLICE=p["P_SLICE"], P_SLICES=p["P_SLICES"],
+        ROW_PROGRAMS=row_programs,
         **strides(embedding, "stride_eb stride_ed stride_eh stride_ew"),
         **strides(centers, "stride_ck stride_cd"),
+        **strides(grad_central, "stride_gb stride_gd stride_gh stride_gw"),
         **strides(grad_embedding, "stride_geb stride_ged stride_geh stride_gew"), **common,
-    )
-    _cram_grad_centres_kernel[(p["CENTRE_BLOCKS"], p["P_SLICES"])](
-        e_ptr=embedding, g_central_ptr=grad_central, assign_ptr=assign, delta_ptr=delta,
-        g_c_partial_ptr=g_c_partial, delta_col_partial_ptr=delta_col_partial,
-        P=P, N=N, W=W, D=D, K=K, P_SLICE=p["P_SLICE"],
-        **strides(embedding, "stride_eb stride_ed stride_eh stride_ew"),
-        **strides(grad_central, "stride_gb stride_gd stride_gh stride_gw"), **common,
     )
     # Sums over slices in a fixed order: deterministic. dL/dc_k gets 2 c_k sum_i delta_ik.
     delta_col = delta_col_partial.sum(dim=0)[:K]
