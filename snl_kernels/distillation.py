@@ -85,7 +85,8 @@ def snl_distillation_loss(teachers: Sequence[Tensor], students: Sequence[Tensor]
         checks.check_features(OP, t, s, (f"teachers[{k}]", f"students[{k}]"))
     tensors = (*teachers, *students)
     if _shared_path(backend, tensors):
-        values = _apply_shared((terms, intra_distance, inter_distance, len(teachers)), *tensors)
+        plan = (terms, intra_distance, inter_distance, len(teachers), torch.is_grad_enabled())
+        values = _apply_shared(plan, *tensors)
         return dict(zip(terms, values, strict=True))
     return _separate(teachers, students, terms, intra_distance, inter_distance, backend)
 
@@ -137,16 +138,19 @@ class _Shared(torch.autograd.Function):
         from ._triton import cosine_distances as kc
         from .intra_affinity_loss import _signs_shape as signs_shape
 
-        terms, intra_distance, inter_distance, levels = plan
+        terms, intra_distance, inter_distance, levels, grad_enabled = plan
         teachers, students = tensors[:levels], tensors[levels:]
         zero = teachers[0].new_zeros((), dtype=torch.float32)
         values = dict.fromkeys(TERMS, zero)
         saved: dict = {"cos": [], "r_pix": [], "r_chan": [], "signs": [], "pooled": [],
                        "intra_plan": [], "inter_plan": [], "grams": []}
         # The Gram path's loss kernel also writes the backward's Grams when a gradient will
-        # be asked for (the teacher's two only if a teacher level requires one).
-        need_t = any(ctx.needs_input_grad[1:1 + levels])
-        store = 2 if need_t else 1 if any(ctx.needs_input_grad[1 + levels:]) else 0
+        # be asked for (the teacher's two only if a teacher level requires one); the call's
+        # grad mode comes in the plan (inside forward it is always off, and needs_input_grad
+        # does not look at it).
+        need_t = grad_enabled and any(ctx.needs_input_grad[1:1 + levels])
+        need_s = grad_enabled and any(ctx.needs_input_grad[1 + levels:])
+        store = 2 if need_t else 1 if need_s else 0
         for pixel, channel, sample, p_stats, c_stats in kc.forward_levels(
                 list(teachers), list(students), EPS):
             saved["cos"].append((p_stats, c_stats))
@@ -220,7 +224,7 @@ class _Shared(torch.autograd.Function):
         from .intra_affinity_loss import norm_job, tiled_grad_job
         from .intra_affinity_loss import triton_backward_normalised as intra_normalised
 
-        terms, intra_distance, inter_distance, levels = ctx.plan
+        terms, intra_distance, inter_distance, levels, _ = ctx.plan
         tensors = ctx.saved_tensors
         teachers, students = tensors[:levels], tensors[levels:]
         need_t = any(ctx.needs_input_grad[1:1 + levels])

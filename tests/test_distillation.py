@@ -99,6 +99,9 @@ def test_gram_level_over_several_tiles_uses_the_forwards_grams(teacher_grad, mon
     got, got_grads = _run(lambda t, s: snl_kernels.snl_distillation_loss(t, s, backend="triton"),
                           teachers, students, WEIGHTS)
     assert stores == [4 if teacher_grad else 2]  # one Gram-path level, one loss launch
+    with torch.no_grad():  # no gradient will come: no Gram is written
+        snl_kernels.snl_distillation_loss(teachers, students, backend="triton")
+    assert stores[-1] == 0
     x64 = [x.detach().double().requires_grad_(x.requires_grad) for x in (*teachers, *students)]
     want, want_grads = _run(lambda t, s: snl_kernels.snl_distillation_loss(t, s, backend="torch"),
                             x64[:2], x64[2:], WEIGHTS)
