@@ -121,7 +121,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cram_bwd_cuda(
   at::Tensor delta = at::empty({B, K, N}, f32);
   at::Tensor delta_sum = at::empty({P}, f32);
   at::Tensor log_tau_terms = at::empty({P}, f32);
-  const int64_t slices = std::min(ceil_div(P, kWideTile), kMaxCenterSlices);
+  const int64_t slices = center_slices(P, K, D);
   at::Tensor center_partials = at::empty({slices, K, D}, f32);
   at::Tensor grad_log_tau_f32 = at::empty({1}, f32);
   // Same strides as the inputs (empty_like preserves a dense layout such as channels_last).

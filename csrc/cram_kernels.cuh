@@ -26,6 +26,19 @@ constexpr int kKChunk = 32;  // centres per shared-memory chunk
 // Slices of the centre-gradient partials (slices, K, D) at most: block x of the embedding-gradient
 // kernel sums tiles x, x + slices, ... into slice x (at K = 64, D = 2048: 128 MB).
 constexpr int64_t kMaxCenterSlices = 256;
+// And at most this many bytes of them: with the backward's other buffers (delta, P x K floats:
+// 66 MB) the backward then stays under 256 MB of extra memory at K = 256, D = 2048 and 64,000
+// positions (B = 1000 at 8 x 8), where 256 slices would take 537 MB.
+constexpr int64_t kMaxCenterPartialBytes = int64_t{128} << 20;
+
+// Slices of the centre-gradient partials for P positions, K centres and D channels (host).
+inline int64_t center_slices(int64_t P, int64_t K, int64_t D) {
+  const int64_t by_memory = kMaxCenterPartialBytes / (int64_t{4} * K * D);
+  int64_t slices = ceil_div(P, kWideTile);
+  if (slices > kMaxCenterSlices) slices = kMaxCenterSlices;
+  if (slices > by_memory) slices = by_memory;
+  return slices > 0 ? slices : 1;
+}
 constexpr int64_t kMaxGridY = 65535;
 
 // Offset of position p = b * N + n (channel 0).

@@ -77,10 +77,23 @@ def test_tensor_core_products_are_rounded_not_fp32(affinity_results):
     assert fma_result.loss_err < 1e-6 < mma_result.loss_err
 
 
-def _selftest(check: int, *tensors: torch.Tensor) -> torch.Tensor:
+def _selftest(check: int, *tensors: torch.Tensor, ints: tuple[int, ...] = ()) -> torch.Tensor:
     exe = emulation.build("selftest")
-    (out,) = emulation.run_driver(exe, [([check], list(tensors) or [torch.zeros(0)])])
+    (out,) = emulation.run_driver(exe, [([check, *ints], list(tensors) or [torch.zeros(0)])])
     return out
+
+
+def test_cuda_cram_backward_memory_at_a_thousand_images():
+    """The CUDA backward's extra buffers at D = 2048, K = 256, B = 1000 at 8 x 8 (issue #16
+    part 4: at most 256 MB): centre-gradient partials (slices, K, D) beside delta (P, K), the
+    rows' delta sums and log-tau terms (P each) and the fp32 centres."""
+    P, K, D = 1000 * 64, 256, 2048
+    slices = int(_selftest(3, ints=(P, K, D)).item())
+    extra = 4 * (slices * K * D + P * K + 2 * P + K * D)
+    assert slices >= 1
+    assert extra <= 256e6, (slices, extra)
+    # The benchmark shape (B = 16, K = 64) keeps one slice per 32-position tile.
+    assert int(_selftest(3, ints=(16 * 64, 64, 2048)).item()) == 32
 
 
 def test_emulated_warp_shuffles_exchange_between_lanes():

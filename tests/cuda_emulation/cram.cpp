@@ -48,7 +48,7 @@ std::vector<float> run(emu::IntReader& in, emu::FloatReader& data) {
 
   // Backward (gradients contiguous).
   std::vector<float> delta(B * K * N), delta_sum(P), log_tau_terms(P);
-  const int64_t slices = std::min(snl::ceil_div(P, snl::kWideTile), snl::kMaxCenterSlices);
+  const int64_t slices = snl::center_slices(P, K, D);
   std::vector<float> center_partials(slices * K * D), grad_log_tau(1);
   std::vector<float> grad_embedding(B * D * N), grad_centers(K * D);
   emu::launch(dim3(static_cast<unsigned>(snl::ceil_div(P, snl::kTile))), dim3(snl::kThreads),

@@ -84,7 +84,9 @@ def build(op: str) -> Path:
     exe = BUILD / f"{op}-{digest.hexdigest()[:16]}"
     if not exe.exists():
         BUILD.mkdir(parents=True, exist_ok=True)
-        tmp = exe.with_suffix(".tmp")
+        # A file of this process's own: test workers may build the same driver at once, and
+        # the rename below is atomic.
+        tmp = exe.with_suffix(f".{os.getpid()}.tmp")
         cmd = [cxx, *compile_flags(), str(HERE / f"{op}.cpp"), "-o", str(tmp)]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:

@@ -5,10 +5,12 @@
 //     store it; floats A (8 x 16, [k][row]), B (8 x 16, [k][column]) -> D (16 x 16)
 //   2 a block whose thread 0 waits at __syncwarp, the others at __syncthreads: the run
 //     must stop (deadlock)
+//   3 center_slices (cram_kernels.cuh) of ints P, K, D: 1 float
 #include "cuda_emulation.h"
 #include "driver.h"
 
 #include "common.cuh"
+#include "cram_kernels.cuh"
 
 namespace {
 
@@ -61,6 +63,9 @@ int main() {
     } else if (check == 2) {
       out.resize(64);
       emu::launch(dim3(1), dim3(64), deadlock_kernel, out.data());
+    } else if (check == 3) {
+      const int64_t P = in.next(), K = in.next(), D = in.next();
+      out.assign(1, static_cast<float>(snl::center_slices(P, K, D)));
     } else {
       return false;
     }
