@@ -28,10 +28,10 @@ STRUCTURAL = ("w_ch", "w_sp", "w_intra", "w_inter")
 
 
 def _weights(value: float, **rest) -> dict:
-    """Every structural weight ``value``; compactness divided by D and the full residual path
-    unless ``rest`` says otherwise."""
+    """Every structural weight ``value``; compactness divided by D, the full residual path and
+    CRAM's temperature starting at D unless ``rest`` says otherwise."""
     return {**{k: value for k in STRUCTURAL}, "compact_norm": "dim", "residual_ratio": 1,
-            **rest}
+            "cram_tau": "dim", **rest}
 
 
 ROWS: dict[str, tuple[str, dict]] = {
@@ -70,6 +70,10 @@ ROWS: dict[str, tuple[str, dict]] = {
     "default, residual ratio 8, compactness 1": (
         "snl", _weights(0.01, w_c=1.0, w_rd=1.0, residual_ratio=8)),
     "default, residual ratio 32": ("snl", _weights(0.01, w_c=0.1, w_rd=1.0, residual_ratio=32)),
+    "default, CRAM temperature sqrt(D)": ("snl", _weights(0.01, w_c=0.1, w_rd=1.0,
+                                                          cram_tau="sqrt")),
+    "default, CRAM temperature sqrt(D), compactness 1": (
+        "snl", _weights(0.01, w_c=1.0, w_rd=1.0, cram_tau="sqrt")),
 }
 METRICS = (("image AUROC", "image_auroc"), ("AUPRO@0.3", "aupro"),
            ("pixel AUROC", "pixel_auroc"))

@@ -27,6 +27,9 @@ PAIRS = ((0, 1), (1, 2))
 #: op returns it (it grows with the embedding width D), "dim" divides it by D.
 COMPACT_NORMS = ("sum", "dim")
 DEFAULT_COMPACT_NORM = "dim"
+#: CRAM's initial temperature: the embedding width D ("dim") or its square root ("sqrt").
+CRAM_TAUS = ("dim", "sqrt")
+DEFAULT_CRAM_TAU = "dim"
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,16 @@ from snl_kernels import CramOutput
 from .backend import full_precision, op_backend
 from .config import Architecture, Normalization, architecture
 from .cram import CRAM
-from .loss import COMPACT_NORMS, DEFAULT_COMPACT_NORM, LossWeights, common_dtype, rd_loss, snl_loss
+from .loss import (
+    COMPACT_NORMS,
+    CRAM_TAUS,
+    DEFAULT_COMPACT_NORM,
+    DEFAULT_CRAM_TAU,
+    LossWeights,
+    common_dtype,
+    rd_loss,
+    snl_loss,
+)
 from .student import OCBE, Decoder
 from .teacher import build_teacher
 
@@ -71,6 +80,7 @@ class SNL(nn.Module):
             the op's value (which grows with D).
         residual_ratio: CRAM's residual path ``phi`` goes through ``D / residual_ratio``
             channels (1: one D x D 1x1 convolution and BatchNorm).
+        cram_tau: CRAM's initial temperature, "dim" (D) or "sqrt" (the square root of D).
         intra_distance, inter_distance: "l2" or "l1" for the affinity losses.
         sigma: Gaussian blur of the anomaly maps, in input pixels.
         map_mode: "add" or "mul": how the levels' maps are combined.
@@ -96,6 +106,7 @@ class SNL(nn.Module):
         w_rd: float = LossWeights.w_rd,
         compact_norm: str = DEFAULT_COMPACT_NORM,
         residual_ratio: int = 1,
+        cram_tau: str = DEFAULT_CRAM_TAU,
         intra_distance: str = "l2",
         inter_distance: str = "l2",
         sigma: float = 4.0,
@@ -114,6 +125,7 @@ class SNL(nn.Module):
             ):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         _check_choice("compact_norm", compact_norm, COMPACT_NORMS)
+        _check_choice("cram_tau", cram_tau, CRAM_TAUS)
         self.loss_weights = LossWeights(w_ch, w_sp, w_intra, w_inter, w_c, w_rd)
         self.compact_norm = compact_norm
         if structure == "snl" and not any((w_ch, w_sp, w_intra, w_inter, w_c, w_rd)):
@@ -130,7 +142,8 @@ class SNL(nn.Module):
         self.teacher = build_teacher(arch, pretrained, weights)
         self.ocbe = OCBE(arch.channels, arch.embed_dim, arch.block, arch.width_ratio,
                          arch.ocbe_depth)
-        self.cram = (CRAM(arch.embed_dim, num_centers, fused=self.fused,
+        tau = float(arch.embed_dim) if cram_tau == "dim" else math.sqrt(arch.embed_dim)
+        self.cram = (CRAM(arch.embed_dim, num_centers, tau=tau, fused=self.fused,
                           residual_ratio=residual_ratio) if structure == "snl" else None)
         self.decoder = Decoder(arch.channels, arch.embed_dim, arch.block, arch.width_ratio,
                                arch.decoder_depths)

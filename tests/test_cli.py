@@ -272,20 +272,22 @@ def test_loss_formulation_flags_reach_the_model(tmp_path):
         assert getattr(defaults, name) == params[name].default, name
         assert getattr(cli.TrainConfig(), name) == params[name].default, name
     flags = ["--w-ch", "0.5", "--w-sp", "0", "--w-intra", "2", "--w-inter", "0.25", "--w-c", "3",
-             "--w-rd", "0", "--compact-norm", "sum", "--residual-ratio", "4"]
+             "--w-rd", "0", "--compact-norm", "sum", "--residual-ratio", "4", "--cram-tau", "sqrt"]
     for command in (["train"], ["compare"]):
         args = parse(command + flags)
         to_config = arguments.train_config if command == ["train"] else arguments.compare_config
         config = to_config(args)
         assert training.formulation(config) == {
             "w_ch": 0.5, "w_sp": 0.0, "w_intra": 2.0, "w_inter": 0.25, "w_c": 3.0, "w_rd": 0.0,
-            "compact_norm": "sum", "residual_ratio": 4}
+            "compact_norm": "sum", "residual_ratio": 4, "cram_tau": "sqrt"}
     config = dataclasses.replace(config, backbone="tf_efficientnet_lite0", pretrained=False)
     model = training.build_model(config, distributed.setup("cpu"))
     assert model.loss_weights == snl.loss.LossWeights(0.5, 0.0, 2.0, 0.25, 3.0, 0.0)
     assert model.compact_norm == "sum"
     assert model.cram.phi[0].out_channels == model.arch.embed_dim // 4
-    for bad in (["--w-c", "-1"], ["--w-rd", "nan"], ["--compact-norm", "max"]):
+    assert model.cram.log_tau.exp().item() == pytest.approx(model.arch.embed_dim ** 0.5)
+    for bad in (["--w-c", "-1"], ["--w-rd", "nan"], ["--compact-norm", "max"],
+                ["--cram-tau", "2"]):
         with pytest.raises(SystemExit):
             parse(["train", *bad])
 

@@ -394,6 +394,7 @@ def test_bad_image_types_raise():
     (dict(w_ch=0, w_sp=0, w_intra=0, w_inter=0, w_c=0, w_rd=0), r"every loss weight is 0"),
     (dict(w_rd=float("inf")), r"w_rd must be a finite number >= 0, got inf"),
     (dict(compact_norm="max"), r"compact_norm must be one of 'sum', 'dim', got 'max'"),
+    (dict(cram_tau=1.0), r"cram_tau must be one of 'dim', 'sqrt', got 1.0"),
     (dict(backbone="no_such_net"), r"backbone must be a timm model name .* 'no_such_net'"),
     (dict(backbone="vit_tiny_patch16_224"), r"no feature level at stride 4"),
 ])

@@ -7,7 +7,7 @@ import math
 
 from ..calibration import parse_method
 from ..data import PROBE_KINDS, parse_kinds
-from ..loss import COMPACT_NORMS, DEFAULT_COMPACT_NORM, LossWeights
+from ..loss import COMPACT_NORMS, CRAM_TAUS, DEFAULT_COMPACT_NORM, DEFAULT_CRAM_TAU, LossWeights
 from .training import CPU_DEFAULTS, FORMULATION_FIELDS, GPU_DEFAULTS, TrainConfig
 
 
@@ -133,6 +133,9 @@ def _formulation_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--residual-ratio", type=int, default=1, metavar="R",
                    help="CRAM's residual path phi through D / R channels (default 1: a D x D "
                         "1x1 convolution)")
+    g.add_argument("--cram-tau", choices=CRAM_TAUS, default=DEFAULT_CRAM_TAU,
+                   help="CRAM's initial temperature: the embedding width D or its square root "
+                        "(default %(default)s)")
 
 
 def _threshold(text: str) -> str:

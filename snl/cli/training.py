@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from .. import checkpoint, distributed, report
 from ..data import TrainDataset, check_dataset, default_root, make_default_dataset
-from ..loss import DEFAULT_COMPACT_NORM, LossWeights
+from ..loss import DEFAULT_COMPACT_NORM, DEFAULT_CRAM_TAU, LossWeights
 from .console import log, progress
 from .evaluation import evaluate_all
 
@@ -57,6 +57,7 @@ class TrainConfig:
     w_rd: float = LossWeights.w_rd
     compact_norm: str = DEFAULT_COMPACT_NORM
     residual_ratio: int = 1  #: CRAM's residual path narrowed to D / residual_ratio channels
+    cram_tau: str = DEFAULT_CRAM_TAU  #: CRAM's initial temperature: D ("dim") or sqrt(D)
     seed: int = 0  #: training seed (initialisation, shuffling)
     #: seed of the embedded default data set; None: ``seed`` (the data set follows the
     #: training seed, as before this option existed)
@@ -109,9 +110,9 @@ def build_model(config: TrainConfig, world: distributed.World):
 #: The loss options of the first formulation (DESIGN §3), which checkpoints written before
 #: these options existed were trained with.
 V1_FORMULATION = {"w_ch": 1.0, "w_sp": 1.0, "w_intra": 1.0, "w_inter": 1.0, "w_c": 0.1,
-                  "w_rd": 0.0, "compact_norm": "sum", "residual_ratio": 1}
+                  "w_rd": 0.0, "compact_norm": "sum", "residual_ratio": 1, "cram_tau": "dim"}
 FORMULATION_FIELDS = ("w_ch", "w_sp", "w_intra", "w_inter", "w_c", "w_rd", "compact_norm",
-                      "residual_ratio")
+                      "residual_ratio", "cram_tau")
 
 
 def formulation(config: TrainConfig) -> dict[str, float | str]:

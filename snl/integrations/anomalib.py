@@ -106,7 +106,8 @@ class SNL(AnomalibModule):
             instance, True for the default, False for none.
         **kwargs: any other :class:`snl.SNL` keyword argument (``w_ch``, ``w_sp``,
             ``w_intra``, ``w_inter``, ``w_c``, ``w_rd``, ``compact_norm``,
-            ``residual_ratio``, ``intra_distance``, ``inter_distance``, ``map_mode``).
+            ``residual_ratio``, ``cram_tau``, ``intra_distance``, ``inter_distance``,
+            ``map_mode``).
 
     Raises:
         ValueError: a bad ``image_size`` or any :class:`snl.SNL` argument out of range.
