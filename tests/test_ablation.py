@@ -89,3 +89,35 @@ def test_runs_one_compare_per_row_and_tables_the_results(ablation, tmp_path, mon
     monkeypatch.setattr(sys, "argv", ["ablation.py", "--rows", "no such row"])
     with pytest.raises(SystemExit, match="unknown rows"):
         ablation.main()
+
+
+def test_cram_assignment_statistics_follow_the_temperature():
+    """scripts/cram_assignments.py: the same model started at tau = D assigns more softly
+    than at tau = sqrt(D) (a softmax's entropy grows with its temperature), within the
+    bounds of an assignment."""
+    import math
+
+    import torch
+
+    import snl
+
+    spec = importlib.util.spec_from_file_location(
+        "cram_assignments_script", SCRIPT.parent / "cram_assignments.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    stats = {}
+    for tau in ("dim", "sqrt"):
+        torch.manual_seed(0)
+        model = snl.SNL("resnet18", pretrained=False, num_centers=4, cram_tau=tau).eval()
+        stats[tau] = module.assignment_stats(model, images)
+        s = stats[tau]
+        assert 0.0 <= s["entropy"] <= s["uniform_entropy"] == pytest.approx(math.log(4))
+        assert 0.25 <= s["top_weight"] <= 1.0
+        assert s["dist_mean"] > 0
+        assert s["dist_std_over_centres"] > 0
+    assert stats["dim"]["tau"] == pytest.approx(512.0)  # resnet18: D = 2 x 256
+    assert stats["sqrt"]["tau"] == pytest.approx(math.sqrt(512.0))
+    assert stats["dim"]["entropy"] > stats["sqrt"]["entropy"]
+    with pytest.raises(ValueError, match="has no CRAM"):
+        module.assignment_stats(snl.SNL("resnet18", pretrained=False, structure="rd"), images)
