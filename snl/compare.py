@@ -42,7 +42,7 @@ from . import distributed, html_report, report
 from .cli import CommandError
 from .cli.console import log
 from .cli.evaluation import evaluate_all
-from .cli.training import TrainConfig, resolve_data, train
+from .cli.training import V1_FORMULATION, TrainConfig, resolve_data, train
 from .data import PROBE_KINDS, TestDataset, check_dataset, make_probes, parse_kinds
 
 SPREAD = "sample standard deviation over training seeds (ddof=1; 0 with one seed)"
@@ -223,7 +223,9 @@ def compare(out_dir: str | os.PathLike, base: TrainConfig, seeds: Sequence[int] 
     settings = _settings_of(config, probes, probe_count, seeds, structures)
     settings_path = out_dir / "settings.json"
     if settings_path.exists():
-        old = json.loads(settings_path.read_text())
+        # A loss option the folder's runs predate had the one behaviour of that time, the
+        # first formulation's (as for checkpoints, TrainConfig.from_saved).
+        old = {**V1_FORMULATION, **json.loads(settings_path.read_text())}
         keep = ("seeds", "structures")
         differ = sorted(k for k in set(old) | set(settings)
                         if k not in keep and old.get(k) != settings.get(k))

@@ -89,5 +89,14 @@ def test_compare_tables_seeds_spread_and_rerun(tmp_path, capsys, monkeypatch):
     assert json.loads((folder / "compare.json").read_text())["summary"] == result["summary"]
     assert_cli_error(capsys, [*argv, "--lr", "0.001"], 1,
                      "holds a comparison with other settings")
+    # A folder written before an option existed (here cram_tau) resumes: its runs had the
+    # behaviour the option's default keeps.
+    settings = folder / "settings.json"
+    saved = json.loads(settings.read_text())
+    del saved["cram_tau"]
+    settings.write_text(json.dumps(saved))
+    trained.clear()
+    assert cli.main(argv) == 0
+    assert trained == []
     assert_cli_error(capsys, [*argv[:3], "--seeds", "1,1"], 2,
                      "--seeds must name distinct integers")
