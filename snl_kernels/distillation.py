@@ -19,6 +19,8 @@ share, per level:
   inter-affinity term;
 - the pooled finer level and its channels' inverse norms, formed once in the forward and
   saved for the backward;
+- on the Gram path (intra-affinity l2 with C < N), the backward's Grams, which the forward's
+  loss kernel writes from its own products when a gradient will be asked for;
 
 and the gradients of every term for a level are added into one buffer. Elsewhere (the CUDA
 backend, the reference, ``torch.compile``, fake tensors) the separate ops run, each with the
