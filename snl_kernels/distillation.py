@@ -36,11 +36,15 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from . import checks, dispatch, precision, reference
+from . import _triton, checks, dispatch, precision, reference
 from ._registration import fast_apply, plain_eager
 from .cosine_distances import spatial_channel_loss
+from .inter_affinity_loss import delta_grad_job as inter_delta_grad_job
 from .inter_affinity_loss import inter_affinity_loss
-from .intra_affinity_loss import intra_affinity_loss
+from .inter_affinity_loss import triton_backward_normalised as inter_normalised
+from .intra_affinity_loss import _signs_shape as signs_shape
+from .intra_affinity_loss import intra_affinity_loss, norm_job, tiled_grad_job
+from .intra_affinity_loss import triton_backward_normalised as intra_normalised
 
 OP = "snl_distillation_loss"
 IMPLEMENTED: tuple[str, ...] = ("triton",)  # the shared path; CUDA runs the separate ops
@@ -136,9 +140,7 @@ class _Shared(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, plan, *tensors):
-        from ._triton import affinity as ka
-        from ._triton import cosine_distances as kc
-        from .intra_affinity_loss import _signs_shape as signs_shape
+        ka, kc = _triton.kernels("affinity"), _triton.kernels("cosine_distances")
 
         terms, intra_distance, inter_distance, levels, grad_enabled = plan
         teachers, students = tensors[:levels], tensors[levels:]
@@ -219,12 +221,7 @@ class _Shared(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        from ._triton import affinity as ka
-        from ._triton import cosine_distances as kc
-        from .inter_affinity_loss import delta_grad_job as inter_delta_grad_job
-        from .inter_affinity_loss import triton_backward_normalised as inter_normalised
-        from .intra_affinity_loss import norm_job, tiled_grad_job
-        from .intra_affinity_loss import triton_backward_normalised as intra_normalised
+        ka, kc = _triton.kernels("affinity"), _triton.kernels("cosine_distances")
 
         terms, intra_distance, inter_distance, levels, _ = ctx.plan
         tensors = ctx.saved_tensors
