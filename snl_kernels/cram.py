@@ -22,7 +22,8 @@ Backward, with upstream gradients G_mu, G_a, G_c:
 so backward is one more read of E and G_mu; the (B N, K) quantities stay on chip.
 
 Backends: ``torch`` (reference), ``triton`` (``snl_kernels/_triton/cram.py``) and ``cuda``
-(``csrc/cram.cu``, K <= 256). Both kernel backends are ``torch.library`` ops with fake
+(cuBLAS products with row kernels between them: ``csrc/cram_host.h``, ``csrc/cram.cu``;
+K <= 256). Both kernel backends are ``torch.library`` ops with fake
 implementations and registered autograd.
 """
 

@@ -61,8 +61,21 @@ def _why_no_cuda_backend() -> str | None:
     return None
 
 
+def _why_no_extension() -> str | None:
+    if torch.version.cuda is None:
+        return f"PyTorch {torch.__version__} is a CPU build: no CUDA extension"
+    from snl_kernels import _cuda
+
+    if not _cuda.load():
+        return (f"extension snl_kernels._C not built ({_cuda.load_error()}); "
+                "run `pip install --no-build-isolation -e .`")
+    return None
+
+
 NO_TRITON = _why_no_triton()
 NO_CUDA_BACKEND = _why_no_cuda_backend()
+#: Why snl_kernels._C cannot be loaded here (None when it can, GPU or not).
+NO_EXTENSION = _why_no_extension()
 
 requires_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU (none visible)")
 

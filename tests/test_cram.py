@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support import ATOL, DEVICE, DTYPES, NO_CUDA_BACKEND, kernel_backends, requires_gpu
+from support import (
+    ATOL,
+    DEVICE,
+    DTYPES,
+    NO_CUDA_BACKEND,
+    NO_EXTENSION,
+    kernel_backends,
+    requires_gpu,
+)
 
 import snl_kernels
 from snl_kernels import reference
@@ -15,8 +23,8 @@ cuda_backend = [
 ]
 
 # (B, D, h, w, K, log_tau), each with the reason it is here. Triton: BLOCK_P = 32,
-# BLOCK_D = 64. CUDA: 8 positions per K-side block, 32 x 128 channels per D-side block,
-# 32-channel chunks, centres in groups of a power of two >= 32.
+# BLOCK_D = 64. CUDA: cuBLAS products, row kernels of 4 positions (one warp each, K over the
+# lanes: 8 per lane at K = 256).
 SHAPES = {
     "odd-positions-and-dims": (2, 40, 3, 5, 7, 1.0),
     "one-centre": (1, 130, 4, 4, 1, 0.5),
@@ -26,7 +34,7 @@ SHAPES = {
     "k-256": (1, 32, 2, 4, 256, 2.0),
     # (log_tau 1: large distances over a small temperature, where the log_tau gradient
     # cancels unless the distances are taken from each row's minimum.)
-    "channels-past-a-wide-block": (1, 129, 3, 3, 40, 1.0),
+    "channels-past-a-block": (1, 129, 3, 3, 40, 1.0),
 }
 
 
@@ -40,7 +48,8 @@ def _inputs(B, D, h, w, K, log_tau, dtype=torch.float32, scale=1.0, seed=0, cent
 
 
 def _check(backend, e, c, t, atol=1e-5, grad_rtol=1e-4):
-    out = snl_kernels.cram(e, c, t, backend=backend)
+    """``backend``: a backend name, or a function of (e, c, t) returning the three outputs."""
+    out = backend(e, c, t) if callable(backend) else snl_kernels.cram(e, c, t, backend=backend)
     e64, c64, t64 = (x.detach().double().requires_grad_(True) for x in (e, c, t))
     ref = reference.cram(e64, c64, t64)
     gen = torch.Generator().manual_seed(5)
@@ -234,3 +243,85 @@ def test_automatic_mode_leaves_many_centres_to_triton():
 def test_wrn50_bottleneck_on_gpu(backend, batch, dtype):
     e, c, t = _inputs(batch, 2048, 8, 8, 64, float(torch.tensor(2048.0).sqrt().log()), dtype=dtype)
     _check(backend, e, c, t, atol=ATOL[dtype], grad_rtol=1e-4 if dtype == torch.float32 else 1e-2)
+
+
+# ---- The CUDA backend's composition (csrc/cram_host.h) through torch.ops.snl on any device:
+# cuBLAS products and the CUDA row kernels on a GPU; on a CPU the same composition with its row
+# steps as ATen ops (csrc/cram_cpu.cpp), so that its layouts, chunks and dtypes are checked on
+# machines without a GPU (the row kernels themselves: tests/test_cuda_emulation.py).
+
+composition = pytest.mark.skipif(NO_EXTENSION is not None, reason=NO_EXTENSION or "")
+
+
+def _composition(e, c, t):
+    return torch.ops.snl.cram_fwd(e, c, t)[:3]
+
+
+@composition
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+def test_composition_matches_reference(shape):
+    _check(_composition, *_inputs(*shape))
+
+
+@composition
+@pytest.mark.parametrize("dtype", DTYPES[1:], ids=str)
+def test_composition_low_precision(dtype):
+    _check(_composition, *_inputs(2, 40, 3, 5, 7, 1.0, dtype=dtype), grad_rtol=1e-2)
+
+
+@composition
+@pytest.mark.parametrize("dtype", DTYPES[:2], ids=str)
+def test_composition_in_chunks(dtype):
+    """K = 256, D = 2048 at 2 x 2: 2.1 MB (float32) or 2.2 MB (float16) of temporaries per
+    image in the backward, so 70 images run in three chunks of the 64 MiB budget."""
+    e, c, t = _inputs(70, 2048, 2, 2, 256, 4.0, dtype=dtype, scale=0.1)
+    _check(_composition, e, c, t, grad_rtol=1e-4 if dtype == torch.float32 else 1e-2)
+
+
+@composition
+def test_composition_layouts():
+    """channels_last and a strided view give the same values and gradients as a dense copy,
+    and the gradient keeps channels_last."""
+    e, c, t = _inputs(2, 48, 6, 10, 5, 1.0)
+    c_half = _inputs(1, 24, 1, 1, 5, 1.0, seed=1)[1]
+    views = {
+        "channels_last": (e.detach().contiguous(memory_format=torch.channels_last), c),
+        "strided": (e.detach()[:, ::2, 1:, ::3], c_half),  # (2, 24, 5, 4), no dense layout
+    }
+    for name, (x, c) in views.items():
+        x = x.requires_grad_(True)
+        same = x.detach().contiguous().requires_grad_(True)
+        a, b = _composition(x, c, t), _composition(same, c, t)
+        (gx,) = torch.autograd.grad(sum(o.sum() for o in a), x)
+        (gs,) = torch.autograd.grad(sum(o.sum() for o in b), same)
+        # fp32 rounding of products taken in another order, relative to each tensor's scale.
+        for u, v in zip([*a, gx], [*b, gs], strict=True):
+            scale = max(v.abs().max().item(), 1.0)
+            torch.testing.assert_close(u / scale, v / scale, atol=2e-6, rtol=0, msg=name)
+        if name == "channels_last":
+            assert gx.is_contiguous(memory_format=torch.channels_last)
+
+
+@composition
+def test_composition_deterministic_bits():
+    e, c, t = _inputs(3, 40, 4, 4, 9, 1.0)
+    runs = []
+    for _ in range(2):
+        out = _composition(e, c, t)
+        runs.append([*out, *torch.autograd.grad(sum(o.sum() for o in out), (e, c, t))])
+    for x, y in zip(*runs, strict=True):
+        assert torch.equal(x, y)
+
+
+@composition
+def test_composition_input_errors():
+    e, c, t = (x.detach() for x in _inputs(2, 8, 3, 3, 5, 0.5))
+    with pytest.raises(RuntimeError, match=r"centers must have width D=8 \(the channels of "
+                                           r"embedding\), got shape \[5, 7\]"):
+        torch.ops.snl.cram_fwd(e, c[:, :7], t)
+    big = _inputs(1, 8, 2, 2, 257, 0.5)[1].detach()
+    with pytest.raises(RuntimeError, match=r"centers must hold 1 to 256 centres"):
+        torch.ops.snl.cram_fwd(e, big, t)
+    central, assign, compact, dist = torch.ops.snl.cram_fwd(e, c, t)
+    with pytest.raises(RuntimeError, match=r"dist must have shape \[18, 5\], got \[18, 4\]"):
+        torch.ops.snl.cram_bwd(e, c, t, assign, dist[:, :4], central, assign, compact)

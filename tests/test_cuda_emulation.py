@@ -84,16 +84,21 @@ def _selftest(check: int, *tensors: torch.Tensor, ints: tuple[int, ...] = ()) ->
 
 
 def test_cuda_cram_backward_memory_at_a_thousand_images():
-    """The CUDA backward's extra buffers at D = 2048, K = 256, B = 1000 at 8 x 8 (issue #16
-    part 4: at most 256 MB): centre-gradient partials (slices, K, D) beside delta (P, K), the
-    rows' delta sums and log-tau terms (P each) and the fp32 centres."""
-    P, K, D = 1000 * 64, 256, 2048
-    slices = int(_selftest(3, ints=(P, K, D)).item())
-    extra = 4 * (slices * K * D + P * K + 2 * P + K * D)
-    assert slices >= 1
-    assert extra <= 256e6, (slices, extra)
-    # The benchmark shape (B = 16, K = 64) keeps one slice per 32-position tile.
-    assert int(_selftest(3, ints=(16 * 64, 64, 2048)).item()) == 32
+    """The CUDA backward's extra memory at D = 2048, K = 256, B = 1000 at 8 x 8 (issue #16
+    part 4: at most 256 MB): delta (P, K), the rows' delta sums and log-tau terms (P each),
+    the fp32 centres and their gradient (K, D each), and one chunk of images' temporaries
+    (csrc/cram_host.h: the (K, D) centre-gradient partial per image and the per-image
+    products; for a half-precision embedding also its fp32 copy and fp32 gradient)."""
+    B, N, K, D = 1000, 64, 256, 2048
+    P = B * N
+    for convert in (0, 1):
+        chunk = int(_selftest(3, ints=(B, D, N, K, convert)).item())
+        per_image = 4 * (K * D + D * N + (2 * D * N if convert else 0))
+        extra = 4 * (P * K + 2 * P + 2 * K * D) + chunk * per_image
+        assert 1 <= chunk < B
+        assert extra <= 256e6, (convert, chunk, extra)
+    # The benchmark shape (B = 16, K = 64) runs in one chunk.
+    assert int(_selftest(3, ints=(16, 2048, 64, 64, 0)).item()) == 16
 
 
 def test_emulated_warp_shuffles_exchange_between_lanes():

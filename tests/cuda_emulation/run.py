@@ -7,7 +7,9 @@ float64. Affinity: the loss to ``LOSS_RTOL`` (relative) and each gradient to ``G
 (norm of the difference over the norm of the reference, plus an absolute floor), the bar of
 tests/test_affinity.py; the launch sequences are csrc/affinity_launch.cuh's, shared with the
 extension. Cosine distances: each output elementwise, each gradient norm-wise; the driver
-(and CRAM's) repeats the .cu file's launches. No driver yet for the anomaly map.
+repeats the .cu file's launches. CRAM: the row kernels inside csrc/cram_host.h's
+composition, whose cuBLAS products are plain loops in the driver (the composition itself is
+tested through its CPU registration, tests/test_cram.py). No driver yet for the anomaly map.
 No GPU, no CUDA toolkit, no extension build needed::
 
     python -m tests.cuda_emulation            # all cases; exit status 1 if any fails
@@ -419,7 +421,8 @@ class CramCase:
 CRAM_CASES = [
     CramCase("cram-odd-sizes", (2, 40, 3, 5), 7, 1.0),
     CramCase("cram-k-not-power-of-two", (1, 64, 4, 4), 33, 3.0),
-    CramCase("cram-channels-past-a-wide-block", (1, 129, 3, 3), 40, 1.0),
+    CramCase("cram-many-channels", (1, 129, 3, 3), 40, 1.0),
+    CramCase("cram-256-centres", (1, 16, 2, 3), 256, 2.0),
     CramCase("cram-channels-last", (2, 24, 3, 11), 5, 1.5, channels_last=True),
 ]
 

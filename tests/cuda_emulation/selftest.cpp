@@ -5,7 +5,8 @@
 //     store it; floats A (8 x 16, [k][row]), B (8 x 16, [k][column]) -> D (16 x 16)
 //   2 a block whose thread 0 waits at __syncwarp, the others at __syncthreads: the run
 //     must stop (deadlock)
-//   3 center_slices (cram_kernels.cuh) of ints P, K, D: 1 float
+//   3 cram_chunk_images(B, cram_backward_bytes_per_image(D, N, K, convert)) (cram_sizes.h) of
+//     ints B, D, N, K, convert: 1 float
 #include "cuda_emulation.h"
 #include "driver.h"
 
@@ -64,8 +65,10 @@ int main() {
       out.resize(64);
       emu::launch(dim3(1), dim3(64), deadlock_kernel, out.data());
     } else if (check == 3) {
-      const int64_t P = in.next(), K = in.next(), D = in.next();
-      out.assign(1, static_cast<float>(snl::center_slices(P, K, D)));
+      const int64_t B = in.next(), D = in.next(), N = in.next(), K = in.next();
+      const bool convert = in.next() != 0;
+      out.assign(1, static_cast<float>(snl::cram_chunk_images(
+                        B, snl::cram_backward_bytes_per_image(D, N, K, convert))));
     } else {
       return false;
     }
