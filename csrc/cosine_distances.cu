@@ -35,8 +35,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cosine_di
   at::Tensor pixel_stats = at::empty({B, 3, N}, f32);
   at::Tensor channel_stats = at::empty({B, 3, C}, f32);
 
-  const int P = fwd_pixels_per_lane(B, N);
-  const int64_t n_tiles = ceil_div(N, int64_t{kWarpSize} * P);
+  const int tile = fwd_tile_pixels(B, N);
+  const int64_t n_tiles = ceil_div(N, int64_t{tile});
   at::Tensor channel_partials = at::empty({B, n_tiles, 3, C}, f32);
 
   const Strides4 st_t = strides_of(teacher), st_s = strides_of(student);
@@ -50,23 +50,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cosine_di
     float* pixel_stats_ptr = pixel_stats.mutable_data_ptr<float>();
     float* pixel_ptr = pixel.mutable_data_ptr<float>();
     float* partials_ptr = channel_partials.mutable_data_ptr<float>();
-    if (P == 4) {
-      cosine_distances_fwd_pixel_kernel<scalar_t, 4><<<pixel_grid, kThreads, 0, stream>>>(
+    // Template arguments: pixels per warp row, pixels per lane.
+    if (tile == 4 * kWarpSize) {
+      cosine_distances_fwd_pixel_kernel<scalar_t, kWarpSize, 4><<<pixel_grid, kThreads, 0, stream>>>(
           t, s, st_t, st_s, B, C, W, N, n_tiles, pixel_stats_ptr, pixel_ptr, partials_ptr);
-    } else if (P == 2) {
-      cosine_distances_fwd_pixel_kernel<scalar_t, 2><<<pixel_grid, kThreads, 0, stream>>>(
+    } else if (tile == 2 * kWarpSize) {
+      cosine_distances_fwd_pixel_kernel<scalar_t, kWarpSize, 2><<<pixel_grid, kThreads, 0, stream>>>(
+          t, s, st_t, st_s, B, C, W, N, n_tiles, pixel_stats_ptr, pixel_ptr, partials_ptr);
+    } else if (tile == kWarpSize) {
+      cosine_distances_fwd_pixel_kernel<scalar_t, kWarpSize, 1><<<pixel_grid, kThreads, 0, stream>>>(
           t, s, st_t, st_s, B, C, W, N, n_tiles, pixel_stats_ptr, pixel_ptr, partials_ptr);
     } else {
-      cosine_distances_fwd_pixel_kernel<scalar_t, 1><<<pixel_grid, kThreads, 0, stream>>>(
-          t, s, st_t, st_s, B, C, W, N, n_tiles, pixel_stats_ptr, pixel_ptr, partials_ptr);
+      cosine_distances_fwd_pixel_kernel<scalar_t, kWarpSize / 2, 1>
+          <<<pixel_grid, kThreads, 0, stream>>>(t, s, st_t, st_s, B, C, W, N, n_tiles,
+                                                pixel_stats_ptr, pixel_ptr, partials_ptr);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 
-  cosine_distances_fwd_channel_kernel<<<static_cast<unsigned>(std::min(B, kMaxGridYZ)), kThreads,
-                                        0, stream>>>(
-      channel_partials.const_data_ptr<float>(), B, C, n_tiles,
-      channel_stats.mutable_data_ptr<float>(), channel.mutable_data_ptr<float>(),
+  const dim3 finish_grid(static_cast<unsigned>(ceil_div(C, kFinishChannels)),
+                         static_cast<unsigned>(std::min(B, kMaxGridYZ)));
+  cosine_distances_fwd_channel_kernel<<<finish_grid, kThreads, 0, stream>>>(
+      channel_partials.const_data_ptr<float>(), pixel_stats.const_data_ptr<float>(), B, C, N,
+      n_tiles, channel_stats.mutable_data_ptr<float>(), channel.mutable_data_ptr<float>(),
       sample.mutable_data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
@@ -99,10 +105,12 @@ std::tuple<at::Tensor, at::Tensor> cosine_distances_bwd_cuda(
   at::Tensor channel_coef = at::empty({B, 3, C}, teacher.options().dtype(at::kFloat));
 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  cosine_distances_bwd_coef_kernel<<<static_cast<unsigned>(std::min(B, kMaxGridYZ)), kThreads, 0,
-                                     stream>>>(
-      channel_stats_c.const_data_ptr<float>(), grad_channel_c.const_data_ptr<float>(),
-      grad_sample_c.const_data_ptr<float>(), B, C, channel_coef.mutable_data_ptr<float>());
+  const dim3 coef_grid(static_cast<unsigned>(ceil_div(C, kCoefChannels)),
+                       static_cast<unsigned>(std::min(B, kMaxGridYZ)));
+  cosine_distances_bwd_coef_kernel<<<coef_grid, kThreads, 0, stream>>>(
+      channel_stats_c.const_data_ptr<float>(), pixel_stats_c.const_data_ptr<float>(),
+      grad_channel_c.const_data_ptr<float>(), grad_sample_c.const_data_ptr<float>(), B, C, N,
+      channel_coef.mutable_data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   const Strides4 st_t = strides_of(teacher), st_s = strides_of(student);

@@ -45,25 +45,30 @@ std::vector<float> run(emu::IntReader& in, emu::FloatReader& data) {
   // Forward.
   std::vector<float> pixel(B * N), channel(B * C), sample(B);
   std::vector<float> pixel_stats(B * 3 * N), channel_stats(B * 3 * C);
-  const int P = snl::fwd_pixels_per_lane(B, N);
-  const int64_t n_tiles = snl::ceil_div(N, int64_t{snl::kWarpSize} * P);
+  const int tile = snl::fwd_tile_pixels(B, N);
+  const int64_t n_tiles = snl::ceil_div(N, int64_t{tile});
   std::vector<float> partials(B * n_tiles * 3 * C);
   const dim3 pixel_grid(static_cast<unsigned>(n_tiles), static_cast<unsigned>(B));
-  auto pixel_kernel = P == 4   ? snl::cosine_distances_fwd_pixel_kernel<float, 4>
-                      : P == 2 ? snl::cosine_distances_fwd_pixel_kernel<float, 2>
-                               : snl::cosine_distances_fwd_pixel_kernel<float, 1>;
+  auto pixel_kernel = tile == 128  ? snl::cosine_distances_fwd_pixel_kernel<float, 32, 4>
+                      : tile == 64 ? snl::cosine_distances_fwd_pixel_kernel<float, 32, 2>
+                      : tile == 32 ? snl::cosine_distances_fwd_pixel_kernel<float, 32, 1>
+                                   : snl::cosine_distances_fwd_pixel_kernel<float, 16, 1>;
   emu::launch(pixel_grid, dim3(kThreads), pixel_kernel, t, s, st_t, st_s, B, C, W, N, n_tiles,
               pixel_stats.data(), pixel.data(), partials.data());
-  emu::launch(dim3(static_cast<unsigned>(B)), dim3(kThreads),
-              snl::cosine_distances_fwd_channel_kernel,
-              static_cast<const float*>(partials.data()), B, C, n_tiles, channel_stats.data(),
-              channel.data(), sample.data());
+  emu::launch(dim3(static_cast<unsigned>(snl::ceil_div(C, snl::kFinishChannels)),
+                   static_cast<unsigned>(B)),
+              dim3(kThreads), snl::cosine_distances_fwd_channel_kernel,
+              static_cast<const float*>(partials.data()),
+              static_cast<const float*>(pixel_stats.data()), B, C, N, n_tiles,
+              channel_stats.data(), channel.data(), sample.data());
 
   // Backward, gradients written contiguous.
   std::vector<float> coef(B * 3 * C), grad_s(B * C * N), grad_t(teacher_grad ? B * C * N : 0);
-  emu::launch(dim3(static_cast<unsigned>(B)), dim3(kThreads),
-              snl::cosine_distances_bwd_coef_kernel,
-              static_cast<const float*>(channel_stats.data()), grad_channel, grad_sample, B, C,
+  emu::launch(dim3(static_cast<unsigned>(snl::ceil_div(C, snl::kCoefChannels)),
+                   static_cast<unsigned>(B)),
+              dim3(kThreads), snl::cosine_distances_bwd_coef_kernel,
+              static_cast<const float*>(channel_stats.data()),
+              static_cast<const float*>(pixel_stats.data()), grad_channel, grad_sample, B, C, N,
               coef.data());
   const snl::Strides4 st_out{C * N, N, W, 1};
   const dim3 grid(static_cast<unsigned>(snl::ceil_div(N, kThreads)),

@@ -334,7 +334,12 @@ COSINE_CASES = [
     CosineCase("cosine", (2, 20, 5, 7)),
     CosineCase("cosine-channels-last", (2, 40, 3, 6), channels_last=True, teacher_grad=False),
     CosineCase("cosine-zero-vectors", (2, 9, 4, 4), zero_vectors=True),
-    CosineCase("cosine-many-pixels", (1, 12, 24, 30)),  # several pixels per lane
+    # Forward tiles (csrc/cosine_distances_kernels.cuh, fwd_tile_pixels): the cases above
+    # take 16-pixel tiles (2 channels per warp step); then 32, 64 and 128.
+    CosineCase("cosine-32-pixel-tiles", (1, 6, 72, 64)),
+    CosineCase("cosine-64-pixel-tiles", (1, 5, 128, 128)),
+    CosineCase("cosine-128-pixel-tiles", (1, 3, 128, 256)),
+    CosineCase("cosine-odd-channels-16-pixel-tiles", (3, 33, 5, 9)),
 ]
 
 
