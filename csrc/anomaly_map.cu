@@ -66,7 +66,8 @@ at::Tensor anomaly_map_distances_cuda(at::TensorList teachers, at::TensorList st
     const int64_t C = teacher.size(1), W = teacher.size(3);
     const int64_t N = teacher.size(2) * W;
     const Strides4 st_t = strides_of(teacher), st_s = strides_of(student);
-    const dim3 grid(static_cast<unsigned>(ceil_div(N, kWarpSize)),
+    const int pixels = distance_pixels(B, N);
+    const dim3 grid(static_cast<unsigned>(ceil_div(N, pixels)),
                     static_cast<unsigned>(std::min(B, kMaxGridY)));
     float* out = m_ptr + k * hk * wk;
     const int warps = distance_warps(B, N);
@@ -74,12 +75,19 @@ at::Tensor anomaly_map_distances_cuda(at::TensorList teachers, at::TensorList st
         teacher.scalar_type(), "anomaly_map_distances", AT_WRAP([&] {
           const scalar_t* t = teacher.const_data_ptr<scalar_t>();
           const scalar_t* s = student.const_data_ptr<scalar_t>();
-          if (warps == 32) {
-            anomaly_map_distance_kernel<scalar_t, 32><<<grid, 32 * kWarpSize, 0, stream>>>(
-                t, s, st_t, st_s, B, C, W, N, out, L * hk * wk, wk);
+          // Fewer than 132 32-pixel blocks implies fewer than 1024: 32 warps.
+          if (pixels < kWarpSize) {
+            anomaly_map_distance_kernel<scalar_t, 32, kWarpSize / 2>
+                <<<grid, 32 * kWarpSize, 0, stream>>>(t, s, st_t, st_s, B, C, W, N, out,
+                                                     L * hk * wk, wk);
+          } else if (warps == 32) {
+            anomaly_map_distance_kernel<scalar_t, 32, kWarpSize>
+                <<<grid, 32 * kWarpSize, 0, stream>>>(t, s, st_t, st_s, B, C, W, N, out,
+                                                     L * hk * wk, wk);
           } else {
-            anomaly_map_distance_kernel<scalar_t, 8><<<grid, 8 * kWarpSize, 0, stream>>>(
-                t, s, st_t, st_s, B, C, W, N, out, L * hk * wk, wk);
+            anomaly_map_distance_kernel<scalar_t, 8, kWarpSize>
+                <<<grid, 8 * kWarpSize, 0, stream>>>(t, s, st_t, st_s, B, C, W, N, out,
+                                                    L * hk * wk, wk);
           }
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }),

@@ -34,21 +34,33 @@ inline int distance_warps(int64_t B, int64_t N) {
   return ceil_div(N, kWarpSize) * B >= 1024 ? 8 : 32;
 }
 
+// Pixels per distance block: 32 (one per lane) while that gives at least 132 blocks (the
+// H200's SMs), else 16, each warp then taking 16 pixels x 2 channels per step (the deepest
+// WRN50 level, 16 x 16 pixels at B = 16: 256 blocks rather than 128). Shape only, as above.
+inline int distance_pixels(int64_t B, int64_t N) {
+  return ceil_div(N, kWarpSize) * B >= 132 ? kWarpSize : kWarpSize / 2;
+}
+
 // max that propagates NaN, as torch.amax does (fmaxf would drop it).
 __device__ __forceinline__ float max_nan(float a, float b) { return (a > b || a != a) ? a : b; }
 
-// Block = 32 pixels of one sample, all channels: lane l takes pixel l (consecutive addresses
-// in NCHW), warp w channels w, w + kDistWarps, ... Per-warp sums are added in warp order: the
-// result does not depend on the strides or the GPU.
-template <typename scalar_t, int kDistWarps>
+// Block = kPix pixels of one sample, all channels. kPix = 32: lane l takes pixel l (consecutive
+// addresses in NCHW), warp w channels w, w + kDistWarps, ...; kPix = 16: lane l takes pixel
+// l % 16 and warp w channels 2 w + l / 16, + 2 kDistWarps, ... Per-group sums are added in
+// group order: the result does not depend on the strides or the GPU.
+template <typename scalar_t, int kDistWarps, int kPix>
 __global__ void __launch_bounds__(kDistWarps * kWarpSize) anomaly_map_distance_kernel(
     const scalar_t* __restrict__ teacher, const scalar_t* __restrict__ student, Strides4 st_t,
     Strides4 st_s, int64_t B, int64_t C, int64_t W, int64_t N, float* __restrict__ out,
     int64_t out_stride_b, int64_t out_stride_h) {
-  __shared__ float partial[3][kDistWarps][kWarpSize];
-  const int warp = threadIdx.x / kWarpSize;
+  constexpr int kSub = kWarpSize / kPix;  // channel groups per warp
+  constexpr int kGroups = kDistWarps * kSub;
+  static_assert(kSub * kPix == kWarpSize, "pixels per block must divide a warp");
+  __shared__ float partial[3][kGroups][kPix];
   const int lane = threadIdx.x % kWarpSize;
-  const int64_t n = static_cast<int64_t>(blockIdx.x) * kWarpSize + lane;
+  const int px = lane % kPix;
+  const int group = (threadIdx.x / kWarpSize) * kSub + lane / kPix;
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * kPix + px;
   const bool valid = n < N;
   const int64_t h = valid ? n / W : 0;
   const int64_t w = valid ? n % W : 0;
@@ -59,7 +71,7 @@ __global__ void __launch_bounds__(kDistWarps * kWarpSize) anomaly_map_distance_k
       const scalar_t* t_px = teacher + b * st_t.b + h * st_t.h + w * st_t.w;
       const scalar_t* s_px = student + b * st_s.b + h * st_s.h + w * st_s.w;
 #pragma unroll 4
-      for (int64_t c = warp; c < C; c += kDistWarps) {
+      for (int64_t c = group; c < C; c += kGroups) {
         // fp32 accumulation whatever the input dtype.
         const float t = static_cast<float>(t_px[c * st_t.c]);
         const float s = static_cast<float>(s_px[c * st_s.c]);
@@ -68,17 +80,17 @@ __global__ void __launch_bounds__(kDistWarps * kWarpSize) anomaly_map_distance_k
         ss = fmaf(s, s, ss);
       }
     }
-    partial[0][warp][lane] = dot;
-    partial[1][warp][lane] = tt;
-    partial[2][warp][lane] = ss;
+    partial[0][group][px] = dot;
+    partial[1][group][px] = tt;
+    partial[2][group][px] = ss;
     __syncthreads();
-    if (warp == 0 && valid) {
+    if (threadIdx.x < kPix && valid) {
       float p_dot = 0.0f, p_tt = 0.0f, p_ss = 0.0f;
 #pragma unroll
-      for (int k = 0; k < kDistWarps; ++k) {
-        p_dot += partial[0][k][lane];
-        p_tt += partial[1][k][lane];
-        p_ss += partial[2][k][lane];
+      for (int g = 0; g < kGroups; ++g) {
+        p_dot += partial[0][g][px];
+        p_tt += partial[1][g][px];
+        p_ss += partial[2][g][px];
       }
       out[b * out_stride_b + h * out_stride_h + w] = cosine_distance(p_dot, p_tt, p_ss);
     }

@@ -1,8 +1,9 @@
 """The CUDA kernels on the CPU emulation (tests/cuda_emulation), against the float64 reference.
 
 No GPU or CUDA toolkit needed, only g++ (the tests skip without it). The kernels' source
-(csrc/*_kernels.cuh: affinity, cosine distances and CRAM; not yet the anomaly map) and the
-launches the extension makes are compiled for the CPU; the same run is
+(csrc/*_kernels.cuh: affinity, cosine distances, CRAM's row kernels and the anomaly map's
+distance kernel; not yet its combine kernel) and the launches the extension makes are
+compiled for the CPU; the same run is
 ``python -m tests.cuda_emulation``.
 """
 
@@ -41,6 +42,14 @@ def test_cosine_distance_kernels_match_reference(cosine_results, case):
     result = cosine_results[case]
     assert result.failures() == []
     assert {"pixel", "channel", "sample", "grad_student"} <= set(result.errors)
+
+
+@pytest.mark.parametrize("case", [c.name for c in emulation.ANOMALY_MAP_CASES])
+def test_anomaly_map_distance_kernel_matches_reference(case):
+    (result,) = emulation.run_anomaly_map(
+        [c for c in emulation.ANOMALY_MAP_CASES if c.name == case])
+    assert result.failures() == []
+    assert set(result.errors) == {"distance", "padding"}
 
 
 @pytest.mark.parametrize("case", [c.name for c in emulation.CRAM_CASES])

@@ -9,7 +9,8 @@ tests/test_affinity.py; the launch sequences are csrc/affinity_launch.cuh's, sha
 extension. Cosine distances: each output elementwise, each gradient norm-wise; the driver
 repeats the .cu file's launches. CRAM: the row kernels inside csrc/cram_host.h's
 composition, whose cuBLAS products are plain loops in the driver (the composition itself is
-tested through its CPU registration, tests/test_cram.py). No driver yet for the anomaly map.
+tested through its CPU registration, tests/test_cram.py). Anomaly map: the per-level
+distance kernel against the reference's pixel distance (no driver yet for the combine).
 No GPU, no CUDA toolkit, no extension build needed::
 
     python -m tests.cuda_emulation            # all cases; exit status 1 if any fails
@@ -405,6 +406,46 @@ def run_cosine(cases: Iterable[CosineCase]) -> list[CosineResult]:
     return results
 
 
+# --------------------------------------------------------------------------- anomaly map
+
+# The per-level distance kernel (the combine kernel has no driver yet). Pixels per block:
+# 16 below 132 blocks of 32 pixels (csrc/anomaly_map_kernels.cuh, distance_pixels), with 32
+# warps below 1024 blocks, else 8.
+ANOMALY_MAP_CASES = [
+    CosineCase("map-16-pixel-blocks", (2, 37, 5, 7)),
+    CosineCase("map-16-pixel-blocks-channels-last", (3, 20, 4, 9), channels_last=True),
+    CosineCase("map-32-pixel-blocks-32-warps", (2, 9, 40, 60)),
+    CosineCase("map-32-pixel-blocks-8-warps", (1, 5, 160, 208)),
+    CosineCase("map-zero-vectors", (2, 9, 4, 4), zero_vectors=True),
+]
+
+
+def run_anomaly_map(cases: Iterable[CosineCase]) -> list[CosineResult]:
+    from snl_kernels import reference
+
+    cases = list(cases)
+    if not cases:
+        return []
+    exe = build("anomaly_map")
+    records, inputs = [], []
+    for case in cases:
+        xs, _ = cosine_inputs(case)
+        inputs.append(xs)
+        strides, storages = zip(*(_storage(x) for x in xs), strict=True)
+        records.append(([*case.shape, *strides[0], *strides[1]], list(storages)))
+    results = []
+    for case, xs, flat in zip(cases, inputs, run_driver(exe, records), strict=True):
+        B, C, H, W = case.shape
+        m = flat.reshape(B, H, W + 1)
+        r = reference.cosine_distances(*(x.double() for x in xs)).pixel
+        err = (m[..., :W].double() - r).abs()
+        allowed = COS_ATOL + COS_RTOL * r.abs()
+        errors = {"distance": ((err / allowed).max().item(), 1.0),
+                  "padding": (m[..., W].abs().max().item(), 0.0)}
+        results.append(CosineResult(case.name, errors, {"m": m.reshape(-1)}))
+    return results
+
+
 # --------------------------------------------------------------------------- CRAM
 
 CRAM_ATOL = 1e-5  # forward, elementwise, over max(|reference|, 1) (tests/test_cram.py's bar)
@@ -506,6 +547,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     results = [*run_affinity(c for c in AFFINITY_CASES if args.k in c.name),
                *run_cosine(c for c in COSINE_CASES if args.k in c.name),
+               *run_anomaly_map(c for c in ANOMALY_MAP_CASES if args.k in c.name),
                *run_cram(c for c in CRAM_CASES if args.k in c.name)]
     failed = 0
     for r in results:
