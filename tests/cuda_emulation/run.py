@@ -435,7 +435,7 @@ def run_anomaly_map(cases: Iterable[CosineCase]) -> list[CosineResult]:
         records.append(([*case.shape, *strides[0], *strides[1]], list(storages)))
     results = []
     for case, xs, flat in zip(cases, inputs, run_driver(exe, records), strict=True):
-        B, C, H, W = case.shape
+        B, _, H, W = case.shape
         m = flat.reshape(B, H, W + 1)
         r = reference.cosine_distances(*(x.double() for x in xs)).pixel
         err = (m[..., :W].double() - r).abs()
