@@ -325,3 +325,16 @@ def test_composition_input_errors():
     central, assign, compact, dist = torch.ops.snl.cram_fwd(e, c, t)
     with pytest.raises(RuntimeError, match=r"dist must have shape \[18, 5\], got \[18, 4\]"):
         torch.ops.snl.cram_bwd(e, c, t, assign, dist[:, :4], central, assign, compact)
+
+
+@composition
+def test_composition_opcheck():
+    """The schema, fake functions and registered autograd agree with the CPU registration."""
+    e, c, t = _inputs(2, 16, 2, 3, 5, 0.5)
+    torch.library.opcheck(torch.ops.snl.cram_fwd.default, (e, c, t))
+    e_cl = e.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    torch.library.opcheck(torch.ops.snl.cram_fwd.default, (e_cl, c, t))
+    central, assign, compact, dist = torch.ops.snl.cram_fwd(e.detach(), c.detach(), t.detach())
+    grads = [torch.randn_like(x) for x in (central, assign, compact)]
+    torch.library.opcheck(torch.ops.snl.cram_bwd.default,
+                          (e.detach(), c.detach(), t.detach(), assign, dist, *grads))
