@@ -65,7 +65,8 @@ __device__ __forceinline__ CosineGradCoef cosine_distance_grad_coef(float dot, f
 // Sums each row of stats (3, C) over C in a fixed order (strided per thread, then a tree): with
 // the pixel statistics (3, N) of a sample, its sample sums, derived bit-identically by the
 // forward's finish and the backward's coefficients. Call with all kThreads threads of the block.
-__device__ void block_sum3(const float* __restrict__ stats, int64_t C, float out[3]) {
+__device__ __forceinline__ void block_sum3(const float* __restrict__ stats, int64_t C,
+                                           float out[3]) {
   __shared__ float partial[3][kThreads];
   float acc[3] = {0.0f, 0.0f, 0.0f};
   for (int64_t c = threadIdx.x; c < C; c += kThreads) {

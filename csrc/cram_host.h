@@ -128,6 +128,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   const bool convert = embedding.scalar_type() != at::kFloat;
   const int64_t chunk = cram_chunk_images(B, cram_backward_bytes_per_image(D, N, K, convert));
   const at::Tensor a = assign_c.view({B, K, N});
+  // The centre gradient's per-image partials, written by bmm_out (at::bmm may route to a
+  // Python override for some shapes in recent PyTorch; the out variant does not).
+  at::Tensor partials = at::empty({chunk, K, D}, f32);
   for (int64_t b0 = 0; b0 < B; b0 += chunk) {
     const int64_t nb = std::min(chunk, B - b0);
     const at::Tensor e = images_f32(embedding, b0, nb);  // (nb, D, N)
@@ -142,7 +145,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     at::baddbmm_out(ge, scaled, c.t().expand({nb, D, K}), delta_t, 2.0, -2.0);
     if (!direct) grad_embedding.narrow(0, b0, nb).copy_(ge.view({nb, D, H, W}));
     // The centre gradient's two products over the chunk's positions: (K, N) x (N, D) per image.
-    at::Tensor part = at::bmm(a.narrow(0, b0, nb), g_mu.narrow(0, b0, nb).transpose(1, 2));
+    at::Tensor part = partials.narrow(0, 0, nb);
+    at::bmm_out(part, a.narrow(0, b0, nb), g_mu.narrow(0, b0, nb).transpose(1, 2));
     part.baddbmm_(delta_t, e.transpose(1, 2), 1.0, -2.0);
     grad_c.add_(part.sum(0));
   }
