@@ -56,6 +56,7 @@ ROWS: dict[str, tuple[str, dict]] = {
     "structural terms 0.03, compactness 0.1": ("snl", _weights(0.03, w_c=0.1, w_rd=1.0)),
     "structural terms 0.01, compactness 0.03": ("snl", _weights(0.01, w_c=0.03, w_rd=1.0)),
     "structural terms 0.01, compactness 0.3": ("snl", _weights(0.01, w_c=0.3, w_rd=1.0)),
+    "structural terms 0.003, compactness 0.1": ("snl", _weights(0.003, w_c=0.1, w_rd=1.0)),
     "RD4AD baseline, 24 epochs": ("rd", {"epochs": 24}),
     "default, 24 epochs": ("snl", _weights(0.01, w_c=0.1, w_rd=1.0, epochs=24)),
     "default, per-pixel cosine 1": ("snl", _weights(0.01, w_ch=1.0, w_c=0.1, w_rd=1.0)),
