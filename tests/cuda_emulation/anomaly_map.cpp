@@ -10,27 +10,15 @@
 #include "driver.h"
 
 #include "anomaly_map_kernels.cuh"
+#include "strides4.h"
 
 namespace {
 
-snl::Strides4 read_strides(emu::IntReader& in) {
-  snl::Strides4 st;
-  st.b = in.next();
-  st.c = in.next();
-  st.h = in.next();
-  st.w = in.next();
-  return st;
-}
-
-int64_t storage_size(int64_t B, int64_t C, int64_t H, int64_t W, const snl::Strides4& st) {
-  return (B - 1) * st.b + (C - 1) * st.c + (H - 1) * st.h + (W - 1) * st.w + 1;
-}
-
 std::vector<float> run(emu::IntReader& in, emu::FloatReader& data) {
   const int64_t B = in.next(), C = in.next(), H = in.next(), W = in.next();
-  const snl::Strides4 st_t = read_strides(in), st_s = read_strides(in);
-  const float* t = data.next(storage_size(B, C, H, W, st_t));
-  const float* s = data.next(storage_size(B, C, H, W, st_s));
+  const snl::Strides4 st_t = emu::read_strides4(in), st_s = emu::read_strides4(in);
+  const float* t = data.next(emu::storage_size4(B, C, H, W, st_t));
+  const float* s = data.next(emu::storage_size4(B, C, H, W, st_s));
   const int64_t N = H * W, wk = W + 1;
   std::vector<float> m(B * H * wk, 0.0f);
   const int pixels = snl::distance_pixels(B, N);

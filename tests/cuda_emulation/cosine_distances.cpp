@@ -10,34 +10,21 @@
 #include "driver.h"
 
 #include "cosine_distances_kernels.cuh"
+#include "strides4.h"
 
 namespace {
 
 using snl::kThreads;
 
-int64_t storage_size(const int64_t (&shape)[4], const snl::Strides4& st) {
-  return (shape[0] - 1) * st.b + (shape[1] - 1) * st.c + (shape[2] - 1) * st.h +
-         (shape[3] - 1) * st.w + 1;
-}
-
-snl::Strides4 read_strides(emu::IntReader& in) {
-  snl::Strides4 st;
-  st.b = in.next();
-  st.c = in.next();
-  st.h = in.next();
-  st.w = in.next();
-  return st;
-}
-
 std::vector<float> run(emu::IntReader& in, emu::FloatReader& data) {
   int64_t shape[4];
   for (int64_t& d : shape) d = in.next();
-  const snl::Strides4 st_t = read_strides(in), st_s = read_strides(in);
+  const snl::Strides4 st_t = emu::read_strides4(in), st_s = emu::read_strides4(in);
   const bool teacher_grad = in.next() != 0;
   const int64_t B = shape[0], C = shape[1], W = shape[3], N = shape[2] * shape[3];
   if (B > snl::kMaxGridYZ) emu::fail("driver: B over one grid");
-  const float* t = data.next(storage_size(shape, st_t));
-  const float* s = data.next(storage_size(shape, st_s));
+  const float* t = data.next(emu::storage_size4(shape[0], shape[1], shape[2], shape[3], st_t));
+  const float* s = data.next(emu::storage_size4(shape[0], shape[1], shape[2], shape[3], st_s));
   const float* grad_pixel = data.next(B * N);
   const float* grad_channel = data.next(B * C);
   const float* grad_sample = data.next(B);

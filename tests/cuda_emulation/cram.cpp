@@ -13,6 +13,7 @@
 #include "driver.h"
 
 #include "cram_kernels.cuh"
+#include "strides4.h"
 
 namespace {
 
@@ -20,16 +21,10 @@ std::vector<float> run(emu::IntReader& in, emu::FloatReader& data) {
   int64_t shape[4];
   for (int64_t& d : shape) d = in.next();
   const int64_t K = in.next();
-  snl::Strides4 st_e;
-  st_e.b = in.next();
-  st_e.c = in.next();
-  st_e.h = in.next();
-  st_e.w = in.next();
+  const snl::Strides4 st_e = emu::read_strides4(in);
   const int64_t B = shape[0], D = shape[1], H = shape[2], W = shape[3];
   const int64_t N = H * W, P = B * N;
-  const int64_t storage =
-      (B - 1) * st_e.b + (D - 1) * st_e.c + (H - 1) * st_e.h + (W - 1) * st_e.w + 1;
-  const float* embedding = data.next(storage);
+  const float* embedding = data.next(emu::storage_size4(B, D, H, W, st_e));
   const float* centers = data.next(K * D);
   const float* log_tau = data.next(1);
   const float* grad_central = data.next(B * D * N);
