@@ -13,11 +13,13 @@ well under 1 us for the body itself (``benchmarks/bench_host_overhead.py``). So 
 :class:`KernelOp` runs a Triton op's Python body directly, inside a plain
 ``torch.autograd.Function`` built from the *same* ``setup_context`` and backward formula,
 whenever the call is plain eager PyTorch: not under ``torch.compile``, not inside a
-``TorchDispatchMode`` (fake tensors, ``opcheck``, flop counters), no tensor subclass (a
-``Parameter`` counts as plain) or functorch-wrapped tensor among the arguments. Anything
-else takes the registered op, which is what compiles, traces and exports. The Function is
-applied through :func:`fast_apply`, which skips ``Function.apply``'s Python wrapper. The
-CUDA backend's ops (C++ kernels with Python autograd) keep the registered path.
+``TorchDispatchMode`` (fake tensors, ``opcheck``, flop counters), no functorch transform
+(``torch.func``) active, no tensor subclass (a ``Parameter`` counts as plain) or
+functorch-wrapped tensor among the arguments. Anything else takes the registered op, which
+is what compiles, traces and exports. The Function is applied through the C++ ``apply``,
+which skips ``Function.apply``'s Python wrapper, and only where an input requires grad with
+grad mode on; otherwise the body runs alone. The CUDA backend's ops (C++ kernels with Python
+autograd) keep the registered path.
 """
 
 from __future__ import annotations
@@ -35,6 +37,11 @@ _dispatch_modes = torch._C._len_torch_dispatch_stack
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
+_is_compiling = torch.compiler.is_compiling
+_transforms_active = torch._C._are_functorch_transforms_active
+_grad_enabled = torch.is_grad_enabled
+
+
 def _plain(value) -> bool:
     if type(value) in _PLAIN_TYPES:
         return _is_wrapped is None or not _is_wrapped(value)
@@ -47,9 +54,12 @@ def _plain(value) -> bool:
 
 def plain_eager(args) -> bool:
     """Whether a call with these arguments is plain eager PyTorch (see the module doc)."""
-    if torch.compiler.is_compiling() or _dispatch_modes() > 0:
+    if _is_compiling() or _dispatch_modes() > 0 or _transforms_active():
         return False
-    return all(_plain(a) for a in args)
+    # With no functorch transform active no argument can be functorch-wrapped (those tensors
+    # live inside a transform), so a tensor needs only its type checked: this runs on every
+    # op call.
+    return all(type(value) in _PLAIN_TYPES or _plain(value) for value in args)
 
 
 def fast_apply(function: type[torch.autograd.Function]) -> Callable:
@@ -75,22 +85,15 @@ def fast_apply(function: type[torch.autograd.Function]) -> Callable:
     return apply
 
 
-def _any_requires_grad(inputs) -> bool:
-    for x in inputs:
-        if isinstance(x, torch.Tensor) and x.requires_grad:
-            return True
-    return False
-
-
 class _Inputs:
     """What the backward formula sees of an eager call's ctx: every attribute of ``ctx``, with
-    ``needs_input_grad`` of the op's inputs only (not of the output holder after them)."""
+    ``needs_input_grad`` of the op's inputs only (not of the output holder before them)."""
 
     __slots__ = ("_ctx", "needs_input_grad")
 
     def __init__(self, ctx) -> None:
         self._ctx = ctx
-        self.needs_input_grad = ctx.needs_input_grad[:-1]
+        self.needs_input_grad = ctx.needs_input_grad[1:]
 
     def __getattr__(self, name: str):
         return getattr(self._ctx, name)
@@ -101,61 +104,90 @@ def eager_function(forward: Callable, backward_op: Callable,
                    setup_context: Callable, differentiable: int | None = None) -> Callable:
     """``forward`` (an op's Python body) with the op's autograd, as a plain
     ``torch.autograd.Function``: the same ``setup_context`` and backward formula as the
-    registered op, around ``backward_op`` (the backward op's Python body), applied with
-    :func:`fast_apply`.
+    registered op, around ``backward_op`` (the backward op's Python body), applied through
+    the C++ ``apply`` (as :func:`fast_apply`; :class:`KernelOp` calls it only in plain eager
+    mode, where no functorch transform is active).
 
     ``differentiable``: how many leading outputs carry gradients (None: all); the others
     (saved statistics, sign bits) are returned beside the Function, not through it, which
     saves autograd's per-output bookkeeping; the formula gets None for their gradients.
     """
     backward = make_backward(backward_op)
+    # The outputs kept out of the Function get None gradients; their number is the op's,
+    # the same on every call (kept here rather than on each call's ctx).
+    rest: list = []
 
     class _Op(torch.autograd.Function):
-        # The last argument is a list that receives the body's whole output, so that
-        # setup_context and the caller see the outputs kept out of the Function.
+        # A Function in the older style (``forward`` takes ``ctx``), which saves the separate
+        # ``setup_context`` call from C++ (functorch transforms need the newer style; they
+        # take the registered op). The first argument is a list that receives the body's
+        # whole output, so that the caller sees the outputs kept out of the Function.
         @staticmethod
-        def forward(*args):
-            output = forward(*args[:-1])
-            args[-1].append(output)
-            return output if differentiable is None else output[:differentiable]
-
-        @staticmethod
-        def setup_context(ctx, args, _output):
-            output = args[-1][0]
-            setup_context(ctx, args[:-1], output)
+        def forward(ctx, held, *inputs):
+            output = forward(*inputs)
+            held.append(output)
+            setup_context(ctx, inputs, output)
             ctx.set_materialize_grads(False)
-            ctx.rest = 0 if differentiable is None else len(output) - differentiable
+            if differentiable is None:
+                return output
+            if not rest:
+                rest.extend([None] * (len(output) - differentiable))
+            return output[:differentiable]
 
         @staticmethod
         def backward(ctx, *grads):
-            return (*backward(_Inputs(ctx), *grads, *([None] * ctx.rest)), None)
+            return (None, *backward(_Inputs(ctx), *grads, *rest))
 
-    apply = fast_apply(_Op)
+    apply = super(torch.autograd.Function, _Op).apply
 
     def call(*inputs):
-        if torch.is_grad_enabled() and _any_requires_grad(inputs):
-            held: list = []
-            output = apply(*inputs, held)
-            if differentiable is None:
-                return output
-            return (*output, *held[0][differentiable:])
-        return forward(*inputs)
+        held: list = []
+        output = apply(held, *inputs)
+        if differentiable is None:
+            return output
+        return (*output, *held[0][differentiable:])
 
+    call.apply = apply  # type: ignore[attr-defined]  # KernelOp inlines call
+    call.differentiable = differentiable  # type: ignore[attr-defined]
     return call
 
 
 class KernelOp:
-    """A kernel backend's forward op: ``eager`` (the op's body, with its autograd) for plain
-    eager calls, the registered ``op`` otherwise (:func:`plain_eager`)."""
+    """A kernel backend's forward op: for plain eager calls (:func:`plain_eager`) ``eager``
+    (the op's body inside its autograd Function) where an input requires grad and grad mode
+    is on, else ``body`` (the op's body alone); the registered ``op`` otherwise."""
 
-    def __init__(self, op: Callable, eager: Callable | None = None) -> None:
+    def __init__(self, op: Callable, eager: Callable | None = None,
+                 body: Callable | None = None) -> None:
         self.op = op
         self.eager = eager
+        self.body = body if body is not None else eager
+        # An eager_function's Function, applied here rather than through its wrapper.
+        self.apply = getattr(eager, "apply", None)
+        self.differentiable = getattr(eager, "differentiable", None)
 
     def __call__(self, *args):
-        if self.eager is not None and plain_eager(args):
+        if (self.eager is None or _is_compiling() or _dispatch_modes() > 0
+                or _transforms_active()):
+            return self.op(*args)
+        # plain_eager's argument test and the requires-grad test in one pass (this runs on
+        # every op call).
+        grad = False
+        for value in args:
+            if type(value) in _PLAIN_TYPES:
+                if value.requires_grad:
+                    grad = True
+            elif not _plain(value):
+                return self.op(*args)
+        if not grad or not _grad_enabled():
+            return self.body(*args)
+        if self.apply is None:
             return self.eager(*args)
-        return self.op(*args)
+        held: list = []  # eager_function's call, inlined (this runs on every op call)
+        output = self.apply(held, *args)
+        if self.differentiable is None:
+            return output
+        return (*output, *held[0][self.differentiable:])
 
 
 def register_kernel_ops(fwd: str, bwd: str, triton_bwd: Callable, fake_fwd: Callable,
@@ -190,7 +222,9 @@ def register_kernel_ops(fwd: str, bwd: str, triton_bwd: Callable, fake_fwd: Call
                                         setup_context=setup_context)
         op = getattr(getattr(torch.ops, namespace), fwd)
         eager = None
+        body = None
         if backend == "triton" and triton_bodies is not None:
             eager = eager_function(*triton_bodies, make_backward, setup_context, differentiable)
-        forward[backend] = KernelOp(op, eager)
+            body = triton_bodies[0]
+        forward[backend] = KernelOp(op, eager, body)
     return forward

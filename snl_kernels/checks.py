@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FLOAT_DTYPE_SET = frozenset(FLOAT_DTYPES)
 
 
 def _shape(x: Tensor) -> tuple[int, ...]:
@@ -59,11 +60,12 @@ def check_features(op: str, teacher: object, student: object,
     """Check a teacher/student pair of (B, C, H, W) feature maps."""
     # The common case in a few attribute reads (this runs on every op call); anything else
     # goes through the checks that name the problem.
-    if (type(teacher) is Tensor and type(student) is Tensor and teacher.dim() == 4
-            and teacher.dtype in FLOAT_DTYPES and teacher.dtype == student.dtype
-            and teacher.shape == student.shape and teacher.device == student.device
-            and teacher.numel() > 0):
-        return
+    if type(teacher) is Tensor and type(student) is Tensor:
+        dtype, shape = teacher.dtype, teacher.shape
+        if (dtype is student.dtype and dtype in _FLOAT_DTYPE_SET and len(shape) == 4
+                and shape == student.shape and 0 not in shape
+                and teacher.device == student.device):
+            return
     check_tensor(op, names[0], teacher, 4, "(B, C, H, W)")
     check_tensor(op, names[1], student, 4, "(B, C, H, W)")
     pair = [teacher, student]

@@ -58,7 +58,7 @@ def _triton_kernels():
 
 
 def _triton_fwd_body(teacher: Tensor, student: Tensor):
-    return _triton_kernels().forward(teacher, student, EPS)
+    return _triton.kernels("cosine_distances").forward(teacher, student, EPS)
 
 
 def _triton_bwd_body(teacher, student, pixel_stats, channel_stats, grad_pixel, grad_channel,
@@ -149,8 +149,7 @@ def cosine_distances(
     chosen = dispatch.select_backend(OP, backend, (teacher, student), IMPLEMENTED, why_not=why_not)
     if chosen == "torch":
         return reference.cosine_distances(teacher, student)
-    pixel, channel, sample, _, _ = _FORWARD_OPS[chosen](teacher, student)
-    return CosineDistances(pixel, channel, sample)
+    return CosineDistances._make(_FORWARD_OPS[chosen](teacher, student)[:3])
 
 
 def spatial_channel_loss(

@@ -91,15 +91,27 @@ def triton_interpreted() -> bool:
 _TRITON_DEVICES = frozenset(("cpu", "cuda"))
 
 
-def _devices(tensors: Sequence[Tensor]) -> set[str]:
+_ONLY_CUDA = frozenset(("cuda",))
+_ONLY_CPU = frozenset(("cpu",))
+_CPU_AND_CUDA = frozenset(("cpu", "cuda"))
+
+
+def _devices(tensors: Sequence[Tensor]) -> frozenset[str]:
     # is_cuda / is_cpu first: reading ``.device.type`` costs about 1 us of host time per
     # tensor on this project's CPU, and this runs on every op call.
-    return {"cuda" if t.is_cuda else "cpu" if t.is_cpu else t.device.type for t in tensors}
+    cuda = 0
+    for t in tensors:
+        if t.is_cuda:
+            cuda += 1
+        elif not t.is_cpu:
+            return frozenset("cuda" if x.is_cuda else "cpu" if x.is_cpu else x.device.type
+                             for x in tensors)
+    return _ONLY_CUDA if cuda == len(tensors) else _ONLY_CPU if cuda == 0 else _CPU_AND_CUDA
 
 
 def unavailable_reasons(
     backend: str, op: str, tensors: Sequence[Tensor], implemented: Sequence[str],
-    why_not: str | None = None, devices: set[str] | None = None,
+    why_not: str | None = None, devices: frozenset[str] | set[str] | None = None,
 ) -> list[str]:
     """Every reason ``backend`` cannot run ``op`` on ``tensors`` (empty list: it can).
 

@@ -208,7 +208,7 @@ def _register(backend: str, fwd: str, bwd: str, bwd_op) -> None:
 _register("triton", "snl_triton::intra_affinity_fwd", "snl_triton::intra_affinity_bwd",
           _triton_bwd)
 _FORWARD_OPS = {"triton": KernelOp(torch.ops.snl_triton.intra_affinity_fwd, eager_function(
-    _triton_fwd_body, _triton_bwd_body, _make_backward, _setup_context))}
+    _triton_fwd_body, _triton_bwd_body, _make_backward, _setup_context), _triton_fwd_body)}
 if _cuda.has_op("intra_affinity_fwd"):
     _register("cuda", "snl::intra_affinity_fwd", "snl::intra_affinity_bwd",
               torch.ops.snl.intra_affinity_bwd.default)

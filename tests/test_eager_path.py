@@ -92,6 +92,35 @@ def test_public_eager_call_skips_the_registered_op(monkeypatch):
         snl_kernels.cosine_distances(t, s, backend="triton")
 
 
+def test_eager_call_runs_the_body_alone_without_grad_and_the_registered_op_under_transforms(
+        monkeypatch):
+    """No input requiring grad (or grad mode off): the body alone, no autograd node; a
+    functorch transform active: the registered op, even for plain tensors captured from
+    outside the transform (the eager Function is of the style functorch rejects)."""
+    kernel_op = cosine_distances._FORWARD_OPS["triton"]
+    calls = []
+
+    def registered(*args):
+        calls.append(args)
+        return ()
+
+    monkeypatch.setattr(kernel_op, "op", registered)
+    t, s = features((1, 8, 3, 3))
+    assert all(out.grad_fn is None for out in kernel_op(t, s))
+    s.requires_grad_(True)
+    with torch.no_grad():
+        assert all(out.grad_fn is None for out in kernel_op(t, s))
+    assert kernel_op(t, s)[0].grad_fn is not None
+    assert calls == []
+
+    def f(x):
+        kernel_op(t, s)
+        return x.sum()
+
+    torch.func.grad(f)(torch.ones(2))
+    assert len(calls) == 1
+
+
 class _Recording(TorchDispatchMode):
     def __init__(self):
         super().__init__()
