@@ -145,8 +145,8 @@ def cosine_distances(
         BackendUnavailableError: the requested backend cannot run here (with the reasons).
     """
     checks.check_features(OP, teacher, student)
-    why_not = "float64 inputs run on the reference only" if teacher.dtype == torch.float64 else None
-    chosen = dispatch.select_backend(OP, backend, (teacher, student), IMPLEMENTED, why_not=why_not)
+    why_not = "float64 inputs run on the reference only" if teacher.dtype is torch.float64 else None
+    chosen = dispatch.select_backend(OP, backend, (teacher, student), IMPLEMENTED, None, why_not)
     if chosen == "torch":
         return reference.cosine_distances(teacher, student)
     return CosineDistances._make(_FORWARD_OPS[chosen](teacher, student)[:3])

@@ -121,9 +121,14 @@ def unavailable_reasons(
     """
     if backend == "torch":
         return []
-    reasons: list[str] = []
     if devices is None:
         devices = _devices(tensors)
+    # The common case first, without building the list (this runs on every op call).
+    if (backend == "triton" and not why_not and _triton_checked and _triton_error is None
+            and backend in implemented
+            and (devices is _ONLY_CUDA or (devices is _ONLY_CPU and triton_interpreted()))):
+        return []
+    reasons: list[str] = []
     if backend not in implemented:
         reasons.append(f"{op} has no {backend} implementation yet")
     if why_not:
