@@ -106,7 +106,9 @@ def _devices(tensors: Sequence[Tensor]) -> frozenset[str]:
         elif not t.is_cpu:
             return frozenset("cuda" if x.is_cuda else "cpu" if x.is_cpu else x.device.type
                              for x in tensors)
-    return _ONLY_CUDA if cuda == len(tensors) else _ONLY_CPU if cuda == 0 else _CPU_AND_CUDA
+    if cuda == 0:
+        return _ONLY_CPU if tensors else frozenset()
+    return _ONLY_CUDA if cuda == len(tensors) else _CPU_AND_CUDA
 
 
 def unavailable_reasons(

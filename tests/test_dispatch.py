@@ -72,6 +72,24 @@ def test_unimplemented_backend_lists_every_reason():
     assert "the CUDA kernels need CUDA tensors" in msg
 
 
+def test_device_kinds_and_the_triton_reasons_beside_the_common_case():
+    cpu, meta = torch.zeros(1), torch.zeros(1, device="meta")
+    assert dispatch._devices([cpu, cpu]) == {"cpu"}
+    assert dispatch._devices([cpu, meta]) == {"cpu", "meta"}
+    assert dispatch._devices([]) == set()
+    if HAS_GPU:
+        gpu = torch.zeros(1, device="cuda")
+        assert dispatch._devices([gpu, gpu]) == {"cuda"}
+        assert dispatch._devices([gpu, cpu]) == {"cpu", "cuda"}
+    # Whatever answers the runnable case first, every other case still gets its reasons.
+    if NO_TRITON is None:
+        reasons = dispatch.unavailable_reasons("triton", "op", [cpu], ("triton",), "no float64")
+        assert "no float64" in reasons
+        reasons = dispatch.unavailable_reasons("triton", "op", [cpu, meta], ("cuda",))
+        assert "op has no triton implementation yet" in reasons
+        assert any("['meta']" in r for r in reasons)
+
+
 @pytest.mark.skipif(NO_CUDA_BACKEND is None, reason="the CUDA backend is available here")
 def test_cuda_unavailable_reason_names_the_cause():
     t, s = features((1, 2, 3, 3), device="cpu")
