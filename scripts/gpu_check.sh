@@ -183,7 +183,7 @@ step tests "${LIMIT_TESTS:-90}" "$OUT/tests.log" "${PYTEST[@]}" \
 # ---------------------------------------------------------------- kernel-provider benchmarks
 # The fused training loss and CRAM first: their targets are the open ones.
 # shellcheck disable=SC2206
-BENCH_FILES=(${BENCH_FILES:-benchmarks/bench_copy.py benchmarks/bench_distillation.py benchmarks/bench_cram.py benchmarks/bench_cosine_distances.py benchmarks/bench_anomaly_map.py benchmarks/bench_affinity.py})
+BENCH_FILES=(${BENCH_FILES:-benchmarks/bench_copy.py benchmarks/bench_distillation.py benchmarks/bench_cram.py benchmarks/bench_cosine_distances.py benchmarks/bench_anomaly_map.py benchmarks/bench_affinity.py benchmarks/bench_host_overhead.py})
 BENCH_OPTS=(--benchmark-only --benchmark-min-rounds=10 --benchmark-max-time=0.1
   --benchmark-warmup=off -p no:cacheprovider -q)
 step bench "${LIMIT_BENCH:-80}" "$OUT/bench.log" "${PYTEST[@]}" "${BENCH_FILES[@]}" \
