@@ -8,9 +8,9 @@ same autograd formula, built around each backend's own backward op.
 
 Eager path. A call through ``torch.library`` costs tens of microseconds of host time in
 eager mode (the dispatcher, then the Python autograd kernel that ``register_autograd``
-installs, then the op's Python body): about 60 us per call on this project's CPU against
-well under 1 us for the body itself (``benchmarks/bench_host_overhead.py``). So a
-:class:`KernelOp` runs a Triton op's Python body directly, inside a plain
+installs, then the op's Python body): 25-35 us per call with autograd on this project's
+CPU against well under 1 us for the body itself (``benchmarks/bench_host_overhead.py``). So
+a :class:`KernelOp` runs a Triton op's Python body directly, inside a plain
 ``torch.autograd.Function`` built from the *same* ``setup_context`` and backward formula,
 whenever the call is plain eager PyTorch: not under ``torch.compile``, not inside a
 ``TorchDispatchMode`` (fake tensors, ``opcheck``, flop counters), no functorch transform
@@ -18,8 +18,10 @@ whenever the call is plain eager PyTorch: not under ``torch.compile``, not insid
 functorch-wrapped tensor among the arguments. Anything else takes the registered op, which
 is what compiles, traces and exports. The Function is applied through the C++ ``apply``,
 which skips ``Function.apply``'s Python wrapper, and only where an input requires grad with
-grad mode on; otherwise the body runs alone. The CUDA backend's ops (C++ kernels with Python
-autograd) keep the registered path.
+grad mode on; otherwise the body runs alone. For the CUDA backend the body is the
+extension's C++ op called below autograd (:func:`below_autograd`): through the dispatcher
+its registered Python autograd kernel costs about 15 us per call with autograd on this CPU
+(``bench_host_overhead``'s CUDA-path providers).
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ _dispatch_modes = torch._C._len_torch_dispatch_stack
 #: ``__torch_function__``, so it dispatches as a plain tensor).
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
+
+_CPU_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+_CUDA_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
 
 _is_compiling = torch.compiler.is_compiling
 _transforms_active = torch._C._are_functorch_transforms_active
@@ -83,6 +88,20 @@ def fast_apply(function: type[torch.autograd.Function]) -> Callable:
         return direct(*args)
 
     return apply
+
+
+def below_autograd(op: torch._ops.OpOverload) -> Callable:
+    """A C++ op's backend kernel (CUDA, or CPU where it has one), called by redispatch below
+    the autograd keys: what the registered op runs after its autograd kernel, without that
+    kernel (a Python function from ``register_autograd``, run on every call through the
+    dispatcher). The device comes from the first argument, a tensor; every argument is
+    passed positionally. For the eager path only, where :class:`KernelOp`'s checks hold."""
+    redispatch = op.redispatch
+
+    def kernel(first, *rest):
+        return redispatch(_CUDA_KEYS if first.is_cuda else _CPU_KEYS, first, *rest)
+
+    return kernel
 
 
 class _Inputs:
@@ -155,7 +174,11 @@ def eager_function(forward: Callable, backward_op: Callable,
 class KernelOp:
     """A kernel backend's forward op: for plain eager calls (:func:`plain_eager`) ``eager``
     (the op's body inside its autograd Function) where an input requires grad and grad mode
-    is on, else ``body`` (the op's body alone); the registered ``op`` otherwise."""
+    is on, else ``body`` (the op's body alone); the registered ``op`` otherwise.
+
+    Calling it returns every output of the op; :meth:`leading` only the outputs that carry
+    gradients (an eager_function's ``differentiable``), which saves joining the others
+    back on where the caller drops them."""
 
     def __init__(self, op: Callable, eager: Callable | None = None,
                  body: Callable | None = None) -> None:
@@ -167,27 +190,42 @@ class KernelOp:
         self.differentiable = getattr(eager, "differentiable", None)
 
     def __call__(self, *args):
-        if (self.eager is None or _is_compiling() or _dispatch_modes() > 0
+        return self._call(args, True)
+
+    def leading(self, *args):
+        """The op's leading ``differentiable`` outputs (all of them where that is None)."""
+        return self._call(args, False)
+
+    def _call(self, args, whole: bool):
+        if (self.eager is None or _is_compiling() or _dispatch_modes()
                 or _transforms_active()):
-            return self.op(*args)
-        # plain_eager's argument test and the requires-grad test in one pass (this runs on
-        # every op call).
-        grad = False
-        for value in args:
-            if type(value) in _PLAIN_TYPES:
-                if value.requires_grad:
-                    grad = True
-            elif not _plain(value):
-                return self.op(*args)
-        if not grad or not _grad_enabled():
-            return self.body(*args)
-        if self.apply is None:
-            return self.eager(*args)
-        held: list = []  # eager_function's call, inlined (this runs on every op call)
-        output = self.apply(held, *args)
-        if self.differentiable is None:
+            output = self.op(*args)
+        else:
+            # plain_eager's argument test and the requires-grad test in one pass (this runs
+            # on every op call).
+            grad = False
+            for value in args:
+                if type(value) in _PLAIN_TYPES:
+                    if value.requires_grad:
+                        grad = True
+                elif not _plain(value):
+                    grad = None
+                    break
+            if grad is None:
+                output = self.op(*args)
+            elif not grad or not _grad_enabled():
+                output = self.body(*args)
+            elif self.apply is None:
+                output = self.eager(*args)
+            else:
+                held: list = []  # eager_function's call, inlined (this runs on every op call)
+                output = self.apply(held, *args)
+                if whole and self.differentiable is not None:
+                    return (*output, *held[0][self.differentiable:])
+                return output
+        if whole or self.differentiable is None:
             return output
-        return (*output, *held[0][self.differentiable:])
+        return output[:self.differentiable]
 
 
 def register_kernel_ops(fwd: str, bwd: str, triton_bwd: Callable, fake_fwd: Callable,
@@ -204,7 +242,8 @@ def register_kernel_ops(fwd: str, bwd: str, triton_bwd: Callable, fake_fwd: Call
         make_backward: builds the autograd backward from a backend's backward op.
         setup_context: the autograd ``setup_context``.
         triton_bodies: the Python bodies of the Triton forward and backward ops, for the
-            eager path (:class:`KernelOp`); None: always the registered op.
+            eager path (:class:`KernelOp`); None: the Triton op always takes the registered
+            op. The CUDA ops' eager bodies are their kernels below autograd.
         differentiable: leading outputs with gradients, as :func:`eager_function`.
 
     Returns:
@@ -221,10 +260,13 @@ def register_kernel_ops(fwd: str, bwd: str, triton_bwd: Callable, fake_fwd: Call
         torch.library.register_autograd(f"{namespace}::{fwd}", make_backward(bwd_op),
                                         setup_context=setup_context)
         op = getattr(getattr(torch.ops, namespace), fwd)
+        bodies = triton_bodies
+        if backend == "cuda":
+            bodies = (below_autograd(op.default), below_autograd(bwd_op))
         eager = None
         body = None
-        if backend == "triton" and triton_bodies is not None:
-            eager = eager_function(*triton_bodies, make_backward, setup_context, differentiable)
-            body = triton_bodies[0]
+        if bodies is not None:
+            eager = eager_function(*bodies, make_backward, setup_context, differentiable)
+            body = bodies[0]
         forward[backend] = KernelOp(op, eager, body)
     return forward

@@ -141,5 +141,5 @@ def cram(embedding: Tensor, centers: Tensor, log_tau: Tensor | float,
         tau_t = log_tau.to(device=embedding.device, dtype=torch.float32).reshape(())
     else:
         tau_t = torch.tensor(float(log_tau), device=embedding.device, dtype=torch.float32)
-    central, assign, compact, _ = _FORWARD_OPS[chosen](embedding, centers, tau_t)
+    central, assign, compact = _FORWARD_OPS[chosen].leading(embedding, centers, tau_t)
     return CramOutput(central, assign, compact)

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from . import _cuda
+from . import _cuda, _env
 
 BACKENDS = ("torch", "triton", "cuda")
 ENV_VAR = "SNL_BACKEND"
@@ -111,6 +111,23 @@ def _devices(tensors: Sequence[Tensor]) -> frozenset[str]:
     return _ONLY_CUDA if cuda == len(tensors) else _CPU_AND_CUDA
 
 
+_cuda_ready: frozenset[str] | None = None
+
+
+def cuda_ready_ops() -> frozenset[str]:
+    """The public ops the CUDA backend can run on CUDA tensors in this process: a CUDA build
+    of PyTorch, a visible GPU, the extension loaded with every kernel of the op. Read once,
+    when all of that holds (none of it changes later in a process); empty until then."""
+    global _cuda_ready
+    if _cuda_ready is not None:
+        return _cuda_ready
+    if torch.version.cuda is None or not torch.cuda.is_available() or not _cuda.load():
+        return frozenset()
+    _cuda_ready = frozenset(op for op, names in CUDA_OPS.items()
+                            if all(_cuda.has_op(name) for name in names))
+    return _cuda_ready
+
+
 def unavailable_reasons(
     backend: str, op: str, tensors: Sequence[Tensor], implemented: Sequence[str],
     why_not: str | None = None, devices: frozenset[str] | set[str] | None = None,
@@ -129,6 +146,9 @@ def unavailable_reasons(
     if (backend == "triton" and not why_not and _triton_checked and _triton_error is None
             and backend in implemented
             and (devices is _ONLY_CUDA or (devices is _ONLY_CPU and triton_interpreted()))):
+        return []
+    if (backend == "cuda" and not why_not and devices is _ONLY_CUDA and backend in implemented
+            and op in (_cuda_ready if _cuda_ready is not None else cuda_ready_ops())):
         return []
     reasons: list[str] = []
     if backend not in implemented:
@@ -174,10 +194,18 @@ def unavailable_reasons(
     return reasons
 
 
+_ENV_EXACT = {"auto": None, **{name: name for name in BACKENDS}}
+
+
 def requested_backend(backend: str | None) -> str | None:
     """The backend asked for by the argument or ``SNL_BACKEND``; None means automatic."""
     if backend is None:
-        env = os.environ.get(ENV_VAR, "").strip().lower()
+        env = _env.get(ENV_VAR)
+        if not env:
+            return None
+        if env in _ENV_EXACT:  # the common spellings without string operations
+            return _ENV_EXACT[env]
+        env = env.strip().lower()
         if env in ("", "auto"):
             return None
         if env not in BACKENDS:

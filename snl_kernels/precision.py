@@ -30,9 +30,9 @@ cuda      intra l1, inter    "ieee" (fp32 FMA kernels only)
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from . import _env
 
 ENV_VAR = "SNL_DOT_PRECISION"
 PRECISIONS = ("ieee", "tf32x3", "tf32")
@@ -55,7 +55,7 @@ def use_grams(channels: int, pixels: int, distance: str) -> bool:
 
 def requested() -> str | None:
     """``SNL_DOT_PRECISION`` when set and not empty, checked; else None."""
-    value = os.environ.get(ENV_VAR)
+    value = _env.get(ENV_VAR)
     if not value:
         return None
     if value not in PRECISIONS:

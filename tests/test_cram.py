@@ -338,3 +338,49 @@ def test_composition_opcheck():
     grads = [torch.randn_like(x) for x in (central, assign, compact)]
     torch.library.opcheck(torch.ops.snl.cram_bwd.default,
                           (e.detach(), c.detach(), t.detach(), assign, dist, *grads))
+
+
+@composition
+def test_composition_eager_path_equals_registered_op(monkeypatch):
+    """The CUDA backend's eager path (its C++ kernels below autograd, inside the eager
+    Function; snl_kernels/_registration.py) gives the registered op's bits, values and all
+    three gradients, never calls the registered op in plain eager mode, runs the kernel alone
+    without gradients, and hands the call to the registered op under a dispatch mode."""
+    import importlib
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    kernel_op = importlib.import_module("snl_kernels.cram")._FORWARD_OPS["cuda"]
+    e, c, t = _inputs(2, 24, 3, 5, 6, 0.5)
+    results = []
+    for call in (kernel_op, kernel_op.op):
+        out = call(e, c, t)
+        results.append([*out, *torch.autograd.grad(sum(o.sum() for o in out[:3]), (e, c, t))])
+    assert len(results[0]) == len(results[1]) == 7
+    for x, y in zip(*results, strict=True):
+        assert torch.equal(x, y)
+    assert [o.shape for o in kernel_op.leading(e, c, t)] == [o.shape for o in results[0][:3]]
+
+    registered, calls = kernel_op.op, []
+
+    def recording(*args):
+        calls.append(args)
+        return registered(*args)
+
+    monkeypatch.setattr(kernel_op, "op", recording)
+    out = kernel_op(e, c, t)
+    assert out[0].grad_fn is not None
+    assert calls == []
+    with torch.no_grad():
+        assert all(o.grad_fn is None for o in kernel_op(e, c, t))
+    assert all(o.grad_fn is None for o in kernel_op(*(x.detach() for x in (e, c, t))))
+    assert calls == []
+
+    class Recording(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            calls.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Recording():
+        kernel_op(e, c, t)
+    assert "snl.cram_fwd.default" in calls

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -175,3 +176,54 @@ def test_automatic_order_from_the_h200_round():
     assert dispatch.AUTO_ORDER["intra_affinity_loss"][0] == "triton"
     assert dispatch.AUTO_ORDER["inter_affinity_loss"] == ("torch",)
     assert dispatch.AUTO_ORDER["cosine_distances"][0] == "cuda"
+
+
+def test_cuda_ready_case_beside_the_reasons(monkeypatch):
+    """The CUDA backend's runnable case is answered from a set read once; every other case
+    (another op, a reason of the call, other devices) still gets its reasons."""
+    from snl_kernels import _cuda
+
+    monkeypatch.setattr(dispatch, "_cuda_ready", None)
+    if torch.version.cuda is None or not torch.cuda.is_available():
+        assert dispatch.cuda_ready_ops() == frozenset()
+        assert dispatch._cuda_ready is None  # not read until it can hold
+    monkeypatch.setattr(dispatch, "_cuda_ready", None)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(_cuda, "load", lambda: True)
+    monkeypatch.setattr(_cuda, "has_op", lambda name: name != "anomaly_map_combine")
+    ready = dispatch.cuda_ready_ops()
+    assert ready == frozenset(op for op in dispatch.CUDA_OPS if op != "anomaly_map")
+    assert dispatch._cuda_ready is ready
+    cuda = dispatch._ONLY_CUDA
+    implemented = ("triton", "cuda")
+    assert dispatch.unavailable_reasons("cuda", "cram", [], implemented, devices=cuda) == []
+    why = dispatch.unavailable_reasons("cuda", "anomaly_map", [], implemented, devices=cuda)
+    assert any("built without snl::anomaly_map_combine" in r for r in why)
+    why = dispatch.unavailable_reasons("cuda", "cram", [], implemented, "no float64", cuda)
+    assert why == ["no float64"]
+    why = dispatch.unavailable_reasons("cuda", "cram", [], ("triton",), devices=cuda)
+    assert why == ["cram has no cuda implementation yet"]
+    why = dispatch.unavailable_reasons("cuda", "cram", [], implemented,
+                                       devices=dispatch._CPU_AND_CUDA)
+    assert any("need CUDA tensors" in r for r in why)
+
+
+@pytest.mark.parametrize("value", [None, "", "triton", " Triton ", "AUTO", "héllo"])
+def test_environment_reads_follow_os_environ(monkeypatch, value):
+    """snl_kernels._env.get is os.environ.get, changes through os.environ included."""
+    from snl_kernels import _env
+
+    name = "SNL_TEST_ENV_READ"
+    for _ in range(2):  # the second read comes from the decoded-value cache
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+        assert _env.get(name) == os.environ.get(name)
+    monkeypatch.setenv("SNL_BACKEND", " Triton ")
+    assert dispatch.requested_backend(None) == "triton"
+    monkeypatch.setenv("SNL_BACKEND", "AUTO")
+    assert dispatch.requested_backend(None) is None
+    monkeypatch.delenv("SNL_BACKEND")
+    assert dispatch.requested_backend(None) is None
