@@ -12,9 +12,9 @@ installs, then the op's Python body): 25-35 us per call with autograd on this pr
 CPU against well under 1 us for the body itself (``benchmarks/bench_host_overhead.py``). So
 a :class:`KernelOp` runs a Triton op's Python body directly, inside a plain
 ``torch.autograd.Function`` built from the *same* ``setup_context`` and backward formula,
-whenever the call is plain eager PyTorch: not under ``torch.compile``, not inside a
-``TorchDispatchMode`` (fake tensors, ``opcheck``, flop counters), no functorch transform
-(``torch.func``) active, no tensor subclass (a ``Parameter`` counts as plain) or
+whenever the call is plain eager PyTorch: not under ``torch.compile`` or ``torch.jit.trace``,
+not inside a ``TorchDispatchMode`` (fake tensors, ``opcheck``, flop counters), no functorch
+transform (``torch.func``) active, no tensor subclass (a ``Parameter`` counts as plain) or
 functorch-wrapped tensor among the arguments. Anything else takes the registered op, which
 is what compiles, traces and exports. The Function is applied through the C++ ``apply``,
 which skips ``Function.apply``'s Python wrapper, and only where an input requires grad with
@@ -44,6 +44,7 @@ _CUDA_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
 
 _is_compiling = torch.compiler.is_compiling
 _transforms_active = torch._C._are_functorch_transforms_active
+_tracing = torch._C._get_tracing_state  # torch.jit.trace: None when not tracing
 _grad_enabled = torch.is_grad_enabled
 
 
@@ -59,7 +60,8 @@ def _plain(value) -> bool:
 
 def plain_eager(args) -> bool:
     """Whether a call with these arguments is plain eager PyTorch (see the module doc)."""
-    if _is_compiling() or _dispatch_modes() > 0 or _transforms_active():
+    if (_is_compiling() or _dispatch_modes() > 0 or _transforms_active()
+            or _tracing() is not None):
         return False
     # With no functorch transform active no argument can be functorch-wrapped (those tensors
     # live inside a transform), so a tensor needs only its type checked: this runs on every
@@ -198,7 +200,7 @@ class KernelOp:
 
     def _call(self, args, whole: bool):
         if (self.eager is None or _is_compiling() or _dispatch_modes()
-                or _transforms_active()):
+                or _transforms_active() or _tracing() is not None):
             output = self.op(*args)
         else:
             # plain_eager's argument test and the requires-grad test in one pass (this runs

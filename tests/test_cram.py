@@ -384,3 +384,21 @@ def test_composition_eager_path_equals_registered_op(monkeypatch):
     with Recording():
         kernel_op(e, c, t)
     assert "snl.cram_fwd.default" in calls
+
+
+@composition
+def test_composition_jit_trace_records_the_registered_op():
+    """The CUDA backend's eager path steps aside under torch.jit.trace (its redispatch runs
+    below the tracer), so the trace holds the op and recomputes it for new inputs."""
+    import importlib
+
+    kernel_op = importlib.import_module("snl_kernels.cram")._FORWARD_OPS["cuda"]
+
+    def central(e, c, t):
+        return kernel_op.leading(e, c, t)[0]
+
+    e, c, t = (x.detach() for x in _inputs(2, 16, 2, 3, 5, 0.5))
+    traced = torch.jit.trace(central, (e, c, t), check_trace=False)
+    assert "snl::cram_fwd" in str(traced.graph)
+    e2, c2, t2 = (x.detach() for x in _inputs(2, 16, 2, 3, 5, 0.5, seed=3))
+    assert torch.equal(traced(e2, c2, t2), central(e2, c2, t2))

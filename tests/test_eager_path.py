@@ -191,3 +191,18 @@ def test_fast_apply_falls_back_to_apply_under_functorch_transforms():
     assert type(out.grad_fn).__name__ == "SquareBackward"
     out.sum().backward()
     assert torch.equal(leaf.grad, 2 * x)
+
+
+def test_jit_trace_records_the_registered_op():
+    """Under torch.jit.trace the call takes the registered op, which the trace records: a
+    trace of the eager path would hold the outputs as constants (the launches are invisible
+    to the tracer)."""
+    t, s = features((1, 8, 3, 3))
+
+    def pixel(t, s):
+        return snl_kernels.cosine_distances(t, s, backend="triton").pixel
+
+    traced = torch.jit.trace(pixel, (t, s), check_trace=False)
+    assert "snl_triton::cosine_distances_fwd" in str(traced.graph)
+    t2, s2 = features((1, 8, 3, 3), seed=7)
+    assert torch.equal(traced(t2, s2), pixel(t2, s2))
