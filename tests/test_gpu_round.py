@@ -184,3 +184,21 @@ def test_gpu_check_always_reports_within_its_deadline(tmp_path):
     assert "1 passed" in log, log[-2000:]
     assert "stopped at its time limit" in report
     assert "## Profile: one forward and backward step" in report
+
+
+@pytest.mark.skipif(NO_TRITON is not None, reason=NO_TRITON or "")
+def test_host_overhead_benchmark_runs():
+    """The round's host-time step (benchmarks/bench_host_overhead.py), each provider once
+    (pytest-benchmark disabled): its no-op launchers and, where the extension is built, its
+    no-op CUDA kernels still fit the library's call path."""
+    pytest.importorskip("pytest_benchmark")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-disable",
+         "-rs", str(ROOT / "benchmarks" / "bench_host_overhead.py")],
+        env=_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "6 passed" in proc.stdout or "10 passed" in proc.stdout, proc.stdout[-2000:]
+    from snl_kernels import _cuda
+
+    if _cuda.has_op("cosine_distances_fwd"):
+        assert "10 passed" in proc.stdout, proc.stdout[-2000:]
