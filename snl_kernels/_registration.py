@@ -20,7 +20,7 @@ is what compiles, traces and exports. The Function is applied through the C++ ``
 which skips ``Function.apply``'s Python wrapper, and only where an input requires grad with
 grad mode on; otherwise the body runs alone. For the CUDA backend the body is the
 extension's C++ op called below autograd (:func:`below_autograd`): through the dispatcher
-its registered Python autograd kernel costs about 15 us per call with autograd on this CPU
+its registered Python autograd kernel costs about 17 us per call with autograd on this CPU
 (``bench_host_overhead``'s CUDA-path providers).
 """
 
@@ -199,6 +199,7 @@ class KernelOp:
         return self._call(args, False)
 
     def _call(self, args, whole: bool):
+        # plain_eager's mode test, inlined (this runs on every op call).
         if (self.eager is None or _is_compiling() or _dispatch_modes()
                 or _transforms_active() or _tracing() is not None):
             output = self.op(*args)
@@ -262,13 +263,23 @@ def register_kernel_ops(fwd: str, bwd: str, triton_bwd: Callable, fake_fwd: Call
         torch.library.register_autograd(f"{namespace}::{fwd}", make_backward(bwd_op),
                                         setup_context=setup_context)
         op = getattr(getattr(torch.ops, namespace), fwd)
-        bodies = triton_bodies
         if backend == "cuda":
-            bodies = (below_autograd(op.default), below_autograd(bwd_op))
-        eager = None
-        body = None
-        if bodies is not None:
-            eager = eager_function(*bodies, make_backward, setup_context, differentiable)
-            body = bodies[0]
-        forward[backend] = KernelOp(op, eager, body)
+            forward[backend] = cuda_kernel_op(op, bwd_op, make_backward, setup_context,
+                                              differentiable)
+        elif triton_bodies is not None:
+            eager = eager_function(*triton_bodies, make_backward, setup_context, differentiable)
+            forward[backend] = KernelOp(op, eager, triton_bodies[0])
+        else:
+            forward[backend] = KernelOp(op)
     return forward
+
+
+def cuda_kernel_op(op, bwd_op, make_backward: Callable[[Callable], Callable],
+                   setup_context: Callable, differentiable: int | None = None) -> KernelOp:
+    """The CUDA backend's forward op ``op`` (the extension's op, e.g.
+    ``torch.ops.snl.cram_fwd``) with its eager path: the forward and backward (``bwd_op``,
+    an overload) kernels below autograd, inside :func:`eager_function`'s Function."""
+    forward = below_autograd(op.default)
+    eager = eager_function(forward, below_autograd(bwd_op), make_backward, setup_context,
+                           differentiable)
+    return KernelOp(op, eager, forward)

@@ -51,7 +51,7 @@ import torch
 from torch import Tensor
 
 from . import _cuda, _triton, checks, dispatch, gram_path, precision, reference
-from ._registration import KernelOp, below_autograd, eager_function
+from ._registration import KernelOp, cuda_kernel_op, eager_function
 from .precision import use_grams  # noqa: F401  (the path rule, where callers looked for it)
 
 OP = "intra_affinity_loss"
@@ -212,10 +212,9 @@ _FORWARD_OPS = {"triton": KernelOp(torch.ops.snl_triton.intra_affinity_fwd, eage
 if _cuda.has_op("intra_affinity_fwd"):
     _register("cuda", "snl::intra_affinity_fwd", "snl::intra_affinity_bwd",
               torch.ops.snl.intra_affinity_bwd.default)
-    _cuda_fwd_kernel = below_autograd(torch.ops.snl.intra_affinity_fwd.default)
-    _FORWARD_OPS["cuda"] = KernelOp(torch.ops.snl.intra_affinity_fwd, eager_function(
-        _cuda_fwd_kernel, below_autograd(torch.ops.snl.intra_affinity_bwd.default),
-        _make_backward, _setup_context), _cuda_fwd_kernel)
+    _FORWARD_OPS["cuda"] = cuda_kernel_op(torch.ops.snl.intra_affinity_fwd,
+                                          torch.ops.snl.intra_affinity_bwd.default,
+                                          _make_backward, _setup_context)
 
 
 def intra_affinity_loss(teacher: Tensor, student: Tensor, distance: str = "l2",
