@@ -4,6 +4,12 @@ the first epoch."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+
 import pytest
 from PIL import Image
 from support import assert_cli_error, require_model_extra
@@ -85,19 +91,95 @@ def test_every_bad_file_is_listed_before_the_first_epoch(data, tmp_path, capsys)
     assert not (out / "r" / "checkpoints").exists()  # no epoch ran
 
 
-def test_export_without_onnx_says_which_extra(data, tmp_path, capsys, monkeypatch):
-    import torch
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A one-epoch run on a tiny set: its checkpoint for eval, predict and export."""
+    root = tmp_path_factory.mktemp("cli-errors")
+    make_default_dataset(root / "data", seed=0, **TINY)
+    cli.train(cli.TrainConfig(data=str(root / "data"), backbone="tf_efficientnet_lite0",
+                              pretrained=False, image_size=64, epochs=1, batch_size=4,
+                              device="cpu"), root / "run", evaluate_after=False)
+    return root / "run"
 
-    run = tmp_path / "run"
-    cli.train(cli.TrainConfig(data=str(data), backbone="tf_efficientnet_lite0", pretrained=False,
-                              image_size=64, epochs=1, batch_size=4, device="cpu"), run,
-              evaluate_after=False)
 
-    def no_onnx(*args, **kwargs):
-        raise ModuleNotFoundError("Module onnx is not installed!")
+def _snl(*argv: str, env: dict | None = None, block_onnx: bool = False):
+    """``snl ARGV`` in a fresh interpreter (what a user's shell runs), with ``onnx`` made
+    unimportable if ``block_onnx``."""
+    code = ("import sys; sys.modules['onnx'] = None; " if block_onnx else "import sys; ")
+    code += "from snl.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=300)
 
-    monkeypatch.setattr(torch.onnx, "export", no_onnx)
-    assert_cli_error(capsys, ["export", str(run / "checkpoints" / "last.pt"), "--onnx",
-                              str(tmp_path / "m.onnx")], 1,
-                     r"Module onnx is not installed! \(the export needs the export extra: "
-                     r"pip install 'snl-kernels\[export\]'\)")
+
+def _one_line(err: str, match: str) -> None:
+    err = err.strip()
+    assert err.startswith("snl: error: "), err
+    assert "\n" not in err, err
+    assert re.search(match, err), err
+
+
+def test_every_commands_common_mistakes_are_one_line(run, tmp_path, capsys):
+    """Each command's common mistakes: a missing file or folder, a bad option, a missing
+    extra; exactly one line on stderr, starting ``snl: error:``."""
+    ckpt = str(run / "checkpoints" / "last.pt")
+    missing = str(tmp_path / "missing.pt")
+    usage = [  # argparse's own errors: exit status 2
+        (["train", "--epochs", "x"], "argument --epochs: invalid int value"),
+        (["train", "--structure", "both"], "argument --structure: invalid choice"),
+        (["eval", ckpt, "--threshold", "best"], "argument --threshold"),
+        (["compare", "--seeds"], "argument --seeds: expected one argument"),
+        (["predict", ckpt], "the following arguments are required: images"),
+        (["export", ckpt], "the following arguments are required: --onnx"),
+        (["info", "--verbose"], "unrecognized arguments: --verbose"),
+    ]
+    for argv, match in usage:
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(argv)
+        assert exit_.value.code == 2, argv
+        _one_line(capsys.readouterr().err, match)
+    failed = [  # (argv, exit status, message)
+        (["train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "runs"),
+          "--device", "cpu"], 1, "does not exist"),
+        (["train", "--resume", str(tmp_path / "norun"), "--device", "cpu"], 1, "norun"),
+        (["eval", missing], 1, "checkpoint not found"),
+        (["eval", ckpt, "--data", str(tmp_path / "nowhere"), "--device", "cpu"], 1,
+         "nowhere"),
+        (["eval", ckpt, "--probes", "blend"], 2, "--probes 'blend'"),
+        (["compare", "--structures", "snl,xx"], 2, "--structures must name snl and/or rd"),
+        (["compare", "--seeds", "a,b"], 2, "--seeds"),
+        (["predict", missing, "x.png"], 1, "checkpoint not found"),
+        (["predict", ckpt, str(tmp_path / "none.png"), "--out", str(tmp_path / "p"),
+          "--device", "cpu"], 1, "not an image file"),
+        (["export", missing, "--onnx", str(tmp_path / "m.onnx")], 1, "checkpoint not found"),
+        (["export", ckpt, "--onnx", str(tmp_path)], 1, "is a folder"),
+        (["export", ckpt, "--onnx", str(tmp_path / "no" / "m.onnx")], 1,
+         "does not exist"),
+    ]
+    for argv, status, match in failed:
+        if argv[0] == "export" and importlib.util.find_spec("onnx") is None:
+            match = "needs the onnx package"  # the extra is checked first
+        capsys.readouterr()
+        assert cli.main(argv) == status, argv
+        _one_line(capsys.readouterr().err, match)
+
+
+def test_export_without_onnx_says_which_extra_before_tracing(run, tmp_path):
+    out = tmp_path / "m.onnx"
+    result = _snl("export", str(run / "checkpoints" / "last.pt"), "--onnx", str(out),
+                  block_onnx=True)
+    assert result.returncode == 1
+    _one_line(result.stderr, re.escape(
+        'snl: error: snl export needs the onnx package, which is not installed: '
+        'pip install "snl-kernels[export]"'))
+    assert result.stdout == ""
+    assert not out.exists()
+
+
+def test_export_prints_the_file_and_nothing_else(run, tmp_path):
+    pytest.importorskip("onnx", reason="onnx (the export extra) is not installed")
+    out = tmp_path / "m.onnx"
+    result = _snl("export", str(run / "checkpoints" / "last.pt"), "--onnx", str(out))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(out)
+    assert result.stderr == ""  # no TracerWarning flood
+    assert out.stat().st_size > 0

@@ -97,9 +97,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _message(exc: BaseException) -> str:
-    if isinstance(exc, ImportError) and "onnx" in str(exc).lower():
-        return (f"{exc} (the export needs the export extra: pip install "
-                f"'snl-kernels[export]')")
     return str(exc) or type(exc).__name__
 
 

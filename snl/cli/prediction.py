@@ -8,7 +8,9 @@ evaluation's report shows them (:mod:`snl.html_report`).
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -50,13 +52,15 @@ def predict_files(checkpoint_path: str | os.PathLike, images: Sequence[str],
                   out_dir: str | os.PathLike, device: str | None = None) -> list[dict]:
     """Scores and overlay PNGs for image files; writes ``scores.json`` to ``out_dir``."""
     model, config, world, calibrated = load_calibrated_run(checkpoint_path, device)
+    bad = [str(p) for p in images
+           if not Path(p).is_file() or Path(p).suffix.lower() not in IMAGE_EXTENSIONS]
+    if bad:  # all of them, before the progress bar starts
+        raise FileNotFoundError(f"not an image file: {', '.join(bad)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     norm, size = model.normalization, config.image_size
     results, maps = [], []
     for path in progress(images, world, desc="predict"):
-        if not Path(path).is_file() or Path(path).suffix.lower() not in IMAGE_EXTENSIONS:
-            raise FileNotFoundError(f"not an image file: {path}")
         image = load_image(path, size, norm.mean, norm.std)[None].to(world.device)
         score, amap = model.predict(image)
         result = {"path": str(path), "score": float(score[0])}
@@ -136,13 +140,33 @@ class _Inference(nn.Module):
 def export_onnx(checkpoint_path: str | os.PathLike, out: str | os.PathLike) -> Path:
     """Export the inference model (reference ops) to ONNX: images -> (scores, maps), and with
     a stored calibration also ``normalised`` (0.5 at the threshold) and ``labels`` (1 =
-    anomalous)."""
+    anomalous).
+
+    Raises:
+        ModuleNotFoundError: ``onnx`` (the ``export`` extra) is not installed; checked before
+            the checkpoint is read or anything is traced.
+        IsADirectoryError, NotADirectoryError: ``out`` is a folder, or its folder is not one.
+    """
+    if importlib.util.find_spec("onnx") is None:
+        raise ModuleNotFoundError(
+            "snl export needs the onnx package, which is not installed: "
+            'pip install "snl-kernels[export]"', name="onnx")
+    out = Path(out)
+    if out.is_dir():
+        raise IsADirectoryError(f"--onnx {out} is a folder; give the file to write")
+    if not out.parent.is_dir():
+        raise NotADirectoryError(f"--onnx {out}: the folder {out.parent} does not exist")
     model, config, _, calibrated = load_calibrated_run(checkpoint_path, "cpu")
     model.fused = False
     size = config.image_size
     example = torch.zeros(1, 3, size, size)
     names = ["scores", "maps"] + (["normalised", "labels"] if calibrated is not None else [])
-    torch.onnx.export(_Inference(model, calibrated), (example,), str(out),
-                      input_names=["images"], output_names=names, dynamo=False,
-                      dynamic_axes={"images": {0: "batch"}, **{n: {0: "batch"} for n in names}})
-    return Path(out)
+    # The tracer warns about every Python bool and int taken from a tensor (shape checks,
+    # the blur's kernel size); they are constants of this export, not errors.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(_Inference(model, calibrated), (example,), str(out),
+                          input_names=["images"], output_names=names, dynamo=False,
+                          dynamic_axes={"images": {0: "batch"},
+                                        **{n: {0: "batch"} for n in names}})
+    return out
