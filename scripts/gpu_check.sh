@@ -14,6 +14,8 @@
 #   profile  40  scripts/gpu_profile.py: GPU and host time, kernels per step and the kernels
 #                taking the most time of the fused loss and the affinity ops; a CUDA-graph
 #                capture of the fused loss
+#   ncu      45  Nsight Compute on the fused l2 loss's Triton kernels (DRAM bytes, occupancy,
+#                tensor-pipe use), where ncu is installed
 #   tests    90  the kernel tests, in parallel (12 pytest-xdist workers) with a per-test timeout
 #   bench    80  the kernel-provider benchmarks (pytest-benchmark), the fused loss first
 #   compile  rest torch.compile of the references: smoke records, then benchmarks
@@ -164,6 +166,23 @@ PROFILE_MD=$(mktemp "${TMPDIR:-/tmp}/gpu-check-profile.XXXXXX.md")
 PROFILE=("$PYTHON" scripts/gpu_profile.py --out "$PROFILE_MD" ${PROFILE_ARGS:-})
 step profile "${LIMIT_PROFILE:-40}" "$OUT/smoke.log" "${PROFILE[@]}"
 
+# ---------------------------------------------------------------- ncu on the fused loss's kernels
+# DRAM bytes, achieved occupancy and tensor-pipe use of the fused l2 loss's Triton kernels (one
+# step of the profile's loss case), where Nsight Compute is installed and may read counters
+# (it did on the Firecracker machines, not on gVisor; a failure is recorded, not fatal).
+NCU_CSV=$(mktemp "${TMPDIR:-/tmp}/gpu-check-ncu.XXXXXX.csv")
+NCU_METRICS=dram__bytes_read.sum,dram__bytes_write.sum,gpu__time_duration.sum
+NCU_METRICS+=,sm__warps_active.avg.pct_of_peak_sustained_active
+NCU_METRICS+=,sm__pipe_tensor_op_hgmma_cycles_active.avg.pct_of_peak_sustained_active
+if command -v ncu >/dev/null; then
+  step ncu "${LIMIT_NCU:-45}" "$OUT/smoke.log" ncu --clock-control none --csv --page raw \
+    --kernel-name 'regex:^_' --launch-count "${NCU_KERNELS:-14}" --metrics "$NCU_METRICS" \
+    --log-file "$NCU_CSV" "$PYTHON" scripts/gpu_profile.py --out /dev/null --cases loss-l2 \
+    --steps 1 --no-graph
+else
+  echo "== ncu: not on this machine (skipped; not a failure)" >>"$OUT/smoke.log"
+fi
+
 # ---------------------------------------------------------------- kernel tests
 # shellcheck disable=SC2206
 TEST_FILES=(${TEST_FILES:-tests/test_cosine_distances.py tests/test_affinity.py tests/test_cram.py tests/test_anomaly_map.py tests/test_triton_gpu_config.py tests/test_extension.py tests/test_dispatch.py})
@@ -203,7 +222,7 @@ step compile-bench "$TOTAL_S" "$OUT/bench.log" "${PYTEST[@]}" "${BENCH_FILES[@]}
 
 # ---------------------------------------------------------------- report (always)
 timeout --kill-after=5 14 "$PYTHON" scripts/gpu_report.py "$OUT" "$STEPS" \
-  --compile-bench "$COMPILE_JSON" --profile "$PROFILE_MD" --total "$TOTAL_S" \
+  --compile-bench "$COMPILE_JSON" --profile "$PROFILE_MD" --ncu "$NCU_CSV" --total "$TOTAL_S" \
   >"$OUT/.report.log" 2>&1
 rc=$?
 if ((rc != 0)) || [[ ! -s $OUT/report.md ]]; then

@@ -89,6 +89,36 @@ CASES: dict[str, tuple[str, Callable[[], Callable[[], object]]]] = {
 }
 
 
+#: The performance model's op for each Triton case: its predicted time per kernel goes beside
+#: the measured one.
+MODEL_OPS = {"loss-l2": "distillation_l2", "loss-l1": "distillation_l1",
+             "intra-l2-triton": "intra_affinity_l2", "intra-l1-triton": "intra_affinity_l1",
+             "inter-l2-triton": "inter_affinity_l2", "cosine-triton": "cosine_distances",
+             "cram-triton": "cram"}
+MODEL_TABLE = Path(__file__).resolve().parents[1] / "benchmarks" / "perf_model.json"
+
+
+def predicted_by_kernel(table: Path = MODEL_TABLE) -> dict[str, dict[str, float]]:
+    """{model op: {kernel: predicted device ms per step}} from the committed table (empty
+    when it cannot be read)."""
+    import json
+
+    try:
+        from snl_kernels.perf import __main__ as perf
+
+        with open(table) as f:
+            records = perf.records(json.load(f))
+    except Exception:  # the profile must not fail for want of the model's table
+        return {}
+    out: dict[str, dict[str, float]] = {}
+    for record in records:
+        per_kernel = out.setdefault(record["op"], defaultdict(float))
+        for launch in record.get("detail", []):
+            if launch["kind"] == "triton":
+                per_kernel[launch["kernel"]] += launch["device_us"] / 1e3
+    return out
+
+
 def _sync() -> None:
     if HAS_GPU:
         torch.cuda.synchronize()
@@ -195,7 +225,7 @@ def _table(header: list[str], rows: list[list[object]]) -> list[str]:
 
 
 def render(summary: list[list[object]], tops: dict[str, list], graph: list[object] | None,
-           steps: int) -> str:
+           steps: int, predicted: dict[str, dict[str, float]] | None = None) -> str:
     device = torch.cuda.get_device_name(0) if HAS_GPU else "CPU (Triton interpreted)"
     lines = [f"## Profile: one forward and backward step ({device}, median of {steps})", ""]
     lines += _table(["case", "GPU ms", "host ms (enqueue)", "kernels per step"], summary)
@@ -206,10 +236,16 @@ def render(summary: list[list[object]], tops: dict[str, list], graph: list[objec
     what = "kernels by GPU time" if HAS_GPU else "CPU operators by self time"
     for name, rows in tops.items():
         total = sum(r[2] for r in rows) or 1.0
+        model = (predicted or {}).get(name, {})
         lines += [f"{name}: {what}", ""]
-        lines += _table(["name", "calls per step", "ms per step", "share"],
-                        [[n[:80], c, ms, f"{100 * ms / total:.0f}%"] for n, c, ms in rows[:TOP]])
+        lines += _table(["name", "calls per step", "ms per step", "share", "predicted ms"],
+                        [[n[:80], c, ms, f"{100 * ms / total:.0f}%", model.get(n)]
+                         for n, c, ms in rows[:TOP]])
         lines.append("")
+    if predicted:
+        lines += ["predicted ms: the performance model's device time of that kernel per step "
+                  "(benchmarks/perf_model.json, an H200's rates), where the case is one of its "
+                  "ops.", ""]
     return "\n".join(lines)
 
 
@@ -224,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps < 1:
         parser.error(f"--steps must be at least 1, got {args.steps}")
     out = Path(args.out)
+    model = predicted_by_kernel()
+    predicted = {CASES[case][0]: model[op] for case, op in MODEL_OPS.items() if op in model}
     summary: list[list[object]] = []
     tops: dict[str, list] = {}
     graph = None
@@ -241,12 +279,12 @@ def main(argv: list[str] | None = None) -> int:
         summary.append(row)
         if top:
             tops[name] = top
-        out.write_text(render(summary, tops, graph, args.steps))
+        out.write_text(render(summary, tops, graph, args.steps, predicted))
         print(f"profile: {name} done", flush=True)
     if not args.no_graph:
         graph = graph_capture(args.steps)
         failed += str(graph[1]).startswith("failed")
-    text = render(summary, tops, graph, args.steps)
+    text = render(summary, tops, graph, args.steps, predicted)
     out.write_text(text)
     print(text)
     return 1 if failed else 0

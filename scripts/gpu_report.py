@@ -100,6 +100,93 @@ def smoke_section(out: str) -> list[str]:
     return lines
 
 
+#: The smoke's cases by the performance model's op names.
+MODEL_OPS = {"cosine_distances": "cosine_distances",
+             "intra_affinity_loss/l2": "intra_affinity_l2",
+             "intra_affinity_loss/l1": "intra_affinity_l1",
+             "inter_affinity_loss/l2": "inter_affinity_l2",
+             "inter_affinity_loss/l1": "inter_affinity_l1",
+             "snl_distillation_loss": "distillation_l2", "cram": "cram",
+             "anomaly_map": "anomaly_map"}
+MODEL_TABLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "benchmarks", "perf_model.json")
+
+
+def model_section(out: str, table_path: str = MODEL_TABLE) -> list[str]:
+    """The performance model's predictions (the table the round's tree carries) beside the
+    smoke's measured times, per op x backend."""
+    lines = ["## Performance model: predicted vs measured", ""]
+    data, problem = load_json(os.path.join(out, "smoke.json"))
+    model, model_problem = load_json(table_path)
+    if data is None or model is None:
+        return [*lines, f"({problem or model_problem})", ""]
+    predicted = {(r["op"], r["backend"]): r for r in model.get("records", [])}
+    rows = []
+    for r in data.get("records", []):
+        p = predicted.get((MODEL_OPS.get(r["op"], r["op"]), r["backend"]))
+        if p is None or not r.get("ran"):
+            continue
+        ms = r.get("ms")
+        eager = p.get("predicted_ms")
+        rows.append([r["op"], r["backend"], eager, p.get("predicted_graph_ms"), ms,
+                     f"{ms / eager:.2f}" if ms and eager else ""])
+    lines += table(["op", "backend", "predicted ms (eager)", "predicted ms (graph)",
+                    "measured ms", "measured / predicted"], rows,
+                   ["---", "---"] + ["---:"] * 4)
+    return [*lines, "", f"Predictions: benchmarks/perf_model.json (sources "
+                        f"{model.get('sources')}, {model.get('mode')} mode); a prediction for "
+                        "an H200. Measured: the smoke step above (its step includes the "
+                        "loss's sum and the backward call).", ""]
+
+
+#: Nsight Compute's metrics the round asks for, and their columns in the report.
+NCU_COLUMNS = (("dram__bytes_read.sum", "DRAM read MB", 1e-6),
+               ("dram__bytes_write.sum", "DRAM write MB", 1e-6),
+               ("gpu__time_duration.sum", "us", 1e-3),
+               ("sm__warps_active.avg.pct_of_peak_sustained_active", "occupancy %", 1.0),
+               ("sm__pipe_tensor_op_hgmma_cycles_active.avg.pct_of_peak_sustained_active",
+                "HGMMA pipe %", 1.0))
+
+
+def ncu_section(path: str | None) -> list[str]:
+    """Nsight Compute's raw CSV page (``ncu --csv --page raw``): one row per profiled kernel.
+    Units are normalised from the units row (bytes, ns) where it names them."""
+    import csv
+
+    text = read(path) if path else ""
+    lines = ["## Nsight Compute: the fused l2 loss's kernels", ""]
+    start = text.find('"ID"')
+    if start < 0:
+        return [*lines, "(no ncu output: ncu absent, not allowed to read counters, or cut off; "
+                        "see smoke.log)", ""]
+    rows = list(csv.reader(text[start:].splitlines()))
+    head, units, data = rows[0], rows[1] if len(rows) > 1 else [], rows[2:]
+    scale_of = {"byte": 1.0, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9, "nsecond": 1.0,
+                "usecond": 1e3, "msecond": 1e6, "%": 1.0}
+    out = []
+    for row in data:
+        record = dict(zip(head, row, strict=False))
+        cells = [record.get("Kernel Name", "?")[:60]]
+        for metric, _, factor in NCU_COLUMNS:
+            if metric not in head:
+                cells.append(None)
+                continue
+            unit = units[head.index(metric)] if units else ""
+            try:
+                value = float(record[metric].replace(",", "")) * scale_of.get(unit, 1.0)
+            except (KeyError, ValueError):
+                cells.append(record.get(metric))
+                continue
+            cells.append(round(value * factor, 2))
+        out.append(cells)
+    lines += table(["kernel", *(name for _, name, _ in NCU_COLUMNS)], out,
+                   ["---"] + ["---:"] * len(NCU_COLUMNS))
+    return [*lines, "", "One step of the loss, clocks as found (--clock-control none); the "
+                        "model's bytes and predicted times for these kernels: "
+                        "`python -m snl_kernels.perf --from benchmarks/perf_model.json "
+                        "--launches`.", ""]
+
+
 def tests_section(out: str) -> list[str]:
     log = read(os.path.join(out, "tests.log"))
     summary = [line for line in log.splitlines()
@@ -196,10 +283,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("steps", help="the round's steps file (tab-separated)")
     parser.add_argument("--compile-bench", help="JSON of the torch.compile benchmarks")
     parser.add_argument("--profile", help="markdown of the profile step (gpu_profile.py)")
+    parser.add_argument("--ncu", help="CSV of the ncu step (ncu --csv --page raw)")
     parser.add_argument("--total", type=int, help="the round's time limit in seconds")
     args = parser.parse_args(argv)
     out = args.outdir
-    sections = ((header, (out,)), (smoke_section, (out,)), (profile_section, (args.profile,)),
+    sections = ((header, (out,)), (smoke_section, (out,)), (model_section, (out,)),
+                (profile_section, (args.profile,)), (ncu_section, (args.ncu,)),
                 (tests_section, (out,)),
                 (build_section, (out, args.steps)), (steps_section, (args.steps, args.total)),
                 (bench_section, (out, args.compile_bench)))

@@ -202,3 +202,42 @@ def test_host_overhead_benchmark_runs():
 
     if _cuda.has_op("cosine_distances_fwd"):
         assert "10 passed" in proc.stdout, proc.stdout[-2000:]
+
+
+def test_report_puts_the_models_prediction_beside_the_measurement(tmp_path):
+    sys.path.insert(0, str(REPORT.parent))
+    try:
+        import gpu_report
+    finally:
+        sys.path.pop(0)
+    (tmp_path / "smoke.json").write_text(json.dumps({"records": [
+        {"op": "intra_affinity_loss/l1", "backend": "triton", "ran": True, "ms": 12.0},
+        {"op": "cram", "backend": "cuda", "ran": False, "error": "no GPU"}]}))
+    table = tmp_path / "perf_model.json"
+    table.write_text(json.dumps({"mode": "full", "sources": "abc", "records": [
+        {"op": "intra_affinity_l1", "backend": "triton", "predicted_ms": 3.0,
+         "predicted_graph_ms": 2.5},
+        {"op": "cram", "backend": "cuda", "predicted_ms": None, "predicted_graph_ms": None}]}))
+    lines = gpu_report.model_section(str(tmp_path), str(table))
+    rows = [line for line in lines if line.startswith("| intra") or line.startswith("| cram")]
+    assert rows == ["| intra_affinity_loss/l1 | triton | 3 | 2.5 | 12 | 4.00 |"]
+    # the round's tree carries the table: the report finds it by default
+    assert Path(gpu_report.MODEL_TABLE) == ROOT / "benchmarks" / "perf_model.json"
+
+
+def test_report_reads_nsight_computes_raw_csv(tmp_path):
+    sys.path.insert(0, str(REPORT.parent))
+    try:
+        import gpu_report
+    finally:
+        sys.path.pop(0)
+    csv = tmp_path / "ncu.csv"
+    csv.write_text(
+        "==PROF== Connected to process 1234\n"
+        '"ID","Kernel Name","dram__bytes_read.sum","dram__bytes_write.sum",'
+        '"gpu__time_duration.sum","sm__warps_active.avg.pct_of_peak_sustained_active"\n'
+        '"","","Gbyte","Mbyte","usecond","%"\n'
+        '"0","_delta_group_kernel","1.25","300","1,250.5","42.5"\n')
+    lines = gpu_report.ncu_section(str(csv))
+    assert "| _delta_group_kernel | 1250 | 300 | 1250 | 42.5 |  |" in lines
+    assert "no ncu output" in " ".join(gpu_report.ncu_section(str(tmp_path / "missing.csv")))
