@@ -11,7 +11,7 @@ host time. ``--json FILE`` writes one record per op x backend.
 ``--quick`` counts at reduced shapes (QUICK in :mod:`.workloads`: half the channels and
 side of every level, a quarter of CRAM's D, the map to 128 x 128) and predicts for those
 shapes: what CI runs, in a few minutes. The full mode counts one sample of the benchmark's
-B = 16 launches (scaled by 16) and CRAM at its full batch: about 15 minutes on 2 cores.
+B = 16 launches (scaled by 16) and CRAM at its full batch: about 40 minutes on 2 cores.
 """
 
 from __future__ import annotations

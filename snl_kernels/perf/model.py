@@ -2,8 +2,9 @@
 
 Per launch, on the device: the larger of its distinct bytes over the copy bandwidth and its
 FLOPs over the rate of the unit that does them (``tl.dot`` products on wgmma where the SASS
-has ``HGMMA``, on mma.sync where it has ``HMMA``, else on the FMA pipes; elementwise work
-on the FMA pipes), times a partial-wave penalty, plus a fixed gap per kernel. On the host:
+has ``HGMMA``, at half the rate where its K loop waits for every wgmma group; on mma.sync
+where it has ``HMMA``, else on the FMA pipes; elementwise work on the FMA pipes), times a
+partial-wave penalty, plus a fixed gap per kernel. On the host:
 the launch's measured time through Triton's launch path on this CPU (the driver's own call
 excluded, :data:`RATES` ``driver_us`` added). An op's eager time replays its launches in
 order, the device starting each launch when the host has issued it and the previous one has
@@ -24,6 +25,7 @@ RATES = {
     "wgmma_tf32_flops": 400e12,  # H200 tf32 on wgmma, sustained (495 dense peak, datasheet)
     "mma_sync_tf32_flops": 200e12,  # mma.sync (HMMA) on Hopper: assumed half of wgmma's
     "fma_flops": 60e12,  # fp32 FMA pipes, sustained (67 peak, datasheet)
+    "serial_wgmma": 0.5,  # share of the wgmma rate a K loop reaches that waits for each group
     "sms": 132,
     "gap_us": 1.5,  # device time between dependent kernels (assumed)
     "driver_us": 2.0,  # cuLaunchKernelEx on the host (assumed; not timed here)
@@ -35,6 +37,8 @@ RATE_SOURCES = {
     "copy_bytes_per_s": "H200 copy bandwidth measured in the GPU round (BENCHMARKS.md)",
     "wgmma_tf32_flops": "H200 tf32 wgmma, sustained estimate (dense peak 495 TFLOP/s)",
     "mma_sync_tf32_flops": "assumption: half the wgmma rate",
+    "serial_wgmma": "assumption: no overlap of a group's loads and issue with the previous "
+                    "group's products (to be measured by the GPU round)",
     "fma_flops": "H200 fp32 FMA, sustained estimate (peak 67 TFLOP/s)",
     "gap_us": "assumption: one kernel's ramp and drain between dependent launches",
     "driver_us": "assumption: the driver's launch call (the fake driver's is free)",
@@ -104,7 +108,10 @@ def launch_time(launch: dict, compiled: dict | None) -> dict:
     """Device and host microseconds of one launch (``compiled`` None for ATen ops)."""
     rate = {"wgmma": RATES["wgmma_tf32_flops"], "mma_sync": RATES["mma_sync_tf32_flops"],
             "fma": RATES["fma_flops"]}
-    unit = matrix_unit(compiled["kernel_info"] if compiled else None)
+    kernel = compiled["kernel_info"] if compiled else None
+    unit = matrix_unit(kernel)
+    if unit == "wgmma" and kernel["waits_all_in_loop"]:
+        rate["wgmma"] *= RATES["serial_wgmma"]
     bytes_us = launch["read_distinct"] + launch["write_distinct"]
     bytes_us = bytes_us / RATES["copy_bytes_per_s"] * 1e6
     dot_us = launch["dot_flops"] / rate[unit] * 1e6
