@@ -294,10 +294,13 @@ def test_composition_layouts():
         a, b = _composition(x, c, t), _composition(same, c, t)
         (gx,) = torch.autograd.grad(sum(o.sum() for o in a), x)
         (gs,) = torch.autograd.grad(sum(o.sum() for o in b), same)
-        # fp32 rounding of products taken in another order, relative to each tensor's scale.
+        # fp32 rounding of products taken in another order, relative to each tensor's scale:
+        # DESIGN §6's CRAM bar (1e-5). The BLAS may block a layout's GEMM differently from one
+        # run to the next (it failed once at 2e-6 in CI, same code, same machine kind).
         for u, v in zip([*a, gx], [*b, gs], strict=True):
             scale = max(v.abs().max().item(), 1.0)
-            torch.testing.assert_close(u / scale, v / scale, atol=2e-6, rtol=0, msg=name)
+            torch.testing.assert_close(u / scale, v / scale, atol=1e-5, rtol=0,
+                                       msg=lambda m, name=name: f"{name}: {m}")
         if name == "channels_last":
             assert gx.is_contiguous(memory_format=torch.channels_last)
 
