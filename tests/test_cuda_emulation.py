@@ -1,8 +1,8 @@
 """The CUDA kernels on the CPU emulation (tests/cuda_emulation), against the float64 reference.
 
 No GPU or CUDA toolkit needed, only g++ (the tests skip without it). The kernels' source
-(csrc/*_kernels.cuh: affinity, cosine distances, CRAM's row kernels and the anomaly map's
-distance kernel; not yet its combine kernel) and the launches the extension makes are
+(csrc/*_kernels.cuh: affinity, cosine distances, CRAM's row kernels, the anomaly map's
+distance, combine and score kernels) and the launches the extension makes are
 compiled for the CPU; the same run is
 ``python -m tests.cuda_emulation``.
 """
@@ -50,6 +50,14 @@ def test_anomaly_map_distance_kernel_matches_reference(case):
         [c for c in emulation.ANOMALY_MAP_CASES if c.name == case])
     assert result.failures() == []
     assert set(result.errors) == {"distance", "padding"}
+
+
+@pytest.mark.parametrize("case", [c.name for c in emulation.COMBINE_CASES])
+def test_anomaly_map_combine_kernels_match_reference(case):
+    (result,) = emulation.run_anomaly_map_combine(
+        [c for c in emulation.COMBINE_CASES if c.name == case])
+    assert result.failures() == []
+    assert set(result.errors) == {"maps", "scores"}
 
 
 @pytest.mark.parametrize("case", [c.name for c in emulation.CRAM_CASES])

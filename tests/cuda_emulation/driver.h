@@ -53,10 +53,14 @@ struct IntReader {
   }
 };
 
-// Hands out consecutive float arrays of the input record.
+// Hands out consecutive float arrays of the input record. A counting build (count.cpp) copies
+// each into a heap block of its own, so that each input counts as one tensor.
 struct FloatReader {
   const std::vector<float>& v;
   size_t i = 0;
+#ifdef SNL_EMU_COUNT
+  std::vector<std::vector<float>> copies{};
+#endif
   const float* next(int64_t count) {
     if (i + static_cast<size_t>(count) > v.size()) {
       std::fprintf(stderr, "driver: record has too few floats\n");
@@ -64,6 +68,12 @@ struct FloatReader {
     }
     const float* p = v.data() + i;
     i += static_cast<size_t>(count);
+#ifdef SNL_EMU_COUNT
+    copies.reserve(64);  // no reallocation: the copies' data stay put
+    if (copies.size() == copies.capacity()) std::abort();
+    copies.emplace_back(p, p + count);
+    p = copies.back().data();
+#endif
     return p;
   }
 };

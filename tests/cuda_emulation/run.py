@@ -10,7 +10,8 @@ extension. Cosine distances: each output elementwise, each gradient norm-wise; t
 repeats the .cu file's launches. CRAM: the row kernels inside csrc/cram_host.h's
 composition, whose cuBLAS products are plain loops in the driver (the composition itself is
 tested through its CPU registration, tests/test_cram.py). Anomaly map: the per-level
-distance kernel against the reference's pixel distance (no driver yet for the combine).
+distance kernel against the reference's pixel distance, the combine and score kernels
+against the operators' products in float64.
 No GPU, no CUDA toolkit, no extension build needed::
 
     python -m tests.cuda_emulation            # all cases; exit status 1 if any fails
@@ -72,29 +73,47 @@ def compile_flags() -> list[str]:
     return [*flags, f"-I{HERE / 'include'}", f"-I{HERE}", f"-I{CSRC}"]
 
 
-def build(op: str) -> Path:
-    """Compile the driver of ``op`` (cached by the hash of its sources and flags)."""
+#: Extra flags of a counting build: every load and store of the driver's code calls
+#: count.cpp's hooks (g++'s address-sanitizer instrumentation in callback mode, none of its
+#: run-time), and each launch reports to them (SNL_EMU_COUNT).
+COUNT_FLAGS = ["-DSNL_EMU_COUNT", "-fsanitize=kernel-address",
+               "--param", "asan-instrumentation-with-call-threshold=0",
+               "--param", "asan-globals=0", "--param", "asan-stack=0"]
+
+
+def build(op: str, counting: bool = False) -> Path:
+    """Compile the driver of ``op`` (cached by the hash of its sources and flags);
+    ``counting``: the build that reports each launch's bytes (count.cpp)."""
     cxx = compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler: install g++ or set CXX")
+    flags = [*compile_flags(), *(COUNT_FLAGS if counting else [])]
     sources = sorted([*CSRC.glob("*.cuh"), *CSRC.glob("*.h"), *HERE.glob("*.h"),
-                      *(HERE / "include").glob("*.h"), HERE / f"{op}.cpp"])
+                      *(HERE / "include").glob("*.h"), HERE / f"{op}.cpp",
+                      *([HERE / "count.cpp"] if counting else [])])
     digest = hashlib.sha256()
-    for part in [cxx, *compile_flags()]:
+    for part in [cxx, *flags]:
         digest.update(part.encode())
     for path in sources:
         digest.update(path.name.encode() + path.read_bytes())
-    exe = BUILD / f"{op}-{digest.hexdigest()[:16]}"
+    exe = BUILD / f"{op}{'-count' if counting else ''}-{digest.hexdigest()[:16]}"
     if not exe.exists():
         BUILD.mkdir(parents=True, exist_ok=True)
         # A file of this process's own: test workers may build the same driver at once, and
         # the rename below is atomic.
         tmp = exe.with_suffix(f".{os.getpid()}.tmp")
-        cmd = [cxx, *compile_flags(), str(HERE / f"{op}.cpp"), "-o", str(tmp)]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"building the {op} driver failed:\n{' '.join(cmd)}\n"
-                               f"{done.stderr}")
+        cmds = [[cxx, *flags, str(HERE / f"{op}.cpp"), "-o", str(tmp)]]
+        if counting:  # the hooks themselves without instrumentation
+            hooks = tmp.with_suffix(".hooks.o")
+            cmds = [[cxx, *compile_flags(), "-c", str(HERE / "count.cpp"), "-o", str(hooks)],
+                    [*cmds[0][:-2], str(hooks), "-ldl", "-o", str(tmp)]]
+        for cmd in cmds:
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"building the {op} driver failed:\n{' '.join(cmd)}\n"
+                                   f"{done.stderr}")
+        if counting:
+            hooks.unlink()
         tmp.replace(exe)
     return exe
 
@@ -408,7 +427,7 @@ def run_cosine(cases: Iterable[CosineCase]) -> list[CosineResult]:
 
 # --------------------------------------------------------------------------- anomaly map
 
-# The per-level distance kernel (the combine kernel has no driver yet). Pixels per block:
+# The per-level distance kernel. Pixels per block:
 # 16 below 132 blocks of 32 pixels (csrc/anomaly_map_kernels.cuh, distance_pixels), with 32
 # warps below 1024 blocks, else 8.
 ANOMALY_MAP_CASES = [
@@ -443,6 +462,67 @@ def run_anomaly_map(cases: Iterable[CosineCase]) -> list[CosineResult]:
         errors = {"distance": ((err / allowed).max().item(), 1.0),
                   "padding": (m[..., W].abs().max().item(), 0.0)}
         results.append(CosineResult(case.name, errors, {"m": m.reshape(-1)}))
+    return results
+
+
+@dataclasses.dataclass(frozen=True)
+class CombineCase:
+    """The combine and score kernels: maps[b] = sum_k mh[k] @ m[b, k] @ mw[k]^T of L levels
+    zero-padded to (hk, wk), to height x width, and each map's max."""
+
+    name: str
+    B: int
+    levels: tuple  # (h, w) of each level
+    size: tuple  # (height, width)
+    seed: int = 0
+    pad_w: int = 1  # zero columns past the widest level (the CUDA op pads none)
+
+
+# Tiles of 16 x 128 outputs: a partial tile in each direction, and several.
+COMBINE_CASES = [
+    CombineCase("combine-one-level", 2, ((5, 7),), (20, 30)),
+    CombineCase("combine-three-levels", 3, ((8, 8), (4, 4), (2, 2)), (33, 140)),
+    CombineCase("combine-uneven-levels", 1, ((6, 9), (3, 5)), (17, 257)),
+]
+
+
+def combine_inputs(case: CombineCase) -> list[torch.Tensor]:
+    """m (B, L, hk, wk) nonnegative and zero-padded, operators mh (L, height, hk) and mw
+    (L, width, wk) zero-padded like snl_kernels.anomaly_map.operators."""
+    g = torch.Generator().manual_seed(case.seed)
+    hk = max(h for h, _ in case.levels)
+    wk = max(w for _, w in case.levels) + case.pad_w
+    L, (height, width) = len(case.levels), case.size
+    m = torch.zeros(case.B, L, hk, wk)
+    mh, mw = torch.zeros(L, height, hk), torch.zeros(L, width, wk)
+    for k, (h, w) in enumerate(case.levels):
+        m[:, k, :h, :w] = torch.rand((case.B, h, w), generator=g)
+        mh[k, :, :h] = torch.rand((height, h), generator=g) / h
+        mw[k, :, :w] = torch.rand((width, w), generator=g) / w
+    return [m, mh, mw]
+
+
+def run_anomaly_map_combine(cases: Iterable[CombineCase]) -> list[CosineResult]:
+    cases = list(cases)
+    if not cases:
+        return []
+    exe = build("anomaly_map_combine")
+    records, inputs = [], []
+    for case in cases:
+        xs = combine_inputs(case)
+        inputs.append(xs)
+        records.append(([case.B, *xs[0].shape[1:], *case.size], xs))
+    results = []
+    for case, (m, mh, mw), flat in zip(cases, inputs, run_driver(exe, records), strict=True):
+        height, width = case.size
+        maps, scores = flat.split([case.B * height * width, case.B])
+        ref = torch.einsum("khi,bkij,kwj->bhw", mh.double(), m.double(), mw.double())
+        err = (maps.reshape(ref.shape).double() - ref).abs()
+        allowed = COS_ATOL + COS_RTOL * ref.abs()
+        errors = {"maps": ((err / allowed).max().item(), 1.0),
+                  "scores": ((scores.double() - ref.amax((1, 2))).abs().max().item(),
+                             COS_ATOL + COS_RTOL * ref.abs().max().item())}
+        results.append(CosineResult(case.name, errors, {"maps": maps, "scores": scores}))
     return results
 
 
@@ -548,6 +628,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = [*run_affinity(c for c in AFFINITY_CASES if args.k in c.name),
                *run_cosine(c for c in COSINE_CASES if args.k in c.name),
                *run_anomaly_map(c for c in ANOMALY_MAP_CASES if args.k in c.name),
+               *run_anomaly_map_combine(c for c in COMBINE_CASES if args.k in c.name),
                *run_cram(c for c in CRAM_CASES if args.k in c.name)]
     failed = 0
     for r in results:

@@ -34,6 +34,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <algorithm>
 #include <functional>
 #include <memory>
 #include <tuple>
@@ -59,6 +60,14 @@ struct dim3 {
 };
 
 inline dim3 threadIdx, blockIdx, blockDim, gridDim;
+
+#ifdef SNL_EMU_COUNT  // tests/cuda_emulation/count.cpp: bytes and products per launch
+extern "C" void snl_count_begin(void* kernel, unsigned gx, unsigned gy, unsigned gz,
+                                unsigned bx, unsigned by, unsigned bz);
+extern "C" void snl_count_mma(uint64_t flops);
+extern "C" uint64_t snl_count_sample_blocks();
+extern "C" void snl_count_end(uint64_t blocks_run);
+#endif
 
 namespace emu {
 
@@ -196,10 +205,35 @@ void launch(dim3 grid, dim3 block, void (*kernel)(Params...), Args&&... args) {
   const std::tuple<std::decay_t<Params>...> params(std::forward<Args>(args)...);
   gridDim = grid;
   blockDim = block;
+#ifdef SNL_EMU_COUNT
+  snl_count_begin(reinterpret_cast<void*>(kernel), grid.x, grid.y, grid.z, block.x, block.y,
+                  block.z);
+#endif
   const std::function<void()> body = [&] {
     std::tuple<std::decay_t<Params>...> copy = params;  // each thread gets the arguments
     std::apply(kernel, copy);
   };
+#ifdef SNL_EMU_COUNT
+  // A counting run may run a sample of the blocks (all of a grid under twice the sample):
+  // block floor(frac((i + 1/2) phi) blocks) for i < sample, a golden-ratio sequence, spread
+  // evenly over the grid's linear index and over its rows and columns alike (a grid of
+  // tiles whose lower triangle returns at once is sampled without bias); the counts say how
+  // many ran.
+  const uint64_t blocks = uint64_t{grid.x} * grid.y * grid.z;
+  const uint64_t sample = snl_count_sample_blocks();
+  const bool all = blocks < 2 * std::min<uint64_t>(sample, blocks);
+  const uint64_t run = all ? blocks : sample;
+  for (uint64_t i = 0; i < run; ++i) {
+    const double golden = 0.6180339887498949;
+    const double at = (static_cast<double>(i) + 0.5) * golden;
+    const uint64_t b = all ? i : static_cast<uint64_t>((at - std::floor(at)) * blocks);
+    blockIdx = dim3(static_cast<unsigned>(b % grid.x),
+                    static_cast<unsigned>(b / grid.x % grid.y),
+                    static_cast<unsigned>(b / (uint64_t{grid.x} * grid.y)));
+    Block::current().run(body);
+  }
+  snl_count_end(run);
+#else
   for (unsigned z = 0; z < grid.z; ++z) {
     for (unsigned y = 0; y < grid.y; ++y) {
       for (unsigned x = 0; x < grid.x; ++x) {
@@ -208,6 +242,7 @@ void launch(dim3 grid, dim3 block, void (*kernel)(Params...), Args&&... args) {
       }
     }
   }
+#endif
 }
 
 }  // namespace emu
@@ -373,6 +408,9 @@ void mma_sync(fragment<accumulator, M, N, K, float>& d,
     sc[FC::row_of(e, lane) * N + FC::col_of(e, lane)] = c.x[e];
   }
   __syncwarp();
+#ifdef SNL_EMU_COUNT
+  if (lane == 0) snl_count_mma(2ull * M * N * K);
+#endif
   float out[FC::num_elements];
   for (int e = 0; e < FC::num_elements; ++e) {
     const int r = FC::row_of(e, lane), col = FC::col_of(e, lane);
