@@ -12,12 +12,18 @@ host time. ``--json FILE`` writes one record per op x backend.
 side of every level, a quarter of CRAM's D, the map to 128 x 128) and predicts for those
 shapes: what CI runs, in a few minutes. The full mode counts one sample of the benchmark's
 B = 16 launches (scaled by 16) and CRAM at its full batch: about 40 minutes on 2 cores.
+
+``--cuda`` adds the CUDA backend's records: its kernels counted in the CPU emulation at the
+benchmark shapes (:mod:`.cuda`), their sm_90 code where nvcc and a CUDA build of PyTorch are
+here (:mod:`.cuda_sass`); without it, stored CUDA counts are kept while their sources are
+this tree's. Without any, the CUDA records carry the targets and the last measurements.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 import time
@@ -40,7 +46,38 @@ def records(result: dict) -> list[dict]:
     for record, op in zip(out, ops, strict=True):
         record["count_seconds"] = counted[op]["count_seconds"]
         record["mode"] = result["mode"]
-    return out + [model.cuda_record(op) for op in ops]
+    cuda = result["raw"].get("cuda") or {}
+    facts = result["raw"].get("cuda_sass")
+    dispatch = result["raw"].get("cuda_dispatch_us")
+    return out + [model.cuda_record(op, cuda.get(op), facts, dispatch) for op in ops]
+
+
+def cuda_pass(ops, log=None) -> dict:
+    """The CUDA backend's counts in the CPU emulation (:mod:`.cuda`), its kernels' sm_90
+    facts where nvcc and a CUDA build of PyTorch are here (:mod:`.cuda_sass`), and the
+    dispatcher's host time: the raw entries ``cuda``, ``cuda_sass``, ``cuda_dispatch_us``,
+    ``cuda_sources``."""
+    from . import cuda, cuda_sass
+
+    counts = {}
+    for op in ops:
+        if op.startswith("distillation_"):
+            continue
+        counts[op] = cuda.count_op(op)
+        if log:
+            print(f"  cuda {op}: {counts[op]['count_seconds']:.0f} s", file=log, flush=True)
+    for distance in ("l2", "l1"):
+        composed = cuda.compose_distillation(counts, distance)
+        if f"distillation_{distance}" in ops and composed is not None:
+            counts[f"distillation_{distance}"] = composed
+    try:
+        facts = cuda_sass.kernel_facts()
+    except RuntimeError as err:  # no nvcc or no CUDA build of torch here
+        facts = None
+        if log:
+            print(f"  cuda sm_90 facts skipped: {err}", file=log, flush=True)
+    return {"cuda": counts, "cuda_sass": facts, "cuda_dispatch_us": cuda.dispatcher_us(),
+            "cuda_sources": cuda.sources_digest()}
 
 
 def _mb(n) -> str:
@@ -105,6 +142,37 @@ def launch_table(record: dict) -> str:
     return "\n".join(lines)
 
 
+CUDA_COLUMNS = ("kernel", "blocks (run)", "threads", "regs", "smem KB", "wave x",
+                "distinct MB", "requested MB", "TC GFLOP", "FMA GFLOP", "HGMMA/HMMA/FFMA",
+                "load bits", "spills", "host us", "bound", "device us")
+
+
+def cuda_launch_table(record: dict) -> str:
+    lines = [_row(CUDA_COLUMNS), _row(["---"] * len(CUDA_COLUMNS))]
+    for x in record["detail"]:
+        k = x["facts"] or {}
+        name = x["kernel"].replace("(anonymous namespace)::", "")
+        blocks = f"{x['programs']} ({x['blocks_run']})" if x["programs"] else "-"
+        tc = x["dot_flops"] if x["unit"] != "fma" else 0.0  # library GEMMs: on the FMA pipes
+        fma = x["fma_flops"] + x["dot_flops"] - tc
+        lines.append(_row([
+            name, blocks, math.prod(x["block"]) if x["block"] else "-",
+            k.get("registers", "-"), _num(k["shared_bytes"] / 1024 if k else None, ".1f"),
+            f"{x['wave_factor']:.2f}", _mb(x["read_distinct"] + x["write_distinct"]),
+            _mb(x["read_requested"] + x["write_requested"]), f"{tc / 1e9:.2f}",
+            f"{fma / 1e9:.2f}", f"{k['hgmma']}/{k['hmma']}/{k['ffma']}" if k else "-",
+            k.get("widest_load_bits", "-"),
+            ("yes" if k["local_bytes"] else "no") if k else "-",
+            f"{x['host_us']:.1f}", x["bound"], f"{x['device_us']:.1f}"]))
+    return "\n".join(lines)
+
+
+def _cuda_digest() -> str:
+    from . import cuda
+
+    return cuda.sources_digest()
+
+
 def rates_text() -> str:
     return "\n".join(f"- {name} = {value:g}: {model.RATE_SOURCES.get(name, '')}"
                      for name, value in model.RATES.items())
@@ -125,6 +193,9 @@ def main(argv=None) -> int:
                              "earlier --json FILE (no passes run)")
     parser.add_argument("--no-host-time", action="store_true",
                         help="skip timing the launches through Triton's launch path")
+    parser.add_argument("--cuda", action="store_true",
+                        help="also count the CUDA backend in the CPU emulation at the "
+                             "benchmark shapes (about 7 minutes; with --from: only that)")
     args = parser.parse_args(argv)
     if args.from_file:
         with open(args.from_file) as f:
@@ -143,6 +214,14 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory(prefix="snl-perf-") as work:
             result = build(args.ops, mode, work, host_time=not args.no_host_time,
                            log=sys.stderr)
+    if args.cuda:
+        print("counting the CUDA backend in the CPU emulation ...", file=sys.stderr, flush=True)
+        result["raw"].update(cuda_pass(args.ops, log=sys.stderr))
+    elif result["raw"].get("cuda_sources") not in (None, _cuda_digest()):
+        print("the stored CUDA counts are from other sources than this tree's: left out "
+              "(--cuda counts them again)", file=sys.stderr)
+        for key in ("cuda", "cuda_sass", "cuda_dispatch_us", "cuda_sources"):
+            result["raw"].pop(key, None)
     result["rates"] = model.RATES
     result["records"] = records(result)
     if args.json:  # first: the table below may go to a closed pipe
@@ -158,6 +237,8 @@ def main(argv=None) -> int:
         for record in result["records"]:
             if record["backend"] == "triton":
                 print(f"\n## {record['op']}\n\n{launch_table(record)}")
+            elif record.get("detail"):
+                print(f"\n## {record['op']} (CUDA)\n\n{cuda_launch_table(record)}")
     print(f"\nRates:\n{rates_text()}\n\n{time.perf_counter() - start:.0f} s")
     return 0
 

@@ -143,18 +143,18 @@ def _install() -> None:
         finally:
             _RECORDER.finish(interp.interpreter_builder.grid_dim)
 
-    def counted_load(self, ptrs, mask, other, *rest):
+    def note(kind, ptrs, mask):  # the masked-in lanes' addresses into reads or writes
         if _RECORDER is not None and _RECORDER.current is not None:
             itemsize = interp._get_np_dtype(ptrs.get_element_ty()).itemsize
-            _RECORDER.reads.add(ptrs.data[np.broadcast_to(mask.data, ptrs.data.shape)],
-                                itemsize)
+            getattr(_RECORDER, kind).add(
+                ptrs.data[np.broadcast_to(mask.data, ptrs.data.shape)], itemsize)
+
+    def counted_load(self, ptrs, mask, other, *rest):
+        note("reads", ptrs, mask)
         return load(self, ptrs, mask, other, *rest)
 
     def counted_store(self, ptrs, value, mask, *rest):
-        if _RECORDER is not None and _RECORDER.current is not None:
-            itemsize = interp._get_np_dtype(ptrs.get_element_ty()).itemsize
-            _RECORDER.writes.add(ptrs.data[np.broadcast_to(mask.data, ptrs.data.shape)],
-                                 itemsize)
+        note("writes", ptrs, mask)
         return store(self, ptrs, value, mask, *rest)
 
     interp.InterpretedFunction.run = counted_run

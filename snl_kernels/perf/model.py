@@ -153,9 +153,10 @@ def join(op: str, counted: dict, compiled: dict | None) -> list[dict]:
     return out
 
 
-def simulate(launches: list[dict], calls: int) -> tuple[float, float]:
-    """(eager, graph) microseconds: the host issues in order, the device runs in order."""
-    host = calls * RATES["public_call_us"]
+def simulate(launches: list[dict], host_start_us: float) -> tuple[float, float]:
+    """(eager, graph) microseconds: the host, busy for ``host_start_us`` with the op calls
+    themselves, issues the launches in order; the device runs them in order."""
+    host = host_start_us
     end = 0.0
     for launch in launches:
         host += launch["host_us"]
@@ -163,10 +164,22 @@ def simulate(launches: list[dict], calls: int) -> tuple[float, float]:
     return end, sum(launch["device_us"] for launch in launches)
 
 
+def totals(launches: list[dict]) -> dict:
+    """An op's bytes and FLOPs from its launches (``unit`` decided per launch)."""
+    return {
+        "distinct_bytes": sum(x["read_distinct"] + x["write_distinct"] for x in launches),
+        "requested_bytes": sum(x["read_requested"] + x["write_requested"] for x in launches),
+        "flops": sum(x["dot_flops"] + x["fma_flops"] for x in launches),
+        "tensor_core_flops": sum(x["dot_flops"] for x in launches if x["unit"] != "fma"),
+        "fma_flops": sum(x["fma_flops"] + (x["dot_flops"] if x["unit"] == "fma" else 0)
+                         for x in launches),
+    }
+
+
 def op_record(op: str, counted: dict, compiled: dict | None) -> dict:
     """One op x Triton record of the model (the JSON keys of ``--json``)."""
     launches = join(op, counted, compiled)
-    eager_us, graph_us = simulate(launches, PUBLIC_CALLS[op])
+    eager_us, graph_us = simulate(launches, PUBLIC_CALLS[op] * RATES["public_call_us"])
     dots = [x for x in launches if x["dot_flops"] > 0]
     measured = MEASURED.get((op, "triton"), (None, None, None))
     kernels = [x["compiled"]["kernel_info"] for x in launches if x["compiled"]]
@@ -176,13 +189,8 @@ def op_record(op: str, counted: dict, compiled: dict | None) -> dict:
         "triton_launches": sum(x["kind"] == "triton" for x in launches),
         "host_us": sum(x["host_us"] for x in launches) + PUBLIC_CALLS[op] * RATES[
             "public_call_us"],
-        "distinct_bytes": sum(x["read_distinct"] + x["write_distinct"] for x in launches),
-        "requested_bytes": sum(x["read_requested"] + x["write_requested"] for x in launches),
+        **totals(launches),
         "ideal_bytes": counted["ideal_bytes"],
-        "flops": sum(x["dot_flops"] + x["fma_flops"] for x in launches),
-        "tensor_core_flops": sum(x["dot_flops"] for x in dots if x["unit"] != "fma"),
-        "fma_flops": sum(x["fma_flops"] + (x["dot_flops"] if x["unit"] == "fma" else 0)
-                         for x in launches),
         "tensor_core": (all(x["unit"] == "wgmma" for x in dots) if dots else None),
         "spills": any(k["local_bytes"] > 0 for k in kernels) if compiled else None,
         "max_args": max((x["compiled"]["args"] for x in launches if x["compiled"]),
@@ -196,15 +204,80 @@ def op_record(op: str, counted: dict, compiled: dict | None) -> dict:
     }
 
 
-def cuda_record(op: str) -> dict:
-    """The CUDA backend's record: not modelled yet (its kernels' counts need the CPU
-    emulation's counters), with its last measurement."""
+#: C++ op calls each CUDA workload makes through the dispatcher (a forward and a backward
+#: per public call; the map: distances, then combine).
+CUDA_OP_CALLS = {op: 2 * calls for op, calls in PUBLIC_CALLS.items()}
+CUDA_OP_CALLS.update({"anomaly_map": 2, "distillation_l2": 16, "distillation_l1": 16})
+
+
+def cuda_launch_time(launch: dict, facts: dict | None, blocks_per_sm) -> dict:
+    """Device and host microseconds of one CUDA-backend launch. ``facts``: the kernel's sm_90
+    facts (None for ATen and library calls: their GEMMs at the FMA rate, cuBLAS's fp32
+    kernels with TF32 off, PyTorch's default); ``blocks_per_sm(facts, threads)``."""
+    if launch["kind"] == "aten":
+        unit, programs, factor, host = "fma", None, 1.0, RATES["torch_op_us"]
+    else:
+        unit = ("wgmma" if facts and facts["hgmma"] else
+                "mma_sync" if facts and facts["hmma"] and launch["dot_flops"] else "fma")
+        programs = math.prod(launch["grid"])
+        per_sm = blocks_per_sm(facts, math.prod(launch["block"])) if facts else 1
+        factor, host = wave_factor(programs, per_sm), RATES["driver_us"]
+    rate = {"wgmma": RATES["wgmma_tf32_flops"], "mma_sync": RATES["mma_sync_tf32_flops"],
+            "fma": RATES["fma_flops"]}[unit]
+    bytes_us = (launch["read_distinct"] + launch["write_distinct"]) / RATES[
+        "copy_bytes_per_s"] * 1e6
+    dot_us = launch["dot_flops"] / rate * 1e6
+    fma_us = launch["fma_flops"] / RATES["fma_flops"] * 1e6
+    floor = max(bytes_us, dot_us, fma_us)
+    bound = "bytes" if floor == bytes_us else "tensor cores" if (
+        floor == dot_us and unit != "fma") else "fma"
+    return {"device_us": floor * factor + RATES["gap_us"], "host_us": host, "unit": unit,
+            "bound": bound, "programs": programs, "wave_factor": factor,
+            "bytes_us": bytes_us, "dot_us": dot_us, "fma_us": fma_us}
+
+
+def cuda_record(op: str, counted: dict | None = None, facts: dict | None = None,
+                dispatch_us: float | None = None) -> dict:
+    """One op x CUDA record: from the emulation's counts (:mod:`.cuda`) and the kernels' sm_90
+    facts (:mod:`.cuda_sass`) where they were made, else the measurement alone."""
     measured = MEASURED.get((op, "cuda"), (None, None, None))
-    none = dict.fromkeys(("launches", "host_us", "distinct_bytes", "requested_bytes",
-                          "ideal_bytes", "flops", "tensor_core", "spills", "predicted_ms",
-                          "predicted_graph_ms"))
-    return {"op": op, "backend": "cuda", **none, "target_ms": TARGET_MS[op],
+    base = {"op": op, "backend": "cuda", "target_ms": TARGET_MS[op],
             "measured_ms": measured[0], "measured_commit": measured[1],
-            "measured_card": measured[2],
-            "not_modelled": "the CUDA kernels' bytes are not counted yet (the CPU emulation "
-                            "has no counters); cuBLAS picks its kernels at run time"}
+            "measured_card": measured[2]}
+    if counted is None:
+        none = dict.fromkeys(("launches", "host_us", "distinct_bytes", "requested_bytes",
+                              "ideal_bytes", "flops", "tensor_core", "spills", "predicted_ms",
+                              "predicted_graph_ms"))
+        return {**base, **none, "not_modelled": "no CUDA counts in this run (python -m "
+                "snl_kernels.perf --cuda counts them in the CPU emulation)"}
+    from .cuda_sass import blocks_per_sm
+
+    facts = facts or {}
+    launches = []
+    for launch in counted["launches"]:
+        kernel = facts.get(launch["kernel"]) if launch["kind"] == "cuda" else None
+        launches.append(dict(launch, facts=kernel,
+                             **cuda_launch_time(launch, kernel, blocks_per_sm)))
+    calls_us = PUBLIC_CALLS[op] * RATES["public_call_us"] + CUDA_OP_CALLS[op] * (
+        dispatch_us or 0.0)
+    eager_us, graph_us = simulate(launches, calls_us)
+    ours = [x for x in launches if x["kind"] == "cuda"]
+    products = [x for x in ours if x["dot_flops"] + x["fma_flops"] > 0]
+    known = all(x["facts"] for x in ours) and bool(facts)
+    library = any(x["kind"] == "aten" and x["dot_flops"] for x in launches)
+    return {
+        **base,
+        "launches": len(launches), "cuda_launches": len(ours),
+        "host_us": calls_us + sum(x["host_us"] for x in launches),
+        **totals(launches),
+        "ideal_bytes": counted["ideal_bytes"],
+        # HGMMA everywhere, or null where a library picks its kernels at run time
+        "tensor_core": (None if library or not known or not products else
+                        all(x["unit"] == "wgmma" for x in products)),
+        "spills": any(x["facts"]["local_bytes"] > 0 for x in ours) if known else None,
+        "max_args": None,
+        "predicted_ms": eager_us / 1e3,
+        "predicted_graph_ms": graph_us / 1e3,
+        "sampled_blocks": counted.get("blocks"),
+        "detail": launches,
+    }

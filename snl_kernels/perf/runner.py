@@ -124,7 +124,9 @@ def run_passes(ops, mode: str, work_dir: str, host_time: bool = True, log=None):
 
 
 #: Files whose changes need no new counts: the predictions are recomputed from stored ones.
-DERIVED = ("model.py", "__main__.py")
+#: Files the Triton passes' counts do not depend on: the predictions, the command, and the
+#: CUDA backend's passes (their own digest: cuda.sources_digest).
+DERIVED = ("model.py", "__main__.py", "cuda.py", "cuda_sass.py")
 
 
 def sources_digest(root: str | None = None) -> str:

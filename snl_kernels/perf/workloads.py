@@ -56,6 +56,9 @@ class Run:
     forward: Callable[[], tuple]
     backward: Callable[[tuple], None] | None
     ideal_bytes: int
+    #: Called once before the counted phases: what a first call does once and later calls
+    #: skip (the anomaly map's operators, built and cached on its first call).
+    warmup: Callable[[], object] | None = None
 
 
 def _nbytes(tensors) -> int:
@@ -162,7 +165,8 @@ def _anomaly_map(shapes):
                                                  backend="triton"))
 
     ideal = _nbytes(teachers) + _nbytes(students) + 4 * shapes.batch * (size * size + 1)
-    return Run({"teachers": teachers, "students": students}, forward, None, ideal)
+    return Run({"teachers": teachers, "students": students}, forward, None, ideal,
+               warmup=forward)
 
 
 MAKERS: dict[str, Callable[[Shapes], Run]] = {
@@ -202,11 +206,14 @@ def planned_for(shapes: Shapes):
 
 
 def phases(op: str, shapes: Shapes, each: Callable[[str, Callable], None]) -> int:
-    """Build ``op`` at ``shapes`` and hand each phase to ``each(phase, run)`` in order
-    ("forward", then "backward" where the op has one); returns the ideal bytes."""
+    """Build ``op`` at ``shapes``, warm it up where it has a warm-up, and hand each phase to
+    ``each(phase, run)`` in order ("forward", then "backward" where the op has one); returns
+    the ideal bytes."""
     work = MAKERS[op](shapes)
     outputs = []
     with planned_for(shapes):
+        if work.warmup is not None:
+            work.warmup()
         each("forward", lambda: outputs.append(work.forward()))
         if work.backward is not None:
             each("backward", lambda: work.backward(outputs[0]))
