@@ -89,18 +89,36 @@ CASES: dict[str, tuple[str, Callable[[], Callable[[], object]]]] = {
 }
 
 
-#: The performance model's op for each Triton case: its predicted time per kernel goes beside
-#: the measured one.
-MODEL_OPS = {"loss-l2": "distillation_l2", "loss-l1": "distillation_l1",
-             "intra-l2-triton": "intra_affinity_l2", "intra-l1-triton": "intra_affinity_l1",
-             "inter-l2-triton": "inter_affinity_l2", "cosine-triton": "cosine_distances",
-             "cram-triton": "cram"}
+#: The performance model's (op, backend) for each case: its predicted time per kernel goes
+#: beside the measured one.
+MODEL_OPS = {"loss-l2": ("distillation_l2", "triton"), "loss-l1": ("distillation_l1", "triton"),
+             "intra-l2-triton": ("intra_affinity_l2", "triton"),
+             "intra-l1-triton": ("intra_affinity_l1", "triton"),
+             "intra-l1-cuda": ("intra_affinity_l1", "cuda"),
+             "inter-l2-triton": ("inter_affinity_l2", "triton"),
+             "inter-l2-cuda": ("inter_affinity_l2", "cuda"),
+             "cosine-triton": ("cosine_distances", "triton"),
+             "cosine-cuda": ("cosine_distances", "cuda"), "cram-triton": ("cram", "triton"),
+             "cram-cuda": ("cram", "cuda")}
 MODEL_TABLE = Path(__file__).resolve().parents[1] / "benchmarks" / "perf_model.json"
 
 
-def predicted_by_kernel(table: Path = MODEL_TABLE) -> dict[str, dict[str, float]]:
-    """{model op: {kernel: predicted device ms per step}} from the committed table (empty
-    when it cannot be read)."""
+def kernel_key(name: str) -> str:
+    """A profiler's kernel name as the model names it: a CUDA kernel's demangled name without
+    ``void`` and its parameters (``snl::(anonymous namespace)::k<float, 32>``); Triton's as
+    it is."""
+    name = name.removeprefix("void ")
+    depth = 0
+    for i, ch in enumerate(name):
+        depth += (ch == "<") - (ch == ">")
+        if ch == "(" and depth == 0 and not name.startswith("(anonymous namespace)", i):
+            return name[:i]
+    return name
+
+
+def predicted_by_kernel(table: Path = MODEL_TABLE) -> dict[tuple, dict[str, float]]:
+    """{(model op, backend): {kernel: predicted device ms per step}} from the committed table
+    (empty when it cannot be read)."""
     import json
 
     try:
@@ -110,11 +128,11 @@ def predicted_by_kernel(table: Path = MODEL_TABLE) -> dict[str, dict[str, float]
             records = perf.records(json.load(f))
     except Exception:  # the profile must not fail for want of the model's table
         return {}
-    out: dict[str, dict[str, float]] = {}
+    out: dict[tuple, dict[str, float]] = {}
     for record in records:
-        per_kernel = out.setdefault(record["op"], defaultdict(float))
+        per_kernel = out.setdefault((record["op"], record["backend"]), defaultdict(float))
         for launch in record.get("detail", []):
-            if launch["kind"] == "triton":
+            if launch["kind"] in ("triton", "cuda"):
                 per_kernel[launch["kernel"]] += launch["device_us"] / 1e3
     return out
 
@@ -239,7 +257,8 @@ def render(summary: list[list[object]], tops: dict[str, list], graph: list[objec
         model = (predicted or {}).get(name, {})
         lines += [f"{name}: {what}", ""]
         lines += _table(["name", "calls per step", "ms per step", "share", "predicted ms"],
-                        [[n[:80], c, ms, f"{100 * ms / total:.0f}%", model.get(n)]
+                        [[n[:80], c, ms, f"{100 * ms / total:.0f}%",
+                          model.get(n, model.get(kernel_key(n)))]
                          for n, c, ms in rows[:TOP]])
         lines.append("")
     if predicted:

@@ -148,6 +148,25 @@ def test_profile_runs_on_cpu(tmp_path):
     assert "CPU operators by self time" in text
 
 
+def test_profile_puts_the_models_prediction_beside_cuda_kernels():
+    """The profile's CUDA kernel names (demangled, with parameters) find the model's
+    per-kernel predictions of the committed table."""
+    code = (
+        "import sys; sys.path.insert(0, 'scripts'); import gpu_profile as p\n"
+        "model = p.predicted_by_kernel()\n"
+        "name = ('void snl::(anonymous namespace)::cosine_distances_fwd_pixel_kernel<float, "
+        "32, 4>(float const*, float const*, snl::Strides4, snl::Strides4, long, long)')\n"
+        "key = p.kernel_key(name)\n"
+        "assert key == 'snl::(anonymous namespace)::cosine_distances_fwd_pixel_kernel<float, "
+        "32, 4>', key\n"
+        "assert model[('cosine_distances', 'cuda')][key] > 0\n"
+        "assert p.MODEL_OPS['cosine-cuda'] == ('cosine_distances', 'cuda')\n"
+        "print('ok')\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
 def test_gpu_check_always_reports_within_its_deadline(tmp_path):
     """The whole round with short limits: a test step cut off by SIGINT keeps its summary."""
     if shutil.which("timeout") is None:

@@ -142,8 +142,8 @@ def launch_table(record: dict) -> str:
     return "\n".join(lines)
 
 
-CUDA_COLUMNS = ("kernel", "blocks (run)", "threads", "regs", "smem KB", "wave x",
-                "distinct MB", "requested MB", "TC GFLOP", "FMA GFLOP", "HGMMA/HMMA/FFMA",
+CUDA_COLUMNS = ("kernel", "blocks (run)", "threads", "regs", "smem KB", "blocks/SM",
+                "wave x", "distinct MB", "requested MB", "TC GFLOP", "FMA GFLOP", "HGMMA/HMMA/FFMA",
                 "load bits", "spills", "host us", "bound", "device us")
 
 
@@ -158,7 +158,8 @@ def cuda_launch_table(record: dict) -> str:
         lines.append(_row([
             name, blocks, math.prod(x["block"]) if x["block"] else "-",
             k.get("registers", "-"), _num(k["shared_bytes"] / 1024 if k else None, ".1f"),
-            f"{x['wave_factor']:.2f}", _mb(x["read_distinct"] + x["write_distinct"]),
+            _num(x["blocks_per_sm"], "d"), f"{x['wave_factor']:.2f}",
+            _mb(x["read_distinct"] + x["write_distinct"]),
             _mb(x["read_requested"] + x["write_requested"]), f"{tc / 1e9:.2f}",
             f"{fma / 1e9:.2f}", f"{k['hgmma']}/{k['hmma']}/{k['ffma']}" if k else "-",
             k.get("widest_load_bits", "-"),

@@ -214,6 +214,7 @@ def cuda_launch_time(launch: dict, facts: dict | None, blocks_per_sm) -> dict:
     """Device and host microseconds of one CUDA-backend launch. ``facts``: the kernel's sm_90
     facts (None for ATen and library calls: their GEMMs at the FMA rate, cuBLAS's fp32
     kernels with TF32 off, PyTorch's default); ``blocks_per_sm(facts, threads)``."""
+    per_sm = None
     if launch["kind"] == "aten":
         unit, programs, factor, host = "fma", None, 1.0, RATES["torch_op_us"]
     else:
@@ -232,8 +233,8 @@ def cuda_launch_time(launch: dict, facts: dict | None, blocks_per_sm) -> dict:
     bound = "bytes" if floor == bytes_us else "tensor cores" if (
         floor == dot_us and unit != "fma") else "fma"
     return {"device_us": floor * factor + RATES["gap_us"], "host_us": host, "unit": unit,
-            "bound": bound, "programs": programs, "wave_factor": factor,
-            "bytes_us": bytes_us, "dot_us": dot_us, "fma_us": fma_us}
+            "bound": bound, "programs": programs, "blocks_per_sm": per_sm,
+            "wave_factor": factor, "bytes_us": bytes_us, "dot_us": dot_us, "fma_us": fma_us}
 
 
 def cuda_record(op: str, counted: dict | None = None, facts: dict | None = None,
