@@ -105,15 +105,10 @@ MODEL_TABLE = Path(__file__).resolve().parents[1] / "benchmarks" / "perf_model.j
 
 def kernel_key(name: str) -> str:
     """A profiler's kernel name as the model names it: a CUDA kernel's demangled name without
-    ``void`` and its parameters (``snl::(anonymous namespace)::k<float, 32>``); Triton's as
-    it is."""
-    name = name.removeprefix("void ")
-    depth = 0
-    for i, ch in enumerate(name):
-        depth += (ch == "<") - (ch == ">")
-        if ch == "(" and depth == 0 and not name.startswith("(anonymous namespace)", i):
-            return name[:i]
-    return name
+    return type and parameters; Triton's as it is."""
+    from snl_kernels.perf.cuda_sass import kernel_name
+
+    return kernel_name(name)
 
 
 def predicted_by_kernel(table: Path = MODEL_TABLE) -> dict[tuple, dict[str, float]]:

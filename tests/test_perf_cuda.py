@@ -207,7 +207,7 @@ def test_cuda_products_run_on_hgmma_without_spills(op):
 
 #: CUDA ops predicted over their targets (eager; CRAM in a CUDA graph), 2026-12-06.
 CUDA_PREDICTED_SHORT = {
-    "cosine_distances": "predicted 0.215 ms eager (0.182 in a graph) against 0.2: 12 "
+    "cosine_distances": "predicted 0.214 ms eager (0.182 in a graph) against 0.2: 12 "
                         "launches, the backward's partial last wave",
     "intra_affinity_l2": "predicted 1.24 ms (1.21) against 0.5: 174 GFLOP on mma.sync, "
                          "2.9x the ideal bytes",

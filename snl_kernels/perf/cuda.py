@@ -43,6 +43,7 @@ from unittest import mock
 import torch
 
 from . import workloads
+from .cuda_sass import kernel_name
 
 #: Blocks run per launch in the model's count (all of a smaller grid).
 BLOCKS = 32
@@ -65,31 +66,16 @@ def _emulation():
 
 
 def _symbols(exe: Path) -> dict[int, str]:
-    """Function offsets of a driver -> demangled names without parameters."""
+    """Function offsets of a driver -> demangled names without return type or parameters, as
+    the sm_90 facts name kernels (``snl::(anonymous namespace)::k<float, 32>``)."""
     out = subprocess.run(["nm", "-C", "--defined-only", str(exe)], capture_output=True,
                          text=True, check=True).stdout
     names = {}
     for line in out.splitlines():
         parts = line.split(" ", 2)
         if len(parts) == 3 and parts[1] in "tTwW":
-            names[int(parts[0], 16)] = _strip_params(parts[2])
+            names[int(parts[0], 16)] = kernel_name(parts[2])
     return names
-
-
-def _strip_params(name: str) -> str:
-    """``void ns::f<a, b>(float const*, long)`` -> ``ns::f<a, b>`` (as the sm_90 facts name
-    kernels)."""
-    name = name.removeprefix("void ")
-    depth, i = 0, 0
-    while i < len(name):
-        if name.startswith("(anonymous namespace)", i):
-            i += len("(anonymous namespace)")
-            continue
-        depth += (name[i] == "<") - (name[i] == ">")
-        if name[i] == "(" and depth == 0:
-            return name[:i]
-        i += 1
-    return name
 
 
 def parse(text: str, names: dict[int, str]) -> list[dict]:
