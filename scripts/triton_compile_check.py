@@ -155,6 +155,12 @@ class Compiler:
 
         JITFunction.run = run
         JITFunction._do_compile = do_compile
+        # The library launches through its pre-bound launcher, which keeps the compiled
+        # kernel's C launcher: here each of its launches is a warm-up compile instead.
+        from snl_kernels._triton import launch
+
+        launch.hook = lambda fn, grid, args, options: run(fn, grid=grid, warmup=True, **args,
+                                                          **options)
 
     def compile(self, jit_do_compile, fn, key, signature, device, constexprs, options, attrs,
                 warmup):

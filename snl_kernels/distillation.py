@@ -128,11 +128,18 @@ def _separate(teachers, students, terms, intra_distance, inter_distance, backend
     return {term: out[term] for term in terms}
 
 
-def _inverse_norms(squares: Tensor) -> Tensor:
-    """1 / max(sqrt(sum of squares), eps) per row, negative for an exactly zero row (the
-    convention of the Triton kernels' ``_inv_norm_kernel``); (B, R) contiguous float32."""
-    r = 1.0 / squares.sqrt().clamp_min(EPS)
-    return torch.where(squares == 0, -r, r).contiguous()
+def _inverse_norms(squares: list[Tensor]) -> list[Tensor]:
+    """Per (B, R_i) tensor of sums of squares: 1 / max(sqrt(sum of squares), eps) per row,
+    negative for an exactly zero row (the convention of the Triton kernels'
+    ``_inv_norm_kernel``), as (B, R_i) contiguous float32. All of them in one set of
+    elementwise ops over their concatenation (a set per tensor costs each op's host time
+    once per tensor)."""
+    if not squares:
+        return []
+    both = torch.cat(squares, dim=1)
+    r = both.sqrt().clamp_min_(EPS).reciprocal_()
+    r = torch.where(both == 0, -r, r)
+    return [part.contiguous() for part in r.split([x.shape[1] for x in squares], dim=1)]
 
 
 class _Shared(torch.autograd.Function):
@@ -155,16 +162,21 @@ class _Shared(torch.autograd.Function):
         need_t = grad_enabled and any(ctx.needs_input_grad[1:1 + levels])
         need_s = grad_enabled and any(ctx.needs_input_grad[1 + levels:])
         store = 2 if need_t else 1 if need_s else 0
+        squares = []  # the sums of squares whose inverse norms the affinity terms take
         for pixel, channel, sample, p_stats, c_stats in kc.forward_levels(
                 list(teachers), list(students), EPS):
             saved["cos"].append((p_stats, c_stats))
             values["rd"] = values["rd"] + sample.mean()
             values["channel"] = values["channel"] + pixel.mean()
             values["spatial"] = values["spatial"] + channel.mean()
-            saved["r_pix"].append((_inverse_norms(p_stats[:, 1]), _inverse_norms(p_stats[:, 2]))
-                                  if "intra" in terms else None)
-            saved["r_chan"].append((_inverse_norms(c_stats[:, 1]), _inverse_norms(c_stats[:, 2]))
-                                   if "inter" in terms else None)
+            if "intra" in terms:
+                squares += [p_stats[:, 1], p_stats[:, 2]]
+            if "inter" in terms:
+                squares += [c_stats[:, 1], c_stats[:, 2]]
+        norms = iter(_inverse_norms(squares))
+        for _ in range(levels):
+            saved["r_pix"].append((next(norms), next(norms)) if "intra" in terms else None)
+            saved["r_chan"].append((next(norms), next(norms)) if "inter" in terms else None)
         # The affinity terms' Deltas: every intra-affinity level on the tiled path and every
         # inter-affinity pair in as few launches as the grouped kernel takes (the Gram path's
         # levels in their own launch); the per-tile partial sums are added afterwards.

@@ -163,3 +163,22 @@ def assert_cli_error(capsys, argv, status: int, match: str) -> str:
     assert re.search(match, err), err
     assert "Traceback" not in err
     return err
+
+
+def compiled_probe(script: str, **env: str) -> object:
+    """Run ``tests/<script>`` in a process without the Triton interpreter (its kernels
+    compiled for sm_90 over the performance model's stand-in driver) and return the JSON
+    object its last line prints."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    environ = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), str(root / "tests")]),
+                   **env)
+    environ.pop("TRITON_INTERPRET", None)
+    done = subprocess.run([sys.executable, str(root / "tests" / script)], env=environ,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])

@@ -30,32 +30,22 @@ def _modules():
     return affinity, anomaly_map, cosine_distances, cram
 
 
-class _Recorded:
-    """A kernel whose launches are logged as (kernel name, keyword arguments)."""
-
-    def __init__(self, name, kernel, log):
-        self.name, self.kernel, self.log = name, kernel, log
-
-    def __getitem__(self, grid):
-        launch = self.kernel[grid]
-
-        def run(*args, **kwargs):
-            self.log.append((self.name, kwargs))
-            return launch(*args, **kwargs)
-
-        return run
-
-
 @pytest.fixture
 def launches(monkeypatch):
-    """The GPU configuration in force, and the list of launches made (launchers look their
-    kernels up at each call, so the module attributes are what they launch)."""
+    """The GPU configuration in force, and the list of launches made as (kernel name, its
+    keyword arguments and launch options): every launcher launches through
+    ``snl_kernels._triton.launch``, whose hook sees each launch."""
+    from snl_kernels._triton import launch
+
     monkeypatch.setenv(CONFIG_VARIABLE, "gpu")
     monkeypatch.delenv("SNL_DOT_PRECISION", raising=False)
     log = []
-    for module in _modules():
-        for name in [n for n in vars(module) if n.endswith("_kernel")]:
-            monkeypatch.setattr(module, name, _Recorded(name, getattr(module, name), log))
+
+    def record(fn, grid, args, options):
+        log.append((fn.__name__, {**args, **options}))
+        launch.bound(fn, grid, args, options)
+
+    monkeypatch.setattr(launch, "hook", record)
     return log
 
 

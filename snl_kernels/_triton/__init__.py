@@ -49,10 +49,27 @@ def gpu_config(interpreted: bool) -> bool:
     return value == "gpu"
 
 
+_split: dict[str, list[str]] = {}
+
+
 def strides(x, names: str) -> dict[str, int]:
     """x's strides as keyword arguments of a launch, one name per dimension in order:
     ``**strides(teacher, "stride_tb stride_tc stride_th stride_tw")``."""
-    return dict(zip(names.split(), x.stride(), strict=True))
+    split = _split.get(names)
+    if split is None:
+        split = _split[names] = names.split()
+    return dict(zip(split, x.stride(), strict=True))
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for the launchers' host code (``triton.cdiv`` is a constexpr function in
+    Triton 3.6: each host call unwraps its arguments, about 1 us)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The least power of two >= n for n >= 1 (0 for 0), as ``triton.next_power_of_2``."""
+    return 0 if n == 0 else 1 << (n - 1).bit_length()
 
 
 _loaded: dict = {}

@@ -19,9 +19,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import strides
+from . import cdiv, next_power_of_2, strides
 from .cosine_distances import _at_pixels, _channels, _distance
 from .cosine_distances import blocks as cosine_blocks
+from .launch import launch
 
 BLOCK_C = 32
 BLOCK_H = 32
@@ -121,7 +122,7 @@ def _combine_kernel(
 
 def _pad(n: int) -> int:
     # tl.dot needs every dimension >= 16 and a power of two.
-    return max(16, triton.next_power_of_2(n))
+    return max(16, next_power_of_2(n))
 
 
 def pixel_distances(teachers: list[Tensor], students: list[Tensor], eps: float,
@@ -143,28 +144,26 @@ def pixel_distances(teachers: list[Tensor], students: list[Tensor], eps: float,
             _, C, H, W = t.shape
             block = cosine_blocks(B, C, H * W)[0]
             block_of[f"BLOCK_P{j}"] = block
-            tiles.append(triton.cdiv(H * W, block) if j < len(group) else 0)
+            tiles.append(cdiv(H * W, block) if j < len(group) else 0)
             args.update({f"t{j}": t, f"s{j}": s, f"o{j}": m[:, level], f"C{j}": C, f"H{j}": H,
                          f"W{j}": W,
                          **strides(t, f"t{j}_b t{j}_c t{j}_h t{j}_w"),
                          **strides(s, f"s{j}_b s{j}_c s{j}_h s{j}_w")})
-        _pixel_distance_kernel[(sum(tiles), B)](
+        launch(_pixel_distance_kernel, (sum(tiles), B), dict(
             **args, start1=tiles[0], start2=tiles[0] + tiles[1],
             stride_ob=m.stride(0), stride_oh=m.stride(2),
-            EPS=eps, BLOCK_C=BLOCK_C, **block_of,
-        )
+            EPS=eps, BLOCK_C=BLOCK_C, **block_of))
     return m
 
 
 def combine(m: Tensor, mh: Tensor, mw: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
     """``maps[b] = sum_k mh[k] @ m[b, k] @ mw[k]^T`` and each map's maximum."""
     B, L, hk, wk = m.shape
-    n_h, n_w = triton.cdiv(height, BLOCK_H), triton.cdiv(width, BLOCK_W)
+    n_h, n_w = cdiv(height, BLOCK_H), cdiv(width, BLOCK_W)
     maps = torch.empty((B, 1, height, width), device=m.device, dtype=torch.float32)
     tile_max = torch.empty((B, n_h * n_w), device=m.device, dtype=torch.float32)
-    _combine_kernel[(n_h, n_w, B)](
+    launch(_combine_kernel, (n_h, n_w, B), dict(
         m_ptr=m, mh_ptr=mh, mw_ptr=mw, out_ptr=maps, tile_max_ptr=tile_max,
         H=height, W=width, L=L, n_tiles_w=n_w,
-        HK=hk, WK=wk, BLOCK_H=BLOCK_H, BLOCK_W=BLOCK_W,
-    )
+        HK=hk, WK=wk, BLOCK_H=BLOCK_H, BLOCK_W=BLOCK_W))
     return maps, tile_max.amax(dim=1)

@@ -29,7 +29,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import gpu_config, strides
+from . import cdiv, gpu_config, strides
+from .launch import launch
 
 BLOCK_N = 64  # pixels per program, the largest (the interpreter's choice)
 BLOCK_C = 32
@@ -47,7 +48,7 @@ def _fill(n: int, batch: int, largest: int, gpu: bool) -> int:
     if not gpu:
         return largest
     block = largest
-    while block > MIN_BLOCK and triton.cdiv(n, block) * batch < MIN_PROGRAMS:
+    while block > MIN_BLOCK and cdiv(n, block) * batch < MIN_PROGRAMS:
         block //= 2
     return block
 
@@ -358,7 +359,7 @@ def forward_levels(teachers: list[Tensor], students: list[Tensor], eps: float) -
             _, C, H, W = t.shape
             N = H * W
             block_n, block_fin = blocks(B, C, N)
-            n_tiles = triton.cdiv(N, block_n)
+            n_tiles = cdiv(N, block_n)
             if k not in level_outs:
                 level_outs[k] = (
                     torch.empty((B, H, W), **f32), torch.empty((B, C), **f32),
@@ -368,7 +369,7 @@ def forward_levels(teachers: list[Tensor], students: list[Tensor], eps: float) -
             pixel, channel, sample, p_stats, c_stats, partial, s_partial = level_outs[k]
             real = j < len(levels)
             tiles.append(n_tiles if real else 0)
-            cblocks.append(triton.cdiv(C, block_fin) if real else 0)
+            cblocks.append(cdiv(C, block_fin) if real else 0)
             blk.update({f"BLOCK_N{j}": block_n, f"BLOCK_C{j}": block_fin})
             fwd_args.update({
                 f"t{j}": t, f"s{j}": s, f"pix{j}": pixel, f"pst{j}": p_stats,
@@ -379,12 +380,12 @@ def forward_levels(teachers: list[Tensor], students: list[Tensor], eps: float) -
             fin_args.update({
                 f"part{j}": partial, f"spart{j}": s_partial, f"ch{j}": channel,
                 f"cst{j}": c_stats, f"smp{j}": sample, f"C{j}": C, f"T{j}": n_tiles})
-        _cosine_distances_fwd_kernel[(sum(tiles), B)](
+        launch(_cosine_distances_fwd_kernel, (sum(tiles), B), dict(
             **fwd_args, **_starts(tiles), EPS=eps, BLOCK_C=BLOCK_C,
-            **{f"BLOCK_N{j}": blk[f"BLOCK_N{j}"] for j in range(GROUP)})
-        _cosine_distances_fin_kernel[(sum(cblocks), B)](
+            **{f"BLOCK_N{j}": blk[f"BLOCK_N{j}"] for j in range(GROUP)}))
+        launch(_cosine_distances_fin_kernel, (sum(cblocks), B), dict(
             **fin_args, **_starts(cblocks), EPS=eps, BLOCK_T=BLOCK_TILES,
-            **{f"BLOCK_C{j}": blk[f"BLOCK_C{j}"] for j in range(GROUP)})
+            **{f"BLOCK_C{j}": blk[f"BLOCK_C{j}"] for j in range(GROUP)}))
         outs += [level_outs[k][:5] for k in levels]
     return outs
 
@@ -418,7 +419,7 @@ def backward_levels(teachers: list[Tensor], students: list[Tensor], pixel_stats:
                 grad_t = torch.empty_like(t) if need_teacher else t.new_empty((0,))
                 level_outs[k] = (sample_stats, grad_t, grad_s)
             sample_stats, grad_t, grad_s = level_outs[k]
-            tiles.append(triton.cdiv(N, block_n) if j < len(levels) else 0)
+            tiles.append(cdiv(N, block_n) if j < len(levels) else 0)
             blk[f"BLOCK_N{j}"] = block_n
             # Without the teacher's gradient dt is never written: any pointer, zero strides.
             dt_names = f"dt{j}_b dt{j}_c dt{j}_h dt{j}_w"
@@ -433,8 +434,8 @@ def backward_levels(teachers: list[Tensor], students: list[Tensor], pixel_stats:
                 **strides(t, f"t{j}_b t{j}_c t{j}_h t{j}_w"),
                 **strides(s, f"s{j}_b s{j}_c s{j}_h s{j}_w"), **dt_strides,
                 **strides(grad_s, f"ds{j}_b ds{j}_c ds{j}_h ds{j}_w")})
-        _cosine_distances_bwd_kernel[(sum(tiles), B)](
-            **args, **_starts(tiles), EPS=eps, NEED_T=need_teacher, BLOCK_C=BLOCK_C, **blk)
+        launch(_cosine_distances_bwd_kernel, (sum(tiles), B), dict(
+            **args, **_starts(tiles), EPS=eps, NEED_T=need_teacher, BLOCK_C=BLOCK_C, **blk))
         outs += [level_outs[k][1:] for k in levels]
     return outs
 

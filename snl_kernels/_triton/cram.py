@@ -3,7 +3,7 @@
 Positions p = b * N + n are cut into blocks of BLOCK_P rows; the K centres are padded to a
 power of two KP >= 16 (for ``tl.dot``). The two products with the centres, ``E C^T`` (a
 reduction over D) and ``A C`` (an output over D), and the backward's three, run on tensor
-cores as three tf32 products ("tf32x3", about fp32; ``_dot`` in ``affinity.py``), with fp32
+cores as three tf32 products ("tf32x3", about fp32; ``_dot`` in ``affinity_tiles.py``), with fp32
 accumulation.
 
 Forward, two launches:
@@ -47,8 +47,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import gpu_config, strides
-from .affinity import _dot
+from . import cdiv, gpu_config, next_power_of_2, strides
+from .affinity_tiles import _dot
+from .launch import launch
 
 BLOCK_P = 32
 BLOCK_D = 64
@@ -68,7 +69,7 @@ def _blocks(kp: int) -> tuple[int, int]:
 
 
 def _pad_k(k: int) -> int:
-    return max(16, triton.next_power_of_2(k))
+    return max(16, next_power_of_2(k))
 
 
 def _split(units: int, other: int, gpu: bool) -> int:
@@ -78,7 +79,7 @@ def _split(units: int, other: int, gpu: bool) -> int:
     add slices too."""
     if not gpu:
         return min(units, 2)
-    return max(1, min(units, triton.cdiv(MIN_PROGRAMS, other)))
+    return max(1, min(units, cdiv(MIN_PROGRAMS, other)))
 
 
 def plan(B: int, D: int, N: int, K: int, gpu: bool | None = None) -> dict[str, int]:
@@ -88,17 +89,17 @@ def plan(B: int, D: int, N: int, K: int, gpu: bool | None = None) -> dict[str, i
     gpu = gpu_config(INTERPRETED) if gpu is None else gpu
     kp = _pad_k(K)
     block_p, block_d = _blocks(kp)
-    rows = triton.cdiv(B * N, block_p)
-    d_units = triton.cdiv(D, block_d)
+    rows = cdiv(B * N, block_p)
+    d_units = cdiv(D, block_d)
     split = _split(d_units, rows, gpu)
     d_blocks = _split(d_units, rows, gpu)
     centre_blocks = d_units
     p_slices = _split(rows, centre_blocks, gpu)
     return {"BLOCK_P": block_p, "BLOCK_D": block_d, "KP": kp, "rows": rows,
-            "SPLIT": split, "D_SLICE": triton.cdiv(d_units, split) * block_d,
-            "D_BLOCKS": d_blocks, "D_CHUNK": triton.cdiv(d_units, d_blocks) * block_d,
+            "SPLIT": split, "D_SLICE": cdiv(d_units, split) * block_d,
+            "D_BLOCKS": d_blocks, "D_CHUNK": cdiv(d_units, d_blocks) * block_d,
             "CENTRE_BLOCKS": centre_blocks, "P_SLICES": p_slices,
-            "P_SLICE": triton.cdiv(rows, p_slices) * block_p}
+            "P_SLICE": cdiv(rows, p_slices) * block_p}
 
 
 def workspace(B: int, D: int, N: int, K: int, gpu: bool | None = None) -> dict[str, dict]:
@@ -396,18 +397,16 @@ def forward(embedding: Tensor, centers: Tensor, log_tau: Tensor):
     dist, part, e2_part, c2_part = (torch.empty(shapes[name], **f32)
                                     for name in ("dist", "part", "e2_part", "c2_part"))
     common = dict(KP=KP, BLOCK_P=p["BLOCK_P"], BLOCK_D=p["BLOCK_D"], PRECISION=PRECISION)
-    _cram_dots_kernel[(p["rows"], p["SPLIT"])](
+    launch(_cram_dots_kernel, (p["rows"], p["SPLIT"]), dict(
         x_ptr=embedding, c_ptr=centers, part_ptr=part, x2_part_ptr=e2_part,
         c2_part_ptr=c2_part, P=P, N=N, W=W, D=D, K=K, D_SLICE=p["D_SLICE"],
         **strides(embedding, "stride_xb stride_xd stride_xh stride_xw"),
-        **strides(centers, "stride_ck stride_cd"), SQUARES=True, **common,
-    )
-    _cram_fwd_kernel[(p["rows"], p["D_BLOCKS"])](
+        **strides(centers, "stride_ck stride_cd"), SQUARES=True, **common))
+    launch(_cram_fwd_kernel, (p["rows"], p["D_BLOCKS"]), dict(
         c_ptr=centers, log_tau_ptr=log_tau, part_ptr=part, e2_part_ptr=e2_part,
         c2_part_ptr=c2_part, central_ptr=central, assign_ptr=assign, compact_ptr=compact,
         dist_ptr=dist, P=P, N=N, D=D, K=K, SPLIT=p["SPLIT"], D_CHUNK=p["D_CHUNK"],
-        **strides(centers, "stride_ck stride_cd"), **common,
-    )
+        **strides(centers, "stride_ck stride_cd"), **common))
     return central, assign, compact, dist
 
 
@@ -427,15 +426,14 @@ def backward(embedding: Tensor, centers: Tensor, log_tau: Tensor, assign: Tensor
         torch.empty(shapes[name], **f32) for name in (
             "part", "g_log_tau_partial", "g_c_partial", "delta_col_partial"))
     common = dict(KP=KP, BLOCK_P=p["BLOCK_P"], BLOCK_D=p["BLOCK_D"], PRECISION=PRECISION)
-    _cram_dots_kernel[(p["rows"], p["SPLIT"])](
+    launch(_cram_dots_kernel, (p["rows"], p["SPLIT"]), dict(
         x_ptr=grad_central, c_ptr=centers, part_ptr=part,
         # SQUARES=False: the squares' buffers are not written.
         x2_part_ptr=part, c2_part_ptr=part, P=P, N=N, W=W, D=D, K=K, D_SLICE=p["D_SLICE"],
         **strides(grad_central, "stride_xb stride_xd stride_xh stride_xw"),
-        **strides(centers, "stride_ck stride_cd"), SQUARES=False, **common,
-    )
+        **strides(centers, "stride_ck stride_cd"), SQUARES=False, **common))
     row_programs = p["rows"] * p["D_BLOCKS"]
-    _cram_bwd_kernel[(row_programs + p["CENTRE_BLOCKS"] * p["P_SLICES"],)](
+    launch(_cram_bwd_kernel, (row_programs + p["CENTRE_BLOCKS"] * p["P_SLICES"],), dict(
         e_ptr=embedding, c_ptr=centers, log_tau_ptr=log_tau, assign_ptr=assign,
         dist_ptr=dist, part_ptr=part, g_assign_ptr=grad_assign.contiguous(),
         g_compact_ptr=grad_compact.contiguous(), g_central_ptr=grad_central,
@@ -447,8 +445,7 @@ def backward(embedding: Tensor, centers: Tensor, log_tau: Tensor, assign: Tensor
         **strides(embedding, "stride_eb stride_ed stride_eh stride_ew"),
         **strides(centers, "stride_ck stride_cd"),
         **strides(grad_central, "stride_gb stride_gd stride_gh stride_gw"),
-        **strides(grad_embedding, "stride_geb stride_ged stride_geh stride_gew"), **common,
-    )
+        **strides(grad_embedding, "stride_geb stride_ged stride_geh stride_gew"), **common))
     # Sums over slices in a fixed order: deterministic. dL/dc_k gets 2 c_k sum_i delta_ik.
     delta_col = delta_col_partial.sum(dim=0)[:K]
     grad_centers = (g_c_partial.sum(dim=0)[:K]

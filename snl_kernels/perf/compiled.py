@@ -1,7 +1,8 @@
 """What each Triton launch of an op compiles to for sm_90, read without a GPU.
 
 Run in a process *without* ``TRITON_INTERPRET``. A stand-in driver reports an sm_90 GPU,
-and every launch goes through Triton's own ``JITFunction.run`` as a warm-up: the binder
+and every launch (the library's, routed through ``snl_kernels._triton.launch.hook``, and any
+made directly) goes through Triton's own ``JITFunction.run`` as a warm-up: the binder
 specialises the arguments and the kernel is compiled to a cubin, not run (CPU tensors stand
 in for CUDA ones; their allocations are 64-byte aligned like a GPU allocator's, so the
 divisibility attributes are those of a GPU launch). Per launch this records the grid (at the
@@ -73,7 +74,10 @@ class CompiledLaunch:
     grid: tuple[int, int, int]
     args: int  # arguments passed to the JIT (its binder handles each)
     key: str  # which compiled specialisation (see ``kernels``)
-    host_us: float | None = None  # one launch through JITFunction.run, driver call excluded
+    host_us: float | None = None  # one launch as the library makes it, driver call excluded
+    #: made through the library's pre-bound launcher (snl_kernels._triton.launch), whose
+    #: later launches of the same specialisation skip Triton's binder
+    bound: bool = False
 
 
 def _tool(name: str) -> str:
@@ -161,6 +165,7 @@ class Recorder:
         self.launches: list[CompiledLaunch] = []
         self.kernels: dict[str, Kernel] = {}
         self.active = False
+        self.timing = False
 
     def install(self) -> None:
         if os.environ.get("TRITON_INTERPRET") == "1":
@@ -177,19 +182,42 @@ class Recorder:
         recorder = self
 
         def run(fn, *args, grid, warmup, **kwargs):
+            # Launches made directly (fn[grid](...)); the library's go through on_launch.
             kernel = real_run(fn, *args, grid=grid, warmup=True, **kwargs)
-            if recorder.active and not warmup:
+            if recorder.active and not warmup and not recorder.timing:
                 recorder.record(fn, kernel, grid)
                 if recorder.host_time:
-                    recorder.launches[-1].host_us = _time_launch(
+                    recorder.launches[-1].host_us = recorder.time(
                         lambda: real_run(fn, *args, grid=grid, warmup=False, **kwargs))
             return kernel
 
+        def on_launch(fn, grid, args, options):
+            # The library's launches (snl_kernels._triton.launch): timed through its
+            # pre-bound path, the one they take.
+            kernel = real_run(fn, grid=grid, warmup=True, **args, **options)
+            if recorder.active:
+                recorder.record(fn, kernel, grid)
+                recorder.launches[-1].bound = True
+                if recorder.host_time:
+                    recorder.launches[-1].host_us = recorder.time(
+                        lambda: launch_module.bound(fn, grid, args, options))
+
         JITFunction.run = run
+        from .._triton import launch as launch_module
+
+        launch_module.hook = on_launch
         # The ops' backend choice: CPU tensors stand in for CUDA ones here.
         from .. import dispatch
 
         dispatch.triton_interpreted = lambda: True
+
+    def time(self, launch) -> float:
+        """:func:`_time_launch` of ``launch``, its inner launches not recorded."""
+        self.timing = True
+        try:
+            return _time_launch(launch)
+        finally:
+            self.timing = False
 
     def record(self, fn, kernel, grid) -> None:
         key = kernel.hash if hasattr(kernel, "hash") else str(id(kernel))

@@ -77,7 +77,11 @@ class _Addresses:
         self.requested += addresses.size * itemsize
         self.pending.setdefault(itemsize, []).append(addresses.ravel())
         self.sizes[itemsize] = self.sizes.get(itemsize, 0) + addresses.size
-        if self.sizes[itemsize] > _COMPACT_AT:
+        # Folded when the pending addresses outnumber both the threshold and the unique set
+        # already folded (folding at a fixed size only was quadratic once the unique set
+        # passed it: every later add folded it again).
+        unique = self.unique.get(itemsize)
+        if self.sizes[itemsize] > max(_COMPACT_AT, 0 if unique is None else unique.size):
             self._fold(itemsize)
 
     def _fold(self, itemsize: int) -> None:
@@ -85,7 +89,7 @@ class _Addresses:
         if itemsize in self.unique:
             parts.append(self.unique[itemsize])
         self.unique[itemsize] = np.unique(np.concatenate(parts)) if parts else np.empty(0)
-        self.sizes[itemsize] = self.unique[itemsize].size
+        self.sizes[itemsize] = 0  # pending addresses since the fold
 
     def distinct(self) -> int:
         for itemsize in list(self.pending):

@@ -195,6 +195,9 @@ def op_record(op: str, counted: dict, compiled: dict | None) -> dict:
         "spills": any(k["local_bytes"] > 0 for k in kernels) if compiled else None,
         "max_args": max((x["compiled"]["args"] for x in launches if x["compiled"]),
                         default=0),
+        # launches made through Triton's binder at every call (not the pre-bound launcher)
+        "unbound_launches": sum(1 for x in launches
+                                if x["compiled"] and not x["compiled"].get("bound")),
         "predicted_ms": eager_us / 1e3,
         "predicted_graph_ms": graph_us / 1e3,
         "target_ms": TARGET_MS[op],
@@ -277,6 +280,7 @@ def cuda_record(op: str, counted: dict | None = None, facts: dict | None = None,
                         all(x["unit"] == "wgmma" for x in products)),
         "spills": any(x["facts"]["local_bytes"] > 0 for x in ours) if known else None,
         "max_args": None,
+        "unbound_launches": None,
         "predicted_ms": eager_us / 1e3,
         "predicted_graph_ms": graph_us / 1e3,
         "sampled_blocks": counted.get("blocks"),

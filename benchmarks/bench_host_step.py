@@ -1,0 +1,102 @@
+"""Host time of a whole op call through the real launch path, on a CPU.
+
+What it measures: one eager call of the op as a training step makes it (forward and, where
+the op has one, backward), with every Triton kernel compiled for sm_90 and launched by
+Triton's own C launcher over the performance model's stand-in ``libcuda``
+(``snl_kernels/perf/fake_libcuda.c``: every driver call returns success at once, so nothing
+runs), CPU tensors standing in for CUDA ones. Everything the host does is in it: the input
+checks, the backend choice, autograd, the launchers' plans, argument binding, the C
+launcher, and PyTorch's own small ops between launches (on CPU tensors here; on a GPU each
+would be a launch of its own). Only the driver's launch call itself is missing.
+
+Shapes: small levels with the launch plans of the benchmark's (the WideResNet-50-2 levels'
+structure: a Gram-path level, the tiled level, the same launches), so that PyTorch's CPU
+ops between launches cost their host overhead, not arithmetic on large tensors.
+
+Providers: ``bound`` (the library's launches as they are made, through
+``snl_kernels._triton.launch``'s pre-bound path) and ``triton-run`` (every launch through
+``kernel[grid](...)``, Triton's ``JITFunction.run``, which binds every argument at every
+launch: the library's launch path before the pre-bound launcher).
+
+Run this file alone, on a CPU, without ``TRITON_INTERPRET``::
+
+    python -m pytest benchmarks/bench_host_step.py --benchmark-only
+
+(with other benchmark files in the same session the kernels are already the interpreter's,
+and the file skips; on a GPU the round times the real launches).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+import pytest
+import torch
+
+if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available():
+    pytest.skip("host time through the stand-in driver: run this file alone on a CPU, "
+                "without TRITON_INTERPRET", allow_module_level=True)
+pytest.importorskip("triton", reason="the Triton backend needs triton")
+
+from snl_kernels.perf import workloads
+
+OPS = ("distillation_l2", "distillation_l1", "cram", "anomaly_map")
+PROVIDERS = ("bound", "triton-run")
+#: One sample of small levels with B = 16's plans; CRAM and the map small too.
+SHAPES = replace(workloads.QUICK, levels=((16, 32, 32), (32, 16, 16), (128, 8, 8)),
+                 cram=(64, 8, 8, 16), cram_batch=2, map_size=64)
+
+
+@pytest.fixture(scope="module")
+def stand_in_driver():
+    """Triton's CUDA driver over the stand-in libcuda, reporting an sm_90 device."""
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.driver import driver
+
+    from snl_kernels import dispatch
+    from snl_kernels.perf import compiled
+
+    previous, previous_driver = dispatch.triton_interpreted, driver._active
+    driver.set_active(compiled._fake_cuda_driver(GPUTarget("cuda", 90, 32)))
+    dispatch.triton_interpreted = lambda: True  # CPU tensors stand in for CUDA ones
+    yield
+    # Put back as found (reset_active would look for a real GPU driver, and fail without).
+    dispatch.triton_interpreted = previous
+    driver._active = previous_driver
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("op", OPS)
+def test_host_step(benchmark, stand_in_driver, monkeypatch, op, provider):
+    from snl_kernels._triton import launch
+
+    if provider == "triton-run":
+        monkeypatch.setattr(launch, "hook",
+                            lambda fn, grid, args, options: fn[grid](**args, **options))
+    work = workloads.MAKERS[op](SHAPES)
+    launches = []
+
+    def step():
+        outputs = work.forward()
+        if work.backward is not None:
+            work.backward(outputs)
+        for x in work.inputs.values():
+            for t in x if isinstance(x, list) else [x]:
+                t.grad = None
+
+    with workloads.planned_for(SHAPES):
+        if work.warmup is not None:
+            work.warmup()
+        step()  # compiles, and binds each launch once
+        counting = launch.hook or launch.bound
+
+        def count(fn, grid, args, options):
+            launches.append(fn.__name__)
+            counting(fn, grid, args, options)
+
+        monkeypatch.setattr(launch, "hook", count)
+        step()
+        monkeypatch.setattr(launch, "hook", None if counting is launch.bound else counting)
+        benchmark.pedantic(step, rounds=200, iterations=5, warmup_rounds=10)
+    benchmark.extra_info.update(op=op, provider=provider, launches=len(launches))
