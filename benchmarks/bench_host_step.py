@@ -28,6 +28,7 @@ and the file skips; on a GPU the round times the real launches).
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import replace
 
@@ -39,13 +40,59 @@ if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available():
                 "without TRITON_INTERPRET", allow_module_level=True)
 pytest.importorskip("triton", reason="the Triton backend needs triton")
 
+import snl_kernels
 from snl_kernels.perf import workloads
 
 OPS = ("distillation_l2", "distillation_l1", "cram", "anomaly_map")
 PROVIDERS = ("bound", "triton-run")
-#: One sample of small levels with B = 16's plans; CRAM and the map small too.
-SHAPES = replace(workloads.QUICK, levels=((16, 32, 32), (32, 16, 16), (128, 8, 8)),
-                 cram=(64, 8, 8, 16), cram_batch=2, map_size=64)
+#: Small levels with B = 16's launch plans (one sample; the cosine blocks as for 16).
+LEVELS = ((16, 32, 32), (32, 16, 16), (128, 8, 8))
+PLAN = replace(workloads.QUICK, levels=LEVELS)
+CRAM = (2, 64, 8, 8, 16)  # B, D, h, w, K
+MAP_SIZE = 64
+
+
+def _step(op: str):
+    """The op's call as a training step (or ``predict``) makes it; inputs and upstream
+    gradients made here, once."""
+    g = torch.Generator().manual_seed(0)
+    if op == "cram":
+        b, d, h, w, k = CRAM
+        e = torch.randn((b, d, h, w), generator=g, requires_grad=True)
+        c = torch.randn((k, d), generator=g, requires_grad=True)
+        tau = torch.tensor(0.5 * math.log(d), requires_grad=True)
+        upstream = [torch.randn((b, d, h, w), generator=g), torch.randn((b, k, h, w),
+                    generator=g), torch.randn((b, h, w), generator=g)]
+        leaves = (e, c, tau)
+
+        def call():
+            out = snl_kernels.cram(e, c, tau, backend="triton")
+            torch.autograd.backward(list(out), upstream)
+    else:
+        teachers = [torch.randn((1, *level), generator=g) for level in LEVELS]
+        students = [(t + 0.5 * torch.randn(t.shape, generator=g)).requires_grad_()
+                    for t in teachers]
+        leaves = students
+        if op == "anomaly_map":
+            def call():
+                with torch.no_grad():
+                    snl_kernels.anomaly_map(teachers, students, MAP_SIZE, 4.0, "add",
+                                            backend="triton")
+        else:
+            distance = op.rsplit("_", 1)[1]
+
+            def call():
+                out = snl_kernels.snl_distillation_loss(
+                    teachers, students, intra_distance=distance, inter_distance=distance,
+                    backend="triton")
+                torch.autograd.backward(list(out.values()))
+
+    def step():
+        call()
+        for x in leaves:
+            x.grad = None
+
+    return step
 
 
 @pytest.fixture(scope="module")
@@ -58,10 +105,16 @@ def stand_in_driver():
     from snl_kernels.perf import compiled
 
     previous, previous_driver = dispatch.triton_interpreted, driver._active
+    threads = torch.get_num_threads()
     driver.set_active(compiled._fake_cuda_driver(GPUTarget("cuda", 90, 32)))
     dispatch.triton_interpreted = lambda: True  # CPU tensors stand in for CUDA ones
+    # PyTorch's CPU ops stand in for launches: their cost here is host overhead. One thread:
+    # with two, an op PyTorch splits across threads (sqrt of a few thousand floats already)
+    # waits milliseconds for a core that another process holds.
+    torch.set_num_threads(1)
     yield
     # Put back as found (reset_active would look for a real GPU driver, and fail without).
+    torch.set_num_threads(threads)
     dispatch.triton_interpreted = previous
     driver._active = previous_driver
 
@@ -74,21 +127,10 @@ def test_host_step(benchmark, stand_in_driver, monkeypatch, op, provider):
     if provider == "triton-run":
         monkeypatch.setattr(launch, "hook",
                             lambda fn, grid, args, options: fn[grid](**args, **options))
-    work = workloads.MAKERS[op](SHAPES)
+    step = _step(op)
     launches = []
-
-    def step():
-        outputs = work.forward()
-        if work.backward is not None:
-            work.backward(outputs)
-        for x in work.inputs.values():
-            for t in x if isinstance(x, list) else [x]:
-                t.grad = None
-
-    with workloads.planned_for(SHAPES):
-        if work.warmup is not None:
-            work.warmup()
-        step()  # compiles, and binds each launch once
+    with workloads.planned_for(PLAN):
+        step()  # compiles, builds the map's operators, binds each launch once
         counting = launch.hook or launch.bound
 
         def count(fn, grid, args, options):
