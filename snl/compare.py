@@ -11,10 +11,12 @@ The comparison folder holds::
     settings.json               what every run shares (a rerun must match it)
     probes/                     the probe images, shared by every run
     runs/<structure>-seed<N>/   a training run folder (checkpoints, history, report,
-                                metrics.json, metrics_by_type.json) and result.json
+                                metrics.json, metrics_by_type.json, self_check.json) and
+                                result.json
     compare.json                per-seed numbers of every finished run, and their summary
     compare.md                  the tables: mean ± std over seeds, per metric, per class
-                                and per defect type (probes included)
+                                and per defect type (probes included), and the self-check
+                                beside the image AUROC on the real defects
     report.html                 the same tables, each class's ROC and PRO curves of every
                                 structure (first seed), and links to every run's
                                 report.html (its image grids), self-contained
@@ -24,6 +26,12 @@ A run's ``result.json`` is written when its evaluation ends, and ``compare.json`
 a rerun into the same folder skips finished runs and resumes an interrupted training from
 its last checkpoint. The spread is the sample standard deviation over seeds (ddof = 1; 0
 with one seed); ``compare.json`` also gives min and max.
+
+With the self-check on (the default, :mod:`snl.selfcheck`), every run holds out the same
+training images; its figure per class is a column of the tables (``self-check``), each
+run's ``result.json`` keeps its figures and flags, and a section sets it beside the image
+AUROC on the real defects: per class, both figures' mean ± std and the flagged runs, and
+the Spearman rank correlation of the two over every (run, class).
 """
 
 from __future__ import annotations
@@ -37,17 +45,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy.stats import rankdata
 
-from . import distributed, html_report, report
+from . import distributed, html_report, report, selfcheck
 from .cli import CommandError
 from .cli.console import log
 from .cli.evaluation import evaluate_all
-from .cli.training import V1_FORMULATION, TrainConfig, resolve_data, train
+from .cli.training import BEFORE_SELF_CHECK, V1_FORMULATION, TrainConfig, resolve_data, train
 from .data import PROBE_KINDS, TestDataset, check_dataset, make_probes, parse_kinds
 
 SPREAD = "sample standard deviation over training seeds (ddof=1; 0 with one seed)"
 ALL = "all"  #: the type of the per-class row: good against every real defect image
 STRUCTURES = ("snl", "rd")
+SELF_CHECK = "self_check"  #: the self-check's key in a run's per-class rows
+#: The tables of one metric per class and defect type: every metric but the self-check,
+#: which has no per-type value (its own section sets it beside the image AUROC).
+TYPE_METRICS = tuple((k, label) for k, label in report.METRIC_COLUMNS if k != SELF_CHECK)
 
 
 def parse_ints(text: str, what: str) -> list[int]:
@@ -137,8 +150,9 @@ def _metric_rows(summary: dict, classes: list[str], kinds: list[str], key: str):
 
 
 def markdown(summary: dict, settings: dict, done: int, total: int,
-             seconds: dict[str, list[float]]) -> str:
-    """The text of ``compare.md``."""
+             seconds: dict[str, list[float]], runs: dict | None = None) -> str:
+    """The text of ``compare.md``; ``runs`` (``compare.json``'s) adds the self-check's
+    section."""
     structures = list(summary)
     classes, kinds = _order(summary)
     lines = [f"# {' vs '.join(s.upper() for s in structures)}", "",
@@ -157,8 +171,9 @@ def markdown(summary: dict, settings: dict, done: int, total: int,
         lines.append(f"| {structure} | "
                      + " | ".join(_cell(row.get(k)) for k, _ in report.METRIC_COLUMNS)
                      + (f" | {np.mean(secs):.0f} |" if secs else " | – |"))
+    lines += self_check_markdown(runs or {}, classes)
     diff = len(structures) == 2
-    for key, label in report.METRIC_COLUMNS:
+    for key, label in TYPE_METRICS:
         lines += ["", f"## {label} per class and defect type", "",
                   "| class | type | " + " | ".join(structures)
                   + (f" | {structures[0]} − {structures[1]} |" if diff else " |"),
@@ -167,6 +182,92 @@ def markdown(summary: dict, settings: dict, done: int, total: int,
             label_name = f"**{name}**" if name == "mean" else name
             lines.append(f"| {label_name} | {kind} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _kept_self_check(check: dict) -> dict:
+    """What ``result.json`` keeps of a run's self-check: the figures and flags per class."""
+    keep = ("held_out", "probes", selfcheck.FIGURE, "paired", "pixel_auroc", "flagged")
+    return {"figure": check["figure"], "flag_below": check["flag_below"],
+            "flagged": check["flagged"],
+            "classes": {name: {k: row[k] for k in keep if k in row}
+                        for name, row in check["classes"].items()}}
+
+
+def _class_runs(runs: dict) -> list[tuple[str, int, str, float, float, bool]]:
+    """(structure, seed, class, self-check, image AUROC, flagged) of every run's classes."""
+    out = []
+    for structure, by_seed in runs.items():
+        for seed in sorted(by_seed, key=int):
+            result = by_seed[seed]
+            check = result.get("self_check")
+            if not check:
+                continue
+            for name, row in check["classes"].items():
+                auroc = result["table"].get(name, {}).get("image_auroc")
+                if auroc is not None:
+                    out.append((structure, int(seed), name, float(row[selfcheck.FIGURE]),
+                                float(auroc), bool(row["flagged"])))
+    return out
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation (ties at their mean rank); NaN under 3 pairs or when a
+    side is constant."""
+    if len(x) < 3:
+        return math.nan
+    rx, ry = rankdata(x), rankdata(y)
+    if rx.std() == 0 or ry.std() == 0:
+        return math.nan
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def self_check_intro(runs: dict) -> str:
+    """The self-check section's first paragraph: what it is and the rank correlations."""
+    rows = _class_runs(runs)
+    parts = []
+    for structure in [*runs, "all"]:
+        picked = [r for r in rows if structure in ("all", r[0])]
+        if picked:
+            rho = spearman([r[3] for r in picked], [r[4] for r in picked])
+            parts.append(f"{structure} {'–' if math.isnan(rho) else f'{rho:.3f}'} "
+                         f"(n = {len(picked)})")
+    flagged = [r for r in rows if r[5]]
+    return ("Self-check: each run's held-out normal training images against their cut-paste "
+            "probes (no test image, no label), image AUROC per class; flagged below "
+            f"{100 * selfcheck.FLAG_BELOW:.1f}. Spearman rank correlation with the image AUROC "
+            "on the real defects over (run, class): " + "; ".join(parts) + ". Flagged "
+            f"class-runs: {len(flagged)} of {len(rows)}.")
+
+
+SELF_CHECK_HEADERS = ["class", "structure", "self-check", "image AUROC", "flagged runs"]
+
+
+def self_check_rows(runs: dict, classes: Sequence[str]) -> list[list[str]]:
+    """Per class and structure: both figures' mean ± std over seeds and the flagged seeds
+    (with their figure and image AUROC)."""
+    rows = _class_runs(runs)
+    out = []
+    for name in classes:
+        for structure in runs:
+            mine = [r for r in rows if r[0] == structure and r[2] == name]
+            if not mine:
+                continue
+            cells = [_cell(_stats([r[i] for r in mine])) for i in (3, 4)]
+            flags = ", ".join(f"seed {r[1]} ({100 * r[3]:.1f}; image AUROC {100 * r[4]:.1f})"
+                              for r in mine if r[5])
+            out.append([name, structure, *cells, flags or "none"])
+    return out
+
+
+def self_check_markdown(runs: dict, classes: Sequence[str]) -> list[str]:
+    """The self-check's section of ``compare.md`` (no line when no run has one)."""
+    rows = self_check_rows(runs, classes)
+    if not rows:
+        return []
+    return ["", "## Self-check beside image AUROC", "", self_check_intro(runs), "",
+            "| " + " | ".join(SELF_CHECK_HEADERS) + " |",
+            "|---|" + "---|" * (len(SELF_CHECK_HEADERS) - 1),
+            *("| " + " | ".join(row) + " |" for row in rows)]
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -225,7 +326,7 @@ def compare(out_dir: str | os.PathLike, base: TrainConfig, seeds: Sequence[int] 
     if settings_path.exists():
         # A loss option the folder's runs predate had the one behaviour of that time, the
         # first formulation's (as for checkpoints, TrainConfig.from_saved).
-        old = {**V1_FORMULATION, **json.loads(settings_path.read_text())}
+        old = {**V1_FORMULATION, **BEFORE_SELF_CHECK, **json.loads(settings_path.read_text())}
         keep = ("seeds", "structures")
         differ = sorted(k for k in set(old) | set(settings)
                         if k not in keep and old.get(k) != settings.get(k))
@@ -260,18 +361,23 @@ def compare(out_dir: str | os.PathLike, base: TrainConfig, seeds: Sequence[int] 
         run_config = dataclasses.replace(config, structure=structure, seed=seed)
         model = train(run_config, run_dir, resume=resume, world=world, evaluate_after=False)
         history = json.loads((run_dir / "history.json").read_text())
+        check = selfcheck.read(run_dir) if config.self_check else None
         evaluation = evaluate_all(model, data_root, classes, config.image_size, run_dir, world,
                                   dataclasses.asdict(run_config), probes=probes,
                                   probe_seed=config.data_seed, probe_root=probe_root,
-                                  probe_count=probe_count, quiet=True)
+                                  probe_count=probe_count, quiet=True, self_check=check)
         result = {"structure": structure, "seed": seed, "table": evaluation.table,
                   "by_type": evaluation.by_type,
                   "train_seconds": float(sum(h["seconds"] for h in history))}
+        if check is not None:
+            result["self_check"] = _kept_self_check(check)
         _write_atomic(result_path, json.dumps(result, indent=2, sort_keys=True) + "\n")
         runs.setdefault(structure, {})[str(seed)] = result
         mean = evaluation.table.get("mean", {})
         log(world, f"{head}: done, mean image AUROC {100 * mean.get('image_auroc', math.nan):.1f}"
-                   f", AUPRO {100 * mean.get('aupro', math.nan):.1f}")
+                   f", AUPRO {100 * mean.get('aupro', math.nan):.1f}"
+                   + (f", self-check flags {', '.join(check['flagged']) or 'no class'}"
+                      if check is not None else ""))
         _write_summary(out_dir, runs, settings, len(plan))
     final = _write_summary(out_dir, runs, settings, len(plan))
     log(world, f"comparison: {out_dir / 'compare.md'}")
@@ -286,7 +392,8 @@ def _write_summary(out_dir: Path, runs: dict, settings: dict, total: int) -> dic
                "runs_planned": total, "runs": runs, "summary": summary}
     _write_atomic(out_dir / "compare.json", json.dumps(content, indent=2, sort_keys=True)
                   + "\n")
-    _write_atomic(out_dir / "compare.md", markdown(summary, settings, done, total, seconds))
+    _write_atomic(out_dir / "compare.md", markdown(summary, settings, done, total, seconds,
+                                                   runs))
     html_report.write(out_dir / "report.html", html_page(out_dir, summary, settings, runs, done,
                                                          total, seconds))
     return content
@@ -314,8 +421,13 @@ def html_page(out_dir: Path, summary: dict, settings: dict, runs: dict, done: in
     sections = [h.paragraph(intro),
                 h.section("Mean over classes (type all: good against every real defect type)",
                           h.table(["structure", *labels, "train s/run"], mean_rows))]
+    rows = self_check_rows(runs, classes)
+    if rows:
+        sections.append(h.section("Self-check beside image AUROC",
+                                  h.paragraph(self_check_intro(runs)),
+                                  h.table(SELF_CHECK_HEADERS, rows)))
     diff = len(structures) == 2
-    for key, label in report.METRIC_COLUMNS:
+    for key, label in TYPE_METRICS:
         rows, bold = [], []
         for name, kind, cells in _metric_rows(summary, classes, kinds, key):
             if name == "mean":
@@ -363,4 +475,5 @@ def html_page(out_dir: Path, summary: dict, settings: dict, runs: dict, done: in
     return h.page(title, sections)
 
 
-__all__ = ["SPREAD", "STRUCTURES", "compare", "markdown", "parse_ints", "summarize"]
+__all__ = ["SPREAD", "STRUCTURES", "compare", "markdown", "parse_ints", "spearman",
+           "summarize"]

@@ -73,6 +73,15 @@ def barrier(world: World) -> None:
         dist.barrier()
 
 
+def broadcast_object(world: World, obj):
+    """Rank 0's ``obj`` (any picklable object) on every rank."""
+    if not world.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def broadcast_buffers(world: World, module: torch.nn.Module) -> None:
     """Give every rank rank 0's buffers (BatchNorm statistics drift apart between DDP's
     per-forward broadcasts), so that all ranks hold the model that rank 0 saves."""

@@ -16,6 +16,9 @@ METRIC_COLUMNS = (
     ("aupro", "AUPRO@0.3"),
     ("image_f1_max", "image F1-max"),
     ("pixel_f1_max", "pixel F1-max"),
+    # The self-check (snl.selfcheck): held-out normal training images against their
+    # cut-paste probes, no test image involved; present in runs that held images out.
+    ("self_check", "self-check"),
 )
 
 

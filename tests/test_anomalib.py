@@ -40,6 +40,8 @@ pytestmark = [
     pytest.mark.filterwarnings(r"ignore:Found \d+ module\(s\) in eval mode"),
     pytest.mark.filterwarnings(r"ignore:You called `self.log\("),
     pytest.mark.filterwarnings("ignore:.*LeafSpec"),  # Lightning 2.6 on torch 2.14
+    # Four steps on a random teacher make no detector: the self-check may say so.
+    pytest.mark.filterwarnings("ignore:self-check. probe image AUROC"),
 ]
 
 SIZE = 64  # the model's input (the files are 72 px: the pre-processor resizes)
@@ -142,6 +144,27 @@ def test_fit_test_predict_match_snl_metrics(fitted, folder):
     assert results[0]["pixel_AUROC"] == pytest.approx(metrics.pixel_auroc(maps, masks),
                                                       abs=1e-5)
     assert not list(out.glob("**/images"))  # visualizer=False: no image files
+
+
+def test_validation_logs_the_self_check(fitted, folder, tmp_path):
+    assert 0.0 <= fitted[0].self_check <= 1.0  # the fit's validation epoch ran it
+    # A student that reproduces its teacher ties every score: 0.5, and a warning says so.
+    identity = model()
+    forward = identity.model.forward
+
+    def passthrough(images):
+        features = forward(images)
+        return features._replace(students=list(features.teachers))
+
+    identity.model.forward = passthrough
+    eng = engine(tmp_path)
+    with pytest.warns(UserWarning, match=r"self-check: probe image AUROC 50\.0 < 77\.0"):
+        eng.validate(identity, datamodule=datamodule(folder), verbose=False)
+    normals, probes = (torch.cat(scores) for scores in identity._check_scores)
+    assert len(normals) == len(probes) == N_TEST  # the good validation images and a probe each
+    assert max(normals.abs().max(), probes.abs().max()) < 1e-5  # float32 rounding only
+    assert identity.self_check == 0.5
+    assert float(eng.trainer.callback_metrics["self_check"]) == 0.5
 
 
 def test_checkpoint_reloads_without_fetching_weights(fitted, tmp_path):

@@ -130,8 +130,12 @@ def test_eval_reproduces_and_predict_writes(data, tmp_path, capsys):
         assert s["label"] == ("anomalous" if s["score"] >= calibrated["threshold"] else "normal")
         assert line.split() == [f"{s['score']:.6f}", f"{s['normalised']:.4f}", s["label"],
                                 s["path"]]
-    # fpr=0: no good test image of the evaluated set is labelled anomalous
-    assert all(s["label"] == "normal" for s in scores if "/good/" in s["path"])
+    # fpr=0: no good test image of the evaluated set is labelled anomalous. predict scores
+    # one image at a time, the evaluation in batches: the same image's score may differ by
+    # float32 rounding, which can carry the highest good score a few ulps over the threshold.
+    threshold = calibrated["threshold"]
+    assert all(s["label"] == "normal" or s["score"] == pytest.approx(threshold, rel=1e-6)
+               for s in scores if "/good/" in s["path"])
 
 
 def test_existing_run_needs_resume(data, tmp_path, capsys):

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from scipy.stats import spearmanr
 from support import assert_cli_error, require_model_extra
 from test_html_report import assert_renders, assert_self_contained
 
@@ -54,6 +55,27 @@ def test_compare_tables_seeds_spread_and_rerun(tmp_path, capsys, monkeypatch):
     assert any(line.startswith("| grass | mixup | ") and cell in line
                for line in table.split("## AUPRO@0.3")[1].splitlines())
     assert "| **mean** | cutpaste | " in table
+    # The self-check beside the true metrics: each run's figures and flags, the tables' column,
+    # and its own section with the rank correlation over every (run, class).
+    pairs = []
+    for structure in ("snl", "rd"):
+        for seed in ("0", "1"):
+            run = result["runs"][structure][seed]
+            check = run["self_check"]
+            assert check["flag_below"] == 0.77
+            for name in ("brick", "grass"):
+                figure = check["classes"][name]["image_auroc"]
+                assert run["table"][name]["self_check"] == figure
+                assert check["classes"][name]["flagged"] == (figure < 0.77)
+                assert (name in check["flagged"]) == (figure < 0.77)
+                pairs.append((figure, run["table"][name]["image_auroc"]))
+    assert result["summary"]["snl"]["mean"]["all"]["self_check"]["n"] == 2
+    rho = spearmanr(*zip(*pairs, strict=True)).statistic
+    assert f"all {rho:.3f} (n = 8)" in table
+    assert "## Self-check beside image AUROC" in table
+    assert "## self-check per class" not in table  # no per-type table: it has no type
+    stats = result["summary"]["rd"]["grass"]["all"]["self_check"]
+    assert f"| grass | rd | {100 * stats['mean']:.1f} ± {100 * stats['std']:.1f} | " in table
     # report.html: the same tables, both structures' curves, links to every run's report.
     page = folder / "report.html"
     images = assert_self_contained(page, links_allowed=True)
@@ -62,6 +84,7 @@ def test_compare_tables_seeds_spread_and_rerun(tmp_path, capsys, monkeypatch):
     assert cell in text
     assert "snl − rd" in text
     assert "PRO curves" in text
+    assert ">Self-check beside image AUROC</h2>" in text
     assert len(images) == 2
     for structure in ("snl", "rd"):
         for seed in (0, 1):
@@ -98,5 +121,10 @@ def test_compare_tables_seeds_spread_and_rerun(tmp_path, capsys, monkeypatch):
     trained.clear()
     assert cli.main(argv) == 0
     assert trained == []
+    # One written before the self-check existed trained on every image: its runs differ.
+    saved = json.loads(settings.read_text())
+    del saved["self_check"], saved["holdout"]
+    settings.write_text(json.dumps(saved))
+    assert_cli_error(capsys, argv, 1, "self_check: False there, True now")
     assert_cli_error(capsys, [*argv[:3], "--seeds", "1,1"], 2,
                      "--seeds must name distinct integers")

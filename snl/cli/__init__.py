@@ -8,20 +8,22 @@ so that the whole job finishes in minutes on two cores; on a GPU the paper's set
 (WideResNet-50-2, 256x256, Adam lr 0.005, betas (0.5, 0.999), batch 16).
 
 A run folder holds ``config.json``, ``checkpoints/last.pt`` (written atomically after every
-epoch, read with ``weights_only=True``), ``history.json``, and after evaluation
-``metrics.json``, ``calibration.json`` (also stored in the checkpoint, for ``snl
-predict``), ``report.md``, ``report.html`` (self-contained: tables, curves, image grids;
-:mod:`snl.html_report`), ``curves.json``, ``roc.png`` and ``overlays/*.png``. ``--resume RUN`` goes
-on from the last checkpoint and gives the same parameters as an uninterrupted run: the
-shuffling order of epoch e depends only on (seed, e), and nothing else is random.
+epoch, read with ``weights_only=True``), ``history.json``, with the self-check on (the
+default) ``self_check.json``, and after evaluation ``metrics.json``, ``calibration.json``
+(also stored in the checkpoint, for ``snl predict``), ``report.md``, ``report.html``
+(self-contained: tables, curves, image grids; :mod:`snl.html_report`), ``curves.json``,
+``roc.png`` and ``overlays/*.png``; with ``--restarts N`` also ``restarts.json`` and the
+other seeds' runs in ``restarts/`` (:mod:`.restarts`). ``--resume RUN`` goes on from the
+last checkpoint and gives the same parameters as an uninterrupted run: the shuffling order
+of epoch e depends only on (seed, e), and nothing else is random.
 
 Under ``torchrun --nproc_per_node=N -m snl train ...`` every process trains on its shard
 with ``DistributedDataParallel`` (NCCL on GPUs, gloo on CPUs), evaluation is sharded and
 gathered, and only rank 0 writes files.
 
 The modules, one per job: :mod:`.arguments` (argument parsing), :mod:`.training`,
-:mod:`.evaluation` (metrics, reports, overlays), :mod:`.prediction` (prediction and ONNX
-export); :mod:`.console` prints for all of them.
+:mod:`.evaluation` (metrics, reports, overlays), :mod:`.restarts` (``--restarts``),
+:mod:`.prediction` (prediction and ONNX export); :mod:`.console` prints for all of them.
 """
 
 from __future__ import annotations
@@ -35,13 +37,21 @@ from pathlib import Path
 
 from snl_kernels import BackendUnavailableError
 
-from .. import distributed
-from ..data import DatasetError, check_dataset
+from .. import distributed, selfcheck
+from ..data import DatasetError, check_dataset, split_holdout
 from ..weights import WeightsUnavailableError
 from .arguments import UsageError, build_parser, compare_config, probe_kinds, train_config
 from .evaluation import evaluate, evaluate_all
 from .prediction import export_onnx, load_run, predict_files
-from .training import TrainConfig, build_model, resolve_data, store_calibration, train
+from .restarts import train_with_restarts
+from .training import (
+    TrainConfig,
+    build_model,
+    resolve_data,
+    store_calibration,
+    train,
+    training_data_root,
+)
 
 __all__ = [
     "TrainConfig",
@@ -55,6 +65,7 @@ __all__ = [
     "resolve_data",
     "store_calibration",
     "train",
+    "train_with_restarts",
 ]
 
 
@@ -108,6 +119,12 @@ def _run(args) -> int:
         return 0
     if args.command == "train":
         config = train_config(args)
+        if args.restarts > 1 and args.resume:
+            raise UsageError(f"--restarts {args.restarts} cannot go with --resume: a restarts "
+                             "run keeps one seed's run, resume that one without --restarts")
+        if args.restarts > 1 and not args.self_check:
+            raise UsageError(f"--restarts {args.restarts} chooses among seeds by the "
+                             "self-check: drop --no-self-check")
         world = distributed.setup(args.device)
         try:
             if args.resume:
@@ -115,10 +132,14 @@ def _run(args) -> int:
             else:
                 name = args.name or time.strftime("%Y%m%d-%H%M%S")
                 run_dir = Path(args.out) / name
-                if world.is_main and (run_dir / "checkpoints" / "last.pt").exists():
+                if world.is_main and ((run_dir / "checkpoints" / "last.pt").exists()
+                                      or (run_dir / "restarts").exists()):
                     raise CommandError(f"{run_dir} already holds a run; use --resume "
                                        f"{run_dir} or another --name")
-                train(config, run_dir, world=world)
+                if args.restarts > 1:
+                    train_with_restarts(config, run_dir, args.restarts, world=world)
+                else:
+                    train(config, run_dir, world=world)
         finally:
             distributed.teardown(world)
         return 0
@@ -130,14 +151,22 @@ def _run(args) -> int:
         classes = "all" if args.classes == "all" else args.classes.split(",")
         check_dataset(data, classes, train=False, test=True)
         out = Path(args.out) if args.out else Path(args.checkpoint).parent.parent / "eval"
+        check = None
+        if config.self_check and data.resolve() == training_data_root(config).resolve():
+            # The data it was trained on: the same held-out images, the same self-check.
+            holdout = split_holdout(data, config.class_list(), config.holdout)
+            check = selfcheck.run(model, holdout, config.image_size, world.device, root=data)
         result = evaluate_all(model, data, classes,
                               config.image_size, out, world, dataclasses.asdict(config),
                               probes=probes, probe_seed=args.probe_seed,
-                              probe_count=args.probe_count, threshold=args.threshold)
+                              probe_count=args.probe_count, threshold=args.threshold,
+                              self_check=check)
         if world.is_main:
             store_calibration(args.checkpoint, result.calibration)
             c = result.calibration
             print(f"threshold ({c['method']}) {c['threshold']:.6g} stored in {args.checkpoint}")
+            for line in selfcheck.warning_lines(check):
+                print(line, flush=True)
         table = result.table
         return 0 if all(not math.isnan(v) for row in table.values() for v in row.values()) else 1
     if args.command == "compare":

@@ -6,8 +6,9 @@ import argparse
 import math
 
 from ..calibration import parse_method
-from ..data import PROBE_KINDS, parse_kinds
+from ..data import HOLDOUT_MIN, PROBE_KINDS, parse_kinds
 from ..loss import COMPACT_NORMS, CRAM_TAUS, DEFAULT_COMPACT_NORM, DEFAULT_CRAM_TAU, LossWeights
+from ..selfcheck import FLAG_BELOW
 from .training import CPU_DEFAULTS, FORMULATION_FIELDS, GPU_DEFAULTS, TrainConfig
 
 
@@ -57,6 +58,11 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     t.add_argument("--out", default="runs", help="parent folder of run folders")
     t.add_argument("--name", help="run folder name (default: a timestamp)")
     t.add_argument("--resume", metavar="RUN_DIR", help="go on with an interrupted run")
+    _self_check_arguments(t)
+    t.add_argument("--restarts", type=_positive, default=1, metavar="N",
+                   help="train up to N seeds (--seed, --seed + 1, ...), stopping at the first "
+                        "the self-check flags no class of, and keep the one it prefers "
+                        "(default 1: one run)")
 
     e = sub.add_parser("eval", help="evaluate a checkpoint on a data set")
     e.add_argument("checkpoint")
@@ -109,6 +115,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                    help="cross-class probes, comma-separated ('' for none)")
     c.add_argument("--probe-count", type=int, default=8,
                    help="probe images per class and kind")
+    _self_check_arguments(c)
 
     sub.add_parser("info", help="versions, device and kernel backends")
     for q in sub.choices.values():
@@ -136,6 +143,28 @@ def _formulation_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cram-tau", choices=CRAM_TAUS, default=DEFAULT_CRAM_TAU,
                    help="CRAM's initial temperature: the embedding width D or its square root "
                         "(default %(default)s)")
+
+
+def _self_check_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("self-check (held-out training images against cut-paste probes)")
+    g.add_argument("--self-check", action=argparse.BooleanOptionalAction, default=True,
+                   help="hold out part of each class's normal training images (never trained "
+                        "on), score them against cut-paste probes after training and warn "
+                        f"about a class whose probe image AUROC is below {100 * FLAG_BELOW:.0f}"
+                        " (default: on)")
+    g.add_argument("--holdout", type=_positive, default=HOLDOUT_MIN, metavar="N",
+                   help="least number of training images held out per class: max(N, 10%%), "
+                        f"at most half of them (default {HOLDOUT_MIN})")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
 
 
 def _threshold(text: str) -> str:
@@ -181,7 +210,8 @@ def compare_config(args: argparse.Namespace) -> TrainConfig:
         image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, fused=not args.reference, pretrained=not args.no_pretrained,
         weights=args.weights, num_centers=args.num_centers, data_seed=args.data_seed,
-        workers=args.workers, device=args.device, **formulation_arguments(args))
+        workers=args.workers, device=args.device, self_check=args.self_check,
+        holdout=args.holdout, **formulation_arguments(args))
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
@@ -192,4 +222,5 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         lr=args.lr, structure=args.structure, fused=not args.reference,
         pretrained=not args.no_pretrained, weights=args.weights,
         num_centers=args.num_centers, seed=args.seed, data_seed=args.data_seed,
-        workers=args.workers, device=args.device, **formulation_arguments(args))
+        workers=args.workers, device=args.device, self_check=args.self_check,
+        holdout=args.holdout, **formulation_arguments(args))

@@ -5,7 +5,8 @@ Evaluation writes ``metrics.json`` (per class: good against all defect images),
 for), ``calibration.json`` (the decision threshold and score range, :mod:`snl.calibration`),
 ``report.md``, ``report.html`` (self-contained: tables, ROC and PRO curves, image grids with
 the misses, :mod:`snl.html_report`), ``curves.json`` (the curves' points), ``roc.png`` and
-``overlays/*.png`` to its folder. Under ``torchrun``
+``overlays/*.png`` to its folder; given a self-check (:mod:`snl.selfcheck`), its figure is a
+column of the per-class table and ``self_check.json`` is written too. Under ``torchrun``
 every process predicts its shard of each class's test set; the shards are gathered and
 rank 0 scores and writes.
 """
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .. import calibration, distributed, html_report, metrics, report
+from .. import calibration, distributed, html_report, metrics, report, selfcheck
 from ..data import GOOD, TestDataset, make_probes, parse_kinds
 from .console import progress
 
@@ -113,7 +114,8 @@ def evaluate_all(model, data_root: str | os.PathLike, classes: str | list[str],
                  world: distributed.World | None = None, config: dict[str, Any] | None = None,
                  batch_size: int = 16, probes: Sequence[str] = (), probe_seed: int = 0,
                  probe_root: str | os.PathLike | None = None, probe_count: int = 8,
-                 quiet: bool = False, threshold: str = "f1") -> Evaluation:
+                 quiet: bool = False, threshold: str = "f1",
+                 self_check: dict | None = None) -> Evaluation:
     """Per-class and per-defect-type metrics of ``model``; writes the report on rank 0.
 
     Each process predicts its shard of every class (images i with i % world == rank); the
@@ -130,6 +132,9 @@ def evaluate_all(model, data_root: str | os.PathLike, classes: str | list[str],
         quiet: print nothing (the report files are written all the same).
         threshold: how the decision threshold is chosen (:mod:`snl.calibration`): "f1" or
             "fpr=F"; written to ``calibration.json``.
+        self_check: the run's self-check (:func:`snl.selfcheck.run`): each evaluated class's
+            figure becomes its ``self_check`` column (and the mean's), and the report gets
+            its section.
     """
     threshold = calibration.parse_method(threshold)
     world = world or distributed.setup()
@@ -164,6 +169,8 @@ def evaluate_all(model, data_root: str | os.PathLike, classes: str | list[str],
         scores, maps, masks, labels = result
         per_class[name] = metrics.evaluate(scores.numpy(), labels.numpy(), maps.numpy(),
                                            masks.numpy())
+        if name in selfcheck.figures(self_check):
+            per_class[name]["self_check"] = selfcheck.figures(self_check)[name]
         curves[name] = (scores.numpy(), labels.numpy())
         all_scores.append(scores.numpy())
         all_labels.append(labels.numpy())
@@ -190,13 +197,16 @@ def evaluate_all(model, data_root: str | os.PathLike, classes: str | list[str],
         report.write_json(out_dir / "metrics.json", table)
         report.write_json(out_dir / "metrics_by_type.json", by_type)
         report.write_json(out_dir / "calibration.json", calibrated)
+        if self_check:
+            selfcheck.write(out_dir, self_check)
         report.plot_roc(out_dir / "roc.png", curves)
         roc_points = {name: report.roc_curve(*pair) for name, pair in curves.items()
                       if pair[1].min() != pair[1].max()}
         report.write_json(out_dir / "curves.json", curves_json(roc_points, pro_curves))
         write_html(out_dir / "report.html", "SNL evaluation", table, by_type, roc_points,
-                   pro_curves, grids, calibrated, config or {}, probes)
-        extra = ["## Per defect type", "",
+                   pro_curves, grids, calibrated, config or {}, probes, self_check)
+        extra = [*([*selfcheck.markdown_section(self_check), ""] if self_check else []),
+                 "## Per defect type", "",
                  "Each type's images against the class's good test images"
                  + (f"; cross-class probes: {', '.join(probes)} (seed {probe_seed}, "
                     f"images in `{probe_dir}`)" if probes else "") + ".", "",
@@ -241,9 +251,10 @@ def curves_json(roc: dict, pro: dict) -> dict:
 
 def write_html(path: Path, title: str, table: dict, by_type: dict, roc: dict, pro: dict,
                grids: dict[str, tuple[list[html_report.GridRow], float, float]],
-               calibrated: dict | None, config: dict, probes: Sequence[str] = ()) -> Path:
+               calibrated: dict | None, config: dict, probes: Sequence[str] = (),
+               self_check: dict | None = None) -> Path:
     """``report.html`` of an evaluation (:mod:`snl.html_report`): ``grids[class]`` is the
-    class's rows and its colour scale's bottom and top."""
+    class's rows and its colour scale's bottom and top; ``self_check`` adds its section."""
     h = html_report
     threshold = calibrated["threshold"] if calibrated else None
     intro = (f"{len(grids)} classes; metrics in percent; each class's good test images "
@@ -253,6 +264,7 @@ def write_html(path: Path, title: str, table: dict, by_type: dict, roc: dict, pr
                   f"({calibrated.get('method', '')})")
     sections = [h.paragraph(intro + "."),
                 h.section("Per class", h.metrics_table(table)),
+                *([selfcheck.html_section(self_check)] if self_check else []),
                 h.section("Per defect type",
                           h.paragraph("Each type's images against the class's good test images"
                                       + (f"; cross-class probes: {', '.join(probes)}"

@@ -1,10 +1,17 @@
 """``snl train``: the run's configuration, the model it builds and the training loop.
 
 A run folder holds ``config.json``, ``checkpoints/last.pt`` (written atomically after every
-epoch, read with ``weights_only=True``) and ``history.json``; evaluation at the end adds its
-report (:mod:`snl.cli.evaluation`). ``resume=True`` goes on from the last checkpoint and gives
-the same parameters as an uninterrupted run: the shuffling order of epoch e depends only on
+epoch, read with ``weights_only=True``), ``history.json`` and, with the self-check on (the
+default), ``self_check.json``; evaluation at the end adds its report
+(:mod:`snl.cli.evaluation`). ``resume=True`` goes on from the last checkpoint and gives the
+same parameters as an uninterrupted run: the shuffling order of epoch e depends only on
 (seed, e), and nothing else is random.
+
+The self-check (:mod:`snl.selfcheck`): before training, part of each class's normal
+training images is held out (:func:`snl.data.split_holdout`; the same files for every
+training seed) and never trained on; after the last epoch the model scores them against
+cut-paste probes made from them, and a class whose probe image AUROC is below
+:data:`snl.selfcheck.FLAG_BELOW` gets a one-line warning.
 """
 
 from __future__ import annotations
@@ -14,13 +21,21 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from .. import checkpoint, distributed, report
-from ..data import TrainDataset, check_dataset, default_root, make_default_dataset
+from .. import checkpoint, distributed, report, selfcheck
+from ..data import (
+    HOLDOUT_MIN,
+    TrainDataset,
+    check_dataset,
+    default_root,
+    make_default_dataset,
+    split_holdout,
+)
 from ..loss import DEFAULT_COMPACT_NORM, DEFAULT_CRAM_TAU, LossWeights
 from .console import log, progress
 from .evaluation import evaluate_all
@@ -64,6 +79,11 @@ class TrainConfig:
     data_seed: int | None = None
     workers: int = 0
     device: str | None = None
+    #: hold out part of each class's training images and score them against cut-paste probes
+    #: after training (:mod:`snl.selfcheck`); the held-out images are never trained on
+    self_check: bool = True
+    #: least number of training images held out per class (see snl.data.holdout)
+    holdout: int = HOLDOUT_MIN
 
     def resolved(self, device: torch.device) -> TrainConfig:
         """Fill the device-dependent defaults."""
@@ -77,8 +97,10 @@ class TrainConfig:
     @classmethod
     def from_saved(cls, values: dict) -> TrainConfig:
         """The config saved in a checkpoint. One saved before the loss options existed was
-        trained with the first formulation (DESIGN §3, "v1"), which fills them."""
-        missing = {k: v for k, v in V1_FORMULATION.items() if k not in values}
+        trained with the first formulation (DESIGN §3, "v1"), which fills them; one saved
+        before the self-check existed trained on every image (``self_check`` False)."""
+        before = {**V1_FORMULATION, **BEFORE_SELF_CHECK}
+        missing = {k: v for k, v in before.items() if k not in values}
         return cls(**{**values, **missing})
 
     def class_list(self) -> str | list[str]:
@@ -111,6 +133,8 @@ def build_model(config: TrainConfig, world: distributed.World):
 #: these options existed were trained with.
 V1_FORMULATION = {"w_ch": 1.0, "w_sp": 1.0, "w_intra": 1.0, "w_inter": 1.0, "w_c": 0.1,
                   "w_rd": 0.0, "compact_norm": "sum", "residual_ratio": 1, "cram_tau": "dim"}
+#: What a config saved before the self-check existed ran with: no image held out.
+BEFORE_SELF_CHECK = {"self_check": False, "holdout": HOLDOUT_MIN}
 FORMULATION_FIELDS = ("w_ch", "w_sp", "w_intra", "w_inter", "w_c", "w_rd", "compact_norm",
                       "residual_ratio", "cram_tau")
 
@@ -142,16 +166,36 @@ def resolve_data(config: TrainConfig, world: distributed.World) -> Path:
     return root
 
 
-def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
-          world: distributed.World | None = None, evaluate_after: bool = True) -> nn.Module:
-    """Train (or go on training) and, by default, evaluate; returns the trained model.
+def training_data_root(config: TrainConfig) -> Path:
+    """The data set folder ``config`` trains on (:func:`resolve_data` without making it)."""
+    if config.data is not None:
+        return Path(config.data)
+    return default_data_root(config.seed if config.data_seed is None else config.data_seed)
+
+
+class Fitted(NamedTuple):
+    """What :func:`fit` returns."""
+
+    model: nn.Module  #: the trained model
+    config: TrainConfig  #: the run's configuration, device defaults filled
+    data_root: Path  #: the data set folder
+    self_check: dict | None  #: :func:`snl.selfcheck.run`'s result; None when it is off
+
+
+def fit(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
+        world: distributed.World | None = None, check_test: bool = True) -> Fitted:
+    """Train (or go on training) and run the self-check; no evaluation on test images.
 
     Args:
         config: the run's configuration (device defaults filled here).
         run_dir: the run folder; with ``resume``, an existing one.
         resume: go on from ``run_dir/checkpoints/last.pt``.
         world: the process group (``distributed.setup()`` when None).
-        evaluate_after: evaluate each class's test set at the end.
+        check_test: check the test images' files too before the first epoch (the training
+            images are always checked).
+
+    Raises:
+        ValueError: ``config.holdout`` below 1 with the self-check on.
     """
     world = world or distributed.setup(config.device)
     run_dir = Path(run_dir)
@@ -164,6 +208,9 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
         start_epoch, history = int(state["epoch"]), list(state["history"])
         log(world, f"resuming {run_dir} at epoch {start_epoch}")
     config = config.resolved(world.device)
+    if config.self_check and config.holdout < 1:
+        raise ValueError(f"holdout must be >= 1 training images per class, got "
+                         f"{config.holdout} (switch the self-check off instead)")
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         report.write_json(run_dir / "config.json", dataclasses.asdict(config))
@@ -171,12 +218,15 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
     data_root = resolve_data(config, world)
     model = build_model(config, world)
     norm = model.normalization
+    holdout = (split_holdout(data_root, config.class_list(), config.holdout)
+               if config.self_check else None)
     dataset = TrainDataset(data_root, config.class_list(), size=config.image_size,
-                           mean=norm.mean, std=norm.std)
+                           mean=norm.mean, std=norm.std,
+                           exclude=holdout.excluded() if holdout else ())
     if start_epoch < config.epochs:
         # Every file is checked before the first step: a bad one stops the run here, with
         # the list of all of them, not mid-epoch.
-        check_dataset(data_root, config.class_list(), train=True, test=evaluate_after)
+        check_dataset(data_root, config.class_list(), train=True, test=check_test)
     sampler = DistributedSampler(dataset, num_replicas=world.size, rank=world.rank,
                                  shuffle=True, seed=config.seed)
     loader = DataLoader(dataset, batch_size=config.batch_size, sampler=sampler,
@@ -194,30 +244,13 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
                f"{len(dataset)} images of {', '.join(dataset.classes)} at "
                f"{config.image_size}px, {config.epochs} epochs, {world.size} process(es) "
                f"on {world.device.type}")
+    if holdout is not None:
+        log(world, "self-check: held out of training (per class): " + ", ".join(
+            f"{name} {len(paths)} of {holdout.counts[name]}"
+            for name, paths in holdout.held.items()))
     assert config.epochs is not None
     for epoch in range(start_epoch, config.epochs):
-        sampler.set_epoch(epoch)
-        model.train()
-        sums: dict[str, float] = {}
-        steps = 0
-        started = time.perf_counter()
-        bar = progress(loader, world, desc=f"epoch {epoch + 1}/{config.epochs}")
-        for images in bar:
-            losses = step_module(images.to(world.device, non_blocking=True))
-            optimizer.zero_grad(set_to_none=True)
-            losses["total"].backward()
-            optimizer.step()
-            steps += 1
-            for key, value in losses.items():
-                sums[key] = sums.get(key, 0.0) + float(value.detach())
-            if world.is_main and hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{float(losses['total'].detach()):.3f}")
-        distributed.broadcast_buffers(world, model)
-        means = {k: v / max(steps, 1) for k, v in sums.items()}
-        history.append({"epoch": epoch + 1, "seconds": time.perf_counter() - started, **means})
-        log(world, f"epoch {epoch + 1}/{config.epochs}: "
-                   + ", ".join(f"{k} {v:.4f}" for k, v in means.items())
-                   + f" ({history[-1]['seconds']:.0f} s)")
+        _epoch(epoch, config, model, step_module, loader, sampler, optimizer, world, history)
         if world.is_main:
             checkpoint.save_atomic({"model": model.state_dict(),
                                     "optimizer": optimizer.state_dict(),
@@ -225,12 +258,73 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
                                     "config": dataclasses.asdict(config)}, ckpt_path)
             report.write_json(run_dir / "history.json", history)
         distributed.barrier(world)
-    if evaluate_after:
-        result = evaluate_all(model, data_root, config.class_list(), config.image_size, run_dir,
-                              world, dataclasses.asdict(config))
+    check = None
+    if holdout is not None:
+        check = selfcheck.run(model, holdout, config.image_size, world.device, root=data_root)
         if world.is_main:
-            store_calibration(ckpt_path, result.calibration)
-    return model
+            selfcheck.write(run_dir, check)
+        log(world, selfcheck.summary_line(check))
+    return Fitted(model, config, data_root, check)
+
+
+def _epoch(epoch: int, config: TrainConfig, model, step_module: nn.Module, loader, sampler,
+           optimizer, world: distributed.World, history: list[dict]) -> None:
+    """One epoch of training; appends its mean losses and seconds to ``history``."""
+    sampler.set_epoch(epoch)
+    model.train()
+    sums: dict[str, float] = {}
+    steps = 0
+    started = time.perf_counter()
+    bar = progress(loader, world, desc=f"epoch {epoch + 1}/{config.epochs}")
+    for images in bar:
+        losses = step_module(images.to(world.device, non_blocking=True))
+        optimizer.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        optimizer.step()
+        steps += 1
+        for key, value in losses.items():
+            sums[key] = sums.get(key, 0.0) + float(value.detach())
+        if world.is_main and hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{float(losses['total'].detach()):.3f}")
+    distributed.broadcast_buffers(world, model)
+    means = {k: v / max(steps, 1) for k, v in sums.items()}
+    history.append({"epoch": epoch + 1, "seconds": time.perf_counter() - started, **means})
+    log(world, f"epoch {epoch + 1}/{config.epochs}: "
+               + ", ".join(f"{k} {v:.4f}" for k, v in means.items())
+               + f" ({history[-1]['seconds']:.0f} s)")
+
+
+def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
+          world: distributed.World | None = None, evaluate_after: bool = True) -> nn.Module:
+    """Train (or go on training), run the self-check and, by default, evaluate; returns the
+    trained model.
+
+    Args:
+        config: the run's configuration (device defaults filled here).
+        run_dir: the run folder; with ``resume``, an existing one.
+        resume: go on from ``run_dir/checkpoints/last.pt``.
+        world: the process group (``distributed.setup()`` when None).
+        evaluate_after: evaluate each class's test set at the end (the self-check's figures
+            go into its tables).
+    """
+    world = world or distributed.setup(config.device)
+    fitted = fit(config, run_dir, resume=resume, world=world, check_test=evaluate_after)
+    if evaluate_after:
+        finish(fitted, run_dir, world)
+    for line in selfcheck.warning_lines(fitted.self_check):
+        log(world, line)
+    return fitted.model
+
+
+def finish(fitted: Fitted, run_dir: str | os.PathLike, world: distributed.World) -> None:
+    """Evaluate a fitted run in ``run_dir`` (its self-check in the tables) and store the
+    decision threshold with its checkpoint."""
+    config = fitted.config
+    result = evaluate_all(fitted.model, fitted.data_root, config.class_list(),
+                          config.image_size, run_dir, world, dataclasses.asdict(config),
+                          self_check=fitted.self_check)
+    if world.is_main:
+        store_calibration(Path(run_dir) / "checkpoints" / "last.pt", result.calibration)
 
 
 def store_calibration(ckpt_path: str | os.PathLike, calibrated: dict | None) -> None:

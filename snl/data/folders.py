@@ -30,7 +30,7 @@ as the fraction of each output pixel's area that is defect (box filter) and thre
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -191,6 +191,21 @@ class _FolderDataset(Dataset):
         return load_image(self.samples[index].path, self.size, self.mean, self.std)
 
 
+def train_images(name: str, folder: Path) -> list[Path]:
+    """Class ``name``'s normal training images (``folder/train/good``), sorted.
+
+    Raises:
+        DatasetError: the class has no training folder, or no image in it.
+    """
+    good = folder / "train" / GOOD
+    if not good.is_dir():
+        raise DatasetError(f"class {name!r} has no training folder {good}")
+    images = _images_in(good)
+    if not images:
+        raise DatasetError(f"no images in {good} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    return images
+
+
 class TrainDataset(_FolderDataset):
     """Normal training images of one or several classes (their union, for multi-class).
 
@@ -203,23 +218,24 @@ class TrainDataset(_FolderDataset):
         size: output side, or (H, W).
         mean: normalisation mean, 3 values (the model's).
         std: normalisation std, 3 values (the model's).
+        exclude: files left out (the self-check's held-out images, :mod:`snl.data.holdout`).
 
     Raises:
         DatasetError: root missing, unknown class (the message lists the available ones),
-            or a class with no ``train/good`` folder or no image in it.
+            a class with no ``train/good`` folder or no image in it, or a class whose every
+            image is excluded.
     """
 
     def __init__(self, root: str | os.PathLike, classes: str | Sequence[str] = "all", *,
-                 size: Size, mean: Sequence[float], std: Sequence[float]) -> None:
+                 size: Size, mean: Sequence[float], std: Sequence[float],
+                 exclude: Collection[Path] = ()) -> None:
         super().__init__(size, mean, std)
+        exclude = set(exclude)
         for name, folder in _select(root, classes).items():
             good = folder / "train" / GOOD
-            if not good.is_dir():
-                raise DatasetError(f"class {name!r} has no training folder {good}")
-            images = _images_in(good)
+            images = [p for p in train_images(name, folder) if p not in exclude]
             if not images:
-                raise DatasetError(
-                    f"no images in {good} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+                raise DatasetError(f"every image in {good} is excluded from training")
             self.samples += [Sample(p, name, GOOD, None) for p in images]
             self.classes.append(name)
 

@@ -26,6 +26,13 @@ The module wraps :class:`snl.SNL` (``self.model``) the way anomalib's own
 - validation, test and predict steps put ``self.model.predict``'s scores (B,) and maps
   (B, 1, H, W) into ``pred_score`` and ``anomaly_map``; anomalib's post-processor then
   normalises them and its evaluator computes the metrics;
+- validation also runs the self-check (:mod:`snl.selfcheck`): each normal validation image
+  (``gt_label`` 0; every image when the batch has no labels) gets a cut-paste probe, a
+  rectangle of another normal image of its batch pasted at another place
+  (:func:`snl.selfcheck.cutpaste_batch`), and at the end of the epoch the image AUROC of the
+  normal images against their probes is logged as ``self_check`` (kept in
+  ``self.self_check``); below :data:`snl.selfcheck.FLAG_BELOW` a ``UserWarning`` says the
+  student may reproduce anomalies. ``self_check=False`` switches it off;
 - ``forward`` (what anomalib's inferencers and exporters run) is pre-processor ->
   ``predict`` -> post-processor; ONNX and OpenVINO export trace it with the plain-PyTorch
   reference ops (``fused=False``: the same numbers, and no custom ops in the graph).
@@ -36,13 +43,16 @@ anomalib is imported here, when this module is imported, never by ``import snl``
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 
 import snl
+from snl import selfcheck
 from snl.config import normalization
 
 _INSTALL_HINT = 'pip install "snl-kernels[anomalib]"'
@@ -104,6 +114,7 @@ class SNL(AnomalibModule):
         lr, betas, weight_decay: Adam's settings (``snl train``'s defaults).
         pre_processor, post_processor, evaluator, visualizer: anomalib's components: an
             instance, True for the default, False for none.
+        self_check: run the self-check on the validation images and log ``self_check``.
         **kwargs: any other :class:`snl.SNL` keyword argument (``w_ch``, ``w_sp``,
             ``w_intra``, ``w_inter``, ``w_c``, ``w_rd``, ``compact_norm``,
             ``residual_ratio``, ``cram_tau``, ``intra_distance``, ``inter_distance``,
@@ -131,6 +142,7 @@ class SNL(AnomalibModule):
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
+        self_check: bool = True,
         **kwargs: Any,
     ) -> None:
         size = _image_size(image_size)
@@ -141,6 +153,11 @@ class SNL(AnomalibModule):
         self.lr = float(lr)
         self.betas = (float(betas[0]), float(betas[1]))
         self.weight_decay = float(weight_decay)
+        self.run_self_check = bool(self_check)
+        #: the last validation epoch's self-check figure (NaN before any, or without normal
+        #: validation images)
+        self.self_check = math.nan
+        self._check_scores: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
         self.model = snl.SNL(backbone=backbone, pretrained=pretrained, weights=weights,
                              fused=fused, structure=structure, num_centers=num_centers,
                              sigma=sigma, **kwargs)
@@ -191,9 +208,41 @@ class SNL(AnomalibModule):
         return batch.update(pred_score=scores, anomaly_map=maps)
 
     def validation_step(self, batch: Batch, *args, **kwargs) -> Batch:
-        """Scores and maps of the batch (the post-processor collects its statistics)."""
+        """Scores and maps of the batch (the post-processor collects its statistics); with
+        the self-check on, the scores of its normal images' cut-paste probes too."""
         del args, kwargs
-        return self._predict_batch(batch)
+        batch = self._predict_batch(batch)
+        if self.run_self_check:
+            normal = (torch.ones(len(batch.image), dtype=torch.bool) if batch.gt_label is None
+                      else batch.gt_label.flatten().cpu() == 0)
+            if normal.any():
+                offset = sum(len(s) for s in self._check_scores[0])
+                probes, _ = selfcheck.cutpaste_batch(batch.image[normal.to(batch.image.device)],
+                                                     offset=offset)
+                probe_scores, _ = self.model.predict(probes)
+                self._check_scores[0].append(batch.pred_score.flatten()[
+                    normal.to(batch.pred_score.device)].detach().float().cpu())
+                self._check_scores[1].append(probe_scores.detach().float().cpu())
+        return batch
+
+    def on_validation_epoch_start(self) -> None:
+        """Forget the previous epoch's self-check scores."""
+        self._check_scores = ([], [])
+
+    def on_validation_epoch_end(self) -> None:
+        """Log the self-check (``self_check``) and warn when it is below the flag."""
+        normals, probes = self._check_scores
+        if not self.run_self_check or not normals:
+            return
+        self.self_check = selfcheck.probe_auroc(torch.cat(normals).numpy(),
+                                                torch.cat(probes).numpy())
+        self.log("self_check", self.self_check, prog_bar=True, logger=True)
+        if self.self_check < selfcheck.FLAG_BELOW:
+            warnings.warn(
+                f"self-check: probe image AUROC {100 * self.self_check:.1f} < "
+                f"{100 * selfcheck.FLAG_BELOW:.1f} on the validation images: the student may "
+                "reproduce anomalies instead of flagging them; retrain with another seed",
+                UserWarning, stacklevel=1)
 
     def test_step(self, batch: Batch, *args, **kwargs) -> Batch:
         """Scores and maps of the batch (the evaluator computes the metrics)."""
