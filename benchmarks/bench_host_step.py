@@ -13,10 +13,12 @@ Shapes: small levels with the launch plans of the benchmark's (the WideResNet-50
 structure: a Gram-path level, the tiled level, the same launches), so that PyTorch's CPU
 ops between launches cost their host overhead, not arithmetic on large tensors.
 
-Providers: ``bound`` (the library's launches as they are made, through
-``snl_kernels._triton.launch``'s pre-bound path) and ``triton-run`` (every launch through
-``kernel[grid](...)``, Triton's ``JITFunction.run``, which binds every argument at every
-launch: the library's launch path before the pre-bound launcher).
+Providers: ``replayed`` (the library as it runs: the fused loss's host code recorded once
+per shape and replayed, ``snl_kernels._replay``; launches through
+``snl_kernels._triton.launch``'s pre-bound path), ``bound`` (the host code as written at
+every call, ``SNL_REPLAY=0``; launches pre-bound) and ``triton-run`` (the host code as
+written, every launch through ``kernel[grid](...)``, Triton's ``JITFunction.run``, which
+binds every argument at every launch).
 
 Run this file alone, on a CPU, without ``TRITON_INTERPRET``::
 
@@ -44,7 +46,7 @@ import snl_kernels
 from snl_kernels.perf import workloads
 
 OPS = ("distillation_l2", "distillation_l1", "cram", "anomaly_map")
-PROVIDERS = ("bound", "triton-run")
+PROVIDERS = ("replayed", "bound", "triton-run")
 #: Small levels with B = 16's launch plans (one sample; the cosine blocks as for 16).
 LEVELS = ((16, 32, 32), (32, 16, 16), (128, 8, 8))
 PLAN = replace(workloads.QUICK, levels=LEVELS)
@@ -124,6 +126,8 @@ def stand_in_driver():
 def test_host_step(benchmark, stand_in_driver, monkeypatch, op, provider):
     from snl_kernels._triton import launch
 
+    if provider != "replayed":
+        monkeypatch.setenv("SNL_REPLAY", "0")
     if provider == "triton-run":
         monkeypatch.setattr(launch, "hook",
                             lambda fn, grid, args, options: fn[grid](**args, **options))

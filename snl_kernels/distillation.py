@@ -35,8 +35,9 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from torch.utils import _pytree as pytree
 
-from . import _triton, checks, dispatch, precision, reference
+from . import _env, _replay, _triton, checks, dispatch, precision, reference
 from ._registration import fast_apply, plain_eager
 from .cosine_distances import spatial_channel_loss
 from .inter_affinity_loss import delta_grad_job as inter_delta_grad_job
@@ -147,187 +148,222 @@ class _Shared(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, plan, *tensors):
-        ka, kc = _triton.kernels("affinity"), _triton.kernels("cosine_distances")
-
-        terms, intra_distance, inter_distance, levels, grad_enabled = plan
-        teachers, students = tensors[:levels], tensors[levels:]
-        zero = teachers[0].new_zeros((), dtype=torch.float32)
-        values = dict.fromkeys(TERMS, zero)
-        saved: dict = {"cos": [], "r_pix": [], "r_chan": [], "signs": [], "pooled": [],
-                       "intra_plan": [], "inter_plan": [], "grams": []}
-        # The Gram path's loss kernel also writes the backward's Grams when a gradient will
-        # be asked for (the teacher's two only if a teacher level requires one); the call's
-        # grad mode comes in the plan (inside forward it is always off, and needs_input_grad
-        # does not look at it).
-        need_t = grad_enabled and any(ctx.needs_input_grad[1:1 + levels])
-        need_s = grad_enabled and any(ctx.needs_input_grad[1 + levels:])
-        store = 2 if need_t else 1 if need_s else 0
-        squares = []  # the sums of squares whose inverse norms the affinity terms take
-        for pixel, channel, sample, p_stats, c_stats in kc.forward_levels(
-                list(teachers), list(students), EPS):
-            saved["cos"].append((p_stats, c_stats))
-            values["rd"] = values["rd"] + sample.mean()
-            values["channel"] = values["channel"] + pixel.mean()
-            values["spatial"] = values["spatial"] + channel.mean()
-            if "intra" in terms:
-                squares += [p_stats[:, 1], p_stats[:, 2]]
-            if "inter" in terms:
-                squares += [c_stats[:, 1], c_stats[:, 2]]
-        norms = iter(_inverse_norms(squares))
-        for _ in range(levels):
-            saved["r_pix"].append((next(norms), next(norms)) if "intra" in terms else None)
-            saved["r_chan"].append((next(norms), next(norms)) if "inter" in terms else None)
-        # The affinity terms' Deltas: every intra-affinity level on the tiled path and every
-        # inter-affinity pair in as few launches as the grouped kernel takes (the Gram path's
-        # levels in their own launch); the per-tile partial sums are added afterwards.
-        jobs, finish = [], []
-        if "intra" in terms:
-            for k, (t, s) in enumerate(zip(teachers, students, strict=True)):
-                grams, dot = precision.intra_plan("triton", t, intra_distance)
-                r_t, r_s = saved["r_pix"][k]
-                B, _, H, W = t.shape
-                l1 = intra_distance == "l1"
-                signs = t.new_empty(signs_shape("triton", t, intra_distance), dtype=torch.int32)
-                saved["signs"].append(signs)
-                saved["intra_plan"].append((grams, dot))
-                scale = 1.0 / (B * (H * W) ** 2)
-                if grams:
-                    part, stored = ka.gram_loss(s, t, r_s, r_t, dot, store)
-                    saved["grams"].append(stored)
-                    finish.append(("intra", part, scale))
-                else:
-                    saved["grams"].append(None)
-                    jobs.append(dict(a_s=s, a_t=t, b_s=s, b_t=t, r_as=r_s, r_at=r_t, r_bs=r_s,
-                                     r_bt=r_t, pix_rows=True, l1=l1, precision=dot,
-                                     signs=signs if l1 else None))
-                    finish.append(("intra", len(jobs) - 1, scale))
-        if "inter" in terms:
-            pairs = _pairs(levels)
-            # Every pair's finer level, teacher and student, pooled to the coarser level's
-            # size with its channels' norms, in as few launches as the kernel takes.
-            finer = [x for a, _ in pairs for x in (teachers[a], students[a])]
-            sizes = [tuple(teachers[b].shape[-2:]) for _, b in pairs for _ in range(2)]
-            pooled = ka.pool_with_norms(finer, sizes, EPS)
-            for i, (a, b) in enumerate(pairs):
-                (p_t, r_pt), (p_s, r_ps) = pooled[2 * i], pooled[2 * i + 1]
-                r_qt, r_qs = saved["r_chan"][b]
-                norms = (r_pt, r_ps, r_qt, r_qs)
-                dot = precision.inter_plan("triton", teachers[a], teachers[b], inter_distance)
-                saved["pooled"].append((p_t, p_s, norms))
-                saved["inter_plan"].append(dot)
-                jobs.append(dict(a_s=p_s, a_t=p_t, b_s=students[b], b_t=teachers[b],
-                                 r_as=r_ps, r_at=r_pt, r_bs=r_qs, r_bt=r_qt, pix_rows=False,
-                                 l1=inter_distance == "l1", precision=dot))
-                scale = 1.0 / (teachers[a].shape[0] * teachers[a].shape[1]
-                               * teachers[b].shape[1])
-                finish.append(("inter", len(jobs) - 1, scale))
-        parts = ka.delta_group(jobs)
-        for term, part, scale in finish:
-            part = parts[part] if isinstance(part, int) else part
-            values[term] = values[term] + part.sum() * scale
-        ctx.plan = plan
-        ctx.saved = saved
+        needs = ctx.needs_input_grad
+        key = _key(plan, needs, tensors)
+        leaves, spec = _FORWARD(key, _forward, tensors, plan, needs)
+        count = len(plan[0])
+        ctx.plan, ctx.key, ctx.spec = plan, key, spec
+        ctx.saved = leaves[count:]
         ctx.save_for_backward(*tensors)
         ctx.set_materialize_grads(False)
-        return tuple(values[term] for term in terms)
+        return tuple(leaves[:count])
 
     @staticmethod
     def backward(ctx, *grads):
-        ka, kc = _triton.kernels("affinity"), _triton.kernels("cosine_distances")
-
-        terms, intra_distance, inter_distance, levels, _ = ctx.plan
-        tensors = ctx.saved_tensors
-        teachers, students = tensors[:levels], tensors[levels:]
-        need_t = any(ctx.needs_input_grad[1:1 + levels])
-        g = {term: grad for term, grad in zip(terms, grads, strict=True) if grad is not None}
+        key = ctx.key
+        if key is not None:
+            key = (key, torch.is_grad_enabled(),
+                   *[None if g is None else (g.shape, g.stride(), g.dtype) for g in grads])
         saved = ctx.saved
-        f32 = dict(dtype=torch.float32)
-        grad_t: list = [None] * levels
-        grad_s: list = [None] * levels
-
-        def add(store, k, value):
-            store[k] = value if store[k] is None else store[k].add_(value)
-
-        if {"rd", "channel", "spatial"} & set(g):
-            upstream: list = [[], [], []]
-            for t in teachers:
-                B, C, H, W = t.shape
-                zero = t.new_zeros((), **f32)
-                # d mean(x) / dx = 1 / numel, broadcast as the kernel's upstream gradients.
-                upstream[0].append((g.get("channel", zero) / (B * H * W)).expand(B, H, W))
-                upstream[1].append((g.get("spatial", zero) / (B * C)).expand(B, C))
-                upstream[2].append((g.get("rd", zero) / B).expand(B))
-            cos = kc.backward_levels(list(teachers), list(students),
-                                     [p for p, _ in saved["cos"]], [c for _, c in saved["cos"]],
-                                     *upstream, need_t, EPS)
-            for k, (dt, ds) in enumerate(cos):
-                add(grad_s, k, ds)
-                if need_t:
-                    add(grad_t, k, dt)
-        # The affinity terms' gradients for the normalised features, then every norm
-        # backward in one launch (up to eight per launch), then the pooled ones unpooled.
-        jobs, where = [], []
-        if "intra" in g:
-            # The Gram path's levels one by one; the tiled levels' gradients in one launch.
-            normalised, tiled, tiled_levels = {}, [], []
-            for k, (t, s) in enumerate(zip(teachers, students, strict=True)):
-                r_t, r_s = saved["r_pix"][k]
-                grams, dot = saved["intra_plan"][k]
-                if grams:
-                    normalised[k] = intra_normalised(t, s, r_t, r_s, g["intra"],
-                                                     saved["signs"][k], intra_distance, grams,
-                                                     dot, need_t, saved["grams"][k])
-                else:
-                    tiled.append(tiled_grad_job(t, s, r_t, r_s, g["intra"], saved["signs"][k],
-                                                intra_distance, dot, need_t))
-                    tiled_levels.append(k)
-            for k, (g_s, g_t) in zip(tiled_levels, ka.intra_tiled_grad_group(tiled),
-                                     strict=True):
-                normalised[k] = (g_t, g_s)
-            for k, (t, s) in enumerate(zip(teachers, students, strict=True)):
-                r_t, r_s = saved["r_pix"][k]
-                g_t, g_s = normalised[k]
-                jobs.append(norm_job(s, r_s, g_s))
-                where.append((grad_s, k, None))
-                if need_t:
-                    jobs.append(norm_job(t, r_t, g_t))
-                    where.append((grad_t, k, None))
-        if "inter" in g:
-            # The gradient of every pair's Delta in one launch (up to four per launch).
-            grads_of_delta = ka.delta_group([
-                inter_delta_grad_job(teachers[a], teachers[b], students[a], students[b],
-                                     p_t, p_s, norms, g["inter"], inter_distance, dot)
-                for (a, b), (p_t, p_s, norms), dot in zip(_pairs(levels), saved["pooled"],
-                                                         saved["inter_plan"], strict=True)])
-            mm, pending = [], []
-            for (a, b), (p_t, p_s, norms), dot, gd in zip(
-                    _pairs(levels), saved["pooled"], saved["inter_plan"], grads_of_delta,
-                    strict=True):
-                teacher_side, student_side = inter_normalised(
-                    teachers[a], teachers[b], students[a], students[b], p_t, p_s, norms,
-                    g["inter"], inter_distance, dot, need_t, gd=gd)
-                for store, side in ((grad_s, student_side), (grad_t, teacher_side)):
-                    if side is not None:
-                        mm += side[0]
-                        pending.append((store, a, b, side))
-            # Every pair's two products in one launch (up to four per launch).
-            products = iter(ka.scaled_mm_group(mm))
-            for store, a, b, (_, (p_job, q_job), f_a) in pending:
-                jobs += [p_job(next(products)), q_job(next(products))]
-                where += [(store, a, f_a), (store, b, None)]
-        grads = ka.norm_backward_group(jobs, EPS)
-        # The pooled levels' gradients back to their finer levels (two per launch).
-        pooled = [(grad, unpool_to) for (_, _, unpool_to), grad in zip(where, grads,
-                                                                        strict=True)
-                  if unpool_to is not None]
-        unpooled = iter(ka.unpool_group(pooled))
-        for (store, k, unpool_to), grad in zip(where, grads, strict=True):
-            add(store, k, grad if unpool_to is None else next(unpooled))
-        out_t = [gt if need else None
-                 for gt, need in zip(grad_t, ctx.needs_input_grad[1:1 + levels], strict=True)]
-        out_s = [gs if need else None
-                 for gs, need in zip(grad_s, ctx.needs_input_grad[1 + levels:], strict=True)]
-        return (None, *out_t, *out_s)
+        leaves, spec = _BACKWARD(key, _backward, (*ctx.saved_tensors, *saved, *grads),
+                                 ctx.plan, ctx.needs_input_grad, len(saved), ctx.spec)
+        return (None, *pytree.tree_unflatten(leaves, spec))
 
 
+def _key(plan, needs, tensors) -> tuple:
+    """What the fused loss's host code decides from, besides the plan: every input's layout,
+    dtype, device and 16-byte alignment, which inputs want a gradient, the settings read on
+    the way (product precision, Triton configuration, the cosine blocks' chooser)."""
+    return (plan, needs, _env.get(precision.ENV_VAR), _env.get(_triton.CONFIG_VARIABLE),
+            _triton.kernels("cosine_distances").blocks,
+            *[(t.shape, t.stride(), t.dtype, t.device, t.data_ptr() & 15) for t in tensors])
+
+
+def _forward(tensors, plan, needs_input_grad):
+    """The forward's host code: ``(values, saved)``, the terms' values and what the backward
+    takes."""
+    ka, kc = _triton.kernels("affinity"), _triton.kernels("cosine_distances")
+
+    terms, intra_distance, inter_distance, levels, grad_enabled = plan
+    teachers, students = tensors[:levels], tensors[levels:]
+    zero = teachers[0].new_zeros((), dtype=torch.float32)
+    values = dict.fromkeys(TERMS, zero)
+    saved: dict = {"cos": [], "r_pix": [], "r_chan": [], "signs": [], "pooled": [],
+                   "intra_plan": [], "inter_plan": [], "grams": []}
+    # The Gram path's loss kernel also writes the backward's Grams when a gradient will
+    # be asked for (the teacher's two only if a teacher level requires one); the call's
+    # grad mode comes in the plan (inside forward it is always off, and needs_input_grad
+    # does not look at it).
+    need_t = grad_enabled and any(needs_input_grad[1:1 + levels])
+    need_s = grad_enabled and any(needs_input_grad[1 + levels:])
+    store = 2 if need_t else 1 if need_s else 0
+    squares = []  # the sums of squares whose inverse norms the affinity terms take
+    for pixel, channel, sample, p_stats, c_stats in kc.forward_levels(
+            list(teachers), list(students), EPS):
+        saved["cos"].append((p_stats, c_stats))
+        values["rd"] = values["rd"] + sample.mean()
+        values["channel"] = values["channel"] + pixel.mean()
+        values["spatial"] = values["spatial"] + channel.mean()
+        if "intra" in terms:
+            squares += [p_stats[:, 1], p_stats[:, 2]]
+        if "inter" in terms:
+            squares += [c_stats[:, 1], c_stats[:, 2]]
+    norms = iter(_inverse_norms(squares))
+    for _ in range(levels):
+        saved["r_pix"].append((next(norms), next(norms)) if "intra" in terms else None)
+        saved["r_chan"].append((next(norms), next(norms)) if "inter" in terms else None)
+    # The affinity terms' Deltas: every intra-affinity level on the tiled path and every
+    # inter-affinity pair in as few launches as the grouped kernel takes (the Gram path's
+    # levels in their own launch); the per-tile partial sums are added afterwards.
+    jobs, finish = [], []
+    if "intra" in terms:
+        for k, (t, s) in enumerate(zip(teachers, students, strict=True)):
+            grams, dot = precision.intra_plan("triton", t, intra_distance)
+            r_t, r_s = saved["r_pix"][k]
+            B, _, H, W = t.shape
+            l1 = intra_distance == "l1"
+            signs = t.new_empty(signs_shape("triton", t, intra_distance), dtype=torch.int32)
+            saved["signs"].append(signs)
+            saved["intra_plan"].append((grams, dot))
+            scale = 1.0 / (B * (H * W) ** 2)
+            if grams:
+                part, stored = ka.gram_loss(s, t, r_s, r_t, dot, store)
+                saved["grams"].append(stored)
+                finish.append(("intra", part, scale))
+            else:
+                saved["grams"].append(None)
+                jobs.append(dict(a_s=s, a_t=t, b_s=s, b_t=t, r_as=r_s, r_at=r_t, r_bs=r_s,
+                                 r_bt=r_t, pix_rows=True, l1=l1, precision=dot,
+                                 signs=signs if l1 else None))
+                finish.append(("intra", len(jobs) - 1, scale))
+    if "inter" in terms:
+        pairs = _pairs(levels)
+        # Every pair's finer level, teacher and student, pooled to the coarser level's
+        # size with its channels' norms, in as few launches as the kernel takes.
+        finer = [x for a, _ in pairs for x in (teachers[a], students[a])]
+        sizes = [tuple(teachers[b].shape[-2:]) for _, b in pairs for _ in range(2)]
+        pooled = ka.pool_with_norms(finer, sizes, EPS)
+        for i, (a, b) in enumerate(pairs):
+            (p_t, r_pt), (p_s, r_ps) = pooled[2 * i], pooled[2 * i + 1]
+            r_qt, r_qs = saved["r_chan"][b]
+            norms = (r_pt, r_ps, r_qt, r_qs)
+            dot = precision.inter_plan("triton", teachers[a], teachers[b], inter_distance)
+            saved["pooled"].append((p_t, p_s, norms))
+            saved["inter_plan"].append(dot)
+            jobs.append(dict(a_s=p_s, a_t=p_t, b_s=students[b], b_t=teachers[b],
+                             r_as=r_ps, r_at=r_pt, r_bs=r_qs, r_bt=r_qt, pix_rows=False,
+                             l1=inter_distance == "l1", precision=dot))
+            scale = 1.0 / (teachers[a].shape[0] * teachers[a].shape[1]
+                           * teachers[b].shape[1])
+            finish.append(("inter", len(jobs) - 1, scale))
+    parts = ka.delta_group(jobs)
+    for term, part, scale in finish:
+        part = parts[part] if isinstance(part, int) else part
+        values[term] = values[term] + part.sum() * scale
+    return tuple(values[term] for term in terms), saved
+
+
+def _backward(inputs, plan, needs_input_grad, count, spec):
+    """The backward's host code: from the inputs, the forward's saved leaves (``count``,
+    structure ``spec``) and the upstream gradients, the inputs' gradients."""
+    ka, kc = _triton.kernels("affinity"), _triton.kernels("cosine_distances")
+
+    terms, intra_distance, inter_distance, levels, _ = plan
+    tensors = inputs[:2 * levels]
+    saved_leaves, grads = inputs[2 * levels:2 * levels + count], inputs[2 * levels + count:]
+    saved = pytree.tree_unflatten([None] * len(terms) + list(saved_leaves), spec)[1]
+    teachers, students = tensors[:levels], tensors[levels:]
+    need_t = any(needs_input_grad[1:1 + levels])
+    g = {term: grad for term, grad in zip(terms, grads, strict=True) if grad is not None}
+    f32 = dict(dtype=torch.float32)
+    grad_t: list = [None] * levels
+    grad_s: list = [None] * levels
+
+    def add(store, k, value):
+        store[k] = value if store[k] is None else store[k].add_(value)
+
+    if {"rd", "channel", "spatial"} & set(g):
+        upstream: list = [[], [], []]
+        for t in teachers:
+            B, C, H, W = t.shape
+            zero = t.new_zeros((), **f32)
+            # d mean(x) / dx = 1 / numel, broadcast as the kernel's upstream gradients.
+            upstream[0].append((g.get("channel", zero) / (B * H * W)).expand(B, H, W))
+            upstream[1].append((g.get("spatial", zero) / (B * C)).expand(B, C))
+            upstream[2].append((g.get("rd", zero) / B).expand(B))
+        cos = kc.backward_levels(list(teachers), list(students),
+                                 [p for p, _ in saved["cos"]], [c for _, c in saved["cos"]],
+                                 *upstream, need_t, EPS)
+        for k, (dt, ds) in enumerate(cos):
+            add(grad_s, k, ds)
+            if need_t:
+                add(grad_t, k, dt)
+    # The affinity terms' gradients for the normalised features, then every norm
+    # backward in one launch (up to eight per launch), then the pooled ones unpooled.
+    jobs, where = [], []
+    if "intra" in g:
+        # The Gram path's levels one by one; the tiled levels' gradients in one launch.
+        normalised, tiled, tiled_levels = {}, [], []
+        for k, (t, s) in enumerate(zip(teachers, students, strict=True)):
+            r_t, r_s = saved["r_pix"][k]
+            grams, dot = saved["intra_plan"][k]
+            if grams:
+                normalised[k] = intra_normalised(t, s, r_t, r_s, g["intra"],
+                                                 saved["signs"][k], intra_distance, grams,
+                                                 dot, need_t, saved["grams"][k])
+            else:
+                tiled.append(tiled_grad_job(t, s, r_t, r_s, g["intra"], saved["signs"][k],
+                                            intra_distance, dot, need_t))
+                tiled_levels.append(k)
+        for k, (g_s, g_t) in zip(tiled_levels, ka.intra_tiled_grad_group(tiled),
+                                 strict=True):
+            normalised[k] = (g_t, g_s)
+        for k, (t, s) in enumerate(zip(teachers, students, strict=True)):
+            r_t, r_s = saved["r_pix"][k]
+            g_t, g_s = normalised[k]
+            jobs.append(norm_job(s, r_s, g_s))
+            where.append((grad_s, k, None))
+            if need_t:
+                jobs.append(norm_job(t, r_t, g_t))
+                where.append((grad_t, k, None))
+    if "inter" in g:
+        # The gradient of every pair's Delta in one launch (up to four per launch).
+        grads_of_delta = ka.delta_group([
+            inter_delta_grad_job(teachers[a], teachers[b], students[a], students[b],
+                                 p_t, p_s, norms, g["inter"], inter_distance, dot)
+            for (a, b), (p_t, p_s, norms), dot in zip(_pairs(levels), saved["pooled"],
+                                                     saved["inter_plan"], strict=True)])
+        mm, pending = [], []
+        for (a, b), (p_t, p_s, norms), dot, gd in zip(
+                _pairs(levels), saved["pooled"], saved["inter_plan"], grads_of_delta,
+                strict=True):
+            teacher_side, student_side = inter_normalised(
+                teachers[a], teachers[b], students[a], students[b], p_t, p_s, norms,
+                g["inter"], inter_distance, dot, need_t, gd=gd)
+            for store, side in ((grad_s, student_side), (grad_t, teacher_side)):
+                if side is not None:
+                    mm += side[0]
+                    pending.append((store, a, b, side))
+        # Every pair's two products in one launch (up to four per launch).
+        products = iter(ka.scaled_mm_group(mm))
+        for store, a, b, (_, (p_job, q_job), f_a) in pending:
+            jobs += [p_job(next(products)), q_job(next(products))]
+            where += [(store, a, f_a), (store, b, None)]
+    grads = ka.norm_backward_group(jobs, EPS)
+    # The pooled levels' gradients back to their finer levels (two per launch).
+    pooled = [(grad, unpool_to) for (_, _, unpool_to), grad in zip(where, grads,
+                                                                    strict=True)
+              if unpool_to is not None]
+    unpooled = iter(ka.unpool_group(pooled))
+    for (store, k, unpool_to), grad in zip(where, grads, strict=True):
+        add(store, k, grad if unpool_to is None else next(unpooled))
+    out_t = [gt if need else None
+             for gt, need in zip(grad_t, needs_input_grad[1:1 + levels], strict=True)]
+    out_s = [gs if need else None
+             for gs, need in zip(grad_s, needs_input_grad[1 + levels:], strict=True)]
+    return (*out_t, *out_s)
+
+
+_FORWARD = _replay.Programs("snl_distillation_loss forward")
+_BACKWARD = _replay.Programs("snl_distillation_loss backward")
 _apply_shared = fast_apply(_Shared)  # _shared_path has checked plain_eager

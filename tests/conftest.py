@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 
+import pytest
 import support  # noqa: F401  (sets TRITON_INTERPRET before any kernel module is imported)
 
 # snl.data and snl.metrics need scipy and Pillow (core dependencies, but a bare GPU machine
@@ -23,3 +24,12 @@ def pytest_report_header(config):
         return (f"not collected: {', '.join(collect_ignore)} "
                 f"({', '.join(MISSING_DATA_DEPS)} not installed)")
     return None
+
+
+@pytest.fixture(autouse=True)
+def _fresh_recordings():
+    """Each test starts with no recorded host programs (snl_kernels/_replay.py), as a new
+    process does: a test that patches a launcher's internals sees them called."""
+    from snl_kernels import _replay
+
+    _replay.clear_all()

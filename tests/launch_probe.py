@@ -167,7 +167,39 @@ def probe_fused_step(seen: Seen) -> dict:
     step()
     full, calls = seen.full, len(seen.calls)
     step()
-    return {"step_full": seen.full - full, "step_launches": len(seen.calls) - calls}
+    out = {"step_full": seen.full - full, "step_launches": len(seen.calls) - calls}
+    replayed = _canonical(seen.calls[calls:], students)
+    os.environ["SNL_REPLAY"] = "0"  # the host code as written, every call
+    try:
+        calls = len(seen.calls)
+        step()
+        written = _canonical(seen.calls[calls:], students)
+    finally:
+        del os.environ["SNL_REPLAY"]
+    out["replayed_as_written"] = replayed == written
+    return out
+
+
+def _canonical(calls: list, inputs: list) -> list:
+    """A step's launcher calls with each tensor as (shape, stride, dtype, which input it is,
+    or the order in which its address first appeared in the step), so that two steps' calls
+    compare equal when they launch the same kernels on the same kinds of tensors, aliased
+    alike."""
+    first: dict[int, int] = {}
+    out = []
+    for grid, stream, function, metadata, args in calls:
+        named = []
+        for x in args:
+            if isinstance(x, torch.Tensor):
+                which = next((i for i, t in enumerate(inputs) if t.data_ptr() == x.data_ptr()),
+                             None)
+                if which is None:
+                    which = ("fresh", first.setdefault(x.data_ptr(), len(first)))
+                named.append((tuple(x.shape), x.stride(), x.dtype, which))
+            else:
+                named.append(x)
+        out.append((grid, stream, function, metadata, tuple(named)))
+    return out
 
 
 def main() -> int:

@@ -299,3 +299,31 @@ def test_grouped_tiled_gradients_equal_one_launch_each():
         assert (g_t is None) == (want_t is None)
         if g_t is not None:
             assert torch.equal(g_t, want_t)
+
+
+@pytest.mark.parametrize("distance", ["l2", "l1"])
+@pytest.mark.parametrize("teacher_grad", [False, True])
+def test_a_replayed_step_equals_the_step_as_written(distance, teacher_grad, monkeypatch):
+    # The host code runs once per key, recorded; later calls replay the recording. Replayed
+    # forward and backward give bit for bit what the host code as written gives.
+    from snl_kernels import _replay
+
+    def step(seed):
+        teachers, students = _levels(teacher_grad=teacher_grad, zero_pixel=True, seed=seed)
+        return _run(lambda t, s: snl_kernels.snl_distillation_loss(
+            t, s, intra_distance=distance, inter_distance=distance, backend="triton"),
+            teachers, students, WEIGHTS)
+
+    distillation._FORWARD.clear()
+    distillation._BACKWARD.clear()
+    step(0)  # recorded
+    assert len(distillation._FORWARD) == len(distillation._BACKWARD) == 1
+    replayed, replayed_grads = step(1)
+    assert len(distillation._FORWARD) == len(distillation._BACKWARD) == 1
+    monkeypatch.setenv(_replay.ENV_VAR, "0")
+    written, written_grads = step(1)
+    for name in written:
+        assert torch.equal(replayed[name], written[name]), name
+    for got, want in zip(replayed_grads, written_grads, strict=True):
+        assert torch.equal(got, want)
+    assert distillation._FORWARD.name not in _replay.reasons()

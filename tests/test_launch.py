@@ -58,3 +58,9 @@ def test_the_fused_loss_step_launches_only_bound_kernels(seen):
     # after a first step, every launch of the fused l2 loss (forward and backward) is bound
     assert seen["step_launches"] == 14
     assert seen["step_full"] == 0
+
+
+def test_a_replayed_fused_step_hands_the_launcher_what_the_host_code_does(seen):
+    # the second step replays the recorded host program; the step with SNL_REPLAY=0 runs the
+    # host code as written: the same kernels, grids, metadata and arguments, tensors alike
+    assert seen["replayed_as_written"]

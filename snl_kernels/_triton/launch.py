@@ -25,6 +25,8 @@ from typing import Any
 
 from torch import Tensor
 
+from .. import _replay
+
 #: Set by tools that must see every launch (the performance model's recorder):
 #: ``hook(fn, grid, args, options)`` runs instead of the launch.
 hook = None
@@ -77,15 +79,23 @@ def launch(fn, grid: tuple, args: dict[str, Any], **options: Any) -> None:
     if hook is not None:
         hook(fn, grid, args, options)
         return
+    recording = _replay.recorder()
+    if recording is not None:
+        recording.launch(fn, grid, args, options, bound)
+        return
     bound(fn, grid, args, options)
 
 
-def bound(fn, grid: tuple, args: dict[str, Any], options: dict[str, Any]) -> None:
-    """:func:`launch` without the hook: the pre-bound path, or the full one on a miss."""
+def bound(fn, grid: tuple, args: dict[str, Any], options: dict[str, Any]):
+    """:func:`launch` without the hook: the pre-bound path, or the full one on a miss.
+
+    Returns ``((launcher, function, metadata), values, device)``, what a direct call of the
+    launcher takes (``values``: the arguments in parameter order), or None where the launch
+    took Triton's path (the interpreter, launch hooks)."""
     knobs, driver, jit_function = _runtime or _setup()
     if not isinstance(fn, jit_function) or _hooked(knobs):
         fn[grid](**args, **options)
-        return
+        return None
     names, defaults = _names(fn)
     if len(args) != len(names) - len(defaults) or defaults:
         values = _values_with_defaults(fn, names, defaults, args)
@@ -110,13 +120,19 @@ def bound(fn, grid: tuple, args: dict[str, Any], options: dict[str, Any]) -> Non
             kernel = kernel.result()
         if len(_bound) >= MAX_ENTRIES:
             _bound.clear()
-        _bound[key] = (kernel.run, kernel.function, kernel.packed_metadata)
-        return
+        entry = _bound[key] = (kernel.run, kernel.function, kernel.packed_metadata)
+        return entry, values, device
     run, function, metadata = entry
     stream = driver.active.get_current_stream(device)
     size = len(grid)
     run(grid[0], grid[1] if size > 1 else 1, grid[2] if size > 2 else 1, stream, function,
         metadata, None, None, None, *values)
+    return entry, values, device
+
+
+def hooked() -> bool:
+    """Whether Triton launch hooks are installed (launches must take Triton's path)."""
+    return _hooked((_runtime or _setup())[0])
 
 
 def _hooked(knobs) -> bool:
