@@ -283,3 +283,29 @@ def test_flags(data, tmp_path, capsys):
     old = {k: v for k, v in saved.items() if k not in ("self_check", "holdout")}
     assert not cli.TrainConfig.from_saved(old).self_check
     assert cli.TrainConfig.from_saved(saved).self_check
+
+
+def test_strip_data_holds_out_pixels_no_trained_image_shows(tmp_path):
+    # scripts/holdout_strip_data.py: the files snl train holds out are cut from rows below
+    # every trained crop; the test images are the default set's, byte for byte
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "holdout_strip_data.py"
+    spec = importlib.util.spec_from_file_location("holdout_strip_data", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    counts = dict(size=64, n_train=20, n_test_good=2, n_test_defect=1)
+    record = module.build(tmp_path / "strip", **counts)
+    held = split_holdout(tmp_path / "strip", "all", 8)
+    for name, paths in held.held.items():
+        boxes = {k: v for k, v in record.items() if k.startswith(f"{name}/")}
+        assert {k for k, v in boxes.items() if v["held_out"]} == {
+            p.relative_to(tmp_path / "strip").as_posix() for p in paths}
+        lowest_trained = max(v["box"][0] + v["box"][2] for v in boxes.values()
+                             if not v["held_out"])
+        assert all(v["box"][0] >= lowest_trained for v in boxes.values() if v["held_out"])
+    make_default_dataset(tmp_path / "default", **counts)
+    for path in (tmp_path / "default").rglob("test/**/*.png"):
+        twin = tmp_path / "strip" / path.relative_to(tmp_path / "default")
+        assert twin.read_bytes() == path.read_bytes()
