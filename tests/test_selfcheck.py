@@ -309,3 +309,21 @@ def test_strip_data_holds_out_pixels_no_trained_image_shows(tmp_path):
     for path in (tmp_path / "default").rglob("test/**/*.png"):
         twin = tmp_path / "strip" / path.relative_to(tmp_path / "default")
         assert twin.read_bytes() == path.read_bytes()
+
+
+def test_restarts_say_when_a_class_is_flagged_in_every_seed():
+    from snl.cli import restarts
+
+    def run(**figures):
+        classes = {n: {"image_auroc": f} for n, f in figures.items()}
+        return {"check": {"classes": classes,
+                          "flagged": [n for n, f in figures.items() if f < selfcheck.FLAG_BELOW]}}
+
+    runs = [run(brick=0.9, tissue=0.55), run(brick=0.7, tissue=0.6), run(brick=0.95, tissue=0.5)]
+    assert restarts.flagged_in_every_seed(runs) == ["tissue"]
+    assert restarts.every_seed_line(runs) == (
+        "restarts: flagged in all 3 seeds: tissue 55.0, 60.0, 50.0. A class flagged whatever "
+        "the seed is more likely one the model does not learn at this budget than a broken "
+        "run; more seeds are unlikely to help")
+    assert restarts.every_seed_line(runs[:1]) is None  # one run: nothing to compare
+    assert restarts.every_seed_line([run(brick=0.7), run(brick=0.9)]) is None

@@ -52,6 +52,29 @@ def _reason(runs: list[dict], kept: int) -> str:
             f"({len(check['flagged'])}), then the highest lowest figure ({_lowest(check)})")
 
 
+def flagged_in_every_seed(runs: list[dict]) -> list[str]:
+    """The classes every one of two or more runs flagged, in the first run's order."""
+    if len(runs) < 2:
+        return []
+    return [name for name in runs[0]["check"]["flagged"]
+            if all(name in r["check"]["flagged"] for r in runs[1:])]
+
+
+def every_seed_line(runs: list[dict]) -> str | None:
+    """One line on the classes flagged in every seed (None when there is none): a class the
+    model separates poorly from cut-paste probes whatever the seed is more likely one it does
+    not learn at this budget than a broken run, and more seeds are unlikely to help."""
+    always = flagged_in_every_seed(runs)
+    if not always:
+        return None
+    figures = "; ".join(
+        f"{name} " + ", ".join(f"{100 * r['check']['classes'][name][selfcheck.FIGURE]:.1f}"
+                                for r in runs) for name in always)
+    return (f"restarts: flagged in all {len(runs)} seeds: {figures}. A class flagged whatever "
+            "the seed is more likely one the model does not learn at this budget than a "
+            "broken run; more seeds are unlikely to help")
+
+
 def train_with_restarts(config: TrainConfig, run_dir: str | os.PathLike, restarts: int,
                         world: distributed.World | None = None) -> nn.Module:
     """Train up to ``restarts`` seeds from ``config.seed`` on; keep and evaluate one.
@@ -110,6 +133,9 @@ def train_with_restarts(config: TrainConfig, run_dir: str | os.PathLike, restart
     runs[kept]["folder"] = "."
     distributed.barrier(world)
     log(world, f"restarts: kept seed {seed} of {len(runs)} run(s): {reason}")
+    always = every_seed_line(runs)
+    if always is not None:
+        log(world, always)
     log(world, f"restarts: {extra:.0f} s more than one run ({len(runs)} run(s), {total:.0f} s "
                "of training and self-checks in all)" if len(runs) > 1
         else "restarts: no restart needed, no extra time")
@@ -117,6 +143,7 @@ def train_with_restarts(config: TrainConfig, run_dir: str | os.PathLike, restart
         report.write_json(run_dir / FILE, {
             "restarts": restarts, "kept_seed": seed, "reason": reason,
             "extra_seconds": extra, "total_seconds": total,
+            "flagged_in_every_seed": flagged_in_every_seed(runs),
             "runs": [{"seed": r["seed"], "seconds": r["seconds"], "folder": r["folder"],
                       "self_check": selfcheck.figures(r["check"]),
                       "flagged": r["check"]["flagged"]} for r in runs]})
