@@ -327,3 +327,34 @@ def test_a_replayed_step_equals_the_step_as_written(distance, teacher_grad, monk
     for got, want in zip(replayed_grads, written_grads, strict=True):
         assert torch.equal(got, want)
     assert distillation._FORWARD.name not in _replay.reasons()
+
+
+@pytest.mark.parametrize("distance", ["l2", "l1"])
+def test_the_replay_key_holds_what_the_host_code_decides_from(distance, monkeypatch):
+    # SNL_REPLAY=check records every call again and raises where two calls with one key
+    # record different programs: calls that differ in what the key holds (dtype, gradient
+    # needs, grad mode, zero rows, precision setting, terms), each made twice
+    from snl_kernels import _replay
+
+    monkeypatch.setenv(_replay.ENV_VAR, "check")
+    distillation._FORWARD.clear()
+    distillation._BACKWARD.clear()
+    cases = [dict(), dict(teacher_grad=True), dict(zero_pixel=True), dict(dtype=torch.float16),
+             dict(seed=3)]
+    for case in cases * 2:
+        teachers, students = _levels(**case)
+        _run(lambda t, s: snl_kernels.snl_distillation_loss(
+            t, s, intra_distance=distance, inter_distance=distance, backend="triton"),
+            teachers, students, WEIGHTS)
+    with torch.no_grad():
+        snl_kernels.snl_distillation_loss(teachers, students, terms=("rd", "inter"),
+                                          intra_distance=distance, inter_distance=distance,
+                                          backend="triton")
+    monkeypatch.setenv("SNL_DOT_PRECISION", "ieee")
+    _run(lambda t, s: snl_kernels.snl_distillation_loss(
+        t, s, intra_distance=distance, inter_distance=distance, backend="triton"),
+        teachers, students, WEIGHTS)
+    # one program per key: fp32 (seeds and zero rows share it), fp32 with teacher
+    # gradients, fp16, the no-grad subset, the ieee setting
+    assert len(distillation._FORWARD) == 5
+    assert distillation._FORWARD.name not in _replay.reasons()
