@@ -17,7 +17,10 @@ so rounding errors scale with the difference, not with the affinities (the plain
   ``<G_SS + G_TT, G_DD> + 2 <G_SD, G_DT>`` reduced on chip, its backward forming the Grams
   it needs. Backward: ``dL/dX_S = (4 g / M)(G_SS D + G_SD X_T)``,
   ``dL/dX_T = -(4 g / M)(G_TS D + G_TD X_T)`` (g the upstream gradient), through Grams of
-  B C^2 floats each.
+  B C^2 floats each. Triton forms the same as ``(4 g / M)(P_S D + Q_S E)`` and
+  ``-(4 g / M)(P_T D + Q_T E)`` with ``P_a = X_a E^T / 2``, ``Q_a = X_a D^T / 2``, which the
+  loss kernel writes already rounded as the products' operands, so that those products
+  read them as they are (pipelined wgmma on Hopper).
 - Tiled (l1, and l2 when N <= C): tiles of Delta formed on chip from the stacked operands
   and reduced there. Backward: ``dL/dX_S = -2 X_S G``, ``dL/dX_T = 2 X_T G`` with
   ``G = dL/dDelta`` (``2 g Delta / M`` or ``g sign(Delta) / M``, symmetric), the Delta tiles

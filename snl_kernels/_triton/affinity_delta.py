@@ -11,7 +11,17 @@ import triton.language as tl
 from torch import Tensor
 
 from . import cdiv, strides
-from .affinity_tiles import BLOCK_K, _dot, _norms, _pow2, _slot_names, _tile, _tiles, _zero_pairs
+from .affinity_tiles import (
+    BLOCK_K,
+    _dot,
+    _norms,
+    _pow2,
+    _ready,
+    _slot_names,
+    _tile,
+    _tiles,
+    _zero_pairs,
+)
 from .launch import launch
 
 
@@ -63,8 +73,10 @@ def _delta_tile(
             grad = tl.where(delta > 0, scale, tl.where(delta < 0, -scale, 0.0))
         else:
             grad = delta * scale
+        # Stored as the operand the products with it (``scaled_mm``) read as it is.
         mask = (ri < Ra)[:, None] & (rj < Rb)[None, :]
-        tl.store(out_ptr + (b * Ra + ri[:, None]) * Rb + rj[None, :], grad, mask=mask)
+        tl.store(out_ptr + (b * Ra + ri[:, None]) * Rb + rj[None, :], _ready(grad, PRECISION),
+                 mask=mask)
     else:
         if L1:
             part = tl.sum(tl.sum(tl.abs(delta), axis=1), axis=0)

@@ -17,9 +17,11 @@ from .affinity_tiles import (
     BLOCK_K,
     INTERPRETED,
     _dot,
+    _dot_ready,
     _norms,
     _out_tile,
     _pow2,
+    _ready,
     _tile,
     _tiles,
     _vec,
@@ -39,7 +41,7 @@ def _store_pair(ptr, base, C, ci, cj, tile, mirror, mirrored):
 
 @triton.jit
 def _gram_loss_kernel(
-    s_ptr, t_ptr, rs_ptr, rt_ptr, out_ptr, gss_ptr, gsd_ptr, gts_ptr, gtd_ptr,
+    s_ptr, t_ptr, rs_ptr, rt_ptr, out_ptr, ps_ptr, qs_ptr, pt_ptr, qt_ptr,
     C, N, W, NT,
     s_b, s_c, s_h, s_w, t_b, t_c, t_h, t_w,
     STORE: tl.constexpr, BI: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
@@ -50,9 +52,11 @@ def _gram_loss_kernel(
     # / 2. G_EE and G_DD are symmetric and G_ED(J, I) = G_DE(I, J)^T, so the tile (I, J)
     # with I < J also stands for (J, I): weight 1 there, 1/2 on the diagonal. Four products
     # per step, and no tile pair is formed twice.
-    # STORE >= 1 also writes the backward's Grams G_SS = X_S X_S^T and G_SD = X_S D^T (and,
-    # STORE = 2, G_TS = X_T X_S^T and G_TD = X_T D^T), tiles (I, J) and (J, I), from the same
-    # four products: X_S = (E + D) / 2 and X_T = (E - D) / 2.
+    # STORE >= 1 also writes the backward's Grams P_S = X_S E^T / 2 and Q_S = X_S D^T / 2
+    # (and, STORE = 2, P_T = X_T E^T / 2 and Q_T = X_T D^T / 2), tiles (I, J) and (J, I),
+    # from the same four products (X_S = (E + D) / 2, X_T = (E - D) / 2), as operands
+    # ready for the apply kernel's products (``_ready``): dL/dX_S is proportional to
+    # X_S (E^T D + D^T E) / 2 = P_S D + Q_S E, dL/dX_T to -(P_T D + Q_T E).
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     # The pid-th pair of the upper triangle, row by row: row r starts at r NT - r (r - 1) / 2.
@@ -89,41 +93,48 @@ def _gram_loss_kernel(
         # G_DE[j, i] = g_ed[i, j] (the diagonal tile is written once, by itself).
         base = b * C * C
         mirror = ti != tj
-        g_ss = (g_ee + g_ed + g_de + g_dd) * 0.25
-        _store_pair(gss_ptr, base, C, ci, cj, g_ss, g_ss, mirror)
-        _store_pair(gsd_ptr, base, C, ci, cj, (g_ed + g_dd) * 0.5, (g_de + g_dd) * 0.5, mirror)
+        _store_pair(ps_ptr, base, C, ci, cj, _ready((g_ee + g_de) * 0.25, PRECISION),
+                    _ready((g_ee + g_ed) * 0.25, PRECISION), mirror)
+        _store_pair(qs_ptr, base, C, ci, cj, _ready((g_ed + g_dd) * 0.25, PRECISION),
+                    _ready((g_de + g_dd) * 0.25, PRECISION), mirror)
         if STORE == 2:
-            _store_pair(gts_ptr, base, C, ci, cj, (g_ee + g_ed - g_de - g_dd) * 0.25,
-                        (g_ee + g_de - g_ed - g_dd) * 0.25, mirror)
-            _store_pair(gtd_ptr, base, C, ci, cj, (g_ed - g_dd) * 0.5, (g_de - g_dd) * 0.5,
-                        mirror)
+            _store_pair(pt_ptr, base, C, ci, cj, _ready((g_ee - g_de) * 0.25, PRECISION),
+                        _ready((g_ee - g_ed) * 0.25, PRECISION), mirror)
+            _store_pair(qt_ptr, base, C, ci, cj, _ready((g_ed - g_dd) * 0.25, PRECISION),
+                        _ready((g_de - g_dd) * 0.25, PRECISION), mirror)
 
 
 @triton.jit
 def _gram_apply_kernel(
-    s_ptr, t_ptr, rs_ptr, rt_ptr, g1_ptr, g2_ptr, out_ptr, g_ptr, coef,
+    s_ptr, t_ptr, rs_ptr, rt_ptr, p_ptr, q_ptr, out_ptr, g_ptr, coef,
     C, N, W,
     s_b, s_c, s_h, s_w, t_b, t_c, t_h, t_w,
     BI: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    # out[c, n] = g coef (G1 D + G2 X_T)[c, n], D = X_S - X_T; fp32 (B, C, N) output.
+    # out[c, n] = g coef (P D + Q E)[c, n], D = X_S - X_T, E = X_S + X_T, P and Q as the loss
+    # kernel stored them; fp32 (B, C, N) output. Formed as its transpose, a (BN pixels, BI
+    # channels) tile: the operand made in registers (D^T, E^T: pixels scaled by their inverse
+    # norms) is the product's first, the stored Grams its second, read as they are; the two
+    # products keep accumulators of their own (one chained into the other would wait for
+    # every wgmma group).
     b, ci, ns = _out_tile(BI, BN)
     r_s, r_t = _norms(rs_ptr, rt_ptr, b, ns, N)
-    acc = tl.zeros([BI, BN], dtype=tl.float32)
+    acc_d = tl.zeros([BN, BI], dtype=tl.float32)
+    acc_e = tl.zeros([BN, BI], dtype=tl.float32)
     for k0 in range(0, C, BK):
         ks = k0 + tl.arange(0, BK)
-        gmask = (ci < C)[:, None] & (ks < C)[None, :]
-        goff = (b * C + ci[:, None]) * C + ks[None, :]
-        g1 = tl.load(g1_ptr + goff, mask=gmask, other=0.0)
-        g2 = tl.load(g2_ptr + goff, mask=gmask, other=0.0)
-        xs = _tile(s_ptr + b * s_b, ks, ns, C, N, W, s_c, s_h, s_w, False) * r_s[None, :]
-        xt = _tile(t_ptr + b * t_b, ks, ns, C, N, W, t_c, t_h, t_w, False) * r_t[None, :]
-        acc = _dot(g1, xs - xt, acc, PRECISION)
-        acc = _dot(g2, xt, acc, PRECISION)
-    mask = (ci < C)[:, None] & (ns < N)[None, :]
-    tl.store(out_ptr + (b * C + ci[:, None]) * N + ns[None, :], tl.load(g_ptr) * coef * acc,
-             mask=mask)
+        gmask = (ks < C)[:, None] & (ci < C)[None, :]
+        goff = (b * C + ci[None, :]) * C + ks[:, None]
+        p = tl.load(p_ptr + goff, mask=gmask, other=0.0)
+        q = tl.load(q_ptr + goff, mask=gmask, other=0.0)
+        xs = _tile(s_ptr + b * s_b, ns, ks, N, C, W, s_c, s_h, s_w, True) * r_s[:, None]
+        xt = _tile(t_ptr + b * t_b, ns, ks, N, C, W, t_c, t_h, t_w, True) * r_t[:, None]
+        acc_d = _dot_ready(xs - xt, p, acc_d, PRECISION)
+        acc_e = _dot_ready(xs + xt, q, acc_e, PRECISION)
+    mask = (ns < N)[:, None] & (ci < C)[None, :]
+    tl.store(out_ptr + (b * C + ci[None, :]) * N + ns[:, None],
+             tl.load(g_ptr) * coef * (acc_d + acc_e), mask=mask)
 
 
 @triton.jit
@@ -132,19 +143,21 @@ def _scaled_mm_tile(
     g_b, g_m, g_k, y_b, y_c, y_h, y_w, pid_m, pid_n, b,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Output tile (pid_m, pid_n) of sample b of out = alpha G Y^ (see the kernel)."""
+    """Output tile (pid_m, pid_n) of sample b of out = alpha G Y^ (see the kernel), formed as
+    its transpose: Y^'s pixels scaled in registers are the product's first operand, G (whose
+    values are ``_ready`` at PRECISION) its second, read as it is."""
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
-    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    acc = tl.zeros([BN, BM], dtype=tl.float32)
     for k0 in range(0, K, BK):
         ks = k0 + tl.arange(0, BK)
-        g = tl.load(g_ptr + b * g_b + rm[:, None] * g_m + ks[None, :] * g_k,
-                    mask=(rm < M)[:, None] & (ks < K)[None, :], other=0.0)
-        y = _tile(y_ptr + b * y_b, ks, rn, K, N, W, y_c, y_h, y_w, False)
-        y = y * _vec(ry_ptr + b * K, ks, K)[:, None]
-        acc = _dot(g, y, acc, PRECISION)
-    mask = (rm < M)[:, None] & (rn < N)[None, :]
-    tl.store(out_ptr + (b * M + rm[:, None]) * N + rn[None, :], alpha * acc, mask=mask)
+        g = tl.load(g_ptr + b * g_b + rm[None, :] * g_m + ks[:, None] * g_k,
+                    mask=(ks < K)[:, None] & (rm < M)[None, :], other=0.0)
+        y = _tile(y_ptr + b * y_b, rn, ks, N, K, W, y_c, y_h, y_w, True)
+        y = y * _vec(ry_ptr + b * K, ks, K)[None, :]
+        acc = _dot_ready(y, g, acc, PRECISION)
+    mask = (rn < N)[:, None] & (rm < M)[None, :]
+    tl.store(out_ptr + (b * M + rm[None, :]) * N + rn[:, None], alpha * acc, mask=mask)
 
 
 @triton.jit
@@ -205,7 +218,8 @@ def gram_loss(s: Tensor, t: Tensor, r_s: Tensor, r_t: Tensor, precision: str,
               store: int = 0) -> tuple[Tensor, tuple[Tensor, ...] | None]:
     """Per-tile-pair sums of ||Delta||^2 (B, tile pairs of the upper triangle), from the
     Grams of E = X_S + X_T and D = X_S - X_T (``_gram_loss_kernel``); with ``store`` 1 also
-    the backward's (B, C, C) float32 Grams (G_SS, G_SD), with 2 (G_SS, G_SD, G_TS, G_TD)."""
+    the backward's (B, C, C) float32 Grams (P_S, Q_S), with 2 (P_S, Q_S, P_T, Q_T), rounded
+    to ``precision``'s operands (see the kernel)."""
     B, C, H, W = s.shape
     bi = gram_loss_block(C)
     nt = cdiv(C, bi)
@@ -217,7 +231,7 @@ def gram_loss(s: Tensor, t: Tensor, r_s: Tensor, r_t: Tensor, precision: str,
     g = grams + (out,) * (4 - len(grams))
     launch(_gram_loss_kernel, (pairs, B), dict(
         s_ptr=s, t_ptr=t, rs_ptr=r_s, rt_ptr=r_t, out_ptr=out,
-        gss_ptr=g[0], gsd_ptr=g[1], gts_ptr=g[2], gtd_ptr=g[3],
+        ps_ptr=g[0], qs_ptr=g[1], pt_ptr=g[2], qt_ptr=g[3],
         C=C, N=H * W, W=W, NT=nt,
         **strides(s, "s_b s_c s_h s_w"), **strides(t, "t_b t_c t_h t_w"),
         STORE=store, BI=bi, BK=_pow2(H * W, hi=BLOCK_K), PRECISION=precision),
@@ -228,7 +242,8 @@ def gram_loss(s: Tensor, t: Tensor, r_s: Tensor, r_t: Tensor, precision: str,
 def gram_grad(s: Tensor, t: Tensor, r_s: Tensor, r_t: Tensor, grad_loss: Tensor, coef: float,
               teacher: bool, precision: str,
               grams: tuple[Tensor, ...] | None = None) -> tuple[Tensor, Tensor | None]:
-    """coef g (G_SS D + G_SD X_T) and -coef g (G_TS D + G_TD X_T), fp32 (B, C, H, W).
+    """coef g (P_S D + Q_S E) and -coef g (P_T D + Q_T E), fp32 (B, C, H, W) (the
+    gradients for X_S and X_T; ``_gram_loss_kernel`` says what P and Q are).
 
     ``grams``: the Grams the forward stored (:func:`gram_loss` with ``store``, 2 for the
     teacher's gradient); None forms them again with the loss kernel."""
@@ -240,10 +255,10 @@ def gram_grad(s: Tensor, t: Tensor, r_s: Tensor, r_t: Tensor, grad_loss: Tensor,
     bn = _pow2(N, hi=_tiles()[0])
     grid = (cdiv(C, bi), cdiv(N, bn), B)
     outs = []
-    for g1, g2, sign in ((grams[0], grams[1], 1.0), (*grams[2:4], -1.0))[: 2 if teacher else 1]:
+    for p, q, sign in ((grams[0], grams[1], 1.0), (*grams[2:4], -1.0))[: 2 if teacher else 1]:
         out = torch.empty((B, C, H, W), device=s.device, dtype=torch.float32)
         launch(_gram_apply_kernel, grid, dict(
-            s_ptr=s, t_ptr=t, rs_ptr=r_s, rt_ptr=r_t, g1_ptr=g1, g2_ptr=g2, out_ptr=out,
+            s_ptr=s, t_ptr=t, rs_ptr=r_s, rt_ptr=r_t, p_ptr=p, q_ptr=q, out_ptr=out,
             g_ptr=grad_loss, coef=sign * coef, C=C, N=N, W=W,
             **strides(s, "s_b s_c s_h s_w"), **strides(t, "t_b t_c t_h t_w"), BI=bi, BN=bn,
             BK=_pow2(C, hi=BLOCK_K), PRECISION=precision))
@@ -253,7 +268,9 @@ def gram_grad(s: Tensor, t: Tensor, r_s: Tensor, r_t: Tensor, grad_loss: Tensor,
 
 def scaled_mm(g: Tensor, y: Tensor, r_y: Tensor, alpha: float, precision: str) -> Tensor:
     """alpha g @ (y's channel rows scaled by r_y): g (B, M, C_y), y (B, C_y, h, w) ->
-    float32 (B, M, h, w); products at ``precision`` (``snl_kernels/precision.py``)."""
+    float32 (B, M, h, w); products at ``precision`` (``snl_kernels/precision.py``). At
+    "tf32", g must hold tf32 values (rounded to nearest, as the Delta kernel writes the
+    gradient of Delta): the tensor cores take it as it is."""
     return scaled_mm_group([(g, y, r_y, alpha, precision)])[0]
 
 

@@ -108,6 +108,28 @@ def _dot(a, b, acc, PRECISION: tl.constexpr):
     return out
 
 
+@triton.jit
+def _ready(x, PRECISION: tl.constexpr):
+    """x as a product's operand that a later kernel reads straight from memory: rounded to
+    the nearest tf32 value at "tf32" (what ``_dot`` would do to it), as it is otherwise."""
+    if PRECISION == "tf32":
+        x = _tf32(x)
+    return x
+
+
+@triton.jit
+def _dot_ready(a, b, acc, PRECISION: tl.constexpr):
+    """``_dot(a, b, acc, PRECISION)`` where b was stored through ``_ready``: at "tf32" it
+    enters the product as loaded, so Hopper's wgmma reads it from shared memory while the
+    next step's loads are in flight (a b rounded in registers would make every step wait
+    for its product); a, formed in registers, is rounded here."""
+    if PRECISION == "tf32":
+        out = tl.dot(_tf32(a), b, acc, input_precision="tf32")
+    else:
+        out = _dot(a, b, acc, PRECISION)
+    return out
+
+
 INTERPRETED = not isinstance(_dot, triton.runtime.JITFunction)
 # Tile choices of the two configurations (``gpu_config``): the interpreter's (small, few
 # numpy programs on test shapes) and the GPU's (``*_GPU``).
