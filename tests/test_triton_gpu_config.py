@@ -230,3 +230,16 @@ def test_anomaly_map(launches, mode):
         assert found[0][f"BLOCK_P{j}"] == kernels.blocks(b, c, h * w, gpu=True)[0]
     if mode == "add":  # (mul multiplies the upsampled levels in PyTorch)
         _launched(launches, "_combine_kernel", BLOCK_H=32, BLOCK_W=32)
+
+
+def test_gram_loss_warps_fill_the_device_in_one_wave_where_they_can():
+    from snl_kernels._triton import affinity_gram
+
+    cpu = torch.device("cpu")  # stands in for an H200's 132 SMs
+    assert affinity_gram.STAND_IN_SMS == 132
+    # WRN50 at B = 16: level 1 (10 tile pairs) at two programs per SM, level 2 (36) at one.
+    assert affinity_gram.gram_loss_warps(10 * 16, 64, cpu) == 4
+    assert affinity_gram.gram_loss_warps(2 * 132, 64, cpu) == 4
+    assert affinity_gram.gram_loss_warps(2 * 132 + 1, 64, cpu) == 8
+    assert affinity_gram.gram_loss_warps(36 * 16, 64, cpu) == 8
+    assert affinity_gram.gram_loss_warps(10_000, 32, cpu) == 4  # 32-row tiles: 4 warps

@@ -5,6 +5,8 @@ backward's scaled products. See ``affinity.py``.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -208,6 +210,27 @@ def _scaled_mm_group_kernel(
 # --------------------------------------------------------------------------- launchers
 
 
+#: SMs of the GPU that CPU tensors stand in for (an H200, as in the compile model).
+STAND_IN_SMS = 132
+
+
+@functools.cache
+def _sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return STAND_IN_SMS
+
+
+def gram_loss_warps(programs: int, bi: int, device: torch.device) -> int:
+    """Warps of the Gram loss kernel: 64-row tiles at 4 warps (255 registers, two programs
+    per SM) where every program fits on the device at once, two per SM (WRN50 level 1 at
+    B = 16: 160 programs, which at one per SM would leave a second wave of 28); else 8 (one
+    per SM, 175 registers)."""
+    if bi < 64:
+        return 4
+    return 4 if programs <= 2 * _sms(device) else 8
+
+
 def gram_loss_block(C: int) -> int:
     """Rows of a Gram tile, of the loss and of the gradient's products (the configuration in
     force, ``gpu_config``)."""
@@ -235,7 +258,7 @@ def gram_loss(s: Tensor, t: Tensor, r_s: Tensor, r_t: Tensor, precision: str,
         C=C, N=H * W, W=W, NT=nt,
         **strides(s, "s_b s_c s_h s_w"), **strides(t, "t_b t_c t_h t_w"),
         STORE=store, BI=bi, BK=_pow2(H * W, hi=BLOCK_K), PRECISION=precision),
-        num_warps=8 if bi >= 64 else 4)
+        num_warps=gram_loss_warps(pairs * B, bi, s.device))
     return out, grams or None
 
 
