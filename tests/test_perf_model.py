@@ -315,15 +315,13 @@ def test_every_op_and_backend_has_a_record_with_the_documented_keys():
 PREDICTED_SHORT = {
     "cosine_distances": "predicted 0.37 ms eager (0.22 in a graph) against 0.2: 0.32 ms of "
                         "host time for 9 launches and 27 PyTorch ops",
-    "intra_affinity_l2": "predicted 1.14 ms (1.11) against 0.5: serialised wgmma, 2.9x the "
-                         "ideal bytes",
+    "intra_affinity_l2": "predicted 0.92 ms (0.89) against 0.5: the Gram loss kernel's "
+                         "serialised wgmma, formed twice (its backward forms the Grams again)",
     "intra_affinity_l1": "predicted 4.3 ms (4.3) against 3: 795 GFLOP tf32x3 on serialised "
                          "wgmma",
-    "inter_affinity_l2": "predicted 0.71 ms (0.69) against 0.3: 37 launches, 3.1x the ideal "
+    "inter_affinity_l2": "predicted 0.67 ms (0.65) against 0.3: 37 launches, 3.1x the ideal "
                          "bytes",
     "inter_affinity_l1": "predicted 1.19 ms (1.16) against 0.6",
-    "distillation_l2": "predicted 1.65 ms (1.61) against 1.5: 41 PyTorch ops beside 14 "
-                       "launches, 6.3x the ideal bytes",
     "distillation_l1": "predicted 5.6 ms (5.5) against 4",
     "anomaly_map": "predicted 0.126 ms (0.103 in a graph) against 0.1: the distance kernel's "
                    "wave penalty, the combination's products on FFMA",
