@@ -22,11 +22,12 @@ share, per level:
 - on the Gram path (intra-affinity l2 with C < N), the backward's Grams, which the forward's
   loss kernel writes from its own products when a gradient will be asked for;
 
-and the gradients of every term for a level are added into one buffer. Elsewhere (the CUDA
-backend, the reference, ``torch.compile``, fake tensors) the separate ops run, each with the
-given ``backend``. The norms from the cosine sums are the same quantity as the separate
-ops' (``1 / max(|x|, eps)``) summed in another order, so the two paths agree to float
-rounding, not bit for bit.
+and the gradients of every term for a level are added into one buffer, by the norm backward
+and unpooling kernels themselves (no PyTorch additions of feature-sized tensors where the
+layouts allow it). Elsewhere (the CUDA backend, the reference, ``torch.compile``, fake
+tensors) the separate ops run, each with the given ``backend``. The norms from the cosine
+sums are the same quantity as the separate ops' (``1 / max(|x|, eps)``) summed in another
+order, so the two paths agree to float rounding, not bit for bit.
 """
 
 from __future__ import annotations
@@ -349,14 +350,35 @@ def _backward(inputs, plan, needs_input_grad, count, spec):
         for store, a, b, (_, (p_job, q_job), f_a) in pending:
             jobs += [p_job(next(products)), q_job(next(products))]
             where += [(store, a, f_a), (store, b, None)]
+    # Each level's norm backward adds into the level's gradient so far, in the kernel (the
+    # cosine terms', then the terms' in ``where`` order, as the additions were written);
+    # one whose layout the kernel cannot add into is added afterwards.
+    late = []
+    for i, (store, k, unpool_to) in enumerate(where):
+        if unpool_to is not None:
+            continue
+        f, _, gx, _, out = jobs[i]
+        acc = store[k]
+        if acc is None:
+            store[k] = gx if out is None else out
+        elif acc.dtype == f.dtype and acc.stride() == gx.stride():
+            jobs[i] = (f, jobs[i][1], gx, jobs[i][3], None, acc)
+        else:
+            late.append(i)
     grads = ka.norm_backward_group(jobs, EPS)
-    # The pooled levels' gradients back to their finer levels (two per launch).
-    pooled = [(grad, unpool_to) for (_, _, unpool_to), grad in zip(where, grads,
-                                                                    strict=True)
+    for i in late:
+        add(where[i][0], where[i][1], grads[i])
+    # The pooled levels' gradients back to their finer levels, added into theirs (two per
+    # launch).
+    pooled = [(i, store, k) for i, (store, k, unpool_to) in enumerate(where)
               if unpool_to is not None]
-    unpooled = iter(ka.unpool_group(pooled))
-    for (store, k, unpool_to), grad in zip(where, grads, strict=True):
-        add(store, k, grad if unpool_to is None else next(unpooled))
+    unpooled = ka.unpool_group([
+        (grads[i], where[i][2],
+         store[k] if store[k] is not None and store[k].dtype == where[i][2].dtype else None)
+        for i, store, k in pooled])
+    for (_, store, k), grad in zip(pooled, unpooled, strict=True):
+        if store[k] is not grad:
+            add(store, k, grad)
     out_t = [gt if need else None
              for gt, need in zip(grad_t, needs_input_grad[1:1 + levels], strict=True)]
     out_s = [gs if need else None

@@ -237,6 +237,47 @@ def test_grouped_products_and_unpooling_equal_one_launch_each():
         assert torch.equal(got, ka.unpool(grad, like))
 
 
+def test_norm_backward_and_unpooling_add_into_a_given_gradient():
+    from snl_kernels._triton import affinity as ka
+
+    eps = distillation.EPS
+    g = torch.Generator().manual_seed(8)
+
+    def randn(*shape, dtype=torch.float32):
+        return torch.randn(*shape, generator=g).to(DEVICE, dtype)
+
+    f, h = randn(2, 5, 3, 4), randn(2, 5, 3, 4, dtype=torch.float16)
+    r_f, r_h = ka.inv_norms(f, True, eps), ka.inv_norms(h, False, eps)
+    gx = [randn(2, 5, 3, 4) for _ in range(3)]
+    acc, acc_h = randn(2, 5, 3, 4), randn(2, 5, 3, 4, dtype=torch.float16)
+    want = acc.clone()
+    for x in gx[:2]:
+        want += ka.norm_backward(f, r_f, x.clone(), True, eps)
+    want_h = (acc_h.float() + ka.norm_backward(h, r_h, gx[2].clone(), False, eps).float())
+    # The second job adds to the first's result: it runs in a later launch, after it.
+    got = ka.norm_backward_group([(f, r_f, gx[0], True, None, acc),
+                                  (f, r_f, gx[1], True, None, acc),
+                                  (h, r_h, gx[2], False, None, acc_h)], eps)
+    assert got[0] is acc
+    assert got[1] is acc
+    assert got[2] is acc_h
+    torch.testing.assert_close(acc, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(acc_h.float(), want_h, rtol=1e-3, atol=1e-3)
+    with pytest.raises(ValueError, match="acc must have f's shape"):
+        ka.norm_backward_group([(f, r_f, gx[0], True, None, acc[:1])], eps)
+    # Unpooling into a gradient of any layout, and into a new tensor.
+    like = randn(2, 3, 5, 4)
+    pooled = randn(2, 3, 2, 2)
+    into = randn(2, 5, 4, 3).permute(0, 3, 1, 2)  # (2, 3, 5, 4), channels last
+    want = into + ka.unpool(pooled, like)
+    got = ka.unpool_group([(pooled, like, into), (pooled, like, None)])
+    assert got[0] is into
+    torch.testing.assert_close(into, want, rtol=1e-6, atol=1e-6)
+    assert torch.equal(got[1], ka.unpool(pooled, like))
+    with pytest.raises(ValueError, match="acc must have the shape"):
+        ka.unpool_group([(pooled, like, into.half())])
+
+
 def test_grouped_deltas_equal_one_launch_each():
     from snl_kernels._triton import affinity as ka
 

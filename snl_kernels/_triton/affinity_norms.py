@@ -40,9 +40,11 @@ def _norm_bwd_rows(
     f_ptr, r_ptr, gx_ptr, out_ptr, block, b, R, K, W,
     f_b, f_c, f_h, f_w, g_b, g_c, g_h, g_w,
     EPS: tl.constexpr, PIX_ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """Rows ``block`` of sample b: gradient for f from the gradient gx of x = f / max(|row|,
-    eps); gx and out share the strides g_* (out may alias gx)."""
+    eps); gx and out share the strides g_* (out may alias gx). ACC: added to what out
+    holds (the gradient of f from other terms) instead of overwriting it."""
     # x = f r, r = 1 / max(|f|, eps): df = r (dx - x (x . dx)) when |f| > eps, else r dx.
     # Each program owns whole rows, so out may alias gx.
     rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -67,6 +69,8 @@ def _norm_bwd_rows(
         else:
             off = (rows * g_c)[:, None] + ((ks // W) * g_h + (ks % W) * g_w)[None, :]
         mask = (rows < R)[:, None] & (ks < K)[None, :]
+        if ACC:
+            df = tl.load(out_ptr + b * g_b + off, mask=mask, other=0.0).to(tl.float32) + df
         tl.store(out_ptr + b * g_b + off, df.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -75,10 +79,11 @@ def _norm_bwd_kernel(
     f_ptr, r_ptr, gx_ptr, out_ptr, R, K, W,
     f_b, f_c, f_h, f_w, g_b, g_c, g_h, g_w,
     EPS: tl.constexpr, PIX_ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     _norm_bwd_rows(f_ptr, r_ptr, gx_ptr, out_ptr, tl.program_id(0),
                    tl.program_id(1).to(tl.int64), R, K, W, f_b, f_c, f_h, f_w, g_b, g_c, g_h,
-                   g_w, EPS, PIX_ROWS, BLOCK_R, BLOCK_K)
+                   g_w, EPS, PIX_ROWS, BLOCK_R, BLOCK_K, ACC)
 
 
 @triton.jit
@@ -94,6 +99,7 @@ def _norm_bwd_group_kernel(
     start1, start2, start3, start4, start5, start6, start7,
     EPS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     PIX0: tl.constexpr, PIX1: tl.constexpr, PIX2: tl.constexpr, PIX3: tl.constexpr, PIX4: tl.constexpr, PIX5: tl.constexpr, PIX6: tl.constexpr, PIX7: tl.constexpr,
+    ACC0: tl.constexpr, ACC1: tl.constexpr, ACC2: tl.constexpr, ACC3: tl.constexpr, ACC4: tl.constexpr, ACC5: tl.constexpr, ACC6: tl.constexpr, ACC7: tl.constexpr,
 ):
     # Up to eight norm backwards in one launch: grid axis 0 runs over the row blocks of one
     # slot after another, axis 1 over the samples; a branch per slot.
@@ -102,35 +108,35 @@ def _norm_bwd_group_kernel(
     if pid < start1:
         _norm_bwd_rows(f0, r0, gx0, o0, pid, b, R0, K0, W0,
                        f0_b, f0_c, f0_h, f0_w, g0_b, g0_c, g0_h, g0_w,
-                       EPS, PIX0, BLOCK_R, BLOCK_K)
+                       EPS, PIX0, BLOCK_R, BLOCK_K, ACC0)
     elif pid < start2:
         _norm_bwd_rows(f1, r1, gx1, o1, pid - start1, b, R1, K1, W1,
                        f1_b, f1_c, f1_h, f1_w, g1_b, g1_c, g1_h, g1_w,
-                       EPS, PIX1, BLOCK_R, BLOCK_K)
+                       EPS, PIX1, BLOCK_R, BLOCK_K, ACC1)
     elif pid < start3:
         _norm_bwd_rows(f2, r2, gx2, o2, pid - start2, b, R2, K2, W2,
                        f2_b, f2_c, f2_h, f2_w, g2_b, g2_c, g2_h, g2_w,
-                       EPS, PIX2, BLOCK_R, BLOCK_K)
+                       EPS, PIX2, BLOCK_R, BLOCK_K, ACC2)
     elif pid < start4:
         _norm_bwd_rows(f3, r3, gx3, o3, pid - start3, b, R3, K3, W3,
                        f3_b, f3_c, f3_h, f3_w, g3_b, g3_c, g3_h, g3_w,
-                       EPS, PIX3, BLOCK_R, BLOCK_K)
+                       EPS, PIX3, BLOCK_R, BLOCK_K, ACC3)
     elif pid < start5:
         _norm_bwd_rows(f4, r4, gx4, o4, pid - start4, b, R4, K4, W4,
                        f4_b, f4_c, f4_h, f4_w, g4_b, g4_c, g4_h, g4_w,
-                       EPS, PIX4, BLOCK_R, BLOCK_K)
+                       EPS, PIX4, BLOCK_R, BLOCK_K, ACC4)
     elif pid < start6:
         _norm_bwd_rows(f5, r5, gx5, o5, pid - start5, b, R5, K5, W5,
                        f5_b, f5_c, f5_h, f5_w, g5_b, g5_c, g5_h, g5_w,
-                       EPS, PIX5, BLOCK_R, BLOCK_K)
+                       EPS, PIX5, BLOCK_R, BLOCK_K, ACC5)
     elif pid < start7:
         _norm_bwd_rows(f6, r6, gx6, o6, pid - start6, b, R6, K6, W6,
                        f6_b, f6_c, f6_h, f6_w, g6_b, g6_c, g6_h, g6_w,
-                       EPS, PIX6, BLOCK_R, BLOCK_K)
+                       EPS, PIX6, BLOCK_R, BLOCK_K, ACC6)
     else:
         _norm_bwd_rows(f7, r7, gx7, o7, pid - start7, b, R7, K7, W7,
                        f7_b, f7_c, f7_h, f7_w, g7_b, g7_c, g7_h, g7_w,
-                       EPS, PIX7, BLOCK_R, BLOCK_K)
+                       EPS, PIX7, BLOCK_R, BLOCK_K, ACC7)
 
 
 @triton.jit
@@ -237,10 +243,11 @@ def _pool_norms_kernel(
 def _unpool_block(
     g_ptr, out_ptr, block, total, C, H_in, W_in, H_out, W_out,
     o_b, o_c, o_h, o_w,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, ACC: tl.constexpr,
 ):
-    # out[b, c, h, w] = sum over the (at most 2 x 2) bins holding (h, w) of g / bin size;
-    # g (B, C, H_out, W_out) fp32 contiguous, H_out <= H_in and W_out <= W_in.
+    # out[b, c, h, w] = sum over the (at most 2 x 2) bins holding (h, w) of g / bin size
+    # (ACC: added to what out holds); g (B, C, H_out, W_out) fp32 contiguous, H_out <= H_in
+    # and W_out <= W_in.
     offs = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < total
     w = offs % W_in
@@ -263,6 +270,8 @@ def _unpool_block(
             g = tl.load(g_base + i * W_out + j, mask=m, other=0.0)
             acc += tl.where(m, g / count, 0.0)
     out = out_ptr + (bc // C) * o_b + (bc % C) * o_c + h * o_h + w * o_w
+    if ACC:
+        acc = tl.load(out, mask=mask, other=0.0).to(tl.float32) + acc
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -270,26 +279,26 @@ def _unpool_block(
 def _unpool_kernel(
     g_ptr, out_ptr, total, C, H_in, W_in, H_out, W_out,
     o_b, o_c, o_h, o_w,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, ACC: tl.constexpr,
 ):
     _unpool_block(g_ptr, out_ptr, tl.program_id(0), total, C, H_in, W_in, H_out, W_out,
-                  o_b, o_c, o_h, o_w, BLOCK)
+                  o_b, o_c, o_h, o_w, BLOCK, ACC)
 
 
 @triton.jit
 def _unpool_group_kernel(
     g0, o0, total0, C0, Hi0, Wi0, Ho0, Wo0, o0_b, o0_c, o0_h, o0_w,
     g1, o1, total1, C1, Hi1, Wi1, Ho1, Wo1, o1_b, o1_c, o1_h, o1_w,
-    start1, BLOCK: tl.constexpr,
+    start1, BLOCK: tl.constexpr, ACC0: tl.constexpr, ACC1: tl.constexpr,
 ):
     # Two unpoolings in one launch: the blocks of the first, then those of the second.
     pid = tl.program_id(0)
     if pid < start1:
         _unpool_block(g0, o0, pid, total0, C0, Hi0, Wi0, Ho0, Wo0, o0_b, o0_c, o0_h, o0_w,
-                      BLOCK)
+                      BLOCK, ACC0)
     else:
         _unpool_block(g1, o1, pid - start1, total1, C1, Hi1, Wi1, Ho1, Wo1, o1_b, o1_c, o1_h,
-                      o1_w, BLOCK)
+                      o1_w, BLOCK, ACC1)
 
 
 # --------------------------------------------------------------------------- launchers
@@ -316,42 +325,72 @@ def norm_backward(f: Tensor, r: Tensor, gx: Tensor, pix_rows: bool, eps: float,
 NORM_GROUP = 8  # norm backwards per launch
 
 
+def _batches(targets: list[tuple[Tensor, Tensor | None]], size: int) -> list[list[int]]:
+    """Jobs ``(writes, adds_to)`` in order, cut into launches of at most ``size`` such that
+    no job adds to a tensor that an earlier job of its launch writes or adds to (the
+    programs of one launch run in any order)."""
+    batches: list[list[int]] = []
+    written: list[Tensor] = []
+    for k, (writes, adds_to) in enumerate(targets):
+        if (not batches or len(batches[-1]) == size
+                or (adds_to is not None and any(adds_to is w for w in written))):
+            batches.append([])
+            written = []
+        batches[-1].append(k)
+        written.append(writes)
+    return batches
+
+
 def norm_backward_group(jobs: list[tuple], eps: float) -> list[Tensor]:
-    """:func:`norm_backward` of every ``(f, r, gx, pix_rows, out)``, up to eight per launch
-    (one launch, a branch per job)."""
-    outs = []
-    for first in range(0, len(jobs), NORM_GROUP):
-        picked = list(range(first, min(first + NORM_GROUP, len(jobs))))
+    """:func:`norm_backward` of every ``(f, r, gx, pix_rows, out)`` or ``(f, r, gx,
+    pix_rows, None, acc)``, up to eight per launch (one launch, a branch per job). ``acc``:
+    the gradient is added into it, in place (f's dtype and shape, gx's strides), and it is
+    the job's result; a job adding to the result of an earlier job runs in a later launch.
+    Returns each job's result tensor."""
+    results = []
+    for job in jobs:
+        f, _, gx, _, out, *acc = job
+        acc = acc[0] if acc else None
+        if acc is not None:
+            if out is not None:
+                raise ValueError("norm_backward: give out or acc, not both")
+            if acc.shape != f.shape or acc.stride() != gx.stride() or acc.dtype != f.dtype:
+                raise ValueError(f"norm_backward: acc must have f's shape {tuple(f.shape)} "
+                                 f"and dtype {f.dtype} and gx's strides {gx.stride()}, got "
+                                 f"{tuple(acc.shape)}, {acc.dtype}, {acc.stride()}")
+            results.append(acc)
+        else:
+            results.append(gx if out is None else out)
+            if results[-1].stride() != gx.stride():
+                raise ValueError("norm_backward: out must have gx's strides")
+    adds = [job[5] if len(job) > 5 else None for job in jobs]
+    B = jobs[0][0].shape[0] if jobs else 0
+    for picked in _batches(list(zip(results, adds, strict=True)), NORM_GROUP):
         slots = picked + [picked[-1]] * (NORM_GROUP - len(picked))
-        args, counts, results = {}, [], {}
-        B = jobs[picked[0]][0].shape[0]
+        args, counts = {}, []
         for j, k in enumerate(slots):
-            f, r, gx, pix_rows, out = jobs[k]
-            if k not in results:
-                results[k] = gx if out is None else out
-                if results[k].stride() != gx.stride():
-                    raise ValueError("norm_backward: out must have gx's strides")
+            f, r, gx, pix_rows = jobs[k][:4]
             _, C, H, W = f.shape
             R, K = (H * W, C) if pix_rows else (C, H * W)
             counts.append(cdiv(R, BLOCK_ROWS) if j < len(picked) else 0)
             args.update({f"f{j}": f, f"r{j}": r, f"gx{j}": gx, f"o{j}": results[k],
                          f"R{j}": R, f"K{j}": K, f"W{j}": W, f"PIX{j}": pix_rows,
+                         f"ACC{j}": adds[k] is not None,
                          **strides(f, f"f{j}_b f{j}_c f{j}_h f{j}_w"),
                          **strides(gx, f"g{j}_b g{j}_c g{j}_h g{j}_w")})
         starts = {f"start{i}": sum(counts[:i]) for i in range(1, NORM_GROUP)}
         if len(picked) == 1:
             k = picked[0]
-            f, r, gx, pix_rows, _ = jobs[k]
+            f, r, gx, pix_rows = jobs[k][:4]
             launch(_norm_bwd_kernel, (counts[0], B), dict(
                 f_ptr=f, r_ptr=r, gx_ptr=gx, out_ptr=results[k], R=args["R0"], K=args["K0"],
                 W=args["W0"], **strides(f, "f_b f_c f_h f_w"),
                 **strides(gx, "g_b g_c g_h g_w"), EPS=eps, PIX_ROWS=pix_rows,
-                BLOCK_R=BLOCK_ROWS, BLOCK_K=BLOCK_K))
+                BLOCK_R=BLOCK_ROWS, BLOCK_K=BLOCK_K, ACC=adds[k] is not None))
         else:
             launch(_norm_bwd_group_kernel, (sum(counts), B), dict(
                 **args, **starts, EPS=eps, BLOCK_R=BLOCK_ROWS, BLOCK_K=BLOCK_K))
-        outs += [results[k] for k in picked]
-    return outs
+    return results
 
 
 def _max_bin(n_in: int, n_out: int) -> int:
@@ -410,28 +449,41 @@ def unpool(g: Tensor, like: Tensor) -> Tensor:
     return unpool_group([(g, like)])[0]
 
 
-def unpool_group(jobs: list[tuple[Tensor, Tensor]]) -> list[Tensor]:
-    """:func:`unpool` of every ``(g, like)``, two per launch."""
-    outs = []
-    for first in range(0, len(jobs), 2):
-        picked = jobs[first:first + 2]
-        results, args, counts = [], {}, []
-        for j, (g, like) in enumerate(picked):
-            B, C, H, W = like.shape
+def unpool_group(jobs: list[tuple]) -> list[Tensor]:
+    """:func:`unpool` of every ``(g, like)`` or ``(g, like, acc)``, two per launch. ``acc``
+    (like's shape and dtype, any strides): the gradient is added into it, in place, and it
+    is the job's result; a job adding to the result of an earlier job runs in a later
+    launch."""
+    results = []
+    for g, like, *acc in jobs:
+        if acc and acc[0] is not None:
+            if acc[0].shape != like.shape or acc[0].dtype != like.dtype:
+                raise ValueError(f"unpool: acc must have the shape {tuple(like.shape)} and "
+                                 f"dtype {like.dtype} of the pooled input, got "
+                                 f"{tuple(acc[0].shape)}, {acc[0].dtype}")
+            results.append(acc[0])
+        else:
+            results.append(torch.empty(like.shape, device=g.device, dtype=like.dtype))
+    adds = [job[2] if len(job) > 2 else None for job in jobs]
+    for picked in _batches(list(zip(results, adds, strict=True)), 2):
+        args, counts = {}, []
+        for j, k in enumerate(picked):
+            g, like = jobs[k][:2]
+            out = results[k]
+            _, C, H, W = like.shape
             h, w = g.shape[2:]
-            out = torch.empty((B, C, H, W), device=g.device, dtype=like.dtype)
-            results.append(out)
             counts.append(cdiv(out.numel(), BLOCK_ELEMENTS))
             args.update({f"g{j}": g, f"o{j}": out, f"total{j}": out.numel(), f"C{j}": C,
                          f"Hi{j}": H, f"Wi{j}": W, f"Ho{j}": h, f"Wo{j}": w,
+                         f"ACC{j}": adds[k] is not None,
                          **strides(out, f"o{j}_b o{j}_c o{j}_h o{j}_w")})
         if len(picked) == 1:
             launch(_unpool_kernel, (counts[0],), dict(
-                g_ptr=args["g0"], out_ptr=results[0], total=args["total0"], C=args["C0"],
-                H_in=args["Hi0"], W_in=args["Wi0"], H_out=args["Ho0"], W_out=args["Wo0"],
-                **strides(results[0], "o_b o_c o_h o_w"), BLOCK=BLOCK_ELEMENTS))
+                g_ptr=args["g0"], out_ptr=results[picked[0]], total=args["total0"],
+                C=args["C0"], H_in=args["Hi0"], W_in=args["Wi0"], H_out=args["Ho0"],
+                W_out=args["Wo0"], **strides(results[picked[0]], "o_b o_c o_h o_w"),
+                BLOCK=BLOCK_ELEMENTS, ACC=args["ACC0"]))
         else:
             launch(_unpool_group_kernel, (sum(counts),),
                    dict(**args, start1=counts[0], BLOCK=BLOCK_ELEMENTS))
-        outs += results
-    return outs
+    return results
