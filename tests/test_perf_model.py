@@ -163,12 +163,12 @@ def _ops_marked(short: dict[str, str]):
             if op in short else op for op in OPS]
 
 
-#: Ops whose bytes exceed their bounds (quick mode's counts, 2026-12-06).
+#: Ops whose bytes exceed their bounds (quick mode's counts, 2026-12-07).
 BYTES_SHORT = {
     "cram": "distinct bytes 2.40x ideal (bound 1.5), requested 2.80x distinct (bound 2)",
-    "distillation_l2": "distinct bytes 6.31x ideal (bound 2): Deltas, norm backwards and "
-                       "products re-read the levels; PyTorch add_ accumulates gradients",
-    "distillation_l1": "distinct bytes 6.14x ideal (bound 2), requested 2.83x distinct",
+    "distillation_l2": "distinct bytes 5.48x ideal (bound 2): Deltas, norm backwards and "
+                       "products re-read the levels",
+    "distillation_l1": "distinct bytes 5.31x ideal (bound 2), requested 3.1x distinct",
 }
 
 
@@ -236,11 +236,13 @@ def test_every_launch_goes_through_the_pre_bound_launcher(quick_model, op):
 
 
 #: (Triton launches, all launches with PyTorch's own ops) per op in the quick mode
-#: (2026-12-07): the test fails if either rises.
+#: (2026-12-07): the test fails if either rises. The fused loss's norm backwards take two
+#: launches since they add into the levels' gradients (one more Triton launch, seven
+#: PyTorch additions fewer).
 LAUNCHES = {"cosine_distances": (9, 36), "intra_affinity_l2": (22, 25),
             "intra_affinity_l1": (21, 24), "inter_affinity_l2": (34, 37),
-            "inter_affinity_l1": (34, 37), "distillation_l2": (12, 53),
-            "distillation_l1": (11, 52), "cram": (4, 13), "anomaly_map": (2, 4)}
+            "inter_affinity_l1": (34, 37), "distillation_l2": (13, 47),
+            "distillation_l1": (12, 46), "cram": (4, 13), "anomaly_map": (2, 4)}
 
 
 @pytest.mark.parametrize("op", sorted(LAUNCHES))
@@ -322,7 +324,7 @@ PREDICTED_SHORT = {
     "inter_affinity_l2": "predicted 0.67 ms (0.65) against 0.3: 37 launches, 3.1x the ideal "
                          "bytes",
     "inter_affinity_l1": "predicted 1.19 ms (1.16) against 0.6",
-    "distillation_l1": "predicted 5.6 ms (5.5) against 4",
+    "distillation_l1": "predicted 5.5 ms (5.5) against 4",
     "anomaly_map": "predicted 0.126 ms (0.103 in a graph) against 0.1: the distance kernel's "
                    "wave penalty, the combination's products on FFMA",
 }
