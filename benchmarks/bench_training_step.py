@@ -2,11 +2,10 @@
 
 The CPU default setting of ``snl train`` (EfficientNet-Lite0 teacher, 128 px, batch 16) on a
 CPU; WRN50 at 256 px on a GPU. Fused ops as ``snl train`` runs them (automatic backend:
-kernels on a GPU; on a CPU the reference, with the intra-affinity l2 loss in its Gram form,
+kernels on a GPU; on a CPU the shared PyTorch forms, ``snl_kernels/shared_torch.py`` and
 ``snl_kernels/gram_path.py``), and the plain reference (``fused=False``) beside them. The
-teacher is random (``pretrained=False``): timings do not depend on the weights. Issue #15
-asks an SNL step to cost at most 1.5x an RD step on the CPU; compare the ``snl`` and ``rd``
-rows of one run (BENCHMARKS.md records them).
+teacher is random (``pretrained=False``): timings do not depend on the weights. Compare the
+``snl`` and ``rd`` rows of one run (BENCHMARKS.md records them).
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from . import _triton, checks, dispatch, reference
+from . import _triton, checks, dispatch, reference, shared_torch
 from ._registration import register_kernel_ops
 from .reference import CosineDistances, SpatialChannelLoss
 
@@ -150,6 +150,8 @@ def cosine_distances(
     why_not = "float64 inputs run on the reference only" if teacher.dtype is torch.float64 else None
     chosen = dispatch.select_backend(OP, backend, (teacher, student), IMPLEMENTED, None, why_not)
     if chosen == "torch":
+        if why_not is None and dispatch.requested_backend(backend) is None:
+            return shared_torch.cosine_distances(teacher, student)  # automatic, no kernels
         return reference.cosine_distances(teacher, student)
     return _new_tuple(CosineDistances, _FORWARD_OPS[chosen].leading(teacher, student))
 

@@ -8,8 +8,10 @@ Order of precedence, evaluated on every call:
 3. automatic: on CUDA inputs, the first backend of the op's order (``AUTO_ORDER``: fastest
    first as measured on an H200) that can run on the inputs, else the reference
    (``torch``; the intra-affinity l2 loss then takes its PyTorch Gram form where it
-   applies, :mod:`snl_kernels.gram_path`). Where the reference was measured faster than
-   both kernels (the inter-affinity loss), the order is the reference alone.
+   applies, :mod:`snl_kernels.gram_path`, and the cosine distances and the fused
+   distillation loss their shared PyTorch form, :mod:`snl_kernels.shared_torch`). Where the
+   reference was measured faster than both kernels (the inter-affinity loss), the order is
+   the reference alone.
 
 An explicitly requested backend that cannot run raises ``BackendUnavailableError`` listing
 every reason; automatic mode never raises, it falls back to the reference. Automatic mode

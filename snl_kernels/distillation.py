@@ -24,8 +24,10 @@ share, per level:
 
 and the gradients of every term for a level are added into one buffer, by the norm backward
 and unpooling kernels themselves (no PyTorch additions of feature-sized tensors where the
-layouts allow it). Elsewhere (the CUDA backend, the reference, ``torch.compile``, fake
-tensors) the separate ops run, each with the given ``backend``. The norms from the cosine
+layouts allow it). In automatic mode where no kernel backend runs (CPU tensors) the same
+plan runs in PyTorch (:mod:`snl_kernels.shared_torch`). Elsewhere (the CUDA backend, an
+explicit ``backend="torch"``, ``torch.compile`` and fake tensors on a GPU) the separate ops
+run, each with the given ``backend``. The norms from the cosine
 sums are the same quantity as the separate ops' (``1 / max(|x|, eps)``) summed in another
 order, so the two paths agree to float rounding, not bit for bit.
 """
@@ -38,12 +40,18 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
-from . import _env, _replay, _triton, checks, dispatch, precision, reference
+from . import _env, _replay, _triton, checks, dispatch, precision, reference, shared_torch
 from ._registration import fast_apply, plain_eager
+from .cosine_distances import IMPLEMENTED as COSINE_IMPLEMENTED
+from .cosine_distances import OP as COSINE_OP
 from .cosine_distances import spatial_channel_loss
+from .inter_affinity_loss import IMPLEMENTED as INTER_IMPLEMENTED
+from .inter_affinity_loss import OP as INTER_OP
 from .inter_affinity_loss import delta_grad_job as inter_delta_grad_job
 from .inter_affinity_loss import inter_affinity_loss
 from .inter_affinity_loss import triton_backward_normalised as inter_normalised
+from .intra_affinity_loss import IMPLEMENTED as INTRA_IMPLEMENTED
+from .intra_affinity_loss import OP as INTRA_OP
 from .intra_affinity_loss import _signs_shape as signs_shape
 from .intra_affinity_loss import intra_affinity_loss, norm_job, tiled_grad_job
 from .intra_affinity_loss import triton_backward_normalised as intra_normalised
@@ -96,6 +104,9 @@ def snl_distillation_loss(teachers: Sequence[Tensor], students: Sequence[Tensor]
         plan = (terms, intra_distance, inter_distance, len(teachers), torch.is_grad_enabled())
         values = _apply_shared(plan, *tensors)
         return dict(zip(terms, values, strict=True))
+    if _torch_shared(backend, tensors, terms):
+        return shared_torch.distillation_terms(teachers, students, terms, intra_distance,
+                                               inter_distance)
     return _separate(teachers, students, terms, intra_distance, inter_distance, backend)
 
 
@@ -108,6 +119,18 @@ def _shared_path(backend: str | None, tensors: Sequence[Tensor]) -> bool:
     chosen = dispatch.select_backend(OP, backend, tensors, IMPLEMENTED, prefer=IMPLEMENTED,
                                      why_not=why_not)
     return chosen == "triton"
+
+
+def _torch_shared(backend: str | None, tensors: Sequence[Tensor], terms: Sequence[str]) -> bool:
+    """Automatic mode where every separate op the terms need would run the reference."""
+    if dispatch.requested_backend(backend) is not None or not shared_torch.applies(tensors):
+        return False
+    ops = [(op, implemented) for op, implemented, wanted in (
+        (COSINE_OP, COSINE_IMPLEMENTED, {"rd", "channel", "spatial"}),
+        (INTRA_OP, INTRA_IMPLEMENTED, {"intra"}), (INTER_OP, INTER_IMPLEMENTED, {"inter"}))
+        if wanted & set(terms)]
+    return all(dispatch.select_backend(op, None, tensors, implemented) == "torch"
+               for op, implemented in ops)
 
 
 def _separate(teachers, students, terms, intra_distance, inter_distance, backend):

@@ -15,8 +15,11 @@ Conventions:
       ``torch.nn.functional.cosine_similarity`` does.
     - Inputs may be float16, bfloat16, float32 or float64. Work and outputs are float32,
       except that float64 inputs stay float64 (so the tests have an exact oracle).
-    - Norms go through ``torch.linalg.vector_norm``, whose gradient at a zero vector is 0,
-      so zero vectors give finite values and gradients.
+    - Clamped norms come from :func:`clamped_norm`: ``torch.linalg.vector_norm`` on GPUs,
+      ``sqrt(max(sum of squares, eps^2))`` on the CPU (PyTorch's CPU ``vector_norm`` over a
+      strided dimension, such as the channels of a (B, C, H, W) tensor, is about 100x slower
+      than the square and the sum). Both are ``max(|x|, eps)`` with a gradient of 0 wherever
+      the clamp holds, so zero vectors give finite values and gradients.
 """
 
 from __future__ import annotations
@@ -97,14 +100,16 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _distance(dot: Tensor, norm_a: Tensor, norm_b: Tensor) -> Tensor:
-    return 1.0 - dot / (norm_a.clamp_min(EPS) * norm_b.clamp_min(EPS))
+def clamped_norm(x: Tensor, dim: int | tuple[int, ...], keepdim: bool = False) -> Tensor:
+    """``max(|x|_dim, eps)``, its gradient 0 where the clamp holds (zero vectors included)."""
+    if x.device.type == "cpu":
+        return x.square().sum(dim, keepdim=keepdim).clamp_min(EPS * EPS).sqrt()
+    return torch.linalg.vector_norm(x, dim=dim, keepdim=keepdim).clamp_min(EPS)
 
 
 def _cosine_distance(a: Tensor, b: Tensor, dim: int | tuple[int, ...]) -> Tensor:
     dot = (a * b).sum(dim)
-    norm_a = torch.linalg.vector_norm(a, dim=dim)
-    return _distance(dot, norm_a, torch.linalg.vector_norm(b, dim=dim))
+    return 1.0 - dot / (clamped_norm(a, dim) * clamped_norm(b, dim))
 
 
 # --------------------------------------------------------------------------- 2.1 cosines
@@ -183,7 +188,7 @@ def intra_affinity_loss(teacher: Tensor, student: Tensor, distance: str = "l2") 
 
     def affinity(f: Tensor) -> Tensor:
         x = f.to(dt).flatten(2)
-        x = x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(EPS)
+        x = x / clamped_norm(x, 1, keepdim=True)
         return x.transpose(1, 2) @ x
 
     return _reduce(affinity(teacher) - affinity(student), distance)
@@ -221,8 +226,8 @@ def inter_affinity_loss(
     def channel_affinity(f_a: Tensor, f_b: Tensor) -> Tensor:
         p = F.adaptive_avg_pool2d(f_a.to(dt), (h_b, w_b)).flatten(2)
         q = f_b.to(dt).flatten(2)
-        p = p / torch.linalg.vector_norm(p, dim=2, keepdim=True).clamp_min(EPS)
-        q = q / torch.linalg.vector_norm(q, dim=2, keepdim=True).clamp_min(EPS)
+        p = p / clamped_norm(p, 2, keepdim=True)
+        q = q / clamped_norm(q, 2, keepdim=True)
         return p @ q.transpose(1, 2)
 
     diff = channel_affinity(teacher_a, teacher_b) - channel_affinity(student_a, student_b)
@@ -261,9 +266,12 @@ def cram(embedding: Tensor, centers: Tensor, log_tau: Tensor | float) -> CramOut
     assign = torch.softmax(-dist / tau, dim=-1)
     central = assign @ c  # (B, N, D)
     compact = (assign * dist).sum(-1)
+    # Contiguous (B, D, h, w), as the kernels return them: a channels-last view here would
+    # carry its layout into the decoder (on the CPU, batch norm over channels-last tensors
+    # is several times slower).
     return CramOutput(
-        central=central.transpose(1, 2).reshape(b, d, h, w),
-        assign=assign.transpose(1, 2).reshape(b, -1, h, w),
+        central=central.transpose(1, 2).reshape(b, d, h, w).contiguous(),
+        assign=assign.transpose(1, 2).reshape(b, -1, h, w).contiguous(),
         compact=compact.reshape(b, h, w),
     )
 
