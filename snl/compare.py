@@ -1,7 +1,8 @@
 """``snl compare``: SNL against its reverse-distillation baseline, same data, budget and seeds.
 
-Every structure (``snl``, ``rd``) is trained once per training seed on the same data, with
-the same backbone, image size, epochs, batch size and learning rate, and evaluated on the
+Every structure (``snl``, ``rd``) is trained once per training seed (seed by seed, the
+structures in turn) on the same data, with the same backbone, image size, epochs, batch size
+and learning rate, and evaluated on the
 data set's test images plus the cross-class probes (:mod:`snl.data.probes`). The data set
 is fixed across runs: the embedded default set is made with ``data_seed`` whatever the
 training seed, and the probes are made once, with ``data_seed`` too.
@@ -170,7 +171,11 @@ def markdown(summary: dict, settings: dict, done: int, total: int,
         secs = seconds.get(structure) or []
         lines.append(f"| {structure} | "
                      + " | ".join(_cell(row.get(k)) for k, _ in report.METRIC_COLUMNS)
-                     + (f" | {np.mean(secs):.0f} |" if secs else " | – |"))
+                     + (f" | {np.median(secs):.0f} |" if secs else " | – |"))
+    ratio = time_ratio(seconds)
+    lines += ["", f"train s/run: the median over seeds of each run's training seconds; "
+                  f"SNL over RD: {ratio:.2f}." if ratio else
+              "train s/run: the median over seeds of each run's training seconds."]
     lines += self_check_markdown(runs or {}, classes)
     diff = len(structures) == 2
     for key, label in TYPE_METRICS:
@@ -182,6 +187,13 @@ def markdown(summary: dict, settings: dict, done: int, total: int,
             label_name = f"**{name}**" if name == "mean" else name
             lines.append(f"| {label_name} | {kind} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def time_ratio(seconds: dict[str, list[float]]) -> float | None:
+    """SNL's median training seconds per run over RD's, when both have runs."""
+    if not (seconds.get("snl") and seconds.get("rd")):
+        return None
+    return float(np.median(seconds["snl"]) / np.median(seconds["rd"]))
 
 
 def _kept_self_check(check: dict) -> dict:
@@ -346,7 +358,9 @@ def compare(out_dir: str | os.PathLike, base: TrainConfig, seeds: Sequence[int] 
         probe_root = make_probes(data_root, out_dir / "probes", listing.classes, probes,
                                  seed=config.data_seed, size=config.image_size,
                                  count=probe_count)
-    plan = [(structure, seed) for structure in structures for seed in seeds]
+    # Seed by seed, the structures in turn: a machine whose speed drifts during the comparison
+    # slows both alike, so their training times stay comparable.
+    plan = [(structure, seed) for seed in seeds for structure in structures]
     runs: dict[str, dict[str, dict]] = {}
     for k, (structure, seed) in enumerate(plan, 1):
         run_dir = out_dir / "runs" / f"{structure}-seed{seed}"
@@ -417,7 +431,10 @@ def html_page(out_dir: Path, summary: dict, settings: dict, runs: dict, done: in
         row = summary[structure].get("mean", {}).get(ALL, {})
         secs = seconds.get(structure) or []
         mean_rows.append([structure] + [_cell(row.get(k)) for k, _ in report.METRIC_COLUMNS]
-                         + [f"{np.mean(secs):.0f}" if secs else "–"])
+                         + [f"{np.median(secs):.0f}" if secs else "–"])
+    ratio = time_ratio(seconds)
+    if ratio:
+        intro += f" Training time per run (median), SNL over RD: {ratio:.2f}."
     sections = [h.paragraph(intro),
                 h.section("Mean over classes (type all: good against every real defect type)",
                           h.table(["structure", *labels, "train s/run"], mean_rows))]

@@ -29,8 +29,12 @@ def test_compare_tables_seeds_spread_and_rerun(tmp_path, capsys, monkeypatch):
             "--out", str(tmp_path / "out"), "--name", "c"]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
-    for k in range(1, 5):
-        assert f"compare: run {k}/4" in printed
+    # Seed by seed, the structures in turn, so that a drifting machine slows both alike.
+    order = [(k, structure, seed) for k, (seed, structure) in enumerate(
+        [(0, "snl"), (0, "rd"), (1, "snl"), (1, "rd")], 1)]
+    positions = [printed.index(f"compare: run {k}/4: {structure}, seed {seed} ")
+                 for k, structure, seed in order]
+    assert positions == sorted(positions)
     folder = tmp_path / "out" / "c"
     result = json.loads((folder / "compare.json").read_text())
     assert result["runs_finished"] == 4
@@ -51,6 +55,11 @@ def test_compare_tables_seeds_spread_and_rerun(tmp_path, capsys, monkeypatch):
     assert (stats["min"], stats["max"], stats["n"]) == (min(raw), max(raw), 2)
     table = (folder / "compare.md").read_text()
     assert "Runs finished: 4/4" in table
+    seconds = {s: [result["runs"][s][seed]["train_seconds"] for seed in ("0", "1")]
+               for s in ("snl", "rd")}
+    ratio = np.median(seconds["snl"]) / np.median(seconds["rd"])
+    assert f"SNL over RD: {ratio:.2f}." in table
+    assert f"| {np.median(seconds['rd']):.0f} |" in table.split("## ")[1]
     cell = f"{100 * stats['mean']:.1f} ± {100 * stats['std']:.1f}"
     assert any(line.startswith("| grass | mixup | ") and cell in line
                for line in table.split("## AUPRO@0.3")[1].splitlines())
