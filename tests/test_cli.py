@@ -7,6 +7,7 @@ import inspect
 import json
 import os
 import socket
+import warnings
 
 import pytest
 import torch
@@ -191,19 +192,37 @@ def _ddp_worker(rank, world_size, port, config_dict, run_dir, out_dir):
 
     world = distributed.setup("cpu")
     try:
-        model = cli.train(cli.TrainConfig(**config_dict), run_dir, world=world)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = cli.train(cli.TrainConfig(**config_dict), run_dir, world=world)
         torch.save(model.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
+        # The last step's gradients: their layouts, and how many storages hold them (views of
+        # DDP's buckets share a few; gradients of their own take one each).
+        grads = [(p.grad.stride(), p.stride()) for p in model.trainable_parameters()]
+        storages = {p.grad.untyped_storage().data_ptr() for p in model.trainable_parameters()}
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump({"warnings": [str(w.message) for w in caught],
+                       "strides_match": all(g == q for g, q in grads),
+                       "parameters": len(grads), "storages": len(storages)}, f)
     finally:
         distributed.teardown(world)
 
 
 def test_two_process_gloo_training_keeps_ranks_identical(data, tmp_path):
-    config = dataclasses.asdict(_config(data, epochs=1))
+    # 128 px: the size at which a channels-last layout inside the model once made DDP warn
+    # "Grad strides do not match bucket view strides" (and copy every gradient).
+    config = dataclasses.asdict(_config(data, epochs=1, image_size=128))
     torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), config, str(tmp_path / "run"),
                                                    str(tmp_path)), nprocs=2, join=True)
     a = torch.load(tmp_path / "rank0.pt", weights_only=True)
     b = torch.load(tmp_path / "rank1.pt", weights_only=True)
     _states_equal(a, b)
+    for rank in (0, 1):
+        seen = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert not [w for w in seen["warnings"] if "strides" in w], seen["warnings"]
+        assert seen["strides_match"]
+        # gradients are views of a few all-reduce buckets, not one storage each
+        assert seen["storages"] < seen["parameters"] // 4, seen
     table = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert set(table) == {"brick", "grass", "mean"}
     # Only rank 0 wrote files; a single-process run of the same model would use all images.

@@ -178,6 +178,25 @@ def test_teacher_is_frozen_and_stays_in_eval():
 
 
 @pytest.mark.parametrize("structure", ["snl", "rd"])
+def test_parameter_gradients_keep_the_parameters_layout(structure):
+    """No channels-last layout leaks into the student: with 2 threads, CRAM's channels-last
+    output once made 12 of the decoder's 1x1 convolution weights' gradients channels-last,
+    and DDP then warned "Grad strides do not match bucket view strides" and copied every
+    gradient (and the decoder's batch norms ran 8-15x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model = build("tf_efficientnet_lite0", structure=structure).train()
+        model.loss(images(2, 64, 64))["total"].backward()
+    finally:
+        torch.set_num_threads(threads)
+    params = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
+    assert params
+    bad = [(n, p.grad.stride(), p.stride()) for n, p in params if p.grad.stride() != p.stride()]
+    assert not bad
+
+
+@pytest.mark.parametrize("structure", ["snl", "rd"])
 def test_one_adam_step_lowers_the_loss(structure):
     model = build(structure=structure).train()
     x = images()

@@ -238,8 +238,12 @@ def fit(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
         optimizer.load_state_dict(state["optimizer"])
     step_module: nn.Module = _LossModule(model)
     if world.distributed:
+        # Gradients as views of the all-reduce buckets: no copy into and out of the buckets
+        # each step. The parameters' gradients keep the parameters' (contiguous) strides, as
+        # the bucket views do, so DDP has no layout to fix up.
         step_module = nn.parallel.DistributedDataParallel(
-            step_module, device_ids=[world.device.index] if world.device.type == "cuda" else None)
+            step_module, device_ids=[world.device.index] if world.device.type == "cuda" else None,
+            gradient_as_bucket_view=True)
     log(world, f"training {config.backbone} ({config.structure}, fused={config.fused}) on "
                f"{len(dataset)} images of {', '.join(dataset.classes)} at "
                f"{config.image_size}px, {config.epochs} epochs, {world.size} process(es) "
