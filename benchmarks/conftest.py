@@ -28,3 +28,29 @@ def pytest_sessionfinish(session, exitstatus):
             names = ", ".join(getattr(b, "fullname", "?") for b in empty)
             print(f"\nbenchmarks without a finished round, left out of the JSON: {names}")
     yield
+
+
+def step_ratios(benchmarks) -> list[str]:
+    """Lines of SNL's median over RD's, per (kind, mode, path), from the benchmarks of
+    ``bench_training_step.py`` (their ``extra_info``) that have both structures."""
+    medians: dict[tuple, dict[str, float]] = {}
+    for b in benchmarks:
+        info = getattr(b, "extra_info", None) or {}
+        stats = getattr(b, "stats", None)  # a Stats (the session's Metadata) or a Metadata
+        stats = getattr(stats, "stats", stats)
+        if info.get("kind") not in ("training_step", "inference") or stats is None:
+            continue
+        key = (info["kind"], info["mode"], "fused" if info["fused"] else "reference")
+        medians.setdefault(key, {})[info["structure"]] = stats.median
+    return [f"{kind} {mode} {path}: SNL {1e3 * m['snl']:.1f} ms, RD {1e3 * m['rd']:.1f} ms, "
+            f"SNL / RD {m['snl'] / m['rd']:.2f}"
+            for (kind, mode, path), m in sorted(medians.items()) if {"snl", "rd"} <= set(m)]
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    bench_session = getattr(config, "_benchmarksession", None)
+    lines = step_ratios(getattr(bench_session, "benchmarks", None) or [])
+    if lines:
+        terminalreporter.section("SNL over RD (bench_training_step.py, medians)")
+        for line in lines:
+            terminalreporter.write_line(line)

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The GPU round: one call on the GPU machine (no network), at most 6 minutes, that always
+# The GPU round: one call on the GPU machine (no network), at most 7 minutes, that always
 # writes OUTDIR/report.md, whatever fails.
 #
 #   scripts/gpu_check.sh OUTDIR
 #
 # Steps, in the order a short window must answer them (limits in seconds; a step gets at most
-# what is left before the 360 s deadline, so the last ones get what the first ones leave, and
+# what is left before the 420 s deadline, so the last ones get what the first ones leave, and
 # a later step still runs when an earlier one fails):
 #   env      20  nvidia-smi, versions, nvcc --version, the toolkit's lib64/libcudart.so
 #   build    70  the CUDA extension, sm_90 only, in place; 20 more to import it
@@ -18,6 +18,9 @@
 #                tensor-pipe use), where ncu is installed
 #   tests    90  the kernel tests, in parallel (12 pytest-xdist workers) with a per-test timeout
 #   bench    80  the kernel-provider benchmarks (pytest-benchmark), the fused loss first
+#   step    120  benchmarks/bench_training_step.py: SNL's and RD's training step and
+#                inference, eager fp32, bf16 autocast and CUDA-graph captured (fused and
+#                reference); its compile mode runs in the compile step, last
 #   compile  rest torch.compile of the references: smoke records, then benchmarks
 #   report   20  scripts/gpu_report.py folds everything into report.md
 # Each step's limit leaves room for its 10 s kill margin before the deadline.
@@ -28,8 +31,8 @@
 # tests.log, bench.json, bench.log. Exit code: 0 when every step passed, else 1.
 #
 # Overrides (for trying the script elsewhere, e.g. on a CPU): PYTHON, LIMIT_<STEP>
-# (seconds), TOTAL_S (the deadline, default 360), TEST_FILES, BENCH_FILES, TEST_TIMEOUT_S,
-# XDIST_WORKERS, SMOKE_ARGS, PROFILE_ARGS.
+# (seconds), TOTAL_S (the deadline, default 420), TEST_FILES, BENCH_FILES, STEP_BENCH_FILE,
+# TEST_TIMEOUT_S, XDIST_WORKERS, SMOKE_ARGS, PROFILE_ARGS.
 set -uo pipefail
 
 if (($# != 1)); then
@@ -44,7 +47,7 @@ ROOT=$(pwd)
 # a script's sys.path starts at its own folder, pytest's at tests/).
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 START=$SECONDS
-TOTAL_S=${TOTAL_S:-360}
+TOTAL_S=${TOTAL_S:-420}
 REPORT_RESERVE_S=20  # the report's 14 s limit and its 5 s kill margin
 KILL_AFTER_S=10      # after the SIGINT at a step's limit, SIGKILL this much later
 DEADLINE=$((START + TOTAL_S - REPORT_RESERVE_S))
@@ -208,6 +211,14 @@ BENCH_OPTS=(--benchmark-only --benchmark-min-rounds=10 --benchmark-max-time=0.1
 step bench "${LIMIT_BENCH:-80}" "$OUT/bench.log" "${PYTEST[@]}" "${BENCH_FILES[@]}" \
   "${BENCH_OPTS[@]}" -k "not compile" --benchmark-json="$OUT/bench.json"
 
+# ---------------------------------------------------------------- the whole step and inference
+# Its JSON is merged into bench.json by the report; its log (SNL over RD per mode) into
+# bench.log.
+STEP_BENCH_FILE=${STEP_BENCH_FILE:-benchmarks/bench_training_step.py}
+STEP_JSON=$(mktemp "${TMPDIR:-/tmp}/gpu-check-step.XXXXXX.json")
+step step "${LIMIT_STEP:-120}" "$OUT/bench.log" "${PYTEST[@]}" "$STEP_BENCH_FILE" \
+  --benchmark-only -p no:cacheprovider -q -k "not compile" --benchmark-json="$STEP_JSON"
+
 # ---------------------------------------------------------------- torch.compile, if time is left
 COMPILE_JSON=$(mktemp "${TMPDIR:-/tmp}/gpu-check-compile.XXXXXX.json")
 # CRAM first: its target is relative to torch.compile. The affinity references compile for
@@ -217,12 +228,13 @@ step compile-smoke "$TOTAL_S" "$OUT/smoke.log" "$PYTHON" scripts/gpu_smoke.py \
   anomaly_map inter_affinity_loss/l2 intra_affinity_loss/l1 intra_affinity_loss/l2 \
   inter_affinity_loss/l1
 step compile-bench "$TOTAL_S" "$OUT/bench.log" "${PYTEST[@]}" "${BENCH_FILES[@]}" \
-  "${BENCH_OPTS[@]}" -k "compile and not test_affinity and not test_distillation" \
+  "$STEP_BENCH_FILE" "${BENCH_OPTS[@]}" \
+  -k "compile and not test_affinity and not test_distillation" \
   --benchmark-json="$COMPILE_JSON"
 
 # ---------------------------------------------------------------- report (always)
 timeout --kill-after=5 14 "$PYTHON" scripts/gpu_report.py "$OUT" "$STEPS" \
-  --compile-bench "$COMPILE_JSON" --profile "$PROFILE_MD" --ncu "$NCU_CSV" --total "$TOTAL_S" \
+  --compile-bench "$COMPILE_JSON" --step-bench "$STEP_JSON" --profile "$PROFILE_MD" --ncu "$NCU_CSV" --total "$TOTAL_S" \
   >"$OUT/.report.log" 2>&1
 rc=$?
 if ((rc != 0)) || [[ ! -s $OUT/report.md ]]; then
@@ -241,7 +253,7 @@ if ((rc != 0)) || [[ ! -s $OUT/report.md ]]; then
     echo '```'
   } >"$OUT/report.md"
 fi
-rm -f "$OUT/.report.log" "$COMPILE_JSON" "$PROFILE_MD" "$PYTEST_PY"
+rm -f "$OUT/.report.log" "$COMPILE_JSON" "$STEP_JSON" "$PROFILE_MD" "$PYTEST_PY"
 failed=$(awk -F'\t' '$3 != 0' "$STEPS" | wc -l)
 rm -f "$STEPS"
 echo "== $failed step(s) did not pass; $((SECONDS - START)) s in all; report: $OUT/report.md"

@@ -1,12 +1,13 @@
 """Fold the GPU round's logs and JSON files into OUTDIR/report.md (scripts/gpu_check.sh).
 
-    python scripts/gpu_report.py OUTDIR STEPS_TSV [--compile-bench JSON] [--profile MD]
-                                 [--total S]
+    python scripts/gpu_report.py OUTDIR STEPS_TSV [--compile-bench JSON] [--step-bench JSON]
+                                 [--profile MD] [--total S]
 
 Reads what the round left in OUTDIR (env.log, build.log, smoke.json, tests.log, bench.json)
 and the steps file (name, seconds, exit code, limit per line); any of them may be missing or
-cut short, and the report says so instead of failing. The torch.compile benchmarks, run in
-the round's last step into a separate JSON file, are merged into bench.json. The report's
+cut short, and the report says so instead of failing. The training-step benchmarks and the
+torch.compile ones, each run into a JSON file of its own, are merged into bench.json; the
+step's get a table of their own, with SNL's time over RD's per mode. The report's
 first table is the smoke table: op, backend, ran, error, ms, target, ratio to eager and to
 torch.compile.
 """
@@ -203,26 +204,55 @@ def tests_section(out: str) -> list[str]:
     return [*lines, ""]
 
 
-def bench_section(out: str, compile_json: str | None) -> list[str]:
+STEP_KINDS = ("training_step", "inference")
+
+
+def step_section(benchmarks: list[dict]) -> list[str]:
+    """The training-step and inference benchmarks (bench_training_step.py): one row each,
+    then SNL's median over RD's per (kind, mode, path)."""
+    rows, medians = [], {}
+    for b in benchmarks:
+        info = b.get("extra_info", {})
+        if info.get("kind") not in STEP_KINDS:
+            continue
+        path = "fused" if info.get("fused") else "reference"
+        median = b["stats"]["median"]
+        rows.append([info["kind"], info["structure"], info["mode"], path, info.get("batch"),
+                     median * 1e3, info.get("images_per_s")])
+        medians.setdefault((info["kind"], info["mode"], path), {})[info["structure"]] = median
+    if not rows:
+        return []
+    ratios = [[kind, mode, path, m["snl"] / m["rd"]]
+              for (kind, mode, path), m in sorted(medians.items()) if {"snl", "rd"} <= set(m)]
+    return ["## Training step and inference (bench_training_step.py)", "",
+            *table(["kind", "structure", "mode", "path", "batch", "median ms", "images/s"],
+                   rows, ["---"] * 5 + ["---:"] * 2), "",
+            *table(["kind", "mode", "path", "SNL / RD"], ratios, ["---"] * 3 + ["---:"]), ""]
+
+
+def bench_section(out: str, compile_json: str | None, step_json: str | None = None) -> list[str]:
     path = os.path.join(out, "bench.json")
     data, problem = load_json(path)
-    extra, _ = load_json(compile_json)
     benchmarks = list((data or {}).get("benchmarks", []))
-    if extra and extra.get("benchmarks"):
-        benchmarks += extra["benchmarks"]
-        merged = dict(data or extra)
-        merged["benchmarks"] = benchmarks
+    merged = data
+    for extra_path in (step_json, compile_json):
+        extra, _ = load_json(extra_path)
+        if extra and extra.get("benchmarks"):
+            benchmarks += extra["benchmarks"]
+            merged = dict(merged or extra)
+            merged["benchmarks"] = benchmarks
+    if merged is not data:
         with open(path, "w") as f:
             json.dump(merged, f)
-    lines = ["## Benchmarks (pytest-benchmark)", ""]
+    lines = [*step_section(benchmarks), "## Benchmarks (pytest-benchmark)", ""]
     if not benchmarks:
         return [*lines, f"({problem or 'no benchmark ran'}: see bench.log)", ""]
     preferred = ["gbps", "frac_copy_bw", "peak_extra_mb"]
     keys = [k for k in preferred if any(k in b.get("extra_info", {}) for b in benchmarks)]
     rows = [[b["name"], b["stats"]["median"] * 1e3,
              *[b.get("extra_info", {}).get(k) for k in keys]] for b in benchmarks]
-    return [*table(["name", "median ms", *keys], rows, ["---"] + ["---:"] * (1 + len(keys))),
-            ""]
+    return [*lines, *table(["name", "median ms", *keys], rows,
+                           ["---"] + ["---:"] * (1 + len(keys))), ""]
 
 
 def steps_section(steps_path: str, total: int | None) -> list[str]:
@@ -282,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("outdir")
     parser.add_argument("steps", help="the round's steps file (tab-separated)")
     parser.add_argument("--compile-bench", help="JSON of the torch.compile benchmarks")
+    parser.add_argument("--step-bench", help="JSON of the training-step benchmarks")
     parser.add_argument("--profile", help="markdown of the profile step (gpu_profile.py)")
     parser.add_argument("--ncu", help="CSV of the ncu step (ncu --csv --page raw)")
     parser.add_argument("--total", type=int, help="the round's time limit in seconds")
@@ -291,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
                 (profile_section, (args.profile,)), (ncu_section, (args.ncu,)),
                 (tests_section, (out,)),
                 (build_section, (out, args.steps)), (steps_section, (args.steps, args.total)),
-                (bench_section, (out, args.compile_bench)))
+                (bench_section, (out, args.compile_bench, args.step_bench)))
     lines: list[str] = []
     for section, section_args in sections:
         try:

@@ -124,6 +124,40 @@ def test_report_from_partial_output(smoke, tmp_path):
     assert "bench.json was not written" in report
 
 
+def test_report_tables_the_training_step_and_snl_over_rd(tmp_path):
+    def bench(kind, structure, mode, fused, median, per_s=None):
+        info = {"kind": kind, "structure": structure, "mode": mode, "fused": fused, "batch": 16}
+        if per_s is not None:
+            info["images_per_s"] = per_s
+        return {"name": f"test_{kind}[{structure}-{mode}]", "extra_info": info,
+                "stats": {"median": median}}
+
+    (tmp_path / "bench.json").write_text(json.dumps({"benchmarks": [
+        {"name": "test_copy", "extra_info": {"gbps": 3000.0}, "stats": {"median": 0.001}}]}))
+    step = tmp_path / "step.json"
+    step.write_text(json.dumps({"benchmarks": [
+        bench("training_step", "snl", "eager", True, 0.055),
+        bench("training_step", "rd", "eager", True, 0.050),
+        bench("training_step", "snl", "graph", True, 0.044),
+        bench("inference", "snl", "bf16", True, 0.02, 3200.0)]}))
+    steps = tmp_path / "steps.tsv"
+    steps.write_text("step\t100\t0\t120\n")
+    proc = subprocess.run([sys.executable, str(REPORT), str(tmp_path), str(steps),
+                           "--step-bench", str(step)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    report = (tmp_path / "report.md").read_text()
+    assert "## Training step and inference (bench_training_step.py)" in report
+    assert "| training_step | snl | eager | fused | 16 | 55 |  |" in report
+    assert "| inference | snl | bf16 | fused | 16 | 20 | 3200 |" in report
+    # the ratio only where both structures ran
+    assert "| training_step | eager | fused | 1.1 |" in report
+    assert "| training_step | graph |" not in report
+    # merged into bench.json beside the kernel benchmarks
+    names = [b["name"] for b in json.loads((tmp_path / "bench.json").read_text())["benchmarks"]]
+    assert names[0] == "test_copy"
+    assert len(names) == 5
+
+
 def test_profile_runs_on_cpu(tmp_path):
     """gpu_profile.py at small shapes: the fused loss profiled (CPU operators by self time,
     its two autograd functions among them), a CUDA case skipped with the reason, the graph
@@ -182,7 +216,8 @@ def test_gpu_check_always_reports_within_its_deadline(tmp_path):
                LIMIT_BENCH="10", SMOKE_ARGS="--ops cram --backends torch", XDIST_WORKERS="1",
                LIMIT_PROFILE="30", PROFILE_ARGS="--cases intra-l1-cuda --steps 1",
                TEST_FILES=str(tests / "test_slow.py"), TEST_TIMEOUT_S="300",
-               BENCH_FILES="benchmarks/bench_copy.py")
+               BENCH_FILES="benchmarks/bench_copy.py", LIMIT_STEP="10",
+               STEP_BENCH_FILE="benchmarks/bench_copy.py")
     start = time.monotonic()
     proc = subprocess.run(["bash", str(CHECK), str(out)], env=env, capture_output=True,
                           text=True, timeout=total + 60, cwd=tmp_path)
