@@ -52,7 +52,14 @@ from . import distributed, html_report, report, selfcheck
 from .cli import CommandError
 from .cli.console import log
 from .cli.evaluation import evaluate_all
-from .cli.training import BEFORE_SELF_CHECK, V1_FORMULATION, TrainConfig, resolve_data, train
+from .cli.training import (
+    BEFORE_PRECISION,
+    BEFORE_SELF_CHECK,
+    V1_FORMULATION,
+    TrainConfig,
+    resolve_data,
+    train,
+)
 from .data import PROBE_KINDS, TestDataset, check_dataset, make_probes, parse_kinds
 
 SPREAD = "sample standard deviation over training seeds (ddof=1; 0 with one seed)"
@@ -338,7 +345,8 @@ def compare(out_dir: str | os.PathLike, base: TrainConfig, seeds: Sequence[int] 
     if settings_path.exists():
         # A loss option the folder's runs predate had the one behaviour of that time, the
         # first formulation's (as for checkpoints, TrainConfig.from_saved).
-        old = {**V1_FORMULATION, **BEFORE_SELF_CHECK, **json.loads(settings_path.read_text())}
+        old = {**V1_FORMULATION, **BEFORE_SELF_CHECK, **BEFORE_PRECISION,
+               **json.loads(settings_path.read_text())}
         keep = ("seeds", "structures")
         differ = sorted(k for k in set(old) | set(settings)
                         if k not in keep and old.get(k) != settings.get(k))

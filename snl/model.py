@@ -46,6 +46,9 @@ from .teacher import build_teacher
 
 STRUCTURES = ("snl", "rd")
 DISTANCES = ("l2", "l1")
+#: "fp32", or "bf16": the networks under bf16 autocast (the ops read bf16 features and
+#: accumulate in fp32, DESIGN §2).
+PRECISIONS = ("fp32", "bf16")
 MULTIPLE = 32  # the embedding is at stride 32
 
 
@@ -84,6 +87,10 @@ class SNL(nn.Module):
         intra_distance, inter_distance: "l2" or "l1" for the affinity losses.
         sigma: Gaussian blur of the anomaly maps, in input pixels.
         map_mode: "add" or "mul": how the levels' maps are combined.
+        precision: "fp32", or "bf16": the teacher, OCBE, CRAM's residual path and the decoder
+            run under ``torch.autocast(dtype=torch.bfloat16)`` in ``forward`` (so in ``loss``
+            and ``predict``); the ops take their bf16 features and accumulate in fp32. The
+            losses, scores and maps stay float32. Assignable.
 
     Raises:
         ValueError: an option out of range, an unknown backbone or one without the levels.
@@ -111,12 +118,14 @@ class SNL(nn.Module):
         inter_distance: str = "l2",
         sigma: float = 4.0,
         map_mode: str = "add",
+        precision: str = "fp32",
     ):
         super().__init__()
         _check_choice("structure", structure, STRUCTURES)
         _check_choice("intra_distance", intra_distance, DISTANCES)
         _check_choice("inter_distance", inter_distance, DISTANCES)
         _check_choice("map_mode", map_mode, ("add", "mul"))
+        self.precision = precision
         for name, value in (("w_ch", w_ch), ("w_sp", w_sp), ("w_intra", w_intra),
                             ("w_inter", w_inter), ("w_c", w_c), ("w_rd", w_rd),
                             ("sigma", sigma)):
@@ -158,6 +167,16 @@ class SNL(nn.Module):
         self._fused = bool(value)
         if self.cram is not None:
             self.cram.fused = self._fused
+
+    @property
+    def precision(self) -> str:
+        """"fp32" or "bf16" (see the class doc); assignable."""
+        return self._precision
+
+    @precision.setter
+    def precision(self, value: str) -> None:
+        _check_choice("precision", value, PRECISIONS)
+        self._precision = value
 
     @property
     def normalization(self) -> Normalization:
@@ -205,13 +224,15 @@ class SNL(nn.Module):
             ``Features(teachers, students, cram)``.
         """
         self.check_images(images)
-        with torch.no_grad():
-            teachers = self.teacher(images)
-        embedding = self.ocbe(teachers)
-        cram_out = None
-        if self.cram is not None:
-            embedding, cram_out = self.cram(embedding)
-        return Features(teachers, self.decoder(embedding), cram_out)
+        with torch.autocast(images.device.type, dtype=torch.bfloat16,
+                            enabled=self.precision == "bf16"):
+            with torch.no_grad():
+                teachers = self.teacher(images)
+            embedding = self.ocbe(teachers)
+            cram_out = None
+            if self.cram is not None:
+                embedding, cram_out = self.cram(embedding)
+            return Features(teachers, self.decoder(embedding), cram_out)
 
     def loss(self, images: Tensor) -> dict[str, Tensor]:
         """Every loss term and ``total`` (DESIGN §3) on a batch.
@@ -259,7 +280,7 @@ class SNL(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"backbone={self.arch.backbone!r}, structure={self.structure!r}, "
-                f"fused={self.fused}")
+                f"fused={self.fused}, precision={self.precision!r}")
 
 
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:

@@ -208,6 +208,37 @@ def _ddp_worker(rank, world_size, port, config_dict, run_dir, out_dir):
         distributed.teardown(world)
 
 
+def test_precision_option_trains_evaluates_and_predicts_in_bf16(data, tmp_path, capsys):
+    # auto: bf16 on a GPU, fp32 on a CPU; a config saved before the option was fp32
+    assert cli.TrainConfig().resolved(torch.device("cpu")).precision == "fp32"
+    assert cli.TrainConfig().resolved(torch.device("cuda")).precision == "bf16"
+    assert cli.TrainConfig(precision="bf16").resolved(torch.device("cpu")).precision == "bf16"
+    assert cli.TrainConfig.from_saved({"structure": "snl"}).precision == "fp32"
+    run = tmp_path / "run"
+    assert cli.main(["train", "--data", str(data), "--backbone", "tf_efficientnet_lite0",
+                     "--image-size", "64", "--epochs", "1", "--batch-size", "4",
+                     "--num-centers", "4", "--device", "cpu", "--precision", "bf16",
+                     "--no-self-check", "--out", str(tmp_path), "--name", "run"]) == 0
+    assert "(snl, fused=True, bf16)" in capsys.readouterr().out
+    assert json.loads((run / "config.json").read_text())["precision"] == "bf16"
+    ckpt = run / "checkpoints" / "last.pt"
+    model, config, _ = cli.load_run(ckpt, "cpu")
+    assert (config.precision, model.precision) == ("bf16", "bf16")
+    model, config, _ = cli.load_run(ckpt, "cpu", "fp32")
+    assert (config.precision, model.precision) == ("fp32", "fp32")
+    # eval and predict take the run's precision unless told
+    for precision in ([], ["--precision", "fp32"]):
+        out = tmp_path / f"pred{len(precision)}"
+        assert cli.main(["predict", str(ckpt), str(next(data.rglob("*.png"))), "--out",
+                         str(out), "--device", "cpu", *precision]) == 0
+        assert (out / "scores.json").is_file()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["predict", str(ckpt), "x.png", "--precision", "fp16"])
+    assert exit_.value.code == 2
+    assert "argument --precision: invalid choice: 'fp16'" in capsys.readouterr().err
+
+
 def test_two_process_gloo_training_keeps_ranks_identical(data, tmp_path):
     # 128 px: the size at which a channels-last layout inside the model once made DDP warn
     # "Grad strides do not match bucket view strides" (and copy every gradient).

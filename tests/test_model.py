@@ -178,6 +178,39 @@ def test_teacher_is_frozen_and_stays_in_eval():
 
 
 @pytest.mark.parametrize("structure", ["snl", "rd"])
+def test_bf16_precision_runs_the_networks_in_bf16_and_keeps_float32_outputs(structure):
+    model = build(structure=structure, precision="bf16")
+    assert model.precision == "bf16"
+    x = images()
+    features = model(x)
+    assert all(t.dtype == torch.bfloat16 for t in (*features.teachers, *features.students))
+    model.train()
+    losses = model.loss(x)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
+    losses["total"].backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+               for p in model.trainable_parameters())
+    model.eval()
+    scores, maps = model.predict(x)
+    assert scores.dtype == maps.dtype == torch.float32
+    # assignable: fp32 again gives fp32 features and the fp32 model's numbers
+    model.precision = "fp32"
+    assert model(x).students[0].dtype == torch.float32
+    plain = build(structure=structure).eval()
+    plain.load_state_dict(model.state_dict())
+    torch.testing.assert_close(model.predict(x)[0], plain.predict(x)[0])
+
+
+def test_precision_is_checked():
+    with pytest.raises(ValueError, match="precision must be one of 'fp32', 'bf16', got 'fp16'"):
+        build(precision="fp16")
+    model = build()
+    with pytest.raises(ValueError, match="precision must be one of"):
+        model.precision = "half"
+    assert model.precision == "fp32"
+
+
+@pytest.mark.parametrize("structure", ["snl", "rd"])
 def test_parameter_gradients_keep_the_parameters_layout(structure):
     """No channels-last layout leaks into the student: with 2 threads, CRAM's channels-last
     output once made 12 of the decoder's 1x1 convolution weights' gradients channels-last,

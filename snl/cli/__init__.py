@@ -145,7 +145,7 @@ def _run(args) -> int:
         return 0
     if args.command == "eval":
         probes = probe_kinds(args)
-        model, config, world = load_run(args.checkpoint, args.device)
+        model, config, world = load_run(args.checkpoint, args.device, args.precision)
         data = Path(args.data) if args.data else resolve_data(
             dataclasses.replace(config, data=None), world)
         classes = "all" if args.classes == "all" else args.classes.split(",")
@@ -185,7 +185,8 @@ def _run(args) -> int:
                 probes=probe_kinds(args), probe_count=args.probe_count)
         return 0
     if args.command == "predict":
-        results = predict_files(args.checkpoint, args.images, args.out, args.device)
+        results = predict_files(args.checkpoint, args.images, args.out, args.device,
+                                args.precision)
         if results and "label" not in results[0]:
             print("snl: no decision threshold in this checkpoint (run `snl eval` on it to "
                   "store one): raw scores only", file=sys.stderr)

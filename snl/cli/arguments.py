@@ -8,6 +8,7 @@ import math
 from ..calibration import parse_method
 from ..data import HOLDOUT_MIN, PROBE_KINDS, parse_kinds
 from ..loss import COMPACT_NORMS, CRAM_TAUS, DEFAULT_COMPACT_NORM, DEFAULT_CRAM_TAU, LossWeights
+from ..model import PRECISIONS
 from ..selfcheck import FLAG_BELOW
 from .training import CPU_DEFAULTS, FORMULATION_FIELDS, GPU_DEFAULTS, TrainConfig
 
@@ -55,6 +56,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                    help="seed of the embedded default set (default: --seed)")
     t.add_argument("--workers", type=int, default=0, help="data loader processes")
     t.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    _precision_argument(t, "auto")
     t.add_argument("--out", default="runs", help="parent folder of run folders")
     t.add_argument("--name", help="run folder name (default: a timestamp)")
     t.add_argument("--resume", metavar="RUN_DIR", help="go on with an interrupted run")
@@ -71,6 +73,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     e.add_argument("--classes", default="all")
     e.add_argument("--out", help="output folder (default: beside the checkpoint's run)")
     e.add_argument("--device")
+    _precision_argument(e, None)
     e.add_argument("--threshold", default="f1", type=_threshold, metavar="f1|fpr=F",
                    help="decision threshold stored with the checkpoint for `snl predict`: the "
                         "F1-optimal one on this set (f1, the default) or the one that lets a "
@@ -83,6 +86,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     r.add_argument("images", nargs="+")
     r.add_argument("--out", default="predictions")
     r.add_argument("--device")
+    _precision_argument(r, None)
 
     x = sub.add_parser("export", help="export the inference model to ONNX")
     x.add_argument("checkpoint")
@@ -108,6 +112,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     c.add_argument("--weights")
     c.add_argument("--workers", type=int, default=0)
     c.add_argument("--device")
+    _precision_argument(c, "auto")
     c.add_argument("--out", default="runs", help="parent folder of the comparison folder")
     c.add_argument("--name", help="comparison folder name (default: compare-<timestamp>); "
                                   "rerunning with the same name skips finished runs")
@@ -195,6 +200,21 @@ def _probe_arguments(p: argparse.ArgumentParser) -> None:
                    help="probe images per class and kind")
 
 
+def _precision_argument(parser: argparse.ArgumentParser, default: str | None) -> None:
+    """``--precision``: "auto" (training's default: bf16 on a GPU, fp32 on a CPU), "fp32" or
+    "bf16"; None (eval, predict): the run's own."""
+    if default is None:
+        parser.add_argument("--precision", choices=PRECISIONS, default=None,
+                            help="fp32, or bf16 (the networks under bf16 autocast; the ops "
+                                 "accumulate in fp32); default: the precision the run was "
+                                 "trained in")
+    else:
+        parser.add_argument("--precision", choices=("auto", *PRECISIONS), default=default,
+                            help="fp32, or bf16 (the networks under bf16 autocast; the ops "
+                                 "accumulate in fp32); auto: bf16 on a GPU, fp32 on a CPU "
+                                 f"(default {default})")
+
+
 def probe_kinds(args: argparse.Namespace) -> list[str]:
     """The ``--probes`` kinds; exits with a message naming the bad one."""
     try:
@@ -211,7 +231,7 @@ def compare_config(args: argparse.Namespace) -> TrainConfig:
         lr=args.lr, fused=not args.reference, pretrained=not args.no_pretrained,
         weights=args.weights, num_centers=args.num_centers, data_seed=args.data_seed,
         workers=args.workers, device=args.device, self_check=args.self_check,
-        holdout=args.holdout, **formulation_arguments(args))
+        holdout=args.holdout, precision=args.precision, **formulation_arguments(args))
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
@@ -223,4 +243,4 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         pretrained=not args.no_pretrained, weights=args.weights,
         num_centers=args.num_centers, seed=args.seed, data_seed=args.data_seed,
         workers=args.workers, device=args.device, self_check=args.self_check,
-        holdout=args.holdout, **formulation_arguments(args))
+        holdout=args.holdout, precision=args.precision, **formulation_arguments(args))

@@ -30,17 +30,22 @@ from .training import TrainConfig, build_model
 MAX_GRID_ROWS = 48
 
 
-def load_run(checkpoint_path: str | os.PathLike, device: str | None = None):
-    """Model and config of a checkpoint (the teacher's weights are in it: no download)."""
-    model, config, world, _ = load_calibrated_run(checkpoint_path, device)
+def load_run(checkpoint_path: str | os.PathLike, device: str | None = None,
+             precision: str | None = None):
+    """Model and config of a checkpoint (the teacher's weights are in it: no download);
+    ``precision`` ("fp32", "bf16") replaces the one it was trained in."""
+    model, config, world, _ = load_calibrated_run(checkpoint_path, device, precision)
     return model, config, world
 
 
-def load_calibrated_run(checkpoint_path: str | os.PathLike, device: str | None = None):
+def load_calibrated_run(checkpoint_path: str | os.PathLike, device: str | None = None,
+                        precision: str | None = None):
     """:func:`load_run` and the checkpoint's :class:`Calibration` (None if never evaluated)."""
     state = checkpoint.load(checkpoint_path)
     world = distributed.setup(device)
     config = TrainConfig.from_saved(state["config"]).resolved(world.device)
+    if precision is not None:
+        config.precision = precision
     config.pretrained, config.weights = False, None
     model = build_model(config, world)
     model.load_state_dict(state["model"])
@@ -49,9 +54,10 @@ def load_calibrated_run(checkpoint_path: str | os.PathLike, device: str | None =
 
 
 def predict_files(checkpoint_path: str | os.PathLike, images: Sequence[str],
-                  out_dir: str | os.PathLike, device: str | None = None) -> list[dict]:
+                  out_dir: str | os.PathLike, device: str | None = None,
+                  precision: str | None = None) -> list[dict]:
     """Scores and overlay PNGs for image files; writes ``scores.json`` to ``out_dir``."""
-    model, config, world, calibrated = load_calibrated_run(checkpoint_path, device)
+    model, config, world, calibrated = load_calibrated_run(checkpoint_path, device, precision)
     bad = [str(p) for p in images
            if not Path(p).is_file() or Path(p).suffix.lower() not in IMAGE_EXTENSIONS]
     if bad:  # all of them, before the progress bar starts

@@ -84,6 +84,9 @@ class TrainConfig:
     self_check: bool = True
     #: least number of training images held out per class (see snl.data.holdout)
     holdout: int = HOLDOUT_MIN
+    #: "fp32", "bf16" (the networks under bf16 autocast, snl.SNL's precision) or "auto":
+    #: bf16 on a GPU, fp32 on a CPU
+    precision: str = "auto"
 
     def resolved(self, device: torch.device) -> TrainConfig:
         """Fill the device-dependent defaults."""
@@ -92,14 +95,16 @@ class TrainConfig:
         for key, value in defaults.items():
             if values[key] is None:
                 values[key] = value
+        values["precision"] = resolved_precision(values["precision"], device)
         return TrainConfig(**values)
 
     @classmethod
     def from_saved(cls, values: dict) -> TrainConfig:
         """The config saved in a checkpoint. One saved before the loss options existed was
         trained with the first formulation (DESIGN §3, "v1"), which fills them; one saved
-        before the self-check existed trained on every image (``self_check`` False)."""
-        before = {**V1_FORMULATION, **BEFORE_SELF_CHECK}
+        before the self-check existed trained on every image (``self_check`` False), and one
+        saved before the precision option in fp32."""
+        before = {**V1_FORMULATION, **BEFORE_SELF_CHECK, **BEFORE_PRECISION}
         missing = {k: v for k, v in before.items() if k not in values}
         return cls(**{**values, **missing})
 
@@ -126,7 +131,15 @@ def build_model(config: TrainConfig, world: distributed.World):
     return snl.SNL(backbone=config.backbone, pretrained=config.pretrained,
                    weights=config.weights, fused=config.fused,
                    structure=config.structure, num_centers=config.num_centers,
+                   precision=resolved_precision(config.precision, world.device),
                    **formulation(config)).to(world.device)
+
+
+def resolved_precision(precision: str, device: torch.device) -> str:
+    """``precision``, "auto" made bf16 on a GPU and fp32 on a CPU."""
+    if precision != "auto":
+        return precision
+    return "bf16" if device.type == "cuda" else "fp32"
 
 
 #: The loss options of the first formulation (DESIGN §3), which checkpoints written before
@@ -135,6 +148,8 @@ V1_FORMULATION = {"w_ch": 1.0, "w_sp": 1.0, "w_intra": 1.0, "w_inter": 1.0, "w_c
                   "w_rd": 0.0, "compact_norm": "sum", "residual_ratio": 1, "cram_tau": "dim"}
 #: What a config saved before the self-check existed ran with: no image held out.
 BEFORE_SELF_CHECK = {"self_check": False, "holdout": HOLDOUT_MIN}
+#: What a config saved before the precision option ran with.
+BEFORE_PRECISION = {"precision": "fp32"}
 FORMULATION_FIELDS = ("w_ch", "w_sp", "w_intra", "w_inter", "w_c", "w_rd", "compact_norm",
                       "residual_ratio", "cram_tau")
 
@@ -244,7 +259,8 @@ def fit(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
         step_module = nn.parallel.DistributedDataParallel(
             step_module, device_ids=[world.device.index] if world.device.type == "cuda" else None,
             gradient_as_bucket_view=True)
-    log(world, f"training {config.backbone} ({config.structure}, fused={config.fused}) on "
+    log(world, f"training {config.backbone} ({config.structure}, fused={config.fused}, "
+               f"{config.precision}) on "
                f"{len(dataset)} images of {', '.join(dataset.classes)} at "
                f"{config.image_size}px, {config.epochs} epochs, {world.size} process(es) "
                f"on {world.device.type}")
