@@ -298,7 +298,7 @@ def _write_atomic(path: Path, text: str) -> None:
 def _settings_of(config: TrainConfig, probes: list[str], probe_count: int,
                  seeds: list[int], structures: list[str]) -> dict[str, Any]:
     shared = dataclasses.asdict(config)
-    for key in ("structure", "seed", "device", "workers"):
+    for key in ("structure", "seed", "device", "workers", "pin_memory"):
         shared.pop(key)
     return {**shared, "probes": probes, "probe_count": probe_count, "seeds": seeds,
             "structures": structures}

@@ -214,6 +214,12 @@ def test_precision_option_trains_evaluates_and_predicts_in_bf16(data, tmp_path, 
     assert cli.TrainConfig().resolved(torch.device("cuda")).precision == "bf16"
     assert cli.TrainConfig(precision="bf16").resolved(torch.device("cpu")).precision == "bf16"
     assert cli.TrainConfig.from_saved({"structure": "snl"}).precision == "fp32"
+    from snl.cli import arguments
+
+    parse = arguments.build_parser("snl").parse_args
+    assert arguments.train_config(parse(["train"])).pin_memory is True
+    assert arguments.train_config(parse(["train", "--no-pin-memory"])).pin_memory is False
+    assert arguments.train_config(parse(["train", "--precision", "fp32"])).precision == "fp32"
     run = tmp_path / "run"
     assert cli.main(["train", "--data", str(data), "--backbone", "tf_efficientnet_lite0",
                      "--image-size", "64", "--epochs", "1", "--batch-size", "4",

@@ -57,6 +57,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     t.add_argument("--workers", type=int, default=0, help="data loader processes")
     t.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     _precision_argument(t, "auto")
+    t.add_argument("--pin-memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="training batches in page-locked memory, copied to the GPU without "
+                        "blocking (GPU only; default: on)")
     t.add_argument("--out", default="runs", help="parent folder of run folders")
     t.add_argument("--name", help="run folder name (default: a timestamp)")
     t.add_argument("--resume", metavar="RUN_DIR", help="go on with an interrupted run")
@@ -243,4 +246,5 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         pretrained=not args.no_pretrained, weights=args.weights,
         num_centers=args.num_centers, seed=args.seed, data_seed=args.data_seed,
         workers=args.workers, device=args.device, self_check=args.self_check,
-        holdout=args.holdout, precision=args.precision, **formulation_arguments(args))
+        holdout=args.holdout, precision=args.precision, pin_memory=args.pin_memory,
+        **formulation_arguments(args))

@@ -36,9 +36,10 @@ def _predict_set(model, dataset: TestDataset, indices: Sequence[int], batch_size
                  world: distributed.World, desc: str):
     scores, maps, masks, labels = [], [], [], []
     subset = torch.utils.data.Subset(dataset, list(indices))
-    loader = DataLoader(subset, batch_size=batch_size)
+    cuda = world.device.type == "cuda"
+    loader = DataLoader(subset, batch_size=batch_size, pin_memory=cuda)
     for batch in progress(loader, world, desc=desc):
-        s, m = model.predict(batch["image"].to(world.device))
+        s, m = model.predict(batch["image"].to(world.device, non_blocking=cuda))
         scores.append(s.float().cpu())
         maps.append(m[:, 0].float().cpu())
         masks.append(batch["mask"][:, 0].to(torch.uint8))

@@ -87,6 +87,8 @@ class TrainConfig:
     #: "fp32", "bf16" (the networks under bf16 autocast, snl.SNL's precision) or "auto":
     #: bf16 on a GPU, fp32 on a CPU
     precision: str = "auto"
+    #: training batches in page-locked memory, copied to a GPU without blocking (GPU only)
+    pin_memory: bool = True
 
     def resolved(self, device: torch.device) -> TrainConfig:
         """Fill the device-dependent defaults."""
@@ -245,7 +247,8 @@ def fit(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
     sampler = DistributedSampler(dataset, num_replicas=world.size, rank=world.rank,
                                  shuffle=True, seed=config.seed)
     loader = DataLoader(dataset, batch_size=config.batch_size, sampler=sampler,
-                        num_workers=config.workers)
+                        num_workers=config.workers,
+                        pin_memory=config.pin_memory and world.device.type == "cuda")
     optimizer = torch.optim.Adam(model.trainable_parameters(), lr=config.lr,
                                  betas=(config.beta1, config.beta2))
     if state is not None:
