@@ -220,6 +220,15 @@ def test_precision_option_trains_evaluates_and_predicts_in_bf16(data, tmp_path, 
     assert arguments.train_config(parse(["train"])).pin_memory is True
     assert arguments.train_config(parse(["train", "--no-pin-memory"])).pin_memory is False
     assert arguments.train_config(parse(["train", "--precision", "fp32"])).precision == "fp32"
+    # data loader processes: none on a CPU, up to 8 on a GPU, unless given
+    assert cli.TrainConfig().resolved(torch.device("cpu")).workers == 0
+    assert cli.TrainConfig().resolved(torch.device("cuda")).workers == min(8, os.cpu_count() or 1)
+    assert cli.TrainConfig(workers=3).resolved(torch.device("cuda")).workers == 3
+    assert arguments.train_config(parse(["train", "--workers", "2"])).workers == 2
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        parse(["train", "--workers", "-1"])
+    assert "expected an integer >= 0, got -1" in capsys.readouterr().err
     run = tmp_path / "run"
     assert cli.main(["train", "--data", str(data), "--backbone", "tf_efficientnet_lite0",
                      "--image-size", "64", "--epochs", "1", "--batch-size", "4",

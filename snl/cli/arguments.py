@@ -54,7 +54,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                                                         "shuffling)")
     t.add_argument("--data-seed", type=int,
                    help="seed of the embedded default set (default: --seed)")
-    t.add_argument("--workers", type=int, default=0, help="data loader processes")
+    t.add_argument("--workers", type=_non_negative, metavar="N",
+                   help="data loader processes (default: 0 on a CPU, min(8, CPUs) on a GPU)")
     t.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     _precision_argument(t, "auto")
     t.add_argument("--pin-memory", action=argparse.BooleanOptionalAction, default=True,
@@ -113,7 +114,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     c.add_argument("--reference", action="store_true", help="plain-PyTorch ops (fused=False)")
     c.add_argument("--no-pretrained", action="store_true", help="random teacher (tests only)")
     c.add_argument("--weights")
-    c.add_argument("--workers", type=int, default=0)
+    c.add_argument("--workers", type=_non_negative, metavar="N",
+                   help="data loader processes (default: 0 on a CPU, min(8, CPUs) on a GPU)")
     c.add_argument("--device")
     _precision_argument(c, "auto")
     c.add_argument("--out", default="runs", help="parent folder of the comparison folder")
@@ -163,6 +165,16 @@ def _self_check_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--holdout", type=_positive, default=HOLDOUT_MIN, metavar="N",
                    help="least number of training images held out per class: max(N, 10%%), "
                         f"at most half of them (default {HOLDOUT_MIN})")
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return value
 
 
 def _positive(text: str) -> int:

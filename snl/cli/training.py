@@ -77,7 +77,8 @@ class TrainConfig:
     #: seed of the embedded default data set; None: ``seed`` (the data set follows the
     #: training seed, as before this option existed)
     data_seed: int | None = None
-    workers: int = 0
+    #: data loader processes; None: 0 on a CPU, min(8, the CPUs) on a GPU
+    workers: int | None = None
     device: str | None = None
     #: hold out part of each class's training images and score them against cut-paste probes
     #: after training (:mod:`snl.selfcheck`); the held-out images are never trained on
@@ -98,6 +99,8 @@ class TrainConfig:
             if values[key] is None:
                 values[key] = value
         values["precision"] = resolved_precision(values["precision"], device)
+        if values["workers"] is None:
+            values["workers"] = min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
         return TrainConfig(**values)
 
     @classmethod
@@ -247,7 +250,7 @@ def fit(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
     sampler = DistributedSampler(dataset, num_replicas=world.size, rank=world.rank,
                                  shuffle=True, seed=config.seed)
     loader = DataLoader(dataset, batch_size=config.batch_size, sampler=sampler,
-                        num_workers=config.workers,
+                        num_workers=config.workers, persistent_workers=config.workers > 0,
                         pin_memory=config.pin_memory and world.device.type == "cuda")
     optimizer = torch.optim.Adam(model.trainable_parameters(), lr=config.lr,
                                  betas=(config.beta1, config.beta2))
