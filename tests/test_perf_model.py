@@ -84,6 +84,15 @@ def test_dot_flops_are_two_m_n_k_and_torch_work_is_counted():
     assert by_name["aten.zero_"].read_requested == 0
     assert by_name["aten.zero_"].write_requested == 4000
     assert by_name["aten.add_"].read_requested == 8000
+    # A filled tensor made like another reads nothing of it (a 0-dim one moves no bytes).
+    big = torch.randn(100_000)
+    made = {launch.kernel: launch for launch in _count(
+        lambda: (big.new_zeros(()), torch.zeros_like(big[:1000]), big.new_ones(500)))}
+    assert "aten.new_zeros" not in made  # nothing read, a scalar written: not a record
+    assert made["aten.zeros_like"].read_requested == 0
+    assert made["aten.zeros_like"].write_requested == 4000
+    assert made["aten.new_ones"].read_requested == 0
+    assert made["aten.new_ones"].write_requested == 2000
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ and warps of a GPU launch). While :func:`count` runs an op:
   floating-point arithmetic (add, sub, mul, div: 1 per lane; fma: 2);
 - every ATen op that moves data outside a kernel (the op's own PyTorch work: allocation
   fills, partial-sum reductions, autograd's gradient accumulation) is a record of kind
-  "torch": the bytes of its tensor inputs and outputs (views and allocations move none), and
+  "torch": the bytes of its tensor inputs and outputs (views and allocations move none; a
+  filled tensor made like another, ``new_zeros`` or ``zeros_like``, reads nothing), and
   2 M N K for matrix products.
 
 Nothing here models caches: distinct bytes are what a launch must move at least once, with
@@ -224,6 +225,9 @@ _FREE = ("empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided
          "_has_compatible_shallow_copy_type", "_to_copy_meta")
 #: In-place ATen ops that overwrite their first argument without reading it.
 _OVERWRITES = ("fill_", "zero_", "copy_")
+#: ATen ops that make a filled tensor like their tensor argument without reading it (only
+#: its shape, dtype and device): they write their output only.
+_FACTORIES = ("new_zeros", "new_ones", "new_full", "zeros_like", "ones_like", "full_like")
 _MATMULS = {"mm": (0, 1), "bmm": (0, 1), "addmm": (1, 2), "baddbmm": (1, 2)}
 
 
@@ -244,6 +248,8 @@ class _TorchWork(TorchDispatchMode):
         launch = Launch(kernel=f"aten.{name}", kind="torch", args=len(tensors))
         if name in _OVERWRITES:  # the tensor written in place is not read
             tensors = tensors[1:]
+        elif name in _FACTORIES:  # the tensor argument gives a shape, nothing is read
+            tensors = []
         launch.read_requested = launch.read_distinct = sum(_nbytes(t) for t in tensors)
         launch.write_requested = launch.write_distinct = sum(_nbytes(t) for t in outs)
         if name in _MATMULS:
