@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from . import _triton, checks, dispatch, reference, shared_torch
-from ._registration import register_kernel_ops
+from ._registration import plain_eager, register_kernel_ops
 from .reference import CosineDistances, SpatialChannelLoss
 
 OP = "cosine_distances"
@@ -162,8 +162,9 @@ def spatial_channel_loss(
     """Spatial-channel distillation terms summed over levels.
 
     ``pixel_mean = sum_k mean(pixel_k)`` (L_ch), ``channel_mean = sum_k mean(channel_k)``
-    (L_sp), ``sample_mean = sum_k mean(sample_k)`` (RD4AD's loss), one fused launch pair per
-    level.
+    (L_sp), ``sample_mean = sum_k mean(sample_k)`` (RD4AD's loss). On Triton in plain eager
+    mode, the three terms of :func:`snl_kernels.snl_distillation_loss` (its shared path, the
+    same values to float rounding); elsewhere :func:`cosine_distances` per level.
 
     Args:
         teachers: per-level (B, C_k, H_k, W_k) teacher features.
@@ -174,6 +175,31 @@ def spatial_channel_loss(
         ``SpatialChannelLoss(pixel_mean, channel_mean, sample_mean)``, 0-dim tensors.
     """
     checks.check_levels("spatial_channel_loss", teachers, students)
+    tensors = (*teachers, *students)
+    if _shared_triton(backend, tensors):
+        # The three means from the fused loss's Triton path: its host code recorded once
+        # per shape and replayed, 3 launches over three levels instead of 9 (host time on
+        # this project's CPU ~3x less, bench_host_step).
+        from .distillation import snl_distillation_loss
+
+        out = snl_distillation_loss(teachers, students, ("channel", "spatial", "rd"),
+                                    backend="triton")
+        return SpatialChannelLoss(pixel_mean=out["channel"], channel_mean=out["spatial"],
+                                  sample_mean=out["rd"])
+    return separate_means(teachers, students, backend)
+
+
+def _shared_triton(backend: str | None, tensors: Sequence[Tensor]) -> bool:
+    """Whether this op runs on Triton in plain eager mode (then through the shared path)."""
+    if not plain_eager(tensors) or any(t.dtype is torch.float64 for t in tensors):
+        return False
+    return dispatch.select_backend(OP, backend, tensors, IMPLEMENTED) == "triton"
+
+
+def separate_means(teachers: Sequence[Tensor], students: Sequence[Tensor],
+                   backend: str | None) -> SpatialChannelLoss:
+    """The three means from :func:`cosine_distances` per level (the specification's
+    composition, and every path but the plain-eager Triton one)."""
     terms = [cosine_distances(t, s, backend) for t, s in zip(teachers, students, strict=True)]
     return SpatialChannelLoss(
         pixel_mean=torch.stack([d.pixel.mean() for d in terms]).sum(),

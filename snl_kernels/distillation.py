@@ -44,7 +44,7 @@ from . import _env, _replay, _triton, checks, dispatch, precision, reference, sh
 from ._registration import fast_apply, plain_eager
 from .cosine_distances import IMPLEMENTED as COSINE_IMPLEMENTED
 from .cosine_distances import OP as COSINE_OP
-from .cosine_distances import spatial_channel_loss
+from .cosine_distances import separate_means
 from .inter_affinity_loss import IMPLEMENTED as INTER_IMPLEMENTED
 from .inter_affinity_loss import OP as INTER_OP
 from .inter_affinity_loss import delta_grad_job as inter_delta_grad_job
@@ -137,7 +137,7 @@ def _separate(teachers, students, terms, intra_distance, inter_distance, backend
     """The terms from the separate public ops (the specification)."""
     out: dict[str, Tensor] = {}
     if {"rd", "channel", "spatial"} & set(terms):
-        means = spatial_channel_loss(teachers, students, backend=backend)
+        means = separate_means(teachers, students, backend)
         for term, value in (("rd", means.sample_mean), ("channel", means.pixel_mean),
                             ("spatial", means.channel_mean)):
             if term in terms:

@@ -163,6 +163,36 @@ def test_shared_path_is_taken_only_in_plain_eager_triton(monkeypatch):
     assert taken == [1, 1]
 
 
+def test_spatial_channel_loss_on_triton_takes_the_shared_path(monkeypatch):
+    """Plain eager on Triton: the fused loss's three cosine terms (equal to the separate
+    ops' to float rounding, gradients too); under fake tensors: the separate ops."""
+    teachers, students = _levels(teacher_grad=True, zero_pixel=True)
+    taken = []
+    real = distillation._apply_shared
+    monkeypatch.setattr(distillation, "_apply_shared", lambda *a: taken.append(1) or real(*a))
+    got = snl_kernels.spatial_channel_loss(teachers, students, backend="triton")
+    assert taken == [1]
+    from snl_kernels.cosine_distances import separate_means
+
+    separate = separate_means(teachers, students, "triton")
+    assert taken == [1]
+    inputs = [*teachers, *students]
+    got_grads = torch.autograd.grad(sum(got), inputs)
+    want_grads = torch.autograd.grad(sum(separate), inputs)
+    for a, b in zip(got, separate, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as fake:
+        out = snl_kernels.spatial_channel_loss([fake.from_tensor(t) for t in teachers],
+                                               [fake.from_tensor(s) for s in students],
+                                               backend="triton")
+        assert out.sample_mean.shape == ()
+    assert taken == [1]
+
+
 def test_errors_name_the_argument():
     teachers, students = _levels()
     with pytest.raises(ValueError, match="terms must be a non-empty subset"):
