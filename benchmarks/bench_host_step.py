@@ -45,7 +45,7 @@ pytest.importorskip("triton", reason="the Triton backend needs triton")
 import snl_kernels
 from snl_kernels.perf import workloads
 
-OPS = ("distillation_l2", "distillation_l1", "cram", "anomaly_map")
+OPS = ("distillation_l2", "distillation_l1", "cosine", "cram", "anomaly_map")
 PROVIDERS = ("replayed", "bound", "triton-run")
 #: Small levels with B = 16's launch plans (one sample; the cosine blocks as for 16).
 LEVELS = ((16, 32, 32), (32, 16, 16), (128, 8, 8))
@@ -75,7 +75,11 @@ def _step(op: str):
         students = [(t + 0.5 * torch.randn(t.shape, generator=g)).requires_grad_()
                     for t in teachers]
         leaves = students
-        if op == "anomaly_map":
+        if op == "cosine":
+            def call():
+                out = snl_kernels.spatial_channel_loss(teachers, students, backend="triton")
+                torch.autograd.backward(list(out))
+        elif op == "anomaly_map":
             def call():
                 with torch.no_grad():
                     snl_kernels.anomaly_map(teachers, students, MAP_SIZE, 4.0, "add",
