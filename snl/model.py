@@ -17,6 +17,7 @@ reference; both give the same numbers.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Iterator
@@ -224,8 +225,11 @@ class SNL(nn.Module):
             ``Features(teachers, students, cram)``.
         """
         self.check_images(images)
-        with torch.autocast(images.device.type, dtype=torch.bfloat16,
-                            enabled=self.precision == "bf16"):
+        # fp32 leaves autocast as the caller set it (an enabled=False context would switch
+        # off a caller's own autocast)
+        bf16 = self.precision == "bf16"
+        with (torch.autocast(images.device.type, dtype=torch.bfloat16) if bf16
+              else contextlib.nullcontext()):
             with torch.no_grad():
                 teachers = self.teacher(images)
             embedding = self.ocbe(teachers)

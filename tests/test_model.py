@@ -201,6 +201,13 @@ def test_bf16_precision_runs_the_networks_in_bf16_and_keeps_float32_outputs(stru
     torch.testing.assert_close(model.predict(x)[0], plain.predict(x)[0])
 
 
+def test_fp32_precision_leaves_a_callers_autocast_on():
+    model = build()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        features = model(images())
+    assert features.students[0].dtype == torch.bfloat16
+
+
 def test_precision_is_checked():
     with pytest.raises(ValueError, match="precision must be one of 'fp32', 'bf16', got 'fp16'"):
         build(precision="fp16")
