@@ -137,18 +137,22 @@ def _record(benchmark, fn, kind: str, structure: str, mode: str, fused: bool, ba
             info["images_per_s"] = round(batch / median, 1)
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "reference"])
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("structure", ["snl", "rd"])
+def _every_case(test):
+    """Every structure x mode x path."""
+    for name, values, ids in (("structure", ["snl", "rd"], None), ("mode", MODES, None),
+                              ("fused", [True, False], ["fused", "reference"])):
+        test = pytest.mark.parametrize(name, values, ids=ids)(test)
+    return test
+
+
+@_every_case
 def test_training_step(benchmark, structure, mode, fused):
     _skip(mode)
     step = training_step(_model(structure, fused), mode)
     _record(benchmark, step, "training_step", structure, mode, fused, BATCH)
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "reference"])
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("structure", ["snl", "rd"])
+@_every_case
 def test_inference(benchmark, structure, mode, fused):
     _skip(mode)
     run = inference(_model(structure, fused), mode)
