@@ -11,7 +11,11 @@ Providers:
   path (norms and pooled levels computed once, levels grouped into launches);
 - ``shared-triton-graph``: the same forward and backward captured once in a CUDA graph and
   replayed (``torch.cuda.graph``): what the host overhead costs shows as the difference to
-  ``shared-triton``. A capture that fails fails this benchmark with the reason.
+  ``shared-triton``. A capture that fails fails this benchmark with the reason;
+- ``shared-triton-compile``: the shared path under ``torch.compile`` (its registered op
+  pair, ``snl_kernels/distillation_op.py``), what a compiled training step runs. Like
+  ``compile``, left out of the GPU round's timed benchmarks (``-k "not compile"``) for its
+  compile time.
 
 Kernel providers are timed on a CUDA GPU only (skipped elsewhere, with the reason).
 """
@@ -27,7 +31,8 @@ import snl_kernels
 from snl_kernels import distillation
 
 WEIGHTS = {"rd": 1.0, "channel": 0.01, "spatial": 0.01, "intra": 0.01, "inter": 0.01}
-PROVIDERS = ["eager", "compile", "separate-triton", "shared-triton", "shared-triton-graph"]
+PROVIDERS = ["eager", "compile", "separate-triton", "shared-triton", "shared-triton-graph",
+             "shared-triton-compile"]
 
 
 def _total(terms):
@@ -42,8 +47,9 @@ def _loss_fn(provider, distance):
     if provider == "separate-triton":
         return lambda t, s: _total(distillation._separate(t, s, distillation.TERMS, distance,
                                                           distance, "triton"))
-    return lambda t, s: _total(snl_kernels.snl_distillation_loss(
+    fn = lambda t, s: _total(snl_kernels.snl_distillation_loss(
         t, s, intra_distance=distance, inter_distance=distance, backend="triton"))
+    return torch.compile(fn, dynamic=False) if provider == "shared-triton-compile" else fn
 
 
 def _graphed(step):

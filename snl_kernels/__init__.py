@@ -14,6 +14,7 @@ automatic; see :mod:`snl_kernels.dispatch`):
 ``python -m snl_kernels`` prints what can run on this machine.
 """
 
+from . import distillation_op as _distillation_op  # noqa: F401  (registers its ops)
 from . import reference
 from ._version import __version__
 from .anomaly_map import anomaly_map

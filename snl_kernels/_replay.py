@@ -33,6 +33,7 @@ written.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import weakref
 from collections.abc import Callable, Hashable, Sequence
@@ -90,6 +91,27 @@ def mode() -> str:
 def recorder():
     """The recording in progress on this thread, or None (read by the launcher)."""
     return getattr(_local, "recording", None)
+
+
+class _NoLaunches:
+    """Stands in for a recording while host code runs on fake tensors: launches do nothing."""
+
+    @staticmethod
+    def launch(fn, grid, args, options, bound) -> None:
+        return None
+
+
+@contextlib.contextmanager
+def no_launches():
+    """Kernel launches on this thread do nothing inside the block: host code run on fake
+    tensors (a registered op's fake implementation) gives its outputs' metadata without a
+    kernel. No host program is recorded or replayed inside it."""
+    previous = getattr(_local, "recording", None)
+    _local.recording = _NoLaunches
+    try:
+        yield
+    finally:
+        _local.recording = previous
 
 
 def reasons() -> dict[str, str]:
@@ -360,7 +382,9 @@ class Programs:
 
 
 def _replayable() -> bool:
-    """No launch hook (tools, profilers) is installed: launches may skip Triton's path."""
+    """No launch hook (tools, profilers) is installed, and launches are not switched off
+    (:func:`no_launches`): launches may skip Triton's path."""
     from ._triton import launch
 
-    return launch.hook is None and not launch.hooked()
+    return (launch.hook is None and getattr(_local, "recording", None) is None
+            and not launch.hooked())

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from . import _triton, checks, dispatch, reference, shared_torch
-from ._registration import plain_eager, register_kernel_ops
+from ._registration import register_kernel_ops
 from .reference import CosineDistances, SpatialChannelLoss
 
 OP = "cosine_distances"
@@ -162,9 +162,9 @@ def spatial_channel_loss(
     """Spatial-channel distillation terms summed over levels.
 
     ``pixel_mean = sum_k mean(pixel_k)`` (L_ch), ``channel_mean = sum_k mean(channel_k)``
-    (L_sp), ``sample_mean = sum_k mean(sample_k)`` (RD4AD's loss). On Triton in plain eager
-    mode, the three terms of :func:`snl_kernels.snl_distillation_loss` (its shared path, the
-    same values to float rounding); elsewhere :func:`cosine_distances` per level.
+    (L_sp), ``sample_mean = sum_k mean(sample_k)`` (RD4AD's loss). On Triton, the three
+    terms of :func:`snl_kernels.snl_distillation_loss` (its shared path, the same values to
+    float rounding); elsewhere :func:`cosine_distances` per level.
 
     Args:
         teachers: per-level (B, C_k, H_k, W_k) teacher features.
@@ -190,8 +190,9 @@ def spatial_channel_loss(
 
 
 def _shared_triton(backend: str | None, tensors: Sequence[Tensor]) -> bool:
-    """Whether this op runs on Triton in plain eager mode (then through the shared path)."""
-    if not plain_eager(tensors) or any(t.dtype is torch.float64 for t in tensors):
+    """Whether this op runs on Triton (then through the shared path: plain eager, or the
+    registered op under ``torch.compile``, tracing and fake tensors)."""
+    if any(t.dtype is torch.float64 for t in tensors):
         return False
     return dispatch.select_backend(OP, backend, tensors, IMPLEMENTED) == "triton"
 

@@ -9,9 +9,10 @@ consecutive level pairs for the inter-affinity term):
 - ``inter``: ``sum_{k} inter_affinity_loss(T_k, T_{k+1}, S_k, S_{k+1})`` (§2.3),
 
 exactly what the separate public ops give (they remain the specification, and the
-reference path composes them). With the Triton backend in plain eager mode the terms are
-one ``torch.autograd.Function`` whose forward and backward call the kernels directly and
-share, per level:
+reference path composes them). With the Triton backend the terms are one
+``torch.autograd.Function`` in plain eager mode, and one registered op pair with the same
+host code elsewhere (``torch.compile``, tracing, fake tensors: :mod:`.distillation_op`),
+whose forward and backward call the kernels directly and share, per level:
 
 - the per-pixel sums of squares that the cosine kernel forms anyway: the pixels' inverse
   norms of the intra-affinity term come from them (no kernel re-reads T and S for norms);
@@ -26,8 +27,8 @@ and the gradients of every term for a level are added into one buffer, by the no
 and unpooling kernels themselves (no PyTorch additions of feature-sized tensors where the
 layouts allow it). In automatic mode where no kernel backend runs (CPU tensors) the same
 plan runs in PyTorch (:mod:`snl_kernels.shared_torch`). Elsewhere (the CUDA backend, an
-explicit ``backend="torch"``, ``torch.compile`` and fake tensors on a GPU) the separate ops
-run, each with the given ``backend``. The norms from the cosine
+explicit ``backend="torch"``, float64) the separate ops run, each with the given
+``backend``. The norms from the cosine
 sums are the same quantity as the separate ops' (``1 / max(|x|, eps)``) summed in another
 order, so the two paths agree to float rounding, not bit for bit.
 """
@@ -100,9 +101,17 @@ def snl_distillation_loss(teachers: Sequence[Tensor], students: Sequence[Tensor]
     for k, (t, s) in enumerate(zip(teachers, students, strict=True)):
         checks.check_features(OP, t, s, (f"teachers[{k}]", f"students[{k}]"))
     tensors = (*teachers, *students)
-    if _shared_path(backend, tensors):
-        plan = (terms, intra_distance, inter_distance, len(teachers), torch.is_grad_enabled())
-        values = _apply_shared(plan, *tensors)
+    if _triton_path(backend, tensors):
+        grad = torch.is_grad_enabled()
+        store = (2 if grad and any(t.requires_grad for t in teachers)
+                 else 1 if grad and any(s.requires_grad for s in students) else 0)
+        plan = (terms, intra_distance, inter_distance, len(teachers), store)
+        if plain_eager(tensors):
+            values = _apply_shared(plan, *tensors)
+        else:  # compiling, tracing, fake tensors, dispatch modes: the registered op
+            values = torch.ops.snl_triton.distillation_fwd(
+                list(teachers), list(students), list(terms), intra_distance, inter_distance,
+                store)[:len(terms)]
         return dict(zip(terms, values, strict=True))
     if _torch_shared(backend, tensors, terms):
         return shared_torch.distillation_terms(teachers, students, terms, intra_distance,
@@ -110,9 +119,11 @@ def snl_distillation_loss(teachers: Sequence[Tensor], students: Sequence[Tensor]
     return _separate(teachers, students, terms, intra_distance, inter_distance, backend)
 
 
-def _shared_path(backend: str | None, tensors: Sequence[Tensor]) -> bool:
+def _triton_path(backend: str | None, tensors: Sequence[Tensor]) -> bool:
+    """Whether the shared Triton path runs (in plain eager mode as :class:`_Shared`,
+    otherwise as the registered op ``snl_triton::distillation_fwd``)."""
     requested = dispatch.requested_backend(backend)
-    if requested not in (None, "triton") or not plain_eager(tensors):
+    if requested not in (None, "triton"):
         return False
     why_not = ("float64 inputs run on the reference only"
                if any(t.dtype == torch.float64 for t in tensors) else None)
@@ -174,7 +185,7 @@ class _Shared(torch.autograd.Function):
     def forward(ctx, plan, *tensors):
         needs = ctx.needs_input_grad
         key = _key(plan, needs, tensors)
-        leaves, spec = _FORWARD(key, _forward, tensors, plan, needs)
+        leaves, spec = _FORWARD(key, _forward, tensors, plan)
         count = len(plan[0])
         ctx.plan, ctx.key, ctx.spec = plan, key, spec
         ctx.saved = leaves[count:]
@@ -203,24 +214,22 @@ def _key(plan, needs, tensors) -> tuple:
             *[(t.shape, t.stride(), t.dtype, t.device, t.data_ptr() & 15) for t in tensors])
 
 
-def _forward(tensors, plan, needs_input_grad):
+def _forward(tensors, plan, zero_signs=False):
     """The forward's host code: ``(values, saved)``, the terms' values and what the backward
-    takes."""
+    takes. ``zero_signs``: the l1 levels' sign words start at zero (the kernels write the
+    upper triangle of tiles only; a registered op's outputs must not hold stale memory)."""
     ka, kc = _triton.kernels("affinity"), _triton.kernels("cosine_distances")
 
-    terms, intra_distance, inter_distance, levels, grad_enabled = plan
+    # store: the Gram path's loss kernel also writes the backward's Grams when a gradient
+    # will be asked for (2: the teacher's two too, where a teacher level requires one; 1:
+    # the student's; 0: none), decided by the caller in grad mode (inside forward it is
+    # always off).
+    terms, intra_distance, inter_distance, levels, store = plan
     teachers, students = tensors[:levels], tensors[levels:]
     zero = teachers[0].new_zeros((), dtype=torch.float32)
     values = dict.fromkeys(TERMS, zero)
     saved: dict = {"cos": [], "r_pix": [], "r_chan": [], "signs": [], "pooled": [],
                    "intra_plan": [], "inter_plan": [], "grams": []}
-    # The Gram path's loss kernel also writes the backward's Grams when a gradient will
-    # be asked for (the teacher's two only if a teacher level requires one); the call's
-    # grad mode comes in the plan (inside forward it is always off, and needs_input_grad
-    # does not look at it).
-    need_t = grad_enabled and any(needs_input_grad[1:1 + levels])
-    need_s = grad_enabled and any(needs_input_grad[1 + levels:])
-    store = 2 if need_t else 1 if need_s else 0
     squares = []  # the sums of squares whose inverse norms the affinity terms take
     for pixel, channel, sample, p_stats, c_stats in kc.forward_levels(
             list(teachers), list(students), EPS):
@@ -246,7 +255,8 @@ def _forward(tensors, plan, needs_input_grad):
             r_t, r_s = saved["r_pix"][k]
             B, _, H, W = t.shape
             l1 = intra_distance == "l1"
-            signs = t.new_empty(signs_shape("triton", t, intra_distance), dtype=torch.int32)
+            make = t.new_zeros if zero_signs else t.new_empty
+            signs = make(signs_shape("triton", t, intra_distance), dtype=torch.int32)
             saved["signs"].append(signs)
             saved["intra_plan"].append((grams, dot))
             scale = 1.0 / (B * (H * W) ** 2)
@@ -411,4 +421,4 @@ def _backward(inputs, plan, needs_input_grad, count, spec):
 
 _FORWARD = _replay.Programs("snl_distillation_loss forward")
 _BACKWARD = _replay.Programs("snl_distillation_loss backward")
-_apply_shared = fast_apply(_Shared)  # _shared_path has checked plain_eager
+_apply_shared = fast_apply(_Shared)  # the caller has checked plain_eager

@@ -155,7 +155,7 @@ def test_shared_path_is_taken_only_in_plain_eager_triton(monkeypatch):
     assert taken == [1, 1]
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    with FakeTensorMode() as fake:
+    with FakeTensorMode() as fake:  # the registered op (tests/test_distillation_op.py)
         ft = [fake.from_tensor(t) for t in teachers]
         fs = [fake.from_tensor(s) for s in students]
         out = snl_kernels.snl_distillation_loss(ft, fs, backend="triton")
@@ -165,7 +165,8 @@ def test_shared_path_is_taken_only_in_plain_eager_triton(monkeypatch):
 
 def test_spatial_channel_loss_on_triton_takes_the_shared_path(monkeypatch):
     """Plain eager on Triton: the fused loss's three cosine terms (equal to the separate
-    ops' to float rounding, gradients too); under fake tensors: the separate ops."""
+    ops' to float rounding, gradients too); under fake tensors: the fused loss's registered
+    op, not the plain-eager Function."""
     teachers, students = _levels(teacher_grad=True, zero_pixel=True)
     taken = []
     real = distillation._apply_shared

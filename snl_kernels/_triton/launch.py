@@ -76,12 +76,12 @@ def launch(fn, grid: tuple, args: dict[str, Any], **options: Any) -> None:
         TypeError: an argument of the kernel is missing from ``args`` (named), or ``args``
             names one the kernel does not have.
     """
+    recording = _replay.recorder()
+    if recording is not None:  # a host program's recording, or no launches at all
+        recording.launch(fn, grid, args, options, bound)
+        return
     if hook is not None:
         hook(fn, grid, args, options)
-        return
-    recording = _replay.recorder()
-    if recording is not None:
-        recording.launch(fn, grid, args, options, bound)
         return
     bound(fn, grid, args, options)
 
