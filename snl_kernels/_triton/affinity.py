@@ -9,8 +9,9 @@ in memory.
 
 This module gathers the launchers of four files, one kernel family each:
 ``affinity_tiles.py`` (the loaders, ``_dot`` and the tile choices they share),
-``affinity_delta.py`` (Delta tiles, the tiled backward), ``affinity_gram.py`` (the Gram path,
-the scaled products) and ``affinity_norms.py`` (norms, pooling).
+``affinity_delta.py`` (Delta tiles, the tiled backward), ``affinity_prepared.py`` (l1 at
+"tf32x3" from operands prepared for Hopper's asynchronous wgmma), ``affinity_gram.py`` (the
+Gram path, the scaled products) and ``affinity_norms.py`` (norms, pooling).
 
 Kernels:
 - ``_inv_norm_kernel``: 1 / max(|row|, eps) for every row.
@@ -21,6 +22,9 @@ Kernels:
 - ``_intra_tiled_grad_kernel``: dL/dX = -+2 X G for a block of pixels and channels, G from
   the Delta tiles of the pixel pairs recomputed on chip (l2), or for l1 from the forward's
   sign bits of Delta (N^2 / 8 bytes per sample; no N x N float matrix in memory).
+- ``_prepare_kernel``, ``_delta_prepared_kernel``, ``_grad_prepared_kernel``: the l1 loss's
+  Delta tiles and its backward's products with the sign bits at "tf32x3", from normalised
+  features split into tf32 parts beforehand (``affinity_prepared.py``).
 - ``_gram_loss_kernel`` / ``_gram_apply_kernel``: the C x C Gram form of intra-affinity l2:
   the loss from the upper triangle of tile pairs, which also writes the backward's Grams
   (formed once, by the forward when it runs with gradients), then their products with the

@@ -10,13 +10,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import cdiv, strides
+from . import affinity_prepared, cdiv, strides
 from .affinity_tiles import (
     BLOCK_K,
+    _delta_finish,
     _dot,
     _norms,
     _pow2,
-    _ready,
+    _sign_tile,
     _slot_names,
     _tile,
     _tiles,
@@ -56,35 +57,9 @@ def _delta_tile(
         acc = _dot(a_s, tl.trans(b_s - b_t), acc, PRECISION)
         acc = _dot(a_s - a_t, tl.trans(b_t), acc, PRECISION)
     delta = -acc  # A_T B_T^T - A_S B_S^T; rows and columns past the ends are 0
-    if L1:
-        delta = tl.where(_zero_pairs(r_as, r_at, r_bs, r_bt), 0.0, delta)
-    if WRITE_SIGNS:
-        # Bit j % 32 of word (i, j // 32) says Delta[i, j] > 0, for the tiles computed (the
-        # upper triangle of tiles); BITS = min(BJ, 32) columns per word of this tile.
-        bits = (delta > 0).to(tl.int32) << (rj % 32)[None, :]
-        words = tl.sum(tl.reshape(bits, [BI, BJ // BITS, BITS]), axis=2)
-        cols = (pid_j * BJ) // 32 + tl.arange(0, BJ // BITS)
-        keep = (ri < Ra)[:, None] & ((cols < WORDS) & (cols * 0 + pid_j >= pid_i))[None, :]
-        tl.store(sign_ptr + (b * Ra + ri[:, None]) * WORDS + cols[None, :], words, mask=keep)
-    if WRITE_GRAD:
-        # dL/dDelta = g coef Delta (l2, coef = 2 / M) or g coef sign(Delta) (l1, coef = 1 / M).
-        scale = tl.load(g_ptr) * coef
-        if L1:
-            grad = tl.where(delta > 0, scale, tl.where(delta < 0, -scale, 0.0))
-        else:
-            grad = delta * scale
-        # Stored as the operand the products with it (``scaled_mm``) read as it is.
-        mask = (ri < Ra)[:, None] & (rj < Rb)[None, :]
-        tl.store(out_ptr + (b * Ra + ri[:, None]) * Rb + rj[None, :], _ready(grad, PRECISION),
-                 mask=mask)
-    else:
-        if L1:
-            part = tl.sum(tl.sum(tl.abs(delta), axis=1), axis=0)
-        else:
-            part = tl.sum(tl.sum(delta * delta, axis=1), axis=0)
-        if SYMMETRIC:
-            part = tl.where(pid_j > pid_i, 2.0 * part, part)
-        tl.store(out_ptr + (b * n_i + pid_i) * n_j + pid_j, part)
+    _delta_finish(delta, r_as, r_at, r_bs, r_bt, ri, rj, pid_i, pid_j, b, n_i, n_j, Ra, Rb,
+                  WORDS, out_ptr, g_ptr, coef, sign_ptr, L1, WRITE_GRAD, SYMMETRIC,
+                  WRITE_SIGNS, BITS, BI, BJ, PRECISION)
 
 
 @triton.jit
@@ -191,15 +166,7 @@ def _intra_tiled_grad_tile(
         rj = j0 + tl.arange(0, BJ)
         r_sj, r_tj = _norms(rs_ptr, rt_ptr, b, rj, N)
         if SIGNS:
-            # l1 from the forward's sign bits: Delta is symmetric and only tiles (I, J) with
-            # I <= J (in units of BI = the forward's tile) were stored.
-            up = (ri // BI)[:, None] <= (rj // BI)[None, :]
-            row = tl.where(up, ri[:, None], rj[None, :])
-            col = tl.where(up, rj[None, :], ri[:, None])
-            inside = (ri < N)[:, None] & (rj < N)[None, :]
-            word = tl.load(sign_ptr + (b * N + row) * WORDS + col // 32, mask=inside, other=0)
-            gd = tl.where(((word >> (col % 32)) & 1) != 0, 1.0, -1.0)
-            gd = tl.where(inside & ~_zero_pairs(r_si, r_ti, r_sj, r_tj), gd, 0.0)
+            gd = _sign_tile(sign_ptr, ri, rj, b, N, WORDS, r_si, r_ti, r_sj, r_tj, BI)
         else:
             d = tl.zeros([BI, BJ], dtype=tl.float32)
             for k0 in range(0, C, BK):
@@ -347,8 +314,21 @@ def _delta_launch(a_s, a_t, b_s, b_t, r_as, r_at, r_bs, r_bt, pix_rows, l1, prec
 _DELTA_SLOTS = _slot_names(_DELTA_ARGS + _DELTA_CONSTANTS, DELTA_GROUP)
 
 
+def _split_off(jobs: list[dict], applies, alone, grouped) -> list:
+    """``alone(job)`` for each job that ``applies`` to, ``grouped`` of the others (one call),
+    the results in the jobs' order."""
+    picked = [applies(job) for job in jobs]
+    rest = iter(grouped([job for job, p in zip(jobs, picked, strict=True) if not p]))
+    return [alone(job) if p else next(rest) for job, p in zip(jobs, picked, strict=True)]
+
+
 def delta_group(jobs: list[dict]) -> list[Tensor]:
-    """:func:`delta` of every job (its keyword arguments), up to four per launch."""
+    """:func:`delta` of every job (its keyword arguments), up to four per launch; an
+    intra-affinity l1 loss at "tf32x3" from prepared operands, in launches of its own
+    (``affinity_prepared.py``)."""
+    if any(map(affinity_prepared.applies, jobs)):
+        return _split_off(jobs, affinity_prepared.applies, affinity_prepared.delta_l1,
+                          delta_group)
     outs = []
     for first in range(0, len(jobs), DELTA_GROUP):
         picked = [_delta_launch(**job) for job in jobs[first:first + DELTA_GROUP]]
@@ -413,7 +393,11 @@ def _tiled_launch(s, t, r_s, r_t, grad_loss, coef, l1, teacher, precision, signs
 
 def intra_tiled_grad_group(jobs: list[dict]) -> list[tuple[Tensor, Tensor | None]]:
     """:func:`intra_tiled_grad` of every job (its keyword arguments), up to three per
-    launch."""
+    launch; l1 at "tf32x3" from sign bits from prepared operands, in launches of its own
+    (``affinity_prepared.py``)."""
+    if any(map(affinity_prepared.grad_applies, jobs)):
+        return _split_off(jobs, affinity_prepared.grad_applies, affinity_prepared.grad_l1,
+                          intra_tiled_grad_group)
     outs = []
     for first in range(0, len(jobs), TILED_GROUP):
         picked = [_tiled_launch(**job) for job in jobs[first:first + TILED_GROUP]]

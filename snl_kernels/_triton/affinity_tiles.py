@@ -130,6 +130,59 @@ def _dot_ready(a, b, acc, PRECISION: tl.constexpr):
     return out
 
 
+@triton.jit
+def _delta_finish(delta, r_as, r_at, r_bs, r_bt, ri, rj, pid_i, pid_j, b, n_i, n_j, Ra, Rb,
+                  WORDS, out_ptr, g_ptr, coef, sign_ptr, L1: tl.constexpr,
+                  WRITE_GRAD: tl.constexpr, SYMMETRIC: tl.constexpr,
+                  WRITE_SIGNS: tl.constexpr, BITS: tl.constexpr, BI: tl.constexpr,
+                  BJ: tl.constexpr, PRECISION: tl.constexpr):
+    """What a Delta tile writes: its sign bits, dL/dDelta or its partial sum."""
+    if L1:
+        delta = tl.where(_zero_pairs(r_as, r_at, r_bs, r_bt), 0.0, delta)
+    if WRITE_SIGNS:
+        # Bit j % 32 of word (i, j // 32) says Delta[i, j] > 0, for the tiles computed (the
+        # upper triangle of tiles); BITS = min(BJ, 32) columns per word of this tile.
+        bits = (delta > 0).to(tl.int32) << (rj % 32)[None, :]
+        words = tl.sum(tl.reshape(bits, [BI, BJ // BITS, BITS]), axis=2)
+        cols = (pid_j * BJ) // 32 + tl.arange(0, BJ // BITS)
+        keep = (ri < Ra)[:, None] & ((cols < WORDS) & (cols * 0 + pid_j >= pid_i))[None, :]
+        tl.store(sign_ptr + (b * Ra + ri[:, None]) * WORDS + cols[None, :], words, mask=keep)
+    if WRITE_GRAD:
+        # dL/dDelta = g coef Delta (l2, coef = 2 / M) or g coef sign(Delta) (l1, coef = 1 / M).
+        scale = tl.load(g_ptr) * coef
+        if L1:
+            grad = tl.where(delta > 0, scale, tl.where(delta < 0, -scale, 0.0))
+        else:
+            grad = delta * scale
+        # Stored as the operand the products with it (``scaled_mm``) read as it is.
+        mask = (ri < Ra)[:, None] & (rj < Rb)[None, :]
+        tl.store(out_ptr + (b * Ra + ri[:, None]) * Rb + rj[None, :], _ready(grad, PRECISION),
+                 mask=mask)
+    else:
+        if L1:
+            part = tl.sum(tl.sum(tl.abs(delta), axis=1), axis=0)
+        else:
+            part = tl.sum(tl.sum(delta * delta, axis=1), axis=0)
+        if SYMMETRIC:
+            part = tl.where(pid_j > pid_i, 2.0 * part, part)
+        tl.store(out_ptr + (b * n_i + pid_i) * n_j + pid_j, part)
+
+
+@triton.jit
+def _sign_tile(sign_ptr, ri, rj, b, N, WORDS, r_si, r_ti, r_sj, r_tj, BI: tl.constexpr):
+    """l1's dL/dDelta up to its scale, +-1 or 0, for pixels ri x rj of sample b, from the
+    forward's sign bits: Delta is symmetric and only tiles (I, J) with I <= J (in units of
+    BI = the forward's tile) were stored; exactly 0 where both affinities are (zero
+    pixels) and outside the N x N matrix."""
+    up = (ri // BI)[:, None] <= (rj // BI)[None, :]
+    row = tl.where(up, ri[:, None], rj[None, :])
+    col = tl.where(up, rj[None, :], ri[:, None])
+    inside = (ri < N)[:, None] & (rj < N)[None, :]
+    word = tl.load(sign_ptr + (b * N + row) * WORDS + col // 32, mask=inside, other=0)
+    gd = tl.where(((word >> (col % 32)) & 1) != 0, 1.0, -1.0)
+    return tl.where(inside & ~_zero_pairs(r_si, r_ti, r_sj, r_tj), gd, 0.0)
+
+
 INTERPRETED = not isinstance(_dot, triton.runtime.JITFunction)
 # Tile choices of the two configurations (``gpu_config``): the interpreter's (small, few
 # numpy programs on test shapes) and the GPU's (``*_GPU``).
