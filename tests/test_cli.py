@@ -370,3 +370,55 @@ def test_checkpoints_from_before_the_loss_options_resume_with_the_first_formulat
     config = cli.TrainConfig.from_saved(old)
     assert training.formulation(config) == training.V1_FORMULATION
     assert config.seed == 3
+
+
+def test_an_epoch_reads_no_loss_on_the_host_per_step(monkeypatch):
+    """The training loop sums the losses on the device: no float()/item() per step (each
+    would wait for a GPU to finish the step), one read of the sums at the end, and the
+    epoch's means are the float64 means of the steps' losses."""
+    from torch.overrides import TorchFunctionMode
+
+    from snl import distributed
+    from snl.cli import training
+
+    class HostReads(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            name = getattr(func, "__name__", "")
+            if name in ("__float__", "item", "tolist", "__bool__", "__int__"):
+                self.names.append(name)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 1)
+
+    def step(images):
+        out = net(images).square().mean()
+        return {"rd": out * 0.5, "total": out}
+
+    batches = [torch.randn(4, 3) for _ in range(5)]
+    seen = []
+
+    def recording_step(images):
+        losses = step(images)
+        seen.append({k: float(v.detach()) for k, v in losses.items()})
+        return losses
+
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.0)  # the losses stay comparable
+    history: list[dict] = []
+    config = training.TrainConfig(epochs=1)
+    sampler = type("Sampler", (), {"set_epoch": lambda self, epoch: None})()
+    world = distributed.World()
+    monkeypatch.setattr(training, "PROGRESS_SECONDS", 1e9)
+    with HostReads() as reads:
+        training._epoch(0, config, net, step, batches, sampler, optimizer, world, history)
+    assert reads.names == ["tolist"]
+    training._epoch(0, config, net, recording_step, batches, sampler, optimizer, world,
+                    history)
+    for key in ("rd", "total"):
+        want = sum(s[key] for s in seen) / len(seen)
+        assert history[0][key] == pytest.approx(want, rel=1e-12)
+        assert history[1][key] == pytest.approx(want, rel=1e-12)

@@ -293,14 +293,23 @@ def fit(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
     return Fitted(model, config, data_root, check)
 
 
+#: Least seconds between two updates of the training progress bar's loss (each one waits
+#: for the GPU).
+PROGRESS_SECONDS = 1.0
+
+
 def _epoch(epoch: int, config: TrainConfig, model, step_module: nn.Module, loader, sampler,
            optimizer, world: distributed.World, history: list[dict]) -> None:
     """One epoch of training; appends its mean losses and seconds to ``history``."""
     sampler.set_epoch(epoch)
     model.train()
-    sums: dict[str, float] = {}
+    # The losses are summed on the device (in float64, as Python floats were): reading one
+    # (float()) waits for the GPU to finish the step, so the host could not queue the next
+    # step's launches while it runs. The progress bar reads the total at most once a second.
+    keys: list[str] = []
+    sums = None
     steps = 0
-    started = time.perf_counter()
+    started = shown = time.perf_counter()
     bar = progress(loader, world, desc=f"epoch {epoch + 1}/{config.epochs}")
     for images in bar:
         losses = step_module(images.to(world.device, non_blocking=True))
@@ -308,12 +317,17 @@ def _epoch(epoch: int, config: TrainConfig, model, step_module: nn.Module, loade
         losses["total"].backward()
         optimizer.step()
         steps += 1
-        for key, value in losses.items():
-            sums[key] = sums.get(key, 0.0) + float(value.detach())
-        if world.is_main and hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=f"{float(losses['total'].detach()):.3f}")
+        if sums is None:
+            keys = list(losses)
+        values = torch.stack([losses[k].detach().double() for k in keys])
+        sums = values if sums is None else sums + values
+        if (world.is_main and hasattr(bar, "set_postfix")
+                and time.perf_counter() - shown >= PROGRESS_SECONDS):
+            bar.set_postfix(loss=f"{float(values[keys.index('total')]):.3f}")
+            shown = time.perf_counter()
     distributed.broadcast_buffers(world, model)
-    means = {k: v / max(steps, 1) for k, v in sums.items()}
+    totals = [] if sums is None else sums.tolist()
+    means = {k: v / max(steps, 1) for k, v in zip(keys, totals, strict=True)}
     history.append({"epoch": epoch + 1, "seconds": time.perf_counter() - started, **means})
     log(world, f"epoch {epoch + 1}/{config.epochs}: "
                + ", ".join(f"{k} {v:.4f}" for k, v in means.items())
