@@ -422,3 +422,36 @@ def test_an_epoch_reads_no_loss_on_the_host_per_step(monkeypatch):
         want = sum(s[key] for s in seen) / len(seen)
         assert history[0][key] == pytest.approx(want, rel=1e-12)
         assert history[1][key] == pytest.approx(want, rel=1e-12)
+
+
+def test_compile_option_compiles_the_step_and_trains_the_same(data, tmp_path, monkeypatch,
+                                                              capsys):
+    """``--compile``: the step goes through torch.compile (here with AOTAutograd's eager
+    backend: Inductor's C++ compile is slow on a CPU and is tested in test_model), the run
+    trains to the parameters of an eager run to float rounding, and the option is saved."""
+    from snl.cli import arguments, training
+
+    parse = arguments.build_parser("snl").parse_args
+    assert arguments.train_config(parse(["train"])).compile is False
+    assert arguments.train_config(parse(["train", "--compile"])).compile is True
+    monkeypatch.setattr(training, "COMPILE_OPTIONS", {"backend": "aot_eager"})
+    calls = []
+    real = training.compiled
+    monkeypatch.setattr(training, "compiled", lambda m: calls.append(m) or real(m))
+    torch._dynamo.reset()
+    argv = ["train", "--data", str(data), "--backbone", "tf_efficientnet_lite0",
+            "--image-size", "64", "--epochs", "1", "--batch-size", "4", "--num-centers", "4",
+            "--device", "cpu", "--no-self-check", "--out", str(tmp_path)]
+    capsys.readouterr()
+    assert cli.main([*argv, "--compile", "--name", "compiled"]) == 0
+    assert "(snl, fused=True, fp32, compiled)" in capsys.readouterr().out
+    assert len(calls) == 1
+    assert json.loads((tmp_path / "compiled" / "config.json").read_text())["compile"] is True
+    assert cli.main([*argv, "--name", "eager"]) == 0
+    assert len(calls) == 1
+    a = checkpoint.load(tmp_path / "compiled" / "checkpoints" / "last.pt")["model"]
+    b = checkpoint.load(tmp_path / "eager" / "checkpoints" / "last.pt")["model"]
+    assert a.keys() == b.keys()
+    for key in a:
+        if a[key].is_floating_point():
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)

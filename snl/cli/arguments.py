@@ -61,6 +61,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     t.add_argument("--pin-memory", action=argparse.BooleanOptionalAction, default=True,
                    help="training batches in page-locked memory, copied to the GPU without "
                         "blocking (GPU only; default: on)")
+    t.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="compile the training step with torch.compile (the first steps "
+                        "compile; the fused loss stays one op; default: off)")
     t.add_argument("--out", default="runs", help="parent folder of run folders")
     t.add_argument("--name", help="run folder name (default: a timestamp)")
     t.add_argument("--resume", metavar="RUN_DIR", help="go on with an interrupted run")
@@ -257,4 +260,4 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         num_centers=args.num_centers, seed=args.seed, data_seed=args.data_seed,
         workers=args.workers, device=args.device, self_check=args.self_check,
         holdout=args.holdout, precision=args.precision, pin_memory=args.pin_memory,
-        **formulation_arguments(args))
+        compile=args.compile, **formulation_arguments(args))

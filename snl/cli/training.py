@@ -90,6 +90,9 @@ class TrainConfig:
     precision: str = "auto"
     #: training batches in page-locked memory, copied to a GPU without blocking (GPU only)
     pin_memory: bool = True
+    #: the training step's forward (and so its backward) compiled with ``torch.compile``;
+    #: the fused loss stays one op in the compiled graph
+    compile: bool = False
 
     def resolved(self, device: torch.device) -> TrainConfig:
         """Fill the device-dependent defaults."""
@@ -258,6 +261,8 @@ def fit(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
     step_module: nn.Module = _LossModule(model)
+    if config.compile:
+        step_module = compiled(step_module)
     if world.distributed:
         # Gradients as views of the all-reduce buckets: no copy into and out of the buckets
         # each step. The parameters' gradients keep the parameters' (contiguous) strides, as
@@ -266,7 +271,7 @@ def fit(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
             step_module, device_ids=[world.device.index] if world.device.type == "cuda" else None,
             gradient_as_bucket_view=True)
     log(world, f"training {config.backbone} ({config.structure}, fused={config.fused}, "
-               f"{config.precision}) on "
+               f"{config.precision}{', compiled' if config.compile else ''}) on "
                f"{len(dataset)} images of {', '.join(dataset.classes)} at "
                f"{config.image_size}px, {config.epochs} epochs, {world.size} process(es) "
                f"on {world.device.type}")
@@ -291,6 +296,15 @@ def fit(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
             selfcheck.write(run_dir, check)
         log(world, selfcheck.summary_line(check))
     return Fitted(model, config, data_root, check)
+
+
+#: ``torch.compile``'s options for ``--compile`` (Inductor by default).
+COMPILE_OPTIONS: dict = {}
+
+
+def compiled(module: nn.Module) -> nn.Module:
+    """``module`` compiled with ``torch.compile`` (the first steps of each shape compile)."""
+    return torch.compile(module, **COMPILE_OPTIONS)
 
 
 #: Least seconds between two updates of the training progress bar's loss (each one waits
