@@ -78,11 +78,15 @@ def triton_import_error() -> str | None:
     return _triton_error
 
 
+@torch.compiler.assume_constant_result
 def triton_interpreted() -> bool:
     """Whether this process's Triton kernels run on the CPU interpreter.
 
     Triton reads ``TRITON_INTERPRET`` when a kernel is defined, that is when the kernel
-    modules are imported; before that, the variable's current value decides.
+    modules are imported; before that, the variable's current value decides. Under
+    ``torch.compile`` the answer is a constant of the graph: Dynamo would otherwise guard on
+    the module's absence from ``sys.modules``, and a compile that imports the kernels (the
+    first call of a process) would fail its own guard.
     """
     module = sys.modules.get("snl_kernels._triton.cosine_distances")
     if module is not None:

@@ -3,6 +3,8 @@ fused op, fake tensors, dispatch modes, and (on a GPU) Inductor and CUDA graphs.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from support import DEVICE, NO_TRITON, requires_gpu
@@ -199,3 +201,31 @@ def test_inductor_and_cuda_graphs_keep_the_fused_kernels(mode):
     for a, b in zip(grads, torch.autograd.grad(want, students), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+
+
+def test_compiling_first_in_a_fresh_process(tmp_path):
+    """A process whose first call of the fused loss is compiled (the kernel modules not
+    imported yet): Dynamo's guards must not depend on the imports that tracing does."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "first.py"
+    script.write_text(
+        "import sys, torch, snl_kernels\n"
+        "t = [torch.randn(2, 8, 6, 6, device=sys.argv[1]),\n"
+        "     torch.randn(2, 12, 3, 3, device=sys.argv[1])]\n"
+        "s = [(x + 0.1).requires_grad_(True) for x in t]\n"
+        "def loss(t, s):\n"
+        "    return sum(snl_kernels.snl_distillation_loss(t, s, backend='triton').values())\n"
+        "out = torch.compile(loss, backend='aot_eager', fullgraph=True)(t, s)\n"
+        "torch.autograd.grad(out, s)\n"
+        "torch.testing.assert_close(out, loss(t, s))\n"
+        "print('ok')\n")
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1" if DEVICE == "cpu" else "0",
+               PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, str(script), DEVICE], capture_output=True,
+                            text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("ok")
