@@ -333,7 +333,7 @@ def _epoch(epoch: int, config: TrainConfig, model, step_module: nn.Module, loade
         steps += 1
         if sums is None:
             keys = list(losses)
-        values = torch.stack([losses[k].detach().double() for k in keys])
+        values = torch.stack([losses[k].detach() for k in keys]).double()
         sums = values if sums is None else sums + values
         if (world.is_main and hasattr(bar, "set_postfix")
                 and time.perf_counter() - shown >= PROGRESS_SECONDS):
