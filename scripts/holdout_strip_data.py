@@ -11,7 +11,7 @@ moved apart: per class, the files ``snl train`` will hold out (``snl.data.split_
 minimum 8) are cut from the last ``crop`` rows of the training band, every other training
 crop from the rows above them. No trained pixel is in a held-out image; the test crops are
 the default set's, from the bottom band. ``holdout_strip.json`` records every training
-crop's box and whether it is held out.
+crop's box and whether it is held out; ``dataset.json``'s boxes are the new ones too.
 """
 
 from __future__ import annotations
@@ -51,6 +51,11 @@ def build(out: Path, data_seed: int = 0, size: int = 128, **counts: int) -> dict
             textures._save_png(image, path)
             record[path.relative_to(out).as_posix()] = {"box": box,
                                                         "held_out": path in chosen}
+    manifest = json.loads((out / "dataset.json").read_text())
+    for key, value in record.items():  # the boxes the training crops now come from
+        name, rel = key.split("/", 1)
+        manifest["boxes"][name][rel] = value["box"]
+    (out / "dataset.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
     with open(out / "holdout_strip.json", "w") as f:
         json.dump({"what": __doc__.split("\n\n")[0], "params": params, "boxes": record}, f,
                   indent=1)

@@ -34,7 +34,7 @@ import html
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +49,7 @@ from .data.holdout import (
     to_model_input,
 )
 from .data.probes import _PATCH
+from .data.textures import read_manifest
 
 #: A class whose self-check figure (probe image AUROC) is below this is flagged.
 FLAG_BELOW = 0.77
@@ -93,8 +94,9 @@ def run(model, holdout: Holdout, size: int, device: torch.device | str | None = 
         the metrics of :func:`snl.metrics.evaluate` on held-out vs probes, ``paired``: the
         fraction of probes scored above the held-out image they were made from, ties
         counting half, and ``flagged``),
-        ``flagged`` (the flagged classes, in order), ``flag_below``, ``figure``, and the
-        held-out files (``held_out``) and each probe's sources (``probe_sources``).
+        ``flagged`` (the flagged classes, in order), ``flag_below``, ``figure``,
+        ``shared_pixels`` (:func:`shared_pixels`; None without ``root``), and the held-out
+        files (``held_out``) and each probe's sources (``probe_sources``).
     """
     if device is None:
         device = next(model.parameters()).device
@@ -123,10 +125,51 @@ def run(model, holdout: Holdout, size: int, device: torch.device | str | None = 
 
     return {"figure": FIGURE, "what": _WHAT, "flag_below": FLAG_BELOW,
             "holdout_fraction": HOLDOUT_FRACTION, "probes_per_image": PROBES_PER_IMAGE,
-            "held_out_trained_on": False, "classes": classes,
+            "held_out_trained_on": False,
+            "shared_pixels": shared_pixels(holdout, root) if root is not None else None,
+            "classes": classes,
             "flagged": [name for name, row in classes.items() if row["flagged"]],
             "held_out": {name: [rel(p) for p in paths] for name, paths in holdout.held.items()},
             "probe_sources": sources}
+
+
+def _intersect(a: Sequence[int], b: Sequence[int]) -> bool:
+    """Whether two ``[y, x, h, w]`` boxes share a pixel."""
+    return a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]
+
+
+def shared_pixels(holdout: Holdout, root: str | os.PathLike) -> dict[str, int] | None:
+    """Per class, how many held-out images share pixels with an image trained on.
+
+    Known only for the embedded default set, whose ``dataset.json`` records the box each
+    image was cut from its photograph (None for any other data: separate photographs share
+    none). There every training crop comes from one band of a photograph, so most held-out
+    crops overlap trained ones; the self-check's figure follows such familiar images poorly
+    (``docs/cli.md``).
+    """
+    root = Path(root)
+    manifest = read_manifest(root / "dataset.json", "snl.data.textures")
+    if manifest is None:
+        return None
+    counts = {}
+    for name, paths in holdout.held.items():
+        boxes = manifest.get("boxes", {}).get(name, {})
+        held = {p.relative_to(root / name).as_posix() for p in paths}
+        trained = [box for key, box in boxes.items()
+                   if key.startswith("train/") and key not in held]
+        counts[name] = sum(any(_intersect(boxes[key], box) for box in trained)
+                           for key in sorted(held) if key in boxes)
+    return counts
+
+
+def _shared_note(check: Mapping) -> str:
+    shared = check.get("shared_pixels") or {}
+    if not any(shared.values()):
+        return ""
+    held = sum(row["held_out"] for row in check["classes"].values())
+    return (f"{sum(shared.values())} of the {held} held-out images share pixels with "
+            "trained ones (the embedded set's crops overlap); the figure follows such "
+            "images poorly")
 
 
 def cutpaste_batch(images: torch.Tensor, seed: int = 0,
@@ -196,8 +239,9 @@ def summary_line(check: Mapping) -> str:
     flagged = check["flagged"]
     verdict = (f"{len(flagged)} flagged ({', '.join(flagged)})" if flagged
                else "no class flagged")
+    note = _shared_note(check)
     return (f"self-check (probe image AUROC, flagged below {100 * check['flag_below']:.1f}): "
-            f"{values}; {verdict}")
+            f"{values}; {verdict}" + (f". Note: {note}" if note else ""))
 
 
 def preference(check: Mapping) -> tuple[float, float, float]:
@@ -231,7 +275,8 @@ def _explanation(check: Mapping) -> str:
             f"against {check['probes_per_image']} cut-paste probes each (a rectangle of "
             f"{lender}): the image AUROC per class, no label used. A class below "
             f"{100 * check['flag_below']:.1f} is flagged: the student may reproduce anomalies "
-            "instead of flagging them.")
+            "instead of flagging them." + (f" Note: {note}." if (note := _shared_note(check))
+                                           else ""))
 
 
 def _rows(check: Mapping) -> list[list[str]]:

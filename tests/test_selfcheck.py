@@ -175,6 +175,15 @@ def test_trained_student_passes_and_identity_student_is_flagged(data, tmp_path, 
         np.mean([table[n]["self_check"] for n in ("brick", "gravel")]))
     assert "| self-check |" in printed  # the console summary's column
     assert ">Self-check</h2>" in (run / "report.html").read_text()
+    # The embedded set's held-out crops overlap trained ones; the run and its reports say so.
+    shared = check["shared_pixels"]
+    assert shared == selfcheck.shared_pixels(split_holdout(data), data)
+    assert sorted(shared) == ["brick", "gravel"]
+    assert 0 < sum(shared.values()) <= 16
+    note = (f"Note: {sum(shared.values())} of the 16 held-out images share pixels with trained "
+            "ones")
+    assert note in printed
+    assert note in (run / "report.md").read_text()
 
     # The same model, its student made to reproduce the teacher: every score ties.
     identity = selfcheck.run(_identity(model), split_holdout(data), 64, "cpu", root=data)
@@ -309,6 +318,24 @@ def test_strip_data_holds_out_pixels_no_trained_image_shows(tmp_path):
     for path in (tmp_path / "default").rglob("test/**/*.png"):
         twin = tmp_path / "strip" / path.relative_to(tmp_path / "default")
         assert twin.read_bytes() == path.read_bytes()
+    # dataset.json records the moved boxes: no held-out image shares a trained pixel
+    assert selfcheck.shared_pixels(held, tmp_path / "strip") == {n: 0 for n in held.held}
+    default = selfcheck.shared_pixels(split_holdout(tmp_path / "default"), tmp_path / "default")
+    assert sum(default.values()) > 0
+    check = {"shared_pixels": default,
+             "classes": {n: {"held_out": 8, "image_auroc": 0.9} for n in default}}
+    assert "Note:" in selfcheck.summary_line({**check, "flag_below": 0.77, "flagged": []})
+    check["shared_pixels"] = dict.fromkeys(default, 0)
+    assert "Note:" not in selfcheck.summary_line({**check, "flag_below": 0.77, "flagged": []})
+    (tmp_path / "default" / "dataset.json").unlink()  # any other data: not known
+    assert selfcheck.shared_pixels(held, tmp_path / "default") is None
+
+
+def test_boxes_share_pixels_only_when_they_overlap():
+    assert selfcheck._intersect([0, 0, 64, 64], [63, 63, 64, 64])
+    assert not selfcheck._intersect([0, 0, 64, 64], [64, 0, 64, 64])  # touching rows
+    assert not selfcheck._intersect([0, 0, 64, 64], [0, 64, 64, 64])  # touching columns
+    assert selfcheck._intersect([10, 10, 5, 5], [0, 0, 64, 64])  # inside
 
 
 def test_restarts_say_when_a_class_is_flagged_in_every_seed():
