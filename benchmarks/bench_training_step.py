@@ -10,6 +10,9 @@ structure in the modes:
   features and accumulate in fp32);
 - ``graph``: the fp32 step captured once in a CUDA graph and replayed (Adam with
   ``capturable=True``; GPU only);
+- ``channels_last``: ``eager`` with the networks' weights and the images in channels-last
+  memory (``snl train --channels-last``). Left out of the GPU round, whose step budget holds
+  the three modes above; time it with ``-k channels_last``;
 - ``compile``: the loss (or ``predict``) through ``torch.compile`` (the backward through
   AOTAutograd, Adam eager). Slow to compile: the GPU round runs it last, with the other
   ``compile`` benchmarks, if time is left; on a CPU it runs only with ``SNL_SLOW_TESTS=1``.
@@ -35,7 +38,7 @@ from shapes import DEVICE, HAS_GPU
 BACKBONE, SIZE = ("wide_resnet50_2", 256) if HAS_GPU else ("tf_efficientnet_lite0", 128)
 BATCH = 16
 INFER_BATCH = int(os.environ.get("SNL_INFER_BATCH", "64" if HAS_GPU else "16"))
-MODES = ("eager", "bf16", "graph", "compile")
+MODES = ("eager", "bf16", "graph", "channels_last", "compile")
 ROUNDS = 20 if HAS_GPU else 5
 
 
@@ -47,12 +50,17 @@ def _skip(mode: str) -> None:
         pytest.skip("torch.compile of the whole model takes minutes on a CPU (SNL_SLOW_TESTS=1)")
 
 
-def _model(structure: str, fused: bool):
+def _model(structure: str, fused: bool, mode: str):
     import snl
 
     torch.manual_seed(0)
-    return snl.SNL(backbone=BACKBONE, pretrained=False, structure=structure,
-                   fused=fused).to(DEVICE)
+    model = snl.SNL(backbone=BACKBONE, pretrained=False, structure=structure,
+                    fused=fused).to(DEVICE)
+    return model.to(memory_format=_layout(mode))
+
+
+def _layout(mode: str) -> torch.memory_format:
+    return torch.channels_last if mode == "channels_last" else torch.contiguous_format
 
 
 def _autocast(mode: str):
@@ -79,7 +87,8 @@ def training_step(model, mode: str):
     model.train()
     optimizer = torch.optim.Adam(model.trainable_parameters(), lr=0.005, betas=(0.5, 0.999),
                                  capturable=mode == "graph")
-    images = torch.randn(BATCH, 3, SIZE, SIZE, device=DEVICE)
+    images = torch.randn(BATCH, 3, SIZE, SIZE, device=DEVICE).contiguous(
+        memory_format=_layout(mode))
     loss_fn = model.loss
     if mode == "compile":
         loss_fn = torch.compile(model.loss)
@@ -104,7 +113,8 @@ def training_step(model, mode: str):
 def inference(model, mode: str):
     """``predict`` of ``model`` on an inference batch in ``mode`` as a callable."""
     model.eval()
-    images = torch.randn(INFER_BATCH, 3, SIZE, SIZE, device=DEVICE)
+    images = torch.randn(INFER_BATCH, 3, SIZE, SIZE, device=DEVICE).contiguous(
+        memory_format=_layout(mode))
     predict = torch.compile(model.predict) if mode == "compile" else model.predict
 
     def run():
@@ -148,12 +158,12 @@ def _every_case(test):
 @_every_case
 def test_training_step(benchmark, structure, mode, fused):
     _skip(mode)
-    step = training_step(_model(structure, fused), mode)
+    step = training_step(_model(structure, fused, mode), mode)
     _record(benchmark, step, "training_step", structure, mode, fused, BATCH)
 
 
 @_every_case
 def test_inference(benchmark, structure, mode, fused):
     _skip(mode)
-    run = inference(_model(structure, fused), mode)
+    run = inference(_model(structure, fused, mode), mode)
     _record(benchmark, run, "inference", structure, mode, fused, INFER_BATCH)

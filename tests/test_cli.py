@@ -455,3 +455,51 @@ def test_compile_option_compiles_the_step_and_trains_the_same(data, tmp_path, mo
     for key in a:
         if a[key].is_floating_point():
             torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_channels_last_option_trains_in_nhwc_and_the_same(data, tmp_path, capsys):
+    """``--channels-last``: the networks' 4-D weights and the batches are channels-last while
+    training, the run's losses are a default run's to float rounding (the convolutions sum
+    in another order), and the option is saved."""
+    from snl.cli import arguments, training
+
+    parse = arguments.build_parser("snl").parse_args
+    assert arguments.train_config(parse(["train"])).channels_last is False
+    assert arguments.train_config(parse(["train", "--channels-last"])).channels_last is True
+    seen = []
+    real_epoch = training._epoch
+
+    def epoch(e, config, model, step_module, loader, *rest):
+        real_forward = model.forward
+        model.forward = lambda x: seen.append(x.is_contiguous(
+            memory_format=torch.channels_last)) or real_forward(x)
+        try:
+            return real_epoch(e, config, model, step_module, loader, *rest)
+        finally:
+            del model.forward
+
+    argv = ["train", "--data", str(data), "--backbone", "tf_efficientnet_lite0",
+            "--image-size", "64", "--epochs", "1", "--batch-size", "4", "--num-centers", "4",
+            "--device", "cpu", "--no-self-check", "--out", str(tmp_path)]
+    config = arguments.train_config(parse([*argv, "--channels-last"]))
+    training._epoch, saved = epoch, training._epoch
+    try:
+        model = cli.train(config, tmp_path / "nhwc", evaluate_after=False)
+    finally:
+        training._epoch = saved
+    assert "(snl, fused=True, fp32, channels-last)" in capsys.readouterr().out
+    assert seen
+    assert all(seen)
+    convs = [p for p in model.parameters() if p.dim() == 4 and p.shape[-1] > 1]
+    assert convs
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    assert json.loads((tmp_path / "nhwc" / "config.json").read_text())["channels_last"] is True
+    assert cli.main([*argv, "--name", "default"]) == 0
+    # Adam moves a parameter whose gradient is about 0 by up to lr either way, so the
+    # parameters are not compared; the epoch's mean losses are (the same to ~1e-4).
+    a = checkpoint.load(tmp_path / "nhwc" / "checkpoints" / "last.pt")["history"][0]
+    b = checkpoint.load(tmp_path / "default" / "checkpoints" / "last.pt")["history"][0]
+    assert a.keys() == b.keys()
+    for key in a:
+        if key not in ("epoch", "seconds"):
+            assert a[key] == pytest.approx(b[key], rel=1e-3), key
