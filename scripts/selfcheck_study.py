@@ -4,9 +4,10 @@
     python scripts/selfcheck_study.py epochs OUT --seeds 0,1,2 [--data DIR] [--set w_ch=1 ...]
 
 ``bases`` re-scores the last checkpoint of every run under each ``DIR/runs`` (``snl compare``
-folders) with the self-check's cut-paste probes built four ways: the base (normal) images
+folders) with the self-check's cut-paste probes built five ways: the base (normal) images
 are the held-out training images (``H``, as ``snl train`` does) or the first 8 ``test/good``
-images (``T``), and the pasted rectangle comes from another class's ``H`` or ``T`` images.
+images (``T``), and the pasted rectangle comes from another class's ``H`` or ``T`` images;
+``RR`` turns the held-out images by 180 degrees, bases and patches.
 It prints the figure of every class-run and, per base and lender, the Spearman rank
 correlation with the run's real image AUROC and the class-runs under
 ``snl.selfcheck.FLAG_BELOW`` among the broken and the good ones (broken: more than 10 points
@@ -41,17 +42,21 @@ from snl.data import TestDataset, split_holdout
 from snl.data.holdout import PROBES_PER_IMAGE, to_model_input
 from snl.data.probes import _cutpaste, _read
 
-KINDS = ("HH", "HT", "TH", "TT")  # base kind, lender kind
+KINDS = ("HH", "HT", "TH", "TT", "RR")  # base kind, lender kind
 BROKEN_BELOW_MEDIAN = 0.10
 TEST_BASES = 8
 
 
 def pools(data: Path, size: int) -> dict[str, dict[str, list[np.ndarray]]]:
-    """``{"H" | "T": {class: images}}``: held-out training images and ``test/good`` ones."""
+    """``{"H" | "T" | "R": {class: images}}``: held-out training images, ``test/good``
+    ones, and the held-out images turned by 180 degrees (familiar pixels, new layout)."""
     held = split_holdout(data, "all")
-    return {"H": {c: [_read(p, size) for p in paths] for c, paths in held.held.items()},
-            "T": {c: [_read(p, size) for p in sorted((data / c / "test" / "good").glob("*.png"))
-                      [:TEST_BASES]] for c in held.held}}
+    images = {"H": {c: [_read(p, size) for p in paths] for c, paths in held.held.items()},
+              "T": {c: [_read(p, size) for p in sorted((data / c / "test" / "good").glob("*.png"))
+                        [:TEST_BASES]] for c in held.held}}
+    images["R"] = {c: [np.ascontiguousarray(a[::-1, ::-1]) for a in v]
+                   for c, v in images["H"].items()}
+    return images
 
 
 def probe_images(images: dict, kind: str, name: str, seed: int = 0) -> tuple[np.ndarray, int]:

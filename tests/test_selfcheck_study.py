@@ -40,7 +40,8 @@ def study():
 
 def test_probes_take_bases_and_lenders_from_the_named_images(data, study):
     images = study.pools(data, 64)
-    assert [len(images[k]["brick"]) for k in "HT"] == [8, 2]  # 8 held out; 2 test/good
+    assert [len(images[k]["brick"]) for k in "HTR"] == [8, 2, 8]  # 8 held out; 2 test/good
+    np.testing.assert_array_equal(images["R"]["brick"][3], images["H"]["brick"][3][::-1, ::-1])
     for kind in study.KINDS:
         x, n = study.probe_images(images, kind, "brick")
         bases = np.stack(images[kind[0]]["brick"])
