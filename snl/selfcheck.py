@@ -154,6 +154,8 @@ def shared_pixels(holdout: Holdout, root: str | os.PathLike) -> dict[str, int] |
     counts = {}
     for name, paths in holdout.held.items():
         boxes = manifest.get("boxes", {}).get(name, {})
+        if not all(p.is_relative_to(root / name) for p in paths):
+            return None  # not this set's files
         held = {p.relative_to(root / name).as_posix() for p in paths}
         trained = [box for key, box in boxes.items()
                    if key.startswith("train/") and key not in held]

@@ -327,6 +327,7 @@ def test_strip_data_holds_out_pixels_no_trained_image_shows(tmp_path):
     assert "Note:" in selfcheck.summary_line({**check, "flag_below": 0.77, "flagged": []})
     check["shared_pixels"] = dict.fromkeys(default, 0)
     assert "Note:" not in selfcheck.summary_line({**check, "flag_below": 0.77, "flagged": []})
+    assert selfcheck.shared_pixels(held, tmp_path / "default") is None  # not its files
     (tmp_path / "default" / "dataset.json").unlink()  # any other data: not known
     assert selfcheck.shared_pixels(held, tmp_path / "default") is None
 
