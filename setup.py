@@ -106,6 +106,19 @@ def _pip_cuda_include_dirs(torch) -> list[str]:
     return list(dict.fromkeys(dirs))
 
 
+def _cublas_library(cuda_home: str) -> str | None:
+    """The cuBLAS shared library to link: the one PyTorch has loaded (from its wheels or the
+    toolkit; read off /proc/self/maps), else the toolkit's. At run time the extension then
+    shares PyTorch's copy, found by its soname."""
+    try:
+        with open("/proc/self/maps") as maps:
+            loaded = [line.split()[-1] for line in maps if "/libcublas.so" in line]
+    except OSError:
+        loaded = []
+    candidates = loaded + sorted(glob.glob(os.path.join(cuda_home, "lib64", "libcublas.so*")))
+    return next((path for path in candidates if os.path.exists(path)), None)
+
+
 def _cuda_toolkit_or_reason():
     """Return (torch, toolkit folder, None) when the extension can be built, else (.., .., why)."""
     if _env_flag("SNL_SKIP_CUDA_BUILD"):
@@ -155,9 +168,14 @@ def _cuda_extension(torch, cuda_home: str):
     )
     # No --use_fast_math: sqrt and division stay IEEE-exact, as in the reference. No -std:
     # BuildExtension adds the standard that the installed PyTorch's headers need.
+    cublas = _cublas_library(cuda_home)
+    if cublas is None:
+        sys.exit(f"snl-kernels setup: no libcublas.so found (PyTorch's, or in {cuda_home}/lib64)")
+    _say(f"linking {cublas}")
     extension = cpp_extension.CUDAExtension(
         EXTENSION,
         sources,
+        extra_link_args=[cublas],
         depends=sorted(glob.glob("csrc/*.h", root_dir=ROOT)
                        + glob.glob("csrc/*.cuh", root_dir=ROOT)),
         extra_compile_args={

@@ -25,13 +25,13 @@ inline int64_t samples_per_chunk(int64_t B, int64_t bytes_per_sample) {
   return ceil_div(B, n_chunks);  // balanced chunks
 }
 
-// How an intra-affinity call runs: the C x C Gram path or tiles of Delta, products in fp32 FMA
-// or on tensor cores (tf32 WMMA). Decided by the caller (snl_kernels/precision.py).
+// How a tiled intra-affinity call runs (the C x C Gram path is csrc/gram_host.h's): products in
+// fp32 FMA or on tensor cores (tf32 WMMA). Decided by the caller (snl_kernels/precision.py).
 struct IntraPlan {
   int64_t B, C, N;
-  bool l1, gram, mma;
+  bool l1, mma;
 
-  int64_t n_tiles() const { return ceil_div(gram ? C : N, kTile); }
+  int64_t n_tiles() const { return ceil_div(N, kTile); }
   // Floats of the forward's scratch: inverse norms (B, 2, N) and per-tile partials.
   int64_t inv_norm_floats() const { return B * 2 * N; }
   int64_t partial_floats() const { return B * n_tiles() * n_tiles(); }
@@ -62,13 +62,7 @@ void intra_forward(const Launch& launch, const IntraPlan& plan, const Feature<sc
   launch_pixel_inv_norm(launch, t, s, B, C, N, inv_norm);
   for (int64_t b0 = 0; b0 < B; b0 += kMaxGridY) {
     const int64_t gx = n_tiles * n_tiles, gy = std::min(B - b0, kMaxGridY);
-    if (plan.gram && plan.mma) {
-      launch(intra_gram_fwd_kernel<true, scalar_t>, gx, gy, t, s, inv_norm, b0, C, N, n_tiles,
-             partials);
-    } else if (plan.gram) {
-      launch(intra_gram_fwd_kernel<false, scalar_t>, gx, gy, t, s, inv_norm, b0, C, N, n_tiles,
-             partials);
-    } else if (plan.l1) {
+    if (plan.l1) {
       launch(intra_tiled_fwd_kernel<scalar_t, true, false>, gx, gy, t, s, inv_norm, b0, C, N,
              n_tiles, partials);
     } else if (plan.mma) {
@@ -85,8 +79,7 @@ void intra_forward(const Launch& launch, const IntraPlan& plan, const Feature<sc
 
 // Scratch of the intra backward, in floats, for chunks of `chunk` samples.
 struct IntraBackwardScratch {
-  int64_t chunk;     // samples per chunk
-  int64_t k_floats;  // Gram path: K (chunk, R, 2C)
+  int64_t chunk;      // samples per chunk
   int64_t dx_floats;  // fp16/bf16 inputs: fp32 gradients (n_halves, chunk, C, N)
 };
 
@@ -94,11 +87,9 @@ inline IntraBackwardScratch intra_backward_scratch(const IntraPlan& plan, bool d
                                                    bool with_teacher) {
   const int64_t C = plan.C, N = plan.N;
   const int64_t n_halves = with_teacher ? 2 : 1;
-  const int64_t R = n_halves * C;  // rows of K: [X_S] or [X_S; X_T]
-  const int64_t bytes_per_sample =
-      (plan.gram ? R * 2 * C * 4 : 0) + (direct ? 0 : n_halves * C * N * 4);
+  const int64_t bytes_per_sample = direct ? 0 : n_halves * C * N * 4;
   const int64_t chunk = samples_per_chunk(plan.B, bytes_per_sample);
-  return {chunk, plan.gram ? chunk * R * 2 * C : 0, direct ? 0 : n_halves * chunk * C * N};
+  return {chunk, direct ? 0 : n_halves * chunk * C * N};
 }
 
 // Gradients (B, C, N) contiguous of the student (grad_s) and, when grad_t is not null, of the
@@ -107,12 +98,11 @@ inline IntraBackwardScratch intra_backward_scratch(const IntraPlan& plan, bool d
 template <typename scalar_t, typename Launch>
 void intra_backward(const Launch& launch, const IntraPlan& plan, const Feature<scalar_t>& t,
                     const Feature<scalar_t>& s, const float* grad_loss, float* inv_norm,
-                    const IntraBackwardScratch& scratch, float* k_scratch, float* dx_scratch,
+                    const IntraBackwardScratch& scratch, float* dx_scratch,
                     scalar_t* grad_s, scalar_t* grad_t) {
   const int64_t B = plan.B, C = plan.C, N = plan.N, chunk = scratch.chunk;
   const bool with_teacher = grad_t != nullptr, direct = scratch.dx_floats == 0;
   const double M = static_cast<double>(B) * N * N;
-  const int64_t R = (with_teacher ? 2 : 1) * C;
   launch_pixel_inv_norm(launch, t, s, B, C, N, inv_norm);
   for (int64_t b0 = 0; b0 < B; b0 += chunk) {
     const int64_t nb = std::min(chunk, B - b0);
@@ -121,40 +111,18 @@ void intra_backward(const Launch& launch, const IntraPlan& plan, const Feature<s
     if (with_teacher) {
       dx_t = direct ? reinterpret_cast<float*>(grad_t) + b0 * C * N : dx_scratch + chunk * C * N;
     }
-    if (plan.gram) {
-      const int64_t n_col_tiles = ceil_div(2 * C, kTile);
-      const int64_t k_gx = ceil_div(R, kTile) * n_col_tiles;
-      if (plan.mma) {
-        launch(intra_gram_k_kernel<true, scalar_t>, k_gx, nb, t, s, inv_norm, b0, C, N, R,
-               n_col_tiles, k_scratch);
-      } else {
-        launch(intra_gram_k_kernel<false, scalar_t>, k_gx, nb, t, s, inv_norm, b0, C, N, R,
-               n_col_tiles, k_scratch);
-      }
-      const int64_t n_pixel_tiles = ceil_div(N, kTile);
-      const int64_t dx_gx = ceil_div(R, kTile) * n_pixel_tiles;
-      const float dx_scale = static_cast<float>(4.0 / M);
-      if (plan.mma) {
-        launch(intra_gram_dx_kernel<true, scalar_t>, dx_gx, nb, t, s, inv_norm, k_scratch,
-               grad_loss, dx_scale, b0, C, N, R, n_pixel_tiles, dx_s, dx_t);
-      } else {
-        launch(intra_gram_dx_kernel<false, scalar_t>, dx_gx, nb, t, s, inv_norm, k_scratch,
-               grad_loss, dx_scale, b0, C, N, R, n_pixel_tiles, dx_s, dx_t);
-      }
+    const int64_t n_tiles = ceil_div(N, kTile);
+    const int64_t gx = n_tiles * ceil_div(C, kBwdChannels);
+    const float scale = static_cast<float>((plan.l1 ? 1.0 : 2.0) / M);
+    if (plan.l1) {
+      launch(intra_tiled_bwd_kernel<scalar_t, true, false>, gx, nb, t, s, inv_norm, grad_loss,
+             scale, b0, C, N, n_tiles, dx_s, dx_t);
+    } else if (plan.mma) {
+      launch(intra_tiled_bwd_kernel<scalar_t, false, true>, gx, nb, t, s, inv_norm, grad_loss,
+             scale, b0, C, N, n_tiles, dx_s, dx_t);
     } else {
-      const int64_t n_tiles = ceil_div(N, kTile);
-      const int64_t gx = n_tiles * ceil_div(C, kBwdChannels);
-      const float scale = static_cast<float>((plan.l1 ? 1.0 : 2.0) / M);
-      if (plan.l1) {
-        launch(intra_tiled_bwd_kernel<scalar_t, true, false>, gx, nb, t, s, inv_norm, grad_loss,
-               scale, b0, C, N, n_tiles, dx_s, dx_t);
-      } else if (plan.mma) {
-        launch(intra_tiled_bwd_kernel<scalar_t, false, true>, gx, nb, t, s, inv_norm, grad_loss,
-               scale, b0, C, N, n_tiles, dx_s, dx_t);
-      } else {
-        launch(intra_tiled_bwd_kernel<scalar_t, false, false>, gx, nb, t, s, inv_norm, grad_loss,
-               scale, b0, C, N, n_tiles, dx_s, dx_t);
-      }
+      launch(intra_tiled_bwd_kernel<scalar_t, false, false>, gx, nb, t, s, inv_norm, grad_loss,
+             scale, b0, C, N, n_tiles, dx_s, dx_t);
     }
     const int64_t norm_gx = ceil_div(N, 32);
     launch(pixel_normalize_bwd_kernel<scalar_t>, norm_gx, nb, s, dx_s, b0, C, N, grad_s);

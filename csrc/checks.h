@@ -89,17 +89,31 @@ inline at::Tensor checked_fp32(const at::Tensor& x, const char* name, at::IntArr
 
 namespace snl {
 
-// A (teacher, student) pair of (B, C, H, W) CUDA feature maps: same device, shape and dtype
+// A (teacher, student) pair of (B, C, H, W) feature maps: same device, shape and dtype
 // (float32, float16 or bfloat16), not empty.
-inline void check_features(const at::Tensor& teacher, const at::Tensor& student) {
-  CHECK_CUDA(teacher);
-  CHECK_CUDA(student);
+inline void check_feature_pair(const at::Tensor& teacher, const at::Tensor& student) {
   CHECK_SAME_DEVICE(student, teacher);
   CHECK_DIM(teacher, 4);
   CHECK_SHAPE(student, teacher.sizes());
   CHECK_FLOAT_DTYPE(teacher);
   CHECK_SAME_DTYPE(student, teacher);
   CHECK_NONEMPTY(teacher);
+}
+
+// The same for CUDA feature maps.
+inline void check_features(const at::Tensor& teacher, const at::Tensor& student) {
+  CHECK_CUDA(teacher);
+  CHECK_CUDA(student);
+  check_feature_pair(teacher, student);
+}
+
+// The upstream gradient of a 0-dim float32 loss: float32, one element, on ref's device.
+inline at::Tensor checked_grad_loss(const at::Tensor& grad_loss, const at::Tensor& ref) {
+  CHECK_SAME_DEVICE(grad_loss, ref);
+  CHECK_DTYPE(grad_loss, at::kFloat);
+  TORCH_CHECK(grad_loss.numel() == 1, "grad_loss must hold one element, got shape ",
+              shape_text(grad_loss.sizes()));
+  return grad_loss.contiguous();
 }
 
 }  // namespace snl

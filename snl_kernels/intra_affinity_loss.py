@@ -13,9 +13,10 @@ so rounding errors scale with the difference, not with the affinities (the plain
   ``||Delta||^2 = (<G_EE, G_DD> + <G_ED, G_DE>) / 2`` with E = X_S + X_T (four products per
   pair), and the same four products give the backward's Grams, which the loss kernel writes
   when a gradient will be needed (the fused loss keeps them from its forward; this op's
-  backward runs the loss kernel again to write them). CUDA:
-  ``<G_SS + G_TT, G_DD> + 2 <G_SD, G_DT>`` reduced on chip, its backward forming the Grams
-  it needs. Backward: ``dL/dX_S = (4 g / M)(G_SS D + G_SD X_T)``,
+  backward runs the loss kernel again to write them). CUDA (``csrc/gram_host.h``): the same
+  sum from one cuBLAS product ``[E; D][E; D]^T`` of operands one kernel forms, and backward
+  ``(g / M) [G_DD + G_ED, G_DE + G_EE] [E; D]`` (the product below, regrouped), the Gram
+  formed again. Backward: ``dL/dX_S = (4 g / M)(G_SS D + G_SD X_T)``,
   ``dL/dX_T = -(4 g / M)(G_TS D + G_TD X_T)`` (g the upstream gradient), through Grams of
   B C^2 floats each. Triton forms the same as ``(4 g / M)(P_S D + Q_S E)`` and
   ``-(4 g / M)(P_T D + Q_T E)`` with ``P_a = X_a E^T / 2``, ``Q_a = X_a D^T / 2``, which the
@@ -36,7 +37,8 @@ norms; nothing but the inputs is saved.
 Path and precision are decided once per call, in ``snl_kernels/precision.py`` (the rule,
 and what each backend runs), and passed to the ops as arguments: for l2 from 256 pixels, one
 tf32 product with operands rounded to nearest; for l1 (whose gradient is sign(Delta)) and
-small l2, three tf32 products in Triton and fp32 FMA in CUDA; ``SNL_DOT_PRECISION`` overrides.
+small l2, three tf32 products (CUDA's tiled kernels: fp32 FMA); ``SNL_DOT_PRECISION``
+overrides.
 For l1, Delta is set to exactly 0 where the reference's is, i.e. where a zero teacher vector
 and a zero student vector meet (row or column): the difference form's ``+-x . y`` terms
 cancel there only up to the order of the hardware's sums, and a stray sign would move the

@@ -21,9 +21,11 @@ What each backend runs (``for_backend``), for an asked precision:
 backend   product            runs
 ========  =================  ==========================================================
 triton    every              as asked
-cuda      intra-affinity l2  "tf32" as tf32 WMMA on sm_80 and newer, else fp32 FMA
+cuda      intra l2, Gram     as asked, on cuBLAS (tf32 tensor cores for "tf32" and
+                             "tf32x3" on sm_80 and newer, else "ieee")
+cuda      intra l2, tiled    "tf32" as tf32 WMMA on sm_80 and newer, else fp32 FMA
                              ("ieee"); "tf32x3" as "ieee" (fp32 FMA: at least as
-                             accurate, and CUDA has no three-product path)
+                             accurate, and the tiled kernels have no three-product path)
 cuda      intra l1, inter    "ieee" (fp32 FMA kernels only)
 ========  =================  ==========================================================
 """
@@ -40,10 +42,13 @@ PRECISIONS = ("ieee", "tf32x3", "tf32")
 # loss's rounding errors average over the N^2 entries, so fewer rows mean larger errors
 # (BENCHMARKS.md, Accuracy).
 TF32_MIN_ROWS = 256
-# Precisions each kernel backend implements, by product ("intra-l2", "intra-l1", "inter").
+# Precisions each kernel backend implements, by product ("intra-l2-gram": the Gram path;
+# "intra-l2": tiles of Delta; "intra-l1", "inter").
 BACKEND_PRECISIONS = {
-    "triton": {"intra-l2": PRECISIONS, "intra-l1": PRECISIONS, "inter": PRECISIONS},
-    "cuda": {"intra-l2": ("ieee", "tf32"), "intra-l1": ("ieee",), "inter": ("ieee",)},
+    "triton": {"intra-l2-gram": PRECISIONS, "intra-l2": PRECISIONS, "intra-l1": PRECISIONS,
+               "inter": PRECISIONS},
+    "cuda": {"intra-l2-gram": PRECISIONS, "intra-l2": ("ieee", "tf32"), "intra-l1": ("ieee",),
+             "inter": ("ieee",)},
 }
 
 
@@ -75,14 +80,14 @@ def dot_precision(l1: bool, rows: int) -> str:
 
 def for_backend(backend: str, product: str, precision: str,
                 device: torch.device | None = None) -> str:
-    """What ``backend`` runs for ``product`` ("intra-l2", "intra-l1" or "inter") when
-    ``precision`` is asked (the table of the module docstring). ``device``: where the CUDA
-    backend runs (tf32 needs sm_80 or newer)."""
+    """What ``backend`` runs for ``product`` ("intra-l2-gram", "intra-l2", "intra-l1" or
+    "inter") when ``precision`` is asked (the table of the module docstring). ``device``: where
+    the CUDA backend runs (tf32 needs sm_80 or newer)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     supported = BACKEND_PRECISIONS[backend][product]
     if precision in supported:
-        if precision == "tf32" and backend == "cuda" and not _has_tf32(device):
+        if precision != "ieee" and backend == "cuda" and not _has_tf32(device):
             return "ieee"
         return precision
     return "ieee"  # fp32 FMA: at least as accurate as any precision the backend lacks
@@ -99,8 +104,9 @@ def intra_plan(backend: str, teacher: torch.Tensor, distance: str) -> tuple[bool
     _, C, H, W = teacher.shape
     N = H * W
     asked = dot_precision(distance == "l1", N)
-    return use_grams(C, N, distance), for_backend(backend, f"intra-{distance}", asked,
-                                                  teacher.device)
+    grams = use_grams(C, N, distance)
+    product = "intra-l2-gram" if grams else f"intra-{distance}"
+    return grams, for_backend(backend, product, asked, teacher.device)
 
 
 def inter_plan(backend: str, teacher_a: torch.Tensor, teacher_b: torch.Tensor,

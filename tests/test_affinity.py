@@ -9,6 +9,8 @@ GPU both kernel backends also run at the WRN50 shapes.
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 from support import (
@@ -339,19 +341,27 @@ def test_default_precision_by_distance_and_size(monkeypatch):
 
 
 def test_what_each_backend_runs_for_an_asked_precision():
-    # The table of snl_kernels/precision.py: Triton runs every precision as asked; CUDA has
-    # tf32 WMMA for intra l2 only (on sm_80 and newer), fp32 FMA ("ieee") for the rest.
+    # The table of snl_kernels/precision.py: Triton runs every precision as asked; CUDA runs
+    # the Gram path as asked (cuBLAS), tf32 WMMA for tiled intra l2 only (both tensor-core
+    # precisions on sm_80 and newer), fp32 FMA ("ieee") for the rest.
     gpu = torch.device("cuda", 0) if torch.cuda.is_available() else None
+    sm80 = gpu is not None and torch.cuda.get_device_capability(gpu)[0] >= 8
+    cpu = torch.device("cpu")
     for asked in precision.PRECISIONS:
-        for product in ("intra-l2", "intra-l1", "inter"):
+        for product in ("intra-l2-gram", "intra-l2", "intra-l1", "inter"):
             assert precision.for_backend("triton", product, asked) == asked
         assert precision.for_backend("cuda", "intra-l1", asked) == "ieee"
         assert precision.for_backend("cuda", "inter", asked) == "ieee"
+        assert precision.for_backend("cuda", "intra-l2-gram", asked, cpu) == "ieee"
+        with mock.patch.object(precision, "_has_tf32", return_value=True):  # an sm_90 GPU
+            assert precision.for_backend("cuda", "intra-l2-gram", asked, gpu) == asked
+        if gpu is not None:
+            assert precision.for_backend("cuda", "intra-l2-gram", asked, gpu) == (
+                asked if sm80 else "ieee")
     assert precision.for_backend("cuda", "intra-l2", "tf32x3", gpu) == "ieee"
     assert precision.for_backend("cuda", "intra-l2", "ieee", gpu) == "ieee"
-    assert precision.for_backend("cuda", "intra-l2", "tf32", torch.device("cpu")) == "ieee"
+    assert precision.for_backend("cuda", "intra-l2", "tf32", cpu) == "ieee"
     if gpu is not None:
-        sm80 = torch.cuda.get_device_capability(gpu)[0] >= 8
         assert precision.for_backend("cuda", "intra-l2", "tf32", gpu) == (
             "tf32" if sm80 else "ieee")
     with pytest.raises(ValueError, match="precision must be one of ieee, tf32x3, tf32, got 'x'"):
@@ -364,6 +374,10 @@ def test_plan_of_a_call(monkeypatch):
     assert precision.intra_plan("triton", t, "l2") == (True, "tf32")
     assert precision.intra_plan("triton", t, "l1") == (False, "tf32x3")
     assert precision.intra_plan("cuda", t, "l1") == (False, "ieee")
+    with mock.patch.object(precision, "_has_tf32", return_value=True):  # an sm_90 GPU
+        assert precision.intra_plan("cuda", t, "l2") == (True, "tf32")
+        assert precision.intra_plan("cuda", torch.zeros(1, 8, 4, 4), "l2") == (True, "tf32x3")
+        assert precision.intra_plan("cuda", torch.zeros(1, 300, 16, 16), "l2") == (False, "tf32")
     assert precision.intra_plan("triton", torch.zeros(1, 300, 16, 16), "l2") == (False, "tf32")
     assert precision.inter_plan("triton", t, torch.zeros(1, 300, 8, 8), "l2") == "tf32x3"
     monkeypatch.setenv("SNL_DOT_PRECISION", "ieee")

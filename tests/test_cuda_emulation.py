@@ -1,9 +1,9 @@
 """The CUDA kernels on the CPU emulation (tests/cuda_emulation), against the float64 reference.
 
 No GPU or CUDA toolkit needed, only g++ (the tests skip without it). The kernels' source
-(csrc/*_kernels.cuh: affinity, cosine distances, CRAM's row kernels, the anomaly map's
-distance, combine and score kernels) and the launches the extension makes are
-compiled for the CPU; the same run is
+(csrc/*_kernels.cuh: affinity and the Gram path's operands, cosine distances, CRAM's row
+kernels, the anomaly map's distance, combine and score kernels) and the launches the
+extension makes are compiled for the CPU; the same run is
 ``python -m tests.cuda_emulation``.
 """
 
@@ -30,6 +30,14 @@ def test_affinity_kernels_match_reference(affinity_results, case):
     result = affinity_results[case]
     assert result.failures() == []
     assert result.grad_errs, "no gradient was compared"
+
+
+@pytest.mark.parametrize("case", [c.name for c in emulation.GRAM_OPERANDS_CASES])
+def test_gram_operand_kernel_matches_reference(case):
+    (result,) = emulation.run_gram_operands(
+        [c for c in emulation.GRAM_OPERANDS_CASES if c.name == case])
+    assert result.failures() == []
+    assert set(result.errors) == {"values", "tf32", "zero pixels"}
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +93,8 @@ def test_tensor_core_products_are_rounded_not_fp32(affinity_results):
     # The tf32 (WMMA) path computes something else than the fp32 FMA one on the same inputs,
     # and only the FMA one is within fp32 rounding of float64.
     mma = emulation.AFFINITY_CASES[[c.name for c in emulation.AFFINITY_CASES]
-                                   .index("intra-gram-l2-mma")]
-    fma = dataclasses.replace(mma, name="intra-gram-l2-fma", mma=False)
+                                   .index("intra-tiled-l2-mma")]
+    fma = dataclasses.replace(mma, name="intra-tiled-l2-fma", mma=False)
     (fma_result,) = emulation.run_affinity([fma])
     assert fma_result.failures() == []
     mma_result = affinity_results[mma.name]

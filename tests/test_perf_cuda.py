@@ -112,6 +112,26 @@ def test_fma_formula_matches_the_tensor_core_count_of_the_same_tiles():
     assert checked == 2
 
 
+@pytest.mark.parametrize(("precision", "unit", "products"),
+                         [("tf32", "wgmma", 1), ("tf32x3", "wgmma", 3), ("ieee", "fma", 1)])
+def test_gram_path_is_its_kernels_and_cublas_products(precision, unit, products):
+    # csrc/gram_host.h per level: operands (norms, then [E; D]) forward and again backward,
+    # the Gram twice and dX_S once on cuBLAS, the normalisation backward last.
+    b, c, n = 2, 8, 128
+    out = cuda._gram(b, c, n, precision, torch.Generator().manual_seed(0))
+    kernels = [cuda._family(x["kernel"]) for x in out if x["kind"] == "cuda"]
+    assert kernels == ["pixel_inv_norm_kernel", "gram_operands_kernel"] * 2 + [
+        "pixel_normalize_bwd_kernel"]
+    gemms = [x for x in out if x["dot_flops"]]
+    assert len(gemms) == 3
+    assert {x["unit"] for x in gemms} == {unit}
+    gram, dx = 2 * b * (2 * c) ** 2 * n, 2 * b * c * 2 * c * n
+    assert sum(x["dot_flops"] for x in gemms) == products * (2 * gram + dx)
+    operands = next(x for x in out if cuda._family(x["kernel"]) == "gram_operands_kernel")
+    parts = 2 if precision == "tf32x3" else 1  # hi, and lo for three products
+    assert operands["write_distinct"] == parts * b * 2 * c * n * 4
+
+
 def test_anomaly_map_combine_formula_is_its_arithmetic():
     launch = {"kernel": "snl::anomaly_map_combine_kernel", "grid": [2, 16, 1], "dot_flops": 0}
     flops = cuda.fma_flops(launch, {"m": (16, 3, 64, 64), "size": (256, 256)})
@@ -139,8 +159,8 @@ def test_cuda_records_are_complete():
         assert record["distinct_bytes"] > 0, op
         assert record["ideal_bytes"] > 0, op
         assert record["target_ms"] == model.TARGET_MS[op]
-    # WMMA (HMMA) is no wgmma; cuBLAS picks CRAM's kernels at run time.
-    assert by_op["intra_affinity_l2"]["tensor_core"] is False
+    # cuBLAS picks its kernels at run time: the Gram path's (intra l2) and CRAM's.
+    assert by_op["intra_affinity_l2"]["tensor_core"] is None
     assert by_op["cram"]["tensor_core"] is None
 
 

@@ -94,12 +94,12 @@ def test_every_global_kernel_is_found(facts):
 
 @pytest.mark.slow
 def test_tf32_affinity_kernels_use_mma_sync_not_wgmma(facts):
-    mma = [name for name in facts if re.search(
-        r"intra_gram_\w+_kernel<true, float>|intra_tiled_\w+_kernel<float, false, true>", name)]
-    assert len(mma) == 5, mma
+    mma = [name for name in facts if re.search(r"intra_tiled_\w+_kernel<float, false, true>",
+                                               name)]
+    assert len(mma) == 2, mma
     for name in mma:
         assert facts[name]["hmma"] > 0, (name, facts[name])
         assert facts[name]["hgmma"] == 0, (name, facts[name])
-    fma_only = facts[f"{ANON}intra_gram_fwd_kernel<false, float>"]
+    fma_only = facts[f"{ANON}intra_tiled_fwd_kernel<float, false, false>"]
     assert fma_only["hmma"] == 0
     assert fma_only["ffma"] > 0

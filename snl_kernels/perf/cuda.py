@@ -24,9 +24,10 @@ each own a slice, and blocks that all read the same operands). Where blocks diff
 grids whose lower triangle returns at once), the scaled figures are estimates:
 tests/test_perf_cuda.py compares a sampled count with a full one.
 
-Library and ATen work the emulation cannot run (CRAM's cuBLAS products and small ATen ops,
-the anomaly map's zero fill) is listed from the shapes (:func:`aten` calls in ``_cram`` and
-``_anomaly_map``): each operand read once, each result written once. The public ops' own
+Library and ATen work the emulation cannot run (the intra-affinity Gram path's cuBLAS products
+and ATen steps, CRAM's cuBLAS products and small ATen ops, the anomaly map's zero fill) is
+listed from the shapes (:func:`aten` calls in ``_gram``, ``_cram`` and ``_anomaly_map``): each
+operand read once, each result written once. The public ops' own
 small PyTorch ops around the C++ calls (the fused loss's stacks and sums) are not listed.
 """
 
@@ -132,7 +133,7 @@ def _family(kernel: str) -> str:
 def fma_flops(launch: dict, problem: dict) -> float:
     """FLOPs on the CUDA cores of a launch's products (0 for elementwise kernels), from its
     problem sizes: B samples, C channels, N pixels (intra); Ca, Cb, Nb (inter); the map's."""
-    family, kernel = _family(launch["kernel"]), launch["kernel"]
+    family = _family(launch["kernel"])
     on_mma = launch["dot_flops"] > 0
     b = launch["grid"][1]  # the affinity kernels' grids: (tiles, samples of the launch)
     if family == "intra_tiled_fwd_kernel" and not on_mma:
@@ -154,17 +155,15 @@ def fma_flops(launch: dict, problem: dict) -> float:
         height, width = problem["size"]
         tiles_w = math.ceil(width / COMBINE_TILE_W)  # mh rows @ m per tile row, then @ mw^T
         return maps * levels * (2 * height * hk * wk * tiles_w + 2 * height * width * wk)
-    if family.startswith("intra_gram") and not on_mma:
-        raise ValueError(f"no FMA FLOP formula for {kernel} (the model's shapes run it on "
-                         "WMMA)")
     return 0.0
 
 
-def aten(name: str, read: float, write: float, flops: float = 0.0) -> dict:
-    """A library or ATen call the emulation cannot run, from its shapes."""
+def aten(name: str, read: float, write: float, flops: float = 0.0, unit: str = "fma") -> dict:
+    """A library or ATen call the emulation cannot run, from its shapes. ``unit``: where its
+    products run ("fma", or "wgmma" for cuBLAS's tf32 products on Hopper)."""
     return {"kind": "aten", "kernel": name, "grid": None, "block": None, "blocks_run": None,
             "read_requested": read, "write_requested": write, "read_distinct": read,
-            "write_distinct": write, "dot_flops": flops, "fma_flops": 0.0}
+            "write_distinct": write, "dot_flops": flops, "fma_flops": 0.0, "unit": unit}
 
 
 # ------------------------------------------------------------------------------- the ops
@@ -194,10 +193,14 @@ def _intra(distance):
             n, b = h * w, shapes.batch
             asked = precision.dot_precision(distance == "l1", n)
             product = "intra-l1" if distance == "l1" else "intra-l2"
+            if precision.use_grams(c, n, distance):
+                with mock.patch.object(precision, "_has_tf32", return_value=True):  # sm_90
+                    runs = precision.for_backend("cuda", "intra-l2-gram", asked)
+                out += _gram(b, c, n, runs, g)
+                continue
             with mock.patch.object(precision, "_has_tf32", return_value=True):  # sm_90
                 mma = precision.for_backend("cuda", product, asked) == "tf32"
-            case = run.AffinityCase("model", "intra", (b, c, h, w), distance,
-                                    gram=precision.use_grams(c, n, distance), mma=mma,
+            case = run.AffinityCase("model", "intra", (b, c, h, w), distance, mma=mma,
                                     teacher_grad=False)
             launches = count_records("affinity", run._affinity_records(
                 case, run.affinity_inputs(case), 1.0))
@@ -205,6 +208,37 @@ def _intra(distance):
             out += [dict(x, fma_flops=fma_flops(x, problem)) for x in launches]
         return out
     return count
+
+
+def _gram(b: int, c: int, n: int, precision: str, g) -> list[dict]:
+    """csrc/gram_host.h's calls for one level, forward and backward (student gradient only):
+    its kernels (the operands, the normalisation backward) counted in the emulation, cuBLAS's
+    products and ATen's steps on the Gram from the shapes (each operand read once, each result
+    written once)."""
+    run = _emulation()
+    f, gemm = 4, 2.0  # bytes per float32, FLOPs per multiply-add
+    parts = {"ieee": 0, "tf32": 1, "tf32x3": 2}[precision]
+    h = 64 if n % 64 == 0 else 1  # any (H, W) with H W = n: the kernels see pixels only
+    t, s = _randn((b, c, h, n // h), g), _randn((b, c, h, n // h), g)
+    (st_t, t_store), (st_s, s_store) = run._storage(t), run._storage(s)
+    operands = count_records("affinity", [([4, b, c, h, n // h, parts, 0, b, *st_t, *st_s],
+                                           [t_store, s_store])])
+    normalize = count_records("affinity", [([5, b, c, h, n // h, *st_s],
+                                            [s_store, _randn((b, c, n), g)])])
+    x, ed, gr, k = b * c * n * f, 2 * b * c * n * f, 4 * b * c * c * f, 2 * b * c * c * f
+    products = 3 if parts == 2 else 1
+    unit = "wgmma" if parts else "fma"  # cuBLAS's tf32 kernels on Hopper (predicted)
+    gram = [aten(f"cuBLAS G = [E; D] [E; D]^T ({precision}, {products} products)",
+                 products * 2 * ed, products * gr, products * gemm * b * (2 * c) ** 2 * n, unit)]
+    loss = [aten("G.to(float64)", gr, 2 * gr),
+            aten("(G_EE G_DD).sum() + (G_ED G_ED^T).sum()", 4 * gr, 0)]
+    coefficients = [aten("cat(swapped), cat(mirrored)", 2 * k, 2 * k),
+                    aten("add_out(K_S), mul_(g / M)", 3 * k, 2 * k)]
+    if parts:
+        coefficients += [aten("K: clone, round, sub_ (tf32 parts)", 4 * k, 4 * k)]
+    dx = [aten(f"cuBLAS dX_S = K_S [E; D] ({precision}, {products} products)",
+               products * (k + ed), products * x, products * gemm * b * c * 2 * c * n, unit)]
+    return operands + gram + loss + operands + gram + coefficients + dx + normalize
 
 
 def _inter(distance):

@@ -216,10 +216,12 @@ CUDA_OP_CALLS.update({"anomaly_map": 2, "distillation_l2": 16, "distillation_l1"
 def cuda_launch_time(launch: dict, facts: dict | None, blocks_per_sm) -> dict:
     """Device and host microseconds of one CUDA-backend launch. ``facts``: the kernel's sm_90
     facts (None for ATen and library calls: their GEMMs at the FMA rate, cuBLAS's fp32
-    kernels with TF32 off, PyTorch's default); ``blocks_per_sm(facts, threads)``."""
+    kernels with TF32 off, PyTorch's default, unless the call names its ``unit``: the Gram
+    path's tf32 cuBLAS products, on wgmma on Hopper); ``blocks_per_sm(facts, threads)``."""
     per_sm = None
     if launch["kind"] == "aten":
-        unit, programs, factor, host = "fma", None, 1.0, RATES["torch_op_us"]
+        unit, programs, factor = launch.get("unit", "fma"), None, 1.0
+        host = RATES["torch_op_us"]
     else:
         unit = ("wgmma" if facts and facts["hgmma"] else
                 "mma_sync" if facts and facts["hmma"] and launch["dot_flops"] else "fma")

@@ -2,7 +2,7 @@
 // sequences of csrc/affinity_launch.cuh that csrc/affinity.cu runs on a GPU. float32 inputs.
 //
 // Cases (the int64 values of a record, see driver.h):
-//   0 intra forward:  0, B, C, H, W, l1, gram, mma, teacher strides (4), student strides (4);
+//   0 intra forward:  0, B, C, H, W, l1, mma, teacher strides (4), student strides (4);
 //                     floats: teacher storage, student storage -> loss
 //   1 intra backward: as 0, then teacher_grad; floats: as 0, then grad_loss
 //                     -> grad_student (B, C, H, W) [, grad_teacher]
@@ -10,11 +10,17 @@
 //                     student_a, student_b (4 each); floats: their storages -> loss
 //   3 inter backward: as 2, then teacher_grad; floats: as 2, then grad_loss
 //                     -> grad_student_a, grad_student_b [, grad_teacher_a, grad_teacher_b]
+//   4 Gram operands:  4, B, C, H, W, parts, b0, nb, teacher strides (4), student strides (4);
+//                     floats: teacher storage, student storage -> [E; D] (nb, 2C, N) of
+//                     images b0 .. b0 + nb [, its low parts when parts == 2]
+//   5 normalisation backward: 5, B, C, H, W, strides of f (4); floats: f storage, dx (B, C, N)
+//                     -> dL/dF (B, C, N) (the Gram path's last step)
 // Storages are read with the given strides (in elements); gradients come out contiguous.
 #include "cuda_emulation.h"
 #include "driver.h"
 
 #include "affinity_launch.cuh"
+#include "gram_kernels.cuh"
 
 namespace {
 
@@ -43,12 +49,12 @@ void read_strides(emu::IntReader& in, int64_t (&st)[4]) {
 std::vector<float> intra(emu::IntReader& in, emu::FloatReader& data, bool backward) {
   int64_t shape[4];
   for (int64_t& d : shape) d = in.next();
-  const bool l1 = in.next() != 0, gram = in.next() != 0, mma = in.next() != 0;
+  const bool l1 = in.next() != 0, mma = in.next() != 0;
   int64_t st_t[4], st_s[4];
   read_strides(in, st_t);
   read_strides(in, st_s);
   const int64_t B = shape[0], C = shape[1], N = shape[2] * shape[3];
-  const snl::IntraPlan plan{B, C, N, l1, gram, mma};
+  const snl::IntraPlan plan{B, C, N, l1, mma};
   const auto t = feature(data.next(storage_size(shape, st_t)), st_t, shape[3]);
   const auto s = feature(data.next(storage_size(shape, st_s)), st_s, shape[3]);
   std::vector<float> inv_norm(plan.inv_norm_floats());
@@ -61,10 +67,10 @@ std::vector<float> intra(emu::IntReader& in, emu::FloatReader& data, bool backwa
   const bool teacher_grad = in.next() != 0;
   const float* grad_loss = data.next(1);
   const auto scratch = snl::intra_backward_scratch(plan, true, teacher_grad);
-  std::vector<float> k(scratch.k_floats), dx(scratch.dx_floats);
+  std::vector<float> dx(scratch.dx_floats);
   std::vector<float> out((teacher_grad ? 2 : 1) * B * C * N);
-  snl::intra_backward(launch, plan, t, s, grad_loss, inv_norm.data(), scratch, k.data(),
-                      dx.data(), out.data(), teacher_grad ? out.data() + B * C * N : nullptr);
+  snl::intra_backward(launch, plan, t, s, grad_loss, inv_norm.data(), scratch, dx.data(),
+                      out.data(), teacher_grad ? out.data() + B * C * N : nullptr);
   return out;
 }
 
@@ -111,6 +117,38 @@ std::vector<float> inter(emu::IntReader& in, emu::FloatReader& data, bool backwa
   return out;
 }
 
+std::vector<float> gram_operands(emu::IntReader& in, emu::FloatReader& data) {
+  int64_t shape[4];
+  for (int64_t& d : shape) d = in.next();
+  const int parts = static_cast<int>(in.next());
+  const int64_t b0 = in.next(), nb = in.next();
+  int64_t st_t[4], st_s[4];
+  read_strides(in, st_t);
+  read_strides(in, st_s);
+  const int64_t C = shape[1], N = shape[2] * shape[3];
+  const auto t = feature(data.next(storage_size(shape, st_t)), st_t, shape[3]);
+  const auto s = feature(data.next(storage_size(shape, st_s)), st_s, shape[3]);
+  std::vector<float> inv_norm((b0 + nb) * 2 * N);
+  const int64_t size = nb * 2 * C * N;
+  std::vector<float> out((parts == 2 ? 2 : 1) * size);
+  snl::launch_gram_operands(EmuLaunch{}, t, s, b0, nb, C, N, parts, inv_norm.data(), out.data(),
+                            parts == 2 ? out.data() + size : nullptr);
+  return out;
+}
+
+std::vector<float> normalize_backward(emu::IntReader& in, emu::FloatReader& data) {
+  int64_t shape[4], st[4];
+  for (int64_t& d : shape) d = in.next();
+  read_strides(in, st);
+  const int64_t B = shape[0], C = shape[1], N = shape[2] * shape[3];
+  const auto f = feature(data.next(storage_size(shape, st)), st, shape[3]);
+  const float* dx = data.next(B * C * N);
+  std::vector<float> out(B * C * N);
+  EmuLaunch{}(snl::pixel_normalize_bwd_kernel<float>, snl::ceil_div(N, 32), B, f, dx, 0, C, N,
+              out.data());
+  return out;
+}
+
 }  // namespace
 
 int main() {
@@ -120,6 +158,10 @@ int main() {
       out = intra(in, data, op == 1);
     } else if (op == 2 || op == 3) {
       out = inter(in, data, op == 3);
+    } else if (op == 4) {
+      out = gram_operands(in, data);
+    } else if (op == 5) {
+      out = normalize_backward(in, data);
     } else {
       return false;
     }

@@ -15,7 +15,7 @@ against the operators' products in float64.
 No GPU, no CUDA toolkit, no extension build needed::
 
     python -m tests.cuda_emulation            # all cases; exit status 1 if any fails
-    python -m tests.cuda_emulation -k gram    # cases whose name contains "gram"
+    python -m tests.cuda_emulation -k tiled   # cases whose name contains "tiled"
     python -m tests.cuda_emulation --save out.pt   # also keep the raw outputs (bit checks)
 
 Built with ``-O2 -ffp-contract=fast -fno-tree-vectorize`` (and ``-mfma`` on x86 CPUs that
@@ -160,7 +160,6 @@ class AffinityCase:
     kind: str  # "intra" or "inter"
     shapes: tuple
     distance: str = "l2"
-    gram: bool = False  # intra: the C x C Gram path (else tiles of Delta)
     mma: bool = False  # intra l2: tf32 tensor-core (WMMA) products (else fp32 FMA)
     noise: float = 0.7  # student = teacher (1 + noise N(0, 1))
     channels_last: bool = False
@@ -170,11 +169,6 @@ class AffinityCase:
 
 
 AFFINITY_CASES = [
-    AffinityCase("intra-gram-l2", "intra", (2, 20, 5, 7), gram=True, zero_vectors=True),
-    AffinityCase("intra-gram-l2-two-tiles", "intra", (1, 70, 9, 9), gram=True),
-    AffinityCase("intra-gram-l2-close", "intra", (2, 12, 6, 6), gram=True, noise=0.01),
-    AffinityCase("intra-gram-l2-channels-last", "intra", (2, 12, 5, 6), gram=True,
-                 channels_last=True, teacher_grad=False),
     AffinityCase("intra-tiled-l2", "intra", (1, 40, 3, 3)),
     AffinityCase("intra-tiled-l2-two-tiles", "intra", (1, 80, 9, 8), zero_vectors=True),
     AffinityCase("intra-tiled-l2-close", "intra", (1, 48, 4, 4), noise=0.01),
@@ -183,9 +177,6 @@ AFFINITY_CASES = [
     AffinityCase("intra-tiled-l1-channels-last", "intra", (2, 45, 2, 3), "l1",
                  channels_last=True, teacher_grad=False),
     # tf32 products: from 256 pixels, as the precision rule runs them.
-    AffinityCase("intra-gram-l2-mma", "intra", (1, 16, 16, 16), gram=True, mma=True),
-    AffinityCase("intra-gram-l2-mma-close", "intra", (1, 16, 16, 16), gram=True, mma=True,
-                 noise=0.01),
     AffinityCase("intra-tiled-l2-mma", "intra", (1, 256, 16, 16), mma=True),
     AffinityCase("inter-l2", "inter", ((2, 12, 8, 8), (20, 4, 4)), zero_vectors=True),
     AffinityCase("inter-l2-uneven-bins", "inter", ((1, 10, 7, 5), (6, 3, 2))),
@@ -232,7 +223,7 @@ def _affinity_records(case: AffinityCase, inputs: list[torch.Tensor], grad_loss:
     strides, storages = zip(*(_storage(x) for x in inputs), strict=True)
     l1 = int(case.distance == "l1")
     if case.kind == "intra":
-        head = [*case.shapes, l1, int(case.gram), int(case.mma)]
+        head = [*case.shapes, l1, int(case.mma)]
         ops = (0, 1)
     else:
         (B, Ca, Ha, Wa), (Cb, Hb, Wb) = case.shapes
@@ -328,6 +319,68 @@ def run_affinity(cases: Iterable[AffinityCase], grad_loss: float = 0.75) -> list
         assert loss.numel() == 1
         results.append(compare_affinity(case, xs, loss[0], _split_grads(case, flat, xs),
                                         grad_loss))
+    return results
+
+
+@dataclasses.dataclass(frozen=True)
+class GramOperandsCase:
+    """The Gram path's operands [E; D] of images b0 .. b0 + nb (csrc/gram_kernels.cuh)."""
+
+    name: str
+    shape: tuple  # (B, C, H, W)
+    parts: int  # 0: fp32 values; 1: rounded to tf32; 2: tf32 hi and lo parts
+    b0: int = 0
+    nb: int | None = None  # default: B - b0
+    channels_last: bool = False
+
+
+GRAM_OPERANDS_CASES = [
+    GramOperandsCase("gram-operands-fp32", (2, 20, 5, 7), 0),
+    GramOperandsCase("gram-operands-tf32", (2, 20, 5, 7), 1),
+    GramOperandsCase("gram-operands-tf32x3", (2, 20, 5, 7), 2),
+    GramOperandsCase("gram-operands-chunk-channels-last", (3, 12, 6, 5), 2, b0=1, nb=1,
+                     channels_last=True),
+]
+
+
+def _is_tf32(x: torch.Tensor) -> bool:
+    return bool((x.view(torch.int32) & 0x1FFF).eq(0).all())
+
+
+def run_gram_operands(cases: Iterable[GramOperandsCase]) -> list[CosineResult]:
+    """Against [E; D] in float64: within fp32 rounding (parts 0), half a tf32 step (1), hi + lo
+    within fp32 rounding (2); every part a tf32 value where it should be; zero pixels exactly
+    zero."""
+    cases = list(cases)
+    if not cases:
+        return []
+    exe = build("affinity")
+    records, refs = [], []
+    for case in cases:
+        B, C, H, W = case.shape
+        nb = case.nb if case.nb is not None else B - case.b0
+        t, s = _pair(case.shape, 0.7, 0, case.channels_last)
+        t[0, :, 0, 0] = 0
+        s[0, :, 0, 0] = 0
+        s[-1, :, -1, -1] = 0
+        strides, storages = zip(*(_storage(x) for x in (t, s)), strict=True)
+        records.append(([4, *case.shape, case.parts, case.b0, nb, *strides[0], *strides[1]],
+                        list(storages)))
+        x = [f.double()[case.b0:case.b0 + nb].reshape(nb, C, H * W) for f in (s, t)]
+        x = [v / v.norm(dim=1, keepdim=True).clamp_min(1e-8) for v in x]
+        refs.append(torch.cat([x[0] + x[1], x[0] - x[1]], dim=1))
+    results = []
+    for case, ref, flat in zip(cases, refs, run_driver(exe, records), strict=True):
+        parts = flat.reshape(2 if case.parts == 2 else 1, *ref.shape)
+        hi = parts[0]
+        value = hi.double() + (parts[1].double() if case.parts == 2 else 0)
+        step = 2.0 ** -11 * ref.abs() if case.parts == 1 else 0  # half a tf32 step
+        err = ((value - ref).abs() / (1e-6 + step)).max().item()
+        tf32 = all(_is_tf32(p) for p in parts) if case.parts else True
+        zero = ref == 0
+        errors = {"values": (err, 1.0), "tf32": (0.0 if tf32 else 1.0, 0.0),
+                  "zero pixels": (value[zero].abs().max().item() if zero.any() else 0.0, 0.0)}
+        results.append(CosineResult(case.name, errors, {"operands": flat}))
     return results
 
 
@@ -626,6 +679,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("no C++ compiler (g++ or $CXX): cannot build the emulation", file=sys.stderr)
         return 2
     results = [*run_affinity(c for c in AFFINITY_CASES if args.k in c.name),
+               *run_gram_operands(c for c in GRAM_OPERANDS_CASES if args.k in c.name),
                *run_cosine(c for c in COSINE_CASES if args.k in c.name),
                *run_anomaly_map(c for c in ANOMALY_MAP_CASES if args.k in c.name),
                *run_anomaly_map_combine(c for c in COMBINE_CASES if args.k in c.name),
