@@ -148,6 +148,25 @@ struct CudaGram {
     return out;
   }
 
+  void add_loss(const at::Tensor& g, at::Tensor& total) const {
+    const int64_t nb = g.size(0), C = g.size(1) / 2;
+    at::Tensor partials = at::empty({ceil_div(C, kLossRows) * nb}, total.options());
+    launch_gram_loss(CudaLaunch{at::cuda::getCurrentCUDAStream()}, g.const_data_ptr<float>(), nb,
+                     C, partials.mutable_data_ptr<double>(), total.mutable_data_ptr<double>());
+  }
+
+  std::vector<at::Tensor> coefficients(const at::Tensor& g, const at::Tensor& grad_loss, double M,
+                                       bool teacher_side, int parts) const {
+    const int64_t nb = g.size(0), C = g.size(1) / 2;
+    std::vector<at::Tensor> out{at::empty({nb, C, 2 * C}, g.options())};
+    if (parts == 2) out.push_back(at::empty({nb, C, 2 * C}, g.options()));
+    launch_gram_coefficients(CudaLaunch{at::cuda::getCurrentCUDAStream()},
+                             g.const_data_ptr<float>(), nb, C, teacher_side,
+                             grad_loss.const_data_ptr<float>(), M, parts, floats(out[0]),
+                             parts == 2 ? floats(out[1]) : nullptr);
+    return out;
+  }
+
   void gemm(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, bool accumulate,
             bool tensor_cores) const {
     // Row-major out (M, P) is column-major out^T = b^T a^T: cuBLAS's A is b, its B is a.

@@ -20,6 +20,13 @@ struct AtenGram {
     return gram_host::split(gram_host::operands(teacher, student, b0, nb), parts);
   }
 
+  void add_loss(const at::Tensor& g, at::Tensor& total) const { gram_host::add_loss_aten(g, total); }
+
+  std::vector<at::Tensor> coefficients(const at::Tensor& g, const at::Tensor& grad_loss, double M,
+                                       bool teacher_side, int parts) const {
+    return gram_host::coefficients_aten(g, grad_loss, M, teacher_side, parts);
+  }
+
   void gemm(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, bool accumulate,
             bool /*tensor_cores: the operands are tf32 values; fp32 products are exact*/) const {
     if (accumulate) {

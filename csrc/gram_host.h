@@ -1,9 +1,9 @@
 // The host composition of the intra-affinity l2 Gram path (DESIGN §2.2, Gram form) of the CUDA
 // backend: per chunk of samples, the operands [E; D] (E = X_S + X_T, D = X_S - X_T from the
 // normalised pixels, rounded as the precision asks), the Gram of [E; D] and the backward's
-// product as batched GEMMs, the loss and the backward's coefficients from the Gram in ATen.
-// csrc/affinity.cu instantiates it with its CUDA kernels (operands: csrc/gram_kernels.cuh;
-// the normalisation backward) and cuBLAS products; csrc/gram_cpu.cpp with ATen ones, so that
+// product as batched GEMMs, the loss and the backward's coefficients from the Gram.
+// csrc/affinity.cu instantiates it with its CUDA kernels (csrc/gram_kernels.cuh; the
+// normalisation backward) and cuBLAS products; csrc/gram_cpu.cpp with ATen ones, so that
 // the composition (precisions, chunks, dtypes, layouts) is tested against the reference on
 // machines without a GPU (the CUDA kernels: tests/test_cuda_emulation.py).
 //
@@ -15,6 +15,10 @@
 //     batches a (nb, M, K) and b (nb, K, P), each contiguous in its last two dimensions or
 //     their transpose; out (nb, M, P) contiguous. tensor_cores: the operands are tf32 values
 //     (low 13 bits zero) and may run on tf32 tensor cores; else fp32 products.
+//   add_loss(g, total): total (0-dim float64) += sum over i, j < C of G_EE[i, j] G_DD[i, j] +
+//     G_ED[i, j] G_DE[i, j] for the Gram g (nb, 2C, 2C) of [E; D], in float64;
+//   coefficients(g, grad_loss, M, teacher_side, parts): the parts (as operands()) of K (nb, C,
+//     2C) = [G_DD + s G_ED, G_DE + s G_EE] float(grad_loss / M), s = -1 for the teacher's side;
 //   normalize_bwd(f, dx, b0, grad): for images b0 .. b0 + nb of the input f (B, C, H, W) and
 //     dx = dL/dX (nb, C, N) float32 contiguous, writes dL/dF = r dx - r^3 (f . dx) f per pixel
 //     (r dx where the norm is clamped) into grad (B, C, H, W) contiguous, images b0 on.
@@ -96,6 +100,33 @@ inline int64_t chunk_of(int64_t B, int64_t bytes_per_sample) {
   return (B + n_chunks - 1) / n_chunks;
 }
 
+// The CPU registration's add_loss and coefficients (the CUDA ones: gram_loss_kernel and
+// gram_coefficients_kernel, csrc/gram_kernels.cuh).
+inline void add_loss_aten(const at::Tensor& g, at::Tensor& total) {
+  const int64_t C = g.size(1) / 2;
+  const at::Tensor gd = g.to(at::kDouble);
+  const at::Tensor e_rows = gd.narrow(1, 0, C), d_rows = gd.narrow(1, C, C);
+  total.add_((e_rows.narrow(2, 0, C) * d_rows.narrow(2, C, C)).sum() +
+             (e_rows.narrow(2, C, C) * d_rows.narrow(2, 0, C)).sum());
+}
+
+inline std::vector<at::Tensor> coefficients_aten(const at::Tensor& g, const at::Tensor& grad_loss,
+                                                 double M, bool teacher_side, int parts) {
+  const int64_t nb = g.size(0), C = g.size(1) / 2;
+  const at::Tensor g_e = g.narrow(1, 0, C), g_d = g.narrow(1, C, C);  // [G_EE G_ED], [G_DE G_DD]
+  // Columns [0, C) multiply E, [C, 2C) multiply D: [G_DD +- G_ED, G_DE +- G_EE].
+  const at::Tensor swapped = at::cat({g_d.narrow(2, C, C), g_d.narrow(2, 0, C)}, 2);
+  const at::Tensor mirrored = at::cat({g_e.narrow(2, C, C), g_e.narrow(2, 0, C)}, 2);
+  at::Tensor k = at::empty({nb, C, 2 * C}, g.options());
+  if (teacher_side) {
+    at::sub_out(k, swapped, mirrored);
+  } else {
+    at::add_out(k, swapped, mirrored);
+  }
+  k.mul_((grad_loss.to(at::kDouble).reshape({}) / M).to(at::kFloat));
+  return split(k, parts);
+}
+
 // [E; D] (nb, 2C, N) float32 of images b0 .. b0 + nb, unrounded (the CPU registration's
 // operands; the CUDA one forms the same in gram_operands_kernel, csrc/gram_kernels.cuh).
 inline at::Tensor operands(const at::Tensor& teacher, const at::Tensor& student, int64_t b0,
@@ -143,14 +174,10 @@ at::Tensor forward(const at::Tensor& teacher, const at::Tensor& student,
     const int64_t nb = std::min(chunk, B - b0);
     std::vector<at::Tensor> ed;
     const at::Tensor g = gram(rows, teacher, student, b0, nb, parts, ed);
-    const at::Tensor gd = g.to(at::kDouble);
-    const at::Tensor g_ee = gd.narrow(1, 0, C).narrow(2, 0, C);
-    const at::Tensor g_ed = gd.narrow(1, 0, C).narrow(2, C, C);
-    const at::Tensor g_dd = gd.narrow(1, C, C).narrow(2, C, C);
-    // (<G_EE, G_DD> + <G_ED, G_DE>) / 2, G_DE = G_ED^T
-    total.add_((g_ee * g_dd).sum() + (g_ed * g_ed.transpose(1, 2)).sum(), 0.5);
+    rows.add_loss(g, total);
   }
-  return total.div_(static_cast<double>(B) * N * N).to(at::kFloat);
+  // (<G_EE, G_DD> + <G_ED, G_DE>) / 2 per sample, over B N^2
+  return total.mul_(0.5 / (static_cast<double>(B) * N * N)).to(at::kFloat);
 }
 
 // (grad_teacher, grad_student): dL/dX_S = (g / M) K_S [E; D] with K_S = [G_DD + G_ED,
@@ -166,29 +193,17 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& teacher, const at:
   at::Tensor grad_student = at::empty(student.sizes(), student.options());
   at::Tensor grad_teacher = teacher_requires_grad ? at::empty(teacher.sizes(), teacher.options())
                                                   : at::empty({0}, teacher.options());
-  const at::Tensor scale =
-      (grad_loss.to(at::kDouble).reshape({}) / (static_cast<double>(B) * N * N)).to(at::kFloat);
+  const double M = static_cast<double>(B) * N * N;
   const int64_t chunk =
       chunk_of(B, operand_bytes(C, N, parts) + (4 * C * C + 2 * C * 2 * C + C * N) * 4);
   for (int64_t b0 = 0; b0 < B; b0 += chunk) {
     const int64_t nb = std::min(chunk, B - b0);
     std::vector<at::Tensor> ed;
     const at::Tensor g = gram(rows, teacher, student, b0, nb, parts, ed);
-    const at::Tensor g_e = g.narrow(1, 0, C), g_d = g.narrow(1, C, C);  // [G_EE G_ED], [G_DE G_DD]
-    // Columns [0, C) multiply E, [C, 2C) multiply D: [G_DD +- G_ED, G_DE +- G_EE].
-    const at::Tensor swapped = at::cat({g_d.narrow(2, C, C), g_d.narrow(2, 0, C)}, 2);
-    const at::Tensor mirrored = at::cat({g_e.narrow(2, C, C), g_e.narrow(2, 0, C)}, 2);
     for (const bool teacher_side : {false, true}) {
       if (teacher_side && !teacher_requires_grad) break;
-      at::Tensor k = at::empty({nb, C, 2 * C}, g.options());
-      if (teacher_side) {
-        at::sub_out(k, swapped, mirrored);
-      } else {
-        at::add_out(k, swapped, mirrored);
-      }
-      k.mul_(scale);
       at::Tensor dx = at::empty({nb, C, N}, g.options());
-      product(rows, split(k, parts), ed, dx, parts);
+      product(rows, rows.coefficients(g, grad_loss, M, teacher_side, parts), ed, dx, parts);
       rows.normalize_bwd(teacher_side ? teacher : student, dx, b0,
                          teacher_side ? grad_teacher : grad_student);
     }

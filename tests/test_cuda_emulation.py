@@ -40,6 +40,13 @@ def test_gram_operand_kernel_matches_reference(case):
     assert set(result.errors) == {"values", "tf32", "zero pixels"}
 
 
+@pytest.mark.parametrize("case", [c[0] for c in emulation.GRAM_STEP_CASES])
+def test_gram_loss_and_coefficient_kernels_match_reference(case):
+    (result,) = emulation.run_gram_steps([case])
+    assert result.failures() == []
+    assert {"loss sum", "K side 0", "K side 1 tf32"} <= set(result.errors)
+
+
 @pytest.fixture(scope="module")
 def cosine_results():
     return {r.case: r for r in emulation.run_cosine(emulation.COSINE_CASES)}

@@ -24,8 +24,8 @@ each own a slice, and blocks that all read the same operands). Where blocks diff
 grids whose lower triangle returns at once), the scaled figures are estimates:
 tests/test_perf_cuda.py compares a sampled count with a full one.
 
-Library and ATen work the emulation cannot run (the intra-affinity Gram path's cuBLAS products
-and ATen steps, CRAM's cuBLAS products and small ATen ops, the anomaly map's zero fill) is
+Library and ATen work the emulation cannot run (the intra-affinity Gram path's cuBLAS
+products, CRAM's cuBLAS products and small ATen ops, the anomaly map's zero fill) is
 listed from the shapes (:func:`aten` calls in ``_gram``, ``_cram`` and ``_anomaly_map``): each
 operand read once, each result written once. The public ops' own
 small PyTorch ops around the C++ calls (the fused loss's stacks and sums) are not listed.
@@ -212,30 +212,26 @@ def _intra(distance):
 
 def _gram(b: int, c: int, n: int, precision: str, g) -> list[dict]:
     """csrc/gram_host.h's calls for one level, forward and backward (student gradient only):
-    its kernels (the operands, the normalisation backward) counted in the emulation, cuBLAS's
-    products and ATen's steps on the Gram from the shapes (each operand read once, each result
-    written once)."""
+    its kernels (operands, loss sum, coefficients, normalisation backward) counted in the
+    emulation, cuBLAS's products from the shapes (each operand read once, each result written
+    once)."""
     run = _emulation()
     f, gemm = 4, 2.0  # bytes per float32, FLOPs per multiply-add
     parts = {"ieee": 0, "tf32": 1, "tf32x3": 2}[precision]
     h = 64 if n % 64 == 0 else 1  # any (H, W) with H W = n: the kernels see pixels only
     t, s = _randn((b, c, h, n // h), g), _randn((b, c, h, n // h), g)
     (st_t, t_store), (st_s, s_store) = run._storage(t), run._storage(s)
-    operands = count_records("affinity", [([4, b, c, h, n // h, parts, 0, b, *st_t, *st_s],
-                                           [t_store, s_store])])
-    normalize = count_records("affinity", [([5, b, c, h, n // h, *st_s],
-                                            [s_store, _randn((b, c, n), g)])])
-    x, ed, gr, k = b * c * n * f, 2 * b * c * n * f, 4 * b * c * c * f, 2 * b * c * c * f
+    gram_in = _randn((b, 2 * c, 2 * c), g)
+    operands, loss, coefficients, normalize = (count_records("affinity", [record]) for record in (
+        ([4, b, c, h, n // h, parts, 0, b, *st_t, *st_s], [t_store, s_store]),
+        ([6, b, c], [gram_in]),
+        ([7, b, c, 0, parts, b * n * n], [gram_in, torch.ones(1)]),
+        ([5, b, c, h, n // h, *st_s], [s_store, _randn((b, c, n), g)])))
+    ed, gr, k, x = 2 * b * c * n * f, 4 * b * c * c * f, 2 * b * c * c * f, b * c * n * f
     products = 3 if parts == 2 else 1
     unit = "wgmma" if parts else "fma"  # cuBLAS's tf32 kernels on Hopper (predicted)
     gram = [aten(f"cuBLAS G = [E; D] [E; D]^T ({precision}, {products} products)",
                  products * 2 * ed, products * gr, products * gemm * b * (2 * c) ** 2 * n, unit)]
-    loss = [aten("G.to(float64)", gr, 2 * gr),
-            aten("(G_EE G_DD).sum() + (G_ED G_ED^T).sum()", 4 * gr, 0)]
-    coefficients = [aten("cat(swapped), cat(mirrored)", 2 * k, 2 * k),
-                    aten("add_out(K_S), mul_(g / M)", 3 * k, 2 * k)]
-    if parts:
-        coefficients += [aten("K: clone, round, sub_ (tf32 parts)", 4 * k, 4 * k)]
     dx = [aten(f"cuBLAS dX_S = K_S [E; D] ({precision}, {products} products)",
                products * (k + ed), products * x, products * gemm * b * c * 2 * c * n, unit)]
     return operands + gram + loss + operands + gram + coefficients + dx + normalize

@@ -15,6 +15,9 @@
 //                     images b0 .. b0 + nb [, its low parts when parts == 2]
 //   5 normalisation backward: 5, B, C, H, W, strides of f (4); floats: f storage, dx (B, C, N)
 //                     -> dL/dF (B, C, N) (the Gram path's last step)
+//   6 Gram loss sum:  6, nb, C; floats: the Gram (nb, 2C, 2C) -> its loss sum (as float32)
+//   7 Gram coefficients: 7, nb, C, teacher_side, parts, M; floats: the Gram, grad_loss (1)
+//                     -> K (nb, C, 2C) [, its low parts when parts == 2]
 // Storages are read with the given strides (in elements); gradients come out contiguous.
 #include "cuda_emulation.h"
 #include "driver.h"
@@ -149,6 +152,28 @@ std::vector<float> normalize_backward(emu::IntReader& in, emu::FloatReader& data
   return out;
 }
 
+std::vector<float> gram_loss(emu::IntReader& in, emu::FloatReader& data) {
+  const int64_t nb = in.next(), C = in.next();
+  const float* g = data.next(nb * 4 * C * C);
+  std::vector<double> partials(snl::ceil_div(C, snl::kLossRows) * nb), total(1, 0.0);
+  snl::launch_gram_loss(EmuLaunch{}, g, nb, C, partials.data(), total.data());
+  return {static_cast<float>(total[0])};
+}
+
+std::vector<float> gram_coefficients(emu::IntReader& in, emu::FloatReader& data) {
+  const int64_t nb = in.next(), C = in.next();
+  const bool teacher_side = in.next() != 0;
+  const int parts = static_cast<int>(in.next());
+  const double M = static_cast<double>(in.next());
+  const float* g = data.next(nb * 4 * C * C);
+  const float* grad_loss = data.next(1);
+  const int64_t size = nb * 2 * C * C;
+  std::vector<float> out((parts == 2 ? 2 : 1) * size);
+  snl::launch_gram_coefficients(EmuLaunch{}, g, nb, C, teacher_side, grad_loss, M, parts,
+                                out.data(), parts == 2 ? out.data() + size : nullptr);
+  return out;
+}
+
 }  // namespace
 
 int main() {
@@ -162,6 +187,10 @@ int main() {
       out = gram_operands(in, data);
     } else if (op == 5) {
       out = normalize_backward(in, data);
+    } else if (op == 6) {
+      out = gram_loss(in, data);
+    } else if (op == 7) {
+      out = gram_coefficients(in, data);
     } else {
       return false;
     }

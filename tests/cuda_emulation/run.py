@@ -384,6 +384,55 @@ def run_gram_operands(cases: Iterable[GramOperandsCase]) -> list[CosineResult]:
     return results
 
 
+GRAM_STEP_CASES = [  # (name, nb, C, parts): C past a block of threads, and across rows
+    ("gram-steps-fp32", 2, 20, 0),
+    ("gram-steps-tf32", 1, 300, 1),
+    ("gram-steps-tf32x3", 3, 9, 2),
+]
+
+
+def run_gram_steps(names: Iterable[str]) -> list[CosineResult]:
+    """The loss's sum over a Gram and the backward's coefficients (gram_loss_kernel,
+    gram_coefficients_kernel) against float64: the sum within 1e-6 relative (float64 sums,
+    a float32 result), K within fp32 rounding (parts 0), half a tf32 step (1) or with hi + lo
+    within fp32 rounding (2), each part a tf32 value where it should be."""
+    cases = [c for c in GRAM_STEP_CASES if c[0] in set(names)]
+    if not cases:
+        return []
+    exe = build("affinity")
+    g_gen = torch.Generator().manual_seed(3)
+    records, inputs = [], []
+    for _name, nb, c, parts in cases:
+        a = torch.randn(nb, 2 * c, 40, generator=g_gen, dtype=torch.float64)
+        gram = (a @ a.transpose(1, 2)).float()  # symmetric up to its own rounding
+        grad_loss, m = torch.tensor([0.75]), 4 * 64 * 64
+        inputs.append((gram, grad_loss, m))
+        records.append(([6, nb, c], [gram]))
+        for side in (0, 1):
+            records.append(([7, nb, c, side, parts, m], [gram, grad_loss]))
+    outs = run_driver(exe, records)
+    results = []
+    for k, ((name, _nb, c, parts), (gram, _grad, m)) in enumerate(zip(cases, inputs,
+                                                                       strict=True)):
+        g = gram.double()
+        ee, ed, de, dd = g[:, :c, :c], g[:, :c, c:], g[:, c:, :c], g[:, c:, c:]
+        want = (ee * dd).sum() + (ed * de).sum()
+        loss = outs[3 * k]
+        errors = {"loss sum": (abs(loss.item() - want.item()) / abs(want.item()), 1e-6)}
+        for side, sign in ((0, 1.0), (1, -1.0)):
+            ref = torch.cat([dd + sign * ed, de + sign * ee], dim=2) * (0.75 / m)
+            flat = outs[3 * k + 1 + side].reshape(2 if parts == 2 else 1, *ref.shape)
+            value = flat[0].double() + (flat[1].double() if parts == 2 else 0)
+            scale = ref.abs().max().item()
+            step = 2.0 ** -11 * ref.abs() if parts == 1 else 0
+            err = ((value - ref).abs() / (1e-6 * scale + step)).max().item()
+            tf32 = all(_is_tf32(p) for p in flat) if parts else True
+            errors[f"K side {side}"] = (err, 1.0)
+            errors[f"K side {side} tf32"] = (0.0 if tf32 else 1.0, 0.0)
+        results.append(CosineResult(name, errors, {"loss": loss}))
+    return results
+
+
 # --------------------------------------------------------------------------- cosine distances
 
 COS_ATOL, COS_RTOL = 2e-5, 1e-5  # forward, elementwise (tests/support.py's oracle bar)
@@ -680,6 +729,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     results = [*run_affinity(c for c in AFFINITY_CASES if args.k in c.name),
                *run_gram_operands(c for c in GRAM_OPERANDS_CASES if args.k in c.name),
+               *run_gram_steps(c[0] for c in GRAM_STEP_CASES if args.k in c[0]),
                *run_cosine(c for c in COSINE_CASES if args.k in c.name),
                *run_anomaly_map(c for c in ANOMALY_MAP_CASES if args.k in c.name),
                *run_anomaly_map_combine(c for c in COMBINE_CASES if args.k in c.name),
