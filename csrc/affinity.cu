@@ -136,13 +136,12 @@ struct CudaGram {
                                    int64_t b0, int64_t nb, int parts) const {
     const int64_t C = teacher.size(1), N = teacher.size(2) * teacher.size(3);
     const auto f32 = teacher.options().dtype(at::kFloat);
-    at::Tensor inv_norm = at::empty({(b0 + nb) * 2 * N}, f32);
     std::vector<at::Tensor> out{at::empty({nb, 2 * C, N}, f32)};
     if (parts == 2) out.push_back(at::empty({nb, 2 * C, N}, f32));
     const CudaLaunch launch{at::cuda::getCurrentCUDAStream()};
     SNL_DISPATCH_FEATURE_TYPES(teacher.scalar_type(), "intra_affinity_gram_operands", [&] {
       launch_gram_operands(launch, feature_of<scalar_t>(teacher), feature_of<scalar_t>(student),
-                           b0, nb, C, N, parts, floats(inv_norm), floats(out[0]),
+                           b0, nb, C, N, parts, floats(out[0]),
                            parts == 2 ? floats(out[1]) : nullptr);
     });
     return out;

@@ -1,6 +1,5 @@
 // The Gram path's own kernels (composition: csrc/gram_host.h): its operands [E; D] from the two
-// feature maps, per pixel normalised by pixel_inv_norm_kernel's inverse norms, rounded as the
-// precision asks; the loss's sum over the Gram; the backward's coefficients K from the Gram.
+// feature maps, normalised per pixel and rounded as the precision asks; the loss's sum over the Gram; the backward's coefficients K from the Gram.
 // The products are cuBLAS's; the normalisation backward is pixel_normalize_bwd_kernel
 // (intra_affinity_kernels.cuh). G below is the (nb, 2C, 2C) Gram of [E; D], row-major:
 // G_EE = G[:C, :C], G_ED = G[:C, C:], G_DE = G[C:, :C] = G_ED^T, G_DD = G[C:, C:].
@@ -21,22 +20,42 @@ __device__ __forceinline__ float round_tf32(float x) {
 }
 
 // Rows [0, C) of hi / lo (nb, 2C, N) hold E = X_S + X_T, rows [C, 2C) D = X_S - X_T, for images
-// b0 .. b0 + gridDim.y (X = F / max(|F|, eps) per pixel, from inv_norm (B, 2, N)). parts 0: hi
-// = the value; 1: hi = tf32(value); 2: also lo = tf32(value - hi). Block = 32 pixels x 8
-// channel groups, as pixel_inv_norm_kernel; lanes take consecutive pixels, so the stores (and
-// the loads of NCHW inputs) are coalesced.
+// b0 .. b0 + gridDim.y (X = F / max(|F|, eps) per pixel, r = 1 / max(|F|, eps) as
+// pixel_inv_norm_kernel forms it). parts 0: hi = the value; 1: hi = tf32(value); 2: also lo =
+// tf32(value - hi). Block = 32 pixels x 8 channel groups: the block's pixels are read twice
+// (their norms, then the values; the second read is the block's own recent footprint, 32
+// pixels x C x 2 inputs), lanes take consecutive pixels, so the stores (and the loads of NCHW
+// inputs) are coalesced.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) gram_operands_kernel(
-    Feature<scalar_t> teacher, Feature<scalar_t> student, const float* __restrict__ inv_norm,
-    int64_t b0, int64_t C, int64_t N, int parts, float* __restrict__ hi,
-    float* __restrict__ lo) {
+    Feature<scalar_t> teacher, Feature<scalar_t> student, int64_t b0, int64_t C, int64_t N,
+    int parts, float* __restrict__ hi, float* __restrict__ lo) {
+  __shared__ float sums[2][8][32];
   const int lane = threadIdx.x % 32, group = threadIdx.x / 32;
   const int64_t bb = blockIdx.y, b = b0 + bb;
   const int64_t n = static_cast<int64_t>(blockIdx.x) * 32 + lane;
-  if (n >= N) return;
-  const int64_t off_t = teacher.pixel_offset(b, n), off_s = student.pixel_offset(b, n);
-  const float rt = fabsf(inv_norm[(b * 2 + 0) * N + n]);  // negative marks a zero vector
-  const float rs = fabsf(inv_norm[(b * 2 + 1) * N + n]);
+  const bool valid = n < N;
+  const int64_t off_t = valid ? teacher.pixel_offset(b, n) : 0;
+  const int64_t off_s = valid ? student.pixel_offset(b, n) : 0;
+  float tt = 0.0f, ss = 0.0f;
+  if (valid) {
+    for (int64_t c = group; c < C; c += 8) {
+      const float t = teacher.at(off_t, c), s = student.at(off_s, c);
+      tt += t * t;
+      ss += s * s;
+    }
+  }
+  sums[0][group][lane] = tt;
+  sums[1][group][lane] = ss;
+  __syncthreads();
+  if (!valid) return;
+  tt = 0.0f;
+  ss = 0.0f;
+  for (int k = 0; k < 8; ++k) {
+    tt += sums[0][k][lane];
+    ss += sums[1][k][lane];
+  }
+  const float rt = 1.0f / fmaxf(sqrtf(tt), kEps), rs = 1.0f / fmaxf(sqrtf(ss), kEps);
   const int64_t base = bb * 2 * C * N + n;
   for (int64_t c = group; c < C; c += 8) {
     const float xs = student.at(off_s, c) * rs, xt = teacher.at(off_t, c) * rt;
@@ -120,16 +139,14 @@ __global__ void __launch_bounds__(kThreads) gram_coefficients_kernel(
 }
 
 // The operands of images b0 .. b0 + nb into hi (and lo when parts == 2), (nb, 2C, N) each.
-// inv_norm: (b0 + nb) * 2 * N floats at least (rows b0 .. b0 + nb are written).
 template <typename scalar_t, typename Launch>
 void launch_gram_operands(const Launch& launch, const Feature<scalar_t>& t,
                           const Feature<scalar_t>& s, int64_t b0, int64_t nb, int64_t C,
-                          int64_t N, int parts, float* inv_norm, float* hi, float* lo) {
+                          int64_t N, int parts, float* hi, float* lo) {
   for (int64_t i = 0; i < nb; i += kMaxGridY) {
     const int64_t gy = std::min(nb - i, kMaxGridY);
-    launch(pixel_inv_norm_kernel<scalar_t>, ceil_div(N, 32), gy, t, s, b0 + i, C, N, inv_norm);
-    launch(gram_operands_kernel<scalar_t>, ceil_div(N, 32), gy, t, s, inv_norm, b0 + i, C, N,
-           parts, hi + i * 2 * C * N, parts == 2 ? lo + i * 2 * C * N : nullptr);
+    launch(gram_operands_kernel<scalar_t>, ceil_div(N, 32), gy, t, s, b0 + i, C, N, parts,
+           hi + i * 2 * C * N, parts == 2 ? lo + i * 2 * C * N : nullptr);
   }
 }
 

@@ -115,13 +115,13 @@ def test_fma_formula_matches_the_tensor_core_count_of_the_same_tiles():
 @pytest.mark.parametrize(("precision", "unit", "products"),
                          [("tf32", "wgmma", 1), ("tf32x3", "wgmma", 3), ("ieee", "fma", 1)])
 def test_gram_path_is_its_kernels_and_cublas_products(precision, unit, products):
-    # csrc/gram_host.h per level: operands (norms, then [E; D]) forward and again backward,
+    # csrc/gram_host.h per level: the operands [E; D] forward and again backward,
     # the Gram twice and dX_S once on cuBLAS, the loss's sum forward, the coefficients and
     # the normalisation backward.
     b, c, n = 2, 8, 128
     out = cuda._gram(b, c, n, precision, torch.Generator().manual_seed(0))
     kernels = [cuda._family(x["kernel"]) for x in out if x["kind"] == "cuda"]
-    operands = ["pixel_inv_norm_kernel", "gram_operands_kernel"]
+    operands = ["gram_operands_kernel"]
     assert kernels == [*operands, "gram_loss_kernel", "add_partials_kernel", *operands,
                        "gram_coefficients_kernel", "pixel_normalize_bwd_kernel"]
     gemms = [x for x in out if x["dot_flops"]]

@@ -131,10 +131,9 @@ std::vector<float> gram_operands(emu::IntReader& in, emu::FloatReader& data) {
   const int64_t C = shape[1], N = shape[2] * shape[3];
   const auto t = feature(data.next(storage_size(shape, st_t)), st_t, shape[3]);
   const auto s = feature(data.next(storage_size(shape, st_s)), st_s, shape[3]);
-  std::vector<float> inv_norm((b0 + nb) * 2 * N);
   const int64_t size = nb * 2 * C * N;
   std::vector<float> out((parts == 2 ? 2 : 1) * size);
-  snl::launch_gram_operands(EmuLaunch{}, t, s, b0, nb, C, N, parts, inv_norm.data(), out.data(),
+  snl::launch_gram_operands(EmuLaunch{}, t, s, b0, nb, C, N, parts, out.data(),
                             parts == 2 ? out.data() + size : nullptr);
   return out;
 }
