@@ -180,14 +180,13 @@ def _marked(short: dict[str, str]):
             if op in short else op for op in workloads.OPS]
 
 
-#: CUDA ops over their byte bounds (the table of 2026-12-06).
+#: CUDA ops over their byte bounds (the table of 2026-12-07).
 CUDA_BYTES_SHORT = {
     "cram": "distinct bytes 3.08x ideal (bound 1.5): the composition's ATen calls (cuBLAS "
             "products, the scaled embedding, the centre gradient's partials) each read and "
             "write whole (P, D) tensors",
-    "distillation_l2": "distinct bytes 7.57x ideal (bound 2), requested 5.2x distinct: the "
-                       "separate ops re-read every level, the Gram and Delta tiles re-read "
-                       "their operands",
+    "distillation_l2": "distinct bytes 9.51x ideal (bound 2): the separate ops re-read every "
+                       "level, the Gram path writes its operands and reads them back, twice",
     "distillation_l1": "distinct bytes 7.08x ideal (bound 2), requested 19.7x distinct: the "
                        "l1 Delta tiles re-read their operands",
 }
@@ -202,15 +201,16 @@ def test_cuda_memory_bound_ops_move_few_more_bytes_than_ideal(op):
     assert record["requested_bytes"] <= 2 * record["distinct_bytes"]
 
 
-#: CUDA ops whose products are not all on HGMMA (wgmma), or that spill (2026-12-06).
+#: CUDA ops whose products are not all on HGMMA (wgmma), or that spill (2026-12-07).
 _WMMA = "WMMA tf32 (HMMA, mma.sync), no HGMMA"
 _FMA = "fp32 FMA (FFMA), no tensor cores"
 CUDA_TENSOR_CORE_SHORT = {
-    "intra_affinity_l2": f"the Gram and tiled kernels: {_WMMA}",
+    "intra_affinity_l2": f"the Gram path on cuBLAS (its kernels picked at run time); the "
+                         f"level-3 tiles: {_WMMA}",
     "intra_affinity_l1": f"the Delta tiles: {_FMA}",
     "inter_affinity_l2": f"inter_delta and inter_row_grad: {_FMA}",
     "inter_affinity_l1": f"inter_delta and inter_row_grad: {_FMA}",
-    "distillation_l2": f"intra: {_WMMA}; inter: {_FMA}",
+    "distillation_l2": f"intra: cuBLAS and {_WMMA}; inter: {_FMA}",
     "distillation_l1": f"intra and inter: {_FMA}",
     "cram": "cuBLAS picks its kernels at run time (fp32 with TF32 off: FMA)",
     "anomaly_map": f"the combine kernel: {_FMA}, and it spills (32 bytes of stack at "
@@ -227,17 +227,18 @@ def test_cuda_products_run_on_hgmma_without_spills(op):
     assert record["spills"] is False
 
 
-#: CUDA ops predicted over their targets (eager; CRAM in a CUDA graph), 2026-12-06.
+#: CUDA ops predicted over their targets (eager; CRAM in a CUDA graph), 2026-12-07.
 CUDA_PREDICTED_SHORT = {
-    "cosine_distances": "predicted 0.214 ms eager (0.182 in a graph) against 0.2: 12 "
+    "cosine_distances": "predicted 0.217 ms eager (0.182 in a graph) against 0.2: 12 "
                         "launches, the backward's partial last wave",
-    "intra_affinity_l2": "predicted 1.24 ms (1.21) against 0.5: 174 GFLOP on mma.sync, "
-                         "2.9x the ideal bytes",
+    "intra_affinity_l2": "predicted 1.06 ms (1.03) against 0.5: the Gram path's operands "
+                         "and Gram formed again backward, the level-3 tiles' backward on "
+                         "mma.sync (0.19 ms)",
     "intra_affinity_l1": "predicted 18.1 ms against 3: 1039 GFLOP on the FMA pipes",
     "inter_affinity_l2": "predicted 1.23 ms against 0.3: 52 GFLOP on the FMA pipes, 3.6x "
                          "the ideal bytes",
     "inter_affinity_l1": "predicted 1.23 ms against 0.6: 52 GFLOP on the FMA pipes",
-    "distillation_l2": "predicted 2.63 ms against 1.5: the separate ops",
+    "distillation_l2": "predicted 2.45 ms against 1.5: the separate ops",
     "distillation_l1": "predicted 19.5 ms against 4: the l1 Delta tiles on FMA",
 }
 
