@@ -20,9 +20,7 @@ import sys
 import numpy as np
 from scipy.stats import spearmanr
 
-from snl.selfcheck import FLAG_BELOW
-
-BROKEN_BELOW_MEDIAN = 0.10
+from snl.selfcheck import FLAG_BELOW, broken
 
 
 def class_runs(folder: str) -> list[dict]:
@@ -39,20 +37,17 @@ def class_runs(folder: str) -> list[dict]:
 
 def report(setting: str, rows: list[dict]) -> None:
     auroc = np.array([r["auroc"] for r in rows])
-    median = {key: np.median([r["auroc"] for r in rows if (r["structure"], r["class"]) == key])
-              for key in {(r["structure"], r["class"]) for r in rows}}
-    broken = np.array([r["auroc"] < median[(r["structure"], r["class"])] - BROKEN_BELOW_MEDIAN
-                       for r in rows])
+    is_broken = broken(auroc, [(r["structure"], r["class"]) for r in rows])
     runs = len({(r["structure"], r["seed"]) for r in rows})
-    print(f"{setting}: {len(rows)} class-runs of {runs} runs, {int(broken.sum())} broken")
+    print(f"{setting}: {len(rows)} class-runs of {runs} runs, {int(is_broken.sum())} broken")
     for key, what in (("figure", "self-check"), ("probe", "test/good cut-paste probe")):
         values = np.array([r[key] for r in rows])
         flagged = values < FLAG_BELOW
         print(f"  {what}: Spearman {spearmanr(values, auroc).statistic:.3f}; under "
-              f"{100 * FLAG_BELOW:.1f}: {int((flagged & broken).sum())} of "
-              f"{int(broken.sum())} broken, {int((flagged & ~broken).sum())} of "
-              f"{int((~broken).sum())} good")
-    for r, b in zip(rows, broken, strict=True):
+              f"{100 * FLAG_BELOW:.1f}: {int((flagged & is_broken).sum())} of "
+              f"{int(is_broken.sum())} broken, {int((flagged & ~is_broken).sum())} of "
+              f"{int((~is_broken).sum())} good")
+    for r, b in zip(rows, is_broken, strict=True):
         if b or r["figure"] < FLAG_BELOW:
             print(f"  {r['structure']} seed {r['seed']} {r['class']}: self-check "
                   f"{100 * r['figure']:.1f}, image AUROC {100 * r['auroc']:.1f}, cut-paste probe "

@@ -43,7 +43,6 @@ from snl.data.holdout import PROBES_PER_IMAGE, to_model_input
 from snl.data.probes import _cutpaste, _read
 
 KINDS = ("HH", "HT", "TH", "TT", "RR")  # base kind, lender kind
-BROKEN_BELOW_MEDIAN = 0.10
 TEST_BASES = 8
 
 
@@ -85,12 +84,8 @@ def figure(model, images: np.ndarray, n: int) -> float:
 
 
 def _broken(rows: list[dict]) -> np.ndarray:
-    def group(r: dict) -> tuple:
-        return r["folder"], r["structure"], r["class"]
-
-    median = {g: np.median([r["real"] for r in rows if group(r) == g])
-              for g in {group(r) for r in rows}}
-    return np.array([r["real"] < median[group(r)] - BROKEN_BELOW_MEDIAN for r in rows])
+    return selfcheck.broken([r["real"] for r in rows],
+                            [(r["folder"], r["structure"], r["class"]) for r in rows])
 
 
 def bases(folders: list[str]) -> int:

@@ -53,6 +53,22 @@ from .data.textures import read_manifest
 
 #: A class whose self-check figure (probe image AUROC) is below this is flagged.
 FLAG_BELOW = 0.77
+#: A class-run is broken when its real image AUROC is more than this under the median of its
+#: group (the same class and structure over seeds): the studies' definition (docs/cli.md).
+BROKEN_BELOW_MEDIAN = 0.10
+
+
+def broken(aurocs: Sequence[float], groups: Sequence) -> np.ndarray:
+    """Which class-runs are broken: image AUROC more than ``BROKEN_BELOW_MEDIAN`` under the
+    median of the runs of the same group (``groups[i]``: any hashable key of run i)."""
+    values = np.asarray(aurocs, dtype=float)
+    keys = list(groups)
+    median = {key: np.median([v for v, k in zip(values, keys, strict=True) if k == key])
+              for key in set(keys)}
+    return np.array([v < median[k] - BROKEN_BELOW_MEDIAN
+                     for v, k in zip(values, keys, strict=True)], dtype=bool)
+
+
 #: Scores and maps are rounded to this many decimals before they are ranked: differences
 #: below it are float32 rounding of a cosine distance (about 1e-7), not evidence.
 SCORE_DECIMALS = 5

@@ -355,3 +355,12 @@ def test_restarts_say_when_a_class_is_flagged_in_every_seed():
         "run; more seeds are unlikely to help")
     assert restarts.every_seed_line(runs[:1]) is None  # one run: nothing to compare
     assert restarts.every_seed_line([run(brick=0.7), run(brick=0.9)]) is None
+
+
+def test_broken_class_runs_are_more_than_ten_points_under_their_groups_median():
+    aurocs = [0.90, 0.85, 0.74, 0.76, 0.70, 0.71, 0.50]
+    groups = ["brick"] * 4 + ["tissue"] * 3
+    # brick's median 0.805: 0.74 is 6.5 points under it, not broken; tissue's 0.70: 0.50 is
+    assert selfcheck.broken(aurocs, groups).tolist() == [False] * 6 + [True]
+    assert selfcheck.broken([0.9, 0.5], [("snl", "brick"), ("rd", "brick")]).tolist() == [
+        False, False]  # each its own group
