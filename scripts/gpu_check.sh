@@ -188,7 +188,7 @@ fi
 
 # ---------------------------------------------------------------- kernel tests
 # shellcheck disable=SC2206
-TEST_FILES=(${TEST_FILES:-tests/test_cosine_distances.py tests/test_affinity.py tests/test_cram.py tests/test_anomaly_map.py tests/test_triton_gpu_config.py tests/test_extension.py tests/test_dispatch.py tests/test_prepared_operands.py tests/test_distillation.py tests/test_distillation_op.py})
+TEST_FILES=(${TEST_FILES:-tests/test_cosine_distances.py tests/test_affinity.py tests/test_cram.py tests/test_anomaly_map.py tests/test_triton_gpu_config.py tests/test_extension.py tests/test_dispatch.py tests/test_prepared_operands.py tests/test_distillation.py tests/test_distillation_op.py tests/test_gram_cuda_path.py})
 PARALLEL=()
 if "$PYTHON" -c 'import xdist' 2>/dev/null; then
   PARALLEL=(-n "${XDIST_WORKERS:-12}")

@@ -2,14 +2,14 @@
 (csrc/gram_cpu.cpp): the composition the GPU runs (operands, precisions, chunks, dtypes,
 layouts) with its products and normalisation backward as ATen ops, held to the float64
 reference with the affinity ops' bars (DESIGN §6). The cuBLAS products and the CUDA
-normalisation kernel themselves run on a GPU only (the kernel is also in the CPU emulation,
-tests/test_cuda_emulation.py, through the tiled path)."""
+normalisation kernel themselves run on a GPU only (the GPU test at the end; the CUDA
+kernels are also in the CPU emulation, tests/test_cuda_emulation.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from support import NO_EXTENSION
+from support import NO_CUDA_BACKEND, NO_EXTENSION
 
 from snl_kernels import reference
 
@@ -33,9 +33,9 @@ def _pair(shape, noise=0.7, seed=0, zero_pixels=True):
 
 
 def _run(t, s, precision, teacher_grad=True, grad_loss=1.0):
-    """(loss, grad_teacher, grad_student) of the CPU registration."""
+    """(loss, grad_teacher, grad_student) of the op (its CPU registration for CPU tensors)."""
     loss, signs = torch.ops.snl.intra_affinity_fwd(t, s, "l2", True, precision)
-    g = torch.tensor([grad_loss])
+    g = torch.tensor([grad_loss], device=t.device)
     grad_t, grad_s = torch.ops.snl.intra_affinity_bwd(t, s, g, signs, "l2", True, precision,
                                                       teacher_grad)
     return loss, grad_t, grad_s
@@ -173,3 +173,29 @@ def test_errors_name_the_argument():
     with pytest.raises(ValueError, match="signs must be the forward's empty tensor"):
         torch.ops.snl.intra_affinity_bwd(t, s, torch.ones(1), torch.zeros(3, dtype=torch.int),
                                          "l2", True, "ieee", False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(NO_CUDA_BACKEND is not None, reason=NO_CUDA_BACKEND or "")
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("shape", [(2, 20, 5, 7), (3, 64, 16, 16), (16, 256, 64, 64)],
+                         ids=["small", "16x16", "wrn50-level1"])
+def test_cuda_composition_on_a_gpu(shape, precision):
+    """The GPU's composition (operand, loss and coefficient kernels, cuBLAS products): the
+    float64 bars (tf32 from 256 pixels only, as the rule runs it; no zero pixels there, as
+    test_tf32_from_256_pixels_keeps_the_bar), the same bits on a repeated call, and the CPU
+    registration's results within the products' rounding."""
+    n = shape[2] * shape[3]
+    if precision == "tf32" and n < 256:
+        pytest.skip("tf32 runs from 256 pixels")
+    t, s = (x.float() for x in _pair(shape, zero_pixels=precision != "tf32"))
+    gpu = [x.cuda() for x in (t, s)]
+    got = _run(*gpu, precision)
+    again = _run(*gpu, precision)
+    assert all(torch.equal(a, b) for a, b in zip(got, again, strict=True))
+    if shape[0] * n * n <= 2 ** 26:  # the N x N reference fits
+        _check(*gpu, precision)
+    cpu = _run(t, s, precision)
+    torch.testing.assert_close(got[0].cpu(), cpu[0], atol=0, rtol=1e-4)
+    for g, c in zip(got[1:], cpu[1:], strict=True):
+        assert (g.cpu() - c).norm() <= 1e-3 * c.norm()
