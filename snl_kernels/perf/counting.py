@@ -13,7 +13,8 @@ and warps of a GPU launch). While :func:`count` runs an op:
   fills, partial-sum reductions, autograd's gradient accumulation) is a record of kind
   "torch": the bytes of its tensor inputs and outputs (views and allocations move none; a
   filled tensor made like another, ``new_zeros`` or ``zeros_like``, reads nothing), and
-  2 M N K for matrix products.
+  2 M N K for matrix products. An op whose output is a 0-dim tensor is a record even when
+  it moves no counted bytes (scalars count none): on a GPU it is a launch all the same.
 
 Nothing here models caches: distinct bytes are what a launch must move at least once, with
 an empty L2, and requested bytes what it asks the memory system for.
@@ -257,7 +258,9 @@ class _TorchWork(TorchDispatchMode):
             launch.dot_flops = 2.0 * a.numel() * b.shape[-1]
         elif launch.write_requested:
             launch.fma_flops = float(max(t.numel() for t in outs))
-        if launch.requested:
+        # An op on 0-dim tensors moves no counted bytes but is still a kernel launch on
+        # a GPU (a scalar add, a division of an upstream gradient, a 0-dim fill).
+        if launch.requested or any(t.dim() == 0 for t in outs):
             _RECORDER.launches.append(launch)
         return out
 
