@@ -274,6 +274,13 @@ def exercise(quick: bool) -> None:
             for need_teacher in (True, False):
                 kc.backward_levels(ts, ss, [o[3] for o in outs], [o[4] for o in outs], *ups,
                                    need_teacher, 1e-8)
+            # The fused loss's variants: the means and both kinds of norms forward, the
+            # means' 0-dim gradients backward.
+            outs, extra = kc.forward_levels(ts, ss, 1e-8, means=True,
+                                            norms=("pixel", "channel"))
+            g = [[torch.ones((), device=ts[0].device)] * len(ts)] * 3
+            kc.backward_levels(ts, ss, [o[3] for o in outs], [o[4] for o in outs], *g, False,
+                               1e-8, sample_stats=extra["sample_stats"], of_means=True)
             sizes = [tuple(shapes[1][2:])] * 2 + [tuple(shapes[2][2:])] * 2
             ka.pool_with_norms([ts[0], ss[0], ts[1], ss[1]], sizes, 1e-8)
             jobs = []

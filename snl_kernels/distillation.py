@@ -14,10 +14,12 @@ reference path composes them). With the Triton backend the terms are one
 host code elsewhere (``torch.compile``, tracing, fake tensors: :mod:`.distillation_op`),
 whose forward and backward call the kernels directly and share, per level:
 
-- the per-pixel sums of squares that the cosine kernel forms anyway: the pixels' inverse
-  norms of the intra-affinity term come from them (no kernel re-reads T and S for norms);
-- the per-channel sums of squares: the inverse norms of the coarser level's channels in the
-  inter-affinity term;
+- the per-pixel sums of squares that the cosine kernel forms anyway: it writes the pixels'
+  inverse norms of the intra-affinity term from them (no kernel re-reads T and S for norms);
+- the per-channel sums of squares: the cosine kernels' finish writes the inverse norms of
+  the coarser level's channels in the inter-affinity term;
+- the three cosine terms' means, which the cosine kernels form themselves (and whose 0-dim
+  gradients the backward kernel takes as they are: no broadcast tensors on the host);
 - the pooled finer level and its channels' inverse norms, formed once in the forward and
   saved for the backward;
 - on the Gram path (intra-affinity l2 with C < N), the backward's Grams, which the forward's
@@ -60,6 +62,7 @@ from .intra_affinity_loss import triton_backward_normalised as intra_normalised
 OP = "snl_distillation_loss"
 IMPLEMENTED: tuple[str, ...] = ("triton",)  # the shared path; CUDA runs the separate ops
 TERMS = ("rd", "channel", "spatial", "intra", "inter")
+_COSINE_TERMS = frozenset(("rd", "channel", "spatial"))
 EPS = reference.EPS
 
 
@@ -164,20 +167,6 @@ def _separate(teachers, students, terms, intra_distance, inter_distance, backend
     return {term: out[term] for term in terms}
 
 
-def _inverse_norms(squares: list[Tensor]) -> list[Tensor]:
-    """Per (B, R_i) tensor of sums of squares: 1 / max(sqrt(sum of squares), eps) per row,
-    negative for an exactly zero row (the convention of the Triton kernels'
-    ``_inv_norm_kernel``), as (B, R_i) contiguous float32. All of them in one set of
-    elementwise ops over their concatenation (a set per tensor costs each op's host time
-    once per tensor)."""
-    if not squares:
-        return []
-    both = torch.cat(squares, dim=1)
-    r = both.sqrt().clamp_min_(EPS).reciprocal_()
-    r = torch.where(both == 0, -r, r)
-    return [part.contiguous() for part in r.split([x.shape[1] for x in squares], dim=1)]
-
-
 class _Shared(torch.autograd.Function):
     """The Triton path of :func:`snl_distillation_loss` (see the module doc)."""
 
@@ -226,25 +215,22 @@ def _forward(tensors, plan, zero_signs=False):
     # always off).
     terms, intra_distance, inter_distance, levels, store = plan
     teachers, students = tensors[:levels], tensors[levels:]
-    zero = teachers[0].new_zeros((), dtype=torch.float32)
-    values = dict.fromkeys(TERMS, zero)
+    values: dict = {}
     saved: dict = {"cos": [], "r_pix": [], "r_chan": [], "signs": [], "pooled": [],
                    "intra_plan": [], "inter_plan": [], "grams": []}
-    squares = []  # the sums of squares whose inverse norms the affinity terms take
-    for pixel, channel, sample, p_stats, c_stats in kc.forward_levels(
-            list(teachers), list(students), EPS):
-        saved["cos"].append((p_stats, c_stats))
-        values["rd"] = values["rd"] + sample.mean()
-        values["channel"] = values["channel"] + pixel.mean()
-        values["spatial"] = values["spatial"] + channel.mean()
-        if "intra" in terms:
-            squares += [p_stats[:, 1], p_stats[:, 2]]
-        if "inter" in terms:
-            squares += [c_stats[:, 1], c_stats[:, 2]]
-    norms = iter(_inverse_norms(squares))
-    for _ in range(levels):
-        saved["r_pix"].append((next(norms), next(norms)) if "intra" in terms else None)
-        saved["r_chan"].append((next(norms), next(norms)) if "inter" in terms else None)
+    # The three cosine terms come out of the kernels summed over levels (the pixel, channel
+    # and sample mean distances), with each level's sample sums for the backward, and the
+    # inverse norms the affinity terms take from the kernels' sums of squares: the pixels'
+    # for the intra-affinity term, the channels' for the inter-affinity term.
+    norms = ("pixel",) * ("intra" in terms) + ("channel",) * ("inter" in terms)
+    cos_levels, extra = kc.forward_levels(list(teachers), list(students), EPS,
+                                          means=bool(_COSINE_TERMS & set(terms)), norms=norms)
+    if extra["means"] is not None:
+        values["channel"], values["spatial"], values["rd"] = extra["means"]
+    for k, (_, _, _, p_stats, c_stats) in enumerate(cos_levels):
+        saved["cos"].append((p_stats, c_stats, extra["sample_stats"][k]))
+        saved["r_pix"].append(extra["pixel_norms"][k])
+        saved["r_chan"].append(extra["channel_norms"][k])
     # The affinity terms' Deltas: every intra-affinity level on the tiled path and every
     # inter-affinity pair in as few launches as the grouped kernel takes (the Gram path's
     # levels in their own launch); the per-tile partial sums are added afterwards.
@@ -291,9 +277,16 @@ def _forward(tensors, plan, zero_signs=False):
                            * teachers[b].shape[1])
             finish.append(("inter", len(jobs) - 1, scale))
     parts = ka.delta_group(jobs)
-    for term, part, scale in finish:
-        part = parts[part] if isinstance(part, int) else part
-        values[term] = values[term] + part.sum() * scale
+    if finish:
+        # Every part scaled in place in one launch, then per term one sum over its parts
+        # (a sum, a product and an addition per part would be a launch each).
+        scaled = [parts[part] if isinstance(part, int) else part for _, part, _ in finish]
+        torch._foreach_mul_(scaled, [scale for _, _, scale in finish])
+        for term in ("intra", "inter"):
+            mine = [x.reshape(-1) for x, (name, _, _) in zip(scaled, finish, strict=True)
+                    if name == term]
+            if mine:
+                values[term] = (mine[0] if len(mine) == 1 else torch.cat(mine)).sum()
     return tuple(values[term] for term in terms), saved
 
 
@@ -317,17 +310,14 @@ def _backward(inputs, plan, needs_input_grad, count, spec):
         store[k] = value if store[k] is None else store[k].add_(value)
 
     if {"rd", "channel", "spatial"} & set(g):
-        upstream: list = [[], [], []]
-        for t in teachers:
-            B, C, H, W = t.shape
-            zero = t.new_zeros((), **f32)
-            # d mean(x) / dx = 1 / numel, broadcast as the kernel's upstream gradients.
-            upstream[0].append((g.get("channel", zero) / (B * H * W)).expand(B, H, W))
-            upstream[1].append((g.get("spatial", zero) / (B * C)).expand(B, C))
-            upstream[2].append((g.get("rd", zero) / B).expand(B))
+        # The means' gradients as they are: the kernel spreads each as g / numel.
+        missing = {"channel", "spatial", "rd"} - set(g)
+        zero = teachers[0].new_zeros((), **f32) if missing else None
+        upstream = [[g.get(term, zero)] * levels for term in ("channel", "spatial", "rd")]
         cos = kc.backward_levels(list(teachers), list(students),
-                                 [p for p, _ in saved["cos"]], [c for _, c in saved["cos"]],
-                                 *upstream, need_t, EPS)
+                                 [p for p, _, _ in saved["cos"]],
+                                 [c for _, c, _ in saved["cos"]], *upstream, need_t, EPS,
+                                 sample_stats=[x for _, _, x in saved["cos"]], of_means=True)
         for k, (dt, ds) in enumerate(cos):
             add(grad_s, k, ds)
             if need_t:

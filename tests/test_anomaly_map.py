@@ -111,6 +111,18 @@ def test_cuda_blocking_edges_match_reference(case):
     _check_case("cuda", *case)
 
 
+@triton_only
+@pytest.mark.parametrize("pixels", [128, 16])
+def test_triton_distances_in_the_gpu_plans_tiles(pixels, monkeypatch):
+    """The distance kernel in the tiles a GPU plan picks (the interpreter keeps 64 pixels of
+    32 channels): 128 pixels of 16 channels, as at the WRN50 levels at B = 16, and 16 of
+    32, each with a ragged last tile and channels that do not fill the last step."""
+    from snl_kernels._triton import anomaly_map as kernels
+
+    monkeypatch.setattr(kernels, "cosine_blocks", lambda B, C, N, gpu=None: (64, 128, pixels))
+    _check_case("triton", [(2, 40, 13, 11), (2, 21, 6, 6)], (24, 20), 1.0, "add")
+
+
 @pytest.mark.parametrize("backend", kernel_backends())
 @pytest.mark.parametrize("dtype", DTYPES[1:], ids=str)
 def test_low_precision_inputs(backend, dtype):

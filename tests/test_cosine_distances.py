@@ -252,3 +252,69 @@ def test_triton_levels_in_one_launch_equal_one_launch_per_level():
                               ups[2][k], need_teacher, reference.EPS)
             for x, y in zip(grads[k], one, strict=True):
                 assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize(("need_teacher", "backward_block"), [(False, 16), (True, 128)])
+def test_triton_means_from_the_kernels_equal_the_means_of_the_distances(
+        need_teacher, backward_block, monkeypatch):
+    """``forward_levels(means=True)``: the three mean distances summed over levels, from the
+    kernels' per-program shares, over several pixel tiles and channel blocks per level (16
+    each), a ragged last tile and block, and four levels (two launches), with the pixels'
+    and channels' inverse norms the fused loss takes; the backward in
+    16-pixel tiles of 32 channels or 128-pixel tiles of 16; the sample sums
+    are those of the channel sums. ``backward_levels(of_means=True)`` with the means' 0-dim
+    gradients gives the float64 reference's gradients of those means."""
+    from support import NO_TRITON
+
+    if NO_TRITON is not None:
+        pytest.skip(NO_TRITON)
+    from snl_kernels._triton import cosine_distances as kc
+
+    monkeypatch.setattr(kc, "blocks", lambda B, C, N, gpu=None: (16, 16, backward_block))
+    shapes = [(3, 40, 5, 7), (3, 24, 6, 6), (3, 17, 3, 3), (3, 5, 2, 9)]
+    pairs = [features(shape, seed=10 + k) for k, shape in enumerate(shapes)]
+    teachers = [t for t, _ in pairs]
+    students = [s for _, s in pairs]
+    students[0][1, :, 2, 3] = 0  # a zero pixel: its distance is 1, it counts
+    plain = kc.forward_levels(teachers, students, reference.EPS)
+    levels, extra = kc.forward_levels(teachers, students, reference.EPS, means=True,
+                                      norms=("pixel", "channel"))
+    pixel_mean, channel_mean, sample_mean = extra["means"]
+    assert len(levels) == len(shapes)
+    for k, (a, b) in enumerate(zip(levels, plain, strict=True)):
+        for x, y in zip(a, b, strict=True):
+            assert torch.equal(x, y)
+        torch.testing.assert_close(extra["sample_stats"][k], b[4].sum(dim=2), rtol=1e-5,
+                                   atol=1e-5)
+        # Inverse norms from the sums of squares, negative for the zero pixel.
+        for got_norms, stats in ((extra["pixel_norms"][k], b[3]),
+                                 (extra["channel_norms"][k], b[4])):
+            for r, squares in zip(got_norms, (stats[:, 1], stats[:, 2]), strict=True):
+                want = squares.sqrt().clamp_min(reference.EPS).reciprocal()
+                torch.testing.assert_close(r, torch.where(squares == 0, -want, want))
+    assert (extra["pixel_norms"][0][1][1].view(-1)[2 * 7 + 3] < 0).item()
+    for got, i in ((pixel_mean, 0), (channel_mean, 1), (sample_mean, 2)):
+        want = torch.stack([out[i].double().mean() for out in plain]).sum()
+        assert got.shape == ()
+        torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-7)
+    g = [torch.tensor(v, device=pixel_mean.device) for v in (0.7, -1.3, 2.0)]
+    got = kc.backward_levels(teachers, students, [o[3] for o in levels], [o[4] for o in levels],
+                             *[[x] * len(shapes) for x in g], need_teacher, reference.EPS,
+                             sample_stats=extra["sample_stats"], of_means=True)
+    # The float64 reference's gradients of sum_k (g0 mean pixel + g1 mean channel + g2 mean
+    # sample).
+    t64 = [t.detach().double().requires_grad_(True) for t in teachers]
+    s64 = [s.detach().double().requires_grad_(True) for s in students]
+    loss = sum(g[0].item() * d.pixel.mean() + g[1].item() * d.channel.mean()
+               + g[2].item() * d.sample.mean()
+               for d in map(reference.cosine_distances, t64, s64))
+    want_t = torch.autograd.grad(loss, t64, retain_graph=True)
+    want_s = torch.autograd.grad(loss, s64)
+    for (grad_t, grad_s), w_t, w_s in zip(got, want_t, want_s, strict=True):
+        pairs = [(grad_s, w_s)] + ([(grad_t, w_t)] if need_teacher else [])
+        assert grad_t.numel() == (grad_s.numel() if need_teacher else 0)
+        for x, y in pairs:
+            assert x.shape == y.shape
+            scale = y.abs().max()
+            torch.testing.assert_close(x.double() / scale, y.to(x.device) / scale, rtol=0,
+                                       atol=1e-5)

@@ -142,6 +142,25 @@ def test_subsets_of_terms_and_paths():
         torch.testing.assert_close(value, full[name], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("term", ["rd", "channel", "spatial"])
+def test_one_cosine_term_in_the_loss(term):
+    """The loss takes one cosine term of the three the kernels form: the others' gradients
+    are None (zeros in the backward kernel), and the term's gradients equal the separate
+    ops'. The terms are tensors of their own: a caller may add into one in place."""
+    teachers, students = _levels(teacher_grad=True, zero_pixel=True)
+    inputs = [*teachers, *students]
+    got = snl_kernels.snl_distillation_loss(teachers, students, backend="triton")
+    want = distillation._separate(teachers, students, distillation.TERMS, "l2", "l2", "triton")
+    got_grads = torch.autograd.grad(got[term], inputs)
+    want_grads = torch.autograd.grad(want[term], inputs)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        scale = w.abs().max().item()
+        torch.testing.assert_close(g / scale, w / scale, rtol=0, atol=1e-5)
+    before = got["channel"].detach().clone()
+    got[term] += 1.0
+    assert got["channel"].item() == pytest.approx(before.item() + (term == "channel"))
+
+
 def test_shared_path_is_taken_only_in_plain_eager_triton(monkeypatch):
     teachers, students = _levels()
     taken = []

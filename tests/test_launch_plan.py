@@ -29,22 +29,36 @@ def _cdiv(a, b):
 def test_cosine_kernels_have_a_program_per_sm_at_every_level():
     from snl_kernels._triton import cosine_distances as kernels
 
+    backward_programs = 0
     for C, H, W in WRN50_LEVELS:
-        block_n, block_fin = kernels.blocks(B, C, H * W, gpu=True)
-        assert _cdiv(H * W, block_n) * B >= SMS, (C, H, W)  # forward and backward
+        block_n, block_fin, block_bwd = kernels.blocks(B, C, H * W, gpu=True)
+        assert _cdiv(H * W, block_n) * B >= SMS, (C, H, W)  # forward
         assert _cdiv(C, block_fin) * B >= SMS, (C, H, W)  # finish
+        assert _cdiv(H * W, block_bwd) * B >= SMS, (C, H, W)  # backward
+        backward_programs += _cdiv(H * W, block_bwd) * B
+        # A backward step's tile holds no more elements than a forward step's.
+        assert block_bwd * kernels._backward_channels(block_bwd) <= (
+            kernels.BLOCK_N * kernels.BLOCK_C)
     # The deepest level, which had 64 programs of 64 pixels, now has 16-pixel tiles.
     assert kernels.blocks(B, 1024, 256, gpu=True)[0] == 16
+    # The backward's programs over the three levels fit one wave at 8 per SM (64
+    # registers in its sm_90 SASS: benchmarks/perf_model.json).
+    assert backward_programs == 1024 <= 8 * SMS
     # Under the interpreter's configuration the largest blocks stay.
-    assert kernels.blocks(B, 1024, 256, gpu=False) == (kernels.BLOCK_N, kernels.BLOCK_FIN)
+    assert kernels.blocks(B, 1024, 256, gpu=False) == (
+        kernels.BLOCK_N, kernels.BLOCK_FIN, kernels.BLOCK_N)
 
 
 def test_anomaly_map_distances_of_every_level_in_one_launch_deepest_first():
     from snl_kernels._triton import anomaly_map, cosine_distances
 
-    # Each level's share of the one launch has a program per SM by itself.
+    # Each level's share of the one launch has a program per SM by itself, in the cosine
+    # backward's tiles: one wave at 8 programs per SM over the three levels.
+    programs = 0
     for C, H, W in WRN50_LEVELS:
-        assert _cdiv(H * W, cosine_distances.blocks(B, C, H * W, gpu=True)[0]) * B >= SMS
+        programs += _cdiv(H * W, cosine_distances.blocks(B, C, H * W, gpu=True)[2]) * B
+        assert _cdiv(H * W, cosine_distances.blocks(B, C, H * W, gpu=True)[2]) * B >= SMS
+    assert programs <= 8 * SMS
     assert anomaly_map.GROUP == 3
 
 

@@ -3,10 +3,11 @@
 Memory plan. Phase 1, one launch for up to three levels (deepest first in the grid, so its
 long programs start first): each program reads a tile of pixels of one level's T and S over
 all C once and writes the per-pixel distance into a zero-padded per-level slot of a small
-(B, L, HK, WK) buffer. Each level's pixel tile is chosen as in the cosine kernels
-(``cosine_distances.blocks``): on a GPU small enough that the level alone has at least
-``MIN_PROGRAMS`` programs (16-pixel tiles, 256 programs, for the deepest WRN50 level at
-B = 16). Phase 2, one launch: each program owns a BLOCK_H x BLOCK_W
+(B, L, HK, WK) buffer. Each level's pixel tile is chosen as in the cosine backward
+(``cosine_distances.blocks``, with as many channels per step as its tile allows): on a GPU
+small enough that the level alone has at least ``MIN_PROGRAMS`` programs (16-pixel tiles,
+256 programs, for the deepest WRN50 level at B = 16), at most 128 pixels (the WRN50 levels
+at B = 16: 1024 programs, one wave of the H200 at 8 per SM). Phase 2, one launch: each program owns a BLOCK_H x BLOCK_W
 tile of the output and forms ``sum_k Mh_k[rows] @ m_k @ Mw_k[cols]^T`` with on-chip
 matrix products over the padded levels, writes the tile and its maximum. The image score is
 the max over the tiles' maxima (max is exact, so any order gives the same bits).
@@ -20,11 +21,10 @@ import triton.language as tl
 from torch import Tensor
 
 from . import cdiv, next_power_of_2, strides
-from .cosine_distances import _at_pixels, _channels, _distance
+from .cosine_distances import _at_pixels, _backward_channels, _channels, _distance
 from .cosine_distances import blocks as cosine_blocks
 from .launch import launch
 
-BLOCK_C = 32
 BLOCK_H = 32
 BLOCK_W = 32
 GROUP = 3  # levels per distance launch
@@ -67,7 +67,8 @@ def _pixel_distance_kernel(
     t0_b, t0_c, t0_h, t0_w, s0_b, s0_c, s0_h, s0_w,
     t1_b, t1_c, t1_h, t1_w, s1_b, s1_c, s1_h, s1_w,
     t2_b, t2_c, t2_h, t2_w, s2_b, s2_c, s2_h, s2_w,
-    EPS: tl.constexpr, BLOCK_C: tl.constexpr,
+    EPS: tl.constexpr,
+    BLOCK_C0: tl.constexpr, BLOCK_C1: tl.constexpr, BLOCK_C2: tl.constexpr,
     BLOCK_P0: tl.constexpr, BLOCK_P1: tl.constexpr, BLOCK_P2: tl.constexpr,
 ):
     # Grid axis 0 runs over the tiles of the group's levels one after another (level 0's
@@ -78,15 +79,15 @@ def _pixel_distance_kernel(
     if pid < start1:
         _level_distance(t0, s0, o0, pid, b, C0, H0, W0, stride_ob, stride_oh,
                         t0_b, t0_c, t0_h, t0_w, s0_b, s0_c, s0_h, s0_w,
-                        EPS, BLOCK_C, BLOCK_P0)
+                        EPS, BLOCK_C0, BLOCK_P0)
     elif pid < start2:
         _level_distance(t1, s1, o1, pid - start1, b, C1, H1, W1, stride_ob, stride_oh,
                         t1_b, t1_c, t1_h, t1_w, s1_b, s1_c, s1_h, s1_w,
-                        EPS, BLOCK_C, BLOCK_P1)
+                        EPS, BLOCK_C1, BLOCK_P1)
     else:
         _level_distance(t2, s2, o2, pid - start2, b, C2, H2, W2, stride_ob, stride_oh,
                         t2_b, t2_c, t2_h, t2_w, s2_b, s2_c, s2_h, s2_w,
-                        EPS, BLOCK_C, BLOCK_P2)
+                        EPS, BLOCK_C2, BLOCK_P2)
 
 
 @triton.jit
@@ -142,8 +143,8 @@ def pixel_distances(teachers: list[Tensor], students: list[Tensor], eps: float,
         for j, level in enumerate(slots):
             t, s = teachers[level], students[level]
             _, C, H, W = t.shape
-            block = cosine_blocks(B, C, H * W)[0]
-            block_of[f"BLOCK_P{j}"] = block
+            block = cosine_blocks(B, C, H * W)[2]
+            block_of.update({f"BLOCK_P{j}": block, f"BLOCK_C{j}": _backward_channels(block)})
             tiles.append(cdiv(H * W, block) if j < len(group) else 0)
             args.update({f"t{j}": t, f"s{j}": s, f"o{j}": m[:, level], f"C{j}": C, f"H{j}": H,
                          f"W{j}": W,
@@ -152,7 +153,7 @@ def pixel_distances(teachers: list[Tensor], students: list[Tensor], eps: float,
         launch(_pixel_distance_kernel, (sum(tiles), B), dict(
             **args, start1=tiles[0], start2=tiles[0] + tiles[1],
             stride_ob=m.stride(0), stride_oh=m.stride(2),
-            EPS=eps, BLOCK_C=BLOCK_C, **block_of))
+            EPS=eps, **block_of))
     return m
 
 
