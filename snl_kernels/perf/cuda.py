@@ -27,8 +27,10 @@ tests/test_perf_cuda.py compares a sampled count with a full one.
 Library and ATen work the emulation cannot run (the intra-affinity Gram path's cuBLAS
 products, CRAM's cuBLAS products and small ATen ops, the anomaly map's zero fill) is
 listed from the shapes (:func:`aten` calls in ``_gram``, ``_cram`` and ``_anomaly_map``): each
-operand read once, each result written once. The public ops' own
-small PyTorch ops around the C++ calls (the fused loss's stacks and sums) are not listed.
+operand read once, each result written once. So are the PyTorch ops around the C++ calls
+that the Triton count records as it runs the workloads (:func:`python_ops`): autograd's
+backward seed per loss output, and the composition of the cosine terms and of the fused loss
+from the separate ops (means, stacks, sums, the means' backward).
 """
 
 from __future__ import annotations
@@ -323,6 +325,37 @@ def _distillation(distance):
     return count
 
 
+#: Loss outputs per workload: autograd seeds the backward of each with a ones_like.
+_OUTPUTS = {"cosine_distances": 3, "intra_affinity_l2": 3, "intra_affinity_l1": 3,
+            "inter_affinity_l2": 2, "inter_affinity_l1": 2, "distillation_l2": 5,
+            "distillation_l1": 5}
+_SEED = "ones_like (autograd's backward seed)"
+
+
+def python_ops(op: str, shapes: workloads.Shapes = workloads.BENCHMARK) -> list[dict]:
+    """The PyTorch ops of ``op``'s workload around the C++ calls on the CUDA backend
+    (snl_kernels/cosine_distances.py ``separate_means``, distillation.py ``_separate``), as
+    aten entries after the op's launches: their host time and gaps are what the model
+    charges them."""
+    b = shapes.batch
+    out = [aten(_SEED, 0, 0) for _ in range(_OUTPUTS.get(op, 0))]
+    if op == "cosine_distances" or op.startswith("distillation"):
+        maps = [n * 4 for c, h, w in shapes.levels for n in (b * h * w, b * c, b)]
+        out += [aten("mean of a level's distances", n, 0) for n in maps]
+        out += [aten("stack of the levels' means", 0, 4 * len(shapes.levels))
+                for _ in range(3)]
+        out += [aten("sum over the levels", 4 * len(shapes.levels), 0) for _ in range(3)]
+        # mean's backward: the upstream gradient expanded and divided by numel.
+        out += [aten("mean backward (expand / numel)", 0, n) for n in maps]
+    if op.startswith("distillation"):
+        pairs = len(shapes.levels) - 1
+        out += [aten("stack of the levels' intra losses", 0, 4 * len(shapes.levels)),
+                aten("sum over the levels", 4 * len(shapes.levels), 0),
+                aten("stack of the pairs' inter losses", 0, 4 * pairs),
+                aten("sum over the pairs", 4 * pairs, 0)]
+    return out
+
+
 def compose_distillation(counts: dict, distance: str,
                          shapes: workloads.Shapes = workloads.BENCHMARK) -> dict | None:
     """The fused loss's count from its parts' counts (what _distillation would count again):
@@ -330,7 +363,11 @@ def compose_distillation(counts: dict, distance: str,
     parts = ["cosine_distances", f"intra_affinity_{distance}", f"inter_affinity_{distance}"]
     if not all(p in counts for p in parts):
         return None
-    return {"launches": [x for p in parts for x in counts[p]["launches"]],
+    # The parts' own Python ops are replaced by the fused loss's (one composition).
+    python = {x["kernel"] for x in python_ops(f"distillation_{distance}", shapes)}
+    return {"launches": [x for p in parts for x in counts[p]["launches"]
+                         if x["kind"] != "aten" or x["kernel"] not in python]
+            + python_ops(f"distillation_{distance}", shapes),
             "ideal_bytes": workloads.MAKERS[f"distillation_{distance}"](shapes).ideal_bytes,
             "blocks": counts[parts[0]]["blocks"], "count_seconds": 0.0,
             "composed_of": parts}
@@ -355,6 +392,7 @@ def count_op(op: str, shapes: workloads.Shapes = workloads.BENCHMARK,
     start = time.perf_counter()
     try:
         launches = COUNTERS[op](shapes, torch.Generator().manual_seed(0))
+        launches += python_ops(op, shapes)
     finally:
         _sample["blocks"] = saved
     ideal = workloads.MAKERS[op](shapes).ideal_bytes
