@@ -229,16 +229,17 @@ def test_cuda_products_run_on_hgmma_without_spills(op):
 
 #: CUDA ops predicted over their targets (eager; CRAM in a CUDA graph), 2026-12-07.
 CUDA_PREDICTED_SHORT = {
-    "cosine_distances": "predicted 0.217 ms eager (0.182 in a graph) against 0.2: 12 "
-                        "launches, the backward's partial last wave",
-    "intra_affinity_l2": "predicted 1.06 ms (1.03) against 0.5: the Gram path's operands "
+    "cosine_distances": "predicted 0.257 ms eager (0.223 in a graph) against 0.2: 12 "
+                        "launches and 27 PyTorch ops (the means of the cosine terms, their "
+                        "backward), the backward's partial last wave",
+    "intra_affinity_l2": "predicted 1.07 ms (1.03) against 0.5: the Gram path's operands "
                          "and Gram formed again backward, the level-3 tiles' backward on "
                          "mma.sync (0.19 ms)",
     "intra_affinity_l1": "predicted 18.1 ms against 3: 1039 GFLOP on the FMA pipes",
     "inter_affinity_l2": "predicted 1.23 ms against 0.3: 52 GFLOP on the FMA pipes, 3.6x "
                          "the ideal bytes",
     "inter_affinity_l1": "predicted 1.23 ms against 0.6: 52 GFLOP on the FMA pipes",
-    "distillation_l2": "predicted 2.45 ms against 1.5: the separate ops",
+    "distillation_l2": "predicted 2.50 ms against 1.5: the separate ops",
     "distillation_l1": "predicted 19.5 ms against 4: the l1 Delta tiles on FMA",
 }
 
