@@ -166,8 +166,8 @@ def test_cosine_distances(launches):
     shape = (2, 160, 9, 9)  # 81 pixels, 160 channels: several tiles and finish blocks
     # Few programs at this size: the GPU's blocks shrink to the smallest (16 pixels, 16
     # channels), which therefore run here; more than one tile and channel block each.
-    block_n, block_fin = kernels.blocks(2, 160, 81, gpu=True)
-    assert (block_n, block_fin) == (kernels.MIN_BLOCK, kernels.MIN_BLOCK)
+    block_n, block_fin, block_bwd = kernels.blocks(2, 160, 81, gpu=True)
+    assert (block_n, block_fin, block_bwd) == (kernels.MIN_BLOCK,) * 3
     t, s = features(shape, requires_grad=True)
     out = snl_kernels.cosine_distances(t, s, backend="triton")
     t64, s64 = oracle_inputs(t, s)
@@ -186,7 +186,8 @@ def test_cosine_distances(launches):
     # One level: slot 0 of the (up to three) levels a launch takes.
     _launched(launches, "_cosine_distances_fwd_kernel", BLOCK_N0=block_n, BLOCK_C=32)
     _launched(launches, "_cosine_distances_fin_kernel", BLOCK_C0=block_fin)
-    _launched(launches, "_cosine_distances_bwd_kernel", BLOCK_N0=block_n, BLOCK_C=32)
+    _launched(launches, "_cosine_distances_bwd_kernel", BLOCK_N0=block_bwd,
+              BLOCK_C0=kernels._backward_channels(block_bwd))
 
 
 def test_cram(launches):
@@ -225,13 +226,16 @@ def test_anomaly_map(launches, mode):
                                  [s.double() for s in students], (40, 36), 2.0, mode)
     assert_matches_oracle(got.maps, want.maps, atol=1e-5)
     assert_matches_oracle(got.scores, want.scores, atol=1e-5)
-    # One launch for both levels, each with the GPU's pixel tile for its size.
+    # One launch for both levels, each with the GPU's pixel tile for its size (the cosine
+    # backward's) and as many channels per step as that tile takes.
     kernels = _modules()[2]
-    found = _launched(launches, "_pixel_distance_kernel", BLOCK_C=32)
+    found = _launched(launches, "_pixel_distance_kernel")
     assert len(found) == 1
     deep_first = sorted(shapes, key=lambda shape: -shape[1])
     for j, (b, c, h, w) in enumerate(deep_first):
-        assert found[0][f"BLOCK_P{j}"] == kernels.blocks(b, c, h * w, gpu=True)[0]
+        block = kernels.blocks(b, c, h * w, gpu=True)[2]
+        assert found[0][f"BLOCK_P{j}"] == block
+        assert found[0][f"BLOCK_C{j}"] == kernels._backward_channels(block)
     if mode == "add":  # (mul multiplies the upsampled levels in PyTorch)
         _launched(launches, "_combine_kernel", BLOCK_H=32, BLOCK_W=32)
 
