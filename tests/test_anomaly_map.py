@@ -123,6 +123,31 @@ def test_triton_distances_in_the_gpu_plans_tiles(pixels, monkeypatch):
     _check_case("triton", [(2, 40, 13, 11), (2, 21, 6, 6)], (24, 20), 1.0, "add")
 
 
+@triton_only
+def test_triton_distance_launch_writes_every_element_of_its_buffer(monkeypatch):
+    """The padded (B, L, HK, WK) buffer starts as uninitialised memory (NaN here): the
+    distance launch writes each level's pixels and the zeros around them, four levels in
+    two launches."""
+    from snl_kernels import reference
+    from snl_kernels._triton import anomaly_map as kernels
+
+    shapes = [(2, 6, 9, 7), (2, 5, 5, 11), (2, 4, 3, 3), (2, 3, 16, 16)]
+    teachers, students = _levels(shapes)
+    real_empty = torch.empty
+    monkeypatch.setattr(kernels.torch, "empty",
+                        lambda *a, **k: real_empty(*a, **k).fill_(float("nan")))
+    m = kernels.pixel_distances(teachers, students, reference.EPS)
+    monkeypatch.undo()
+    assert m.shape == (2, 4, 16, 16)
+    for k, (t, s) in enumerate(zip(teachers, students, strict=True)):
+        _, _, h, w = t.shape
+        want = reference.cosine_distances(t.float(), s.float()).pixel
+        torch.testing.assert_close(m[:, k, :h, :w], want, atol=1e-5, rtol=1e-5)
+        padding = m[:, k].clone()
+        padding[:, :h, :w] = 0
+        assert torch.equal(padding, torch.zeros_like(padding)), k
+
+
 @pytest.mark.parametrize("backend", kernel_backends())
 @pytest.mark.parametrize("dtype", DTYPES[1:], ids=str)
 def test_low_precision_inputs(backend, dtype):

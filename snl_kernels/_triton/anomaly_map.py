@@ -3,7 +3,9 @@
 Memory plan. Phase 1, one launch for up to three levels (deepest first in the grid, so its
 long programs start first): each program reads a tile of pixels of one level's T and S over
 all C once and writes the per-pixel distance into a zero-padded per-level slot of a small
-(B, L, HK, WK) buffer. Each level's pixel tile is chosen as in the cosine backward
+(B, L, HK, WK) buffer; each level's last tile also writes the zeros of its sample's slot
+outside the level's pixels (no fill of the whole buffer before). Each level's pixel
+tile is chosen as in the cosine backward
 (``cosine_distances.blocks``, with as many channels per step as its tile allows): on a GPU
 small enough that the level alone has at least ``MIN_PROGRAMS`` programs (16-pixel tiles,
 256 programs, for the deepest WRN50 level at B = 16), at most 128 pixels (the WRN50 levels
@@ -26,8 +28,22 @@ from .cosine_distances import blocks as cosine_blocks
 from .launch import launch
 
 BLOCK_H = 32
+BLOCK_Z = 1024  # padding zeros per step
 BLOCK_W = 32
 GROUP = 3  # levels per distance launch
+
+
+@triton.jit
+def _zero_padding(out_ptr, b, H, W, stride_ob, stride_oh, HK: tl.constexpr, WK: tl.constexpr,
+                  BLOCK_Z: tl.constexpr):
+    """Zeros into sample b's (HK, WK) slot of one level outside its H x W pixels."""
+    for z0 in range(0, HK * WK, BLOCK_Z):
+        z = z0 + tl.arange(0, BLOCK_Z)
+        h = z // WK
+        w = z % WK
+        tl.store(out_ptr + b * stride_ob + h * stride_oh + w,
+                 tl.zeros([BLOCK_Z], dtype=tl.float32),
+                 mask=(z < HK * WK) & ((h >= H) | (w >= W)))
 
 
 @triton.jit
@@ -35,9 +51,11 @@ def _level_distance(
     t_ptr, s_ptr, out_ptr, tile, b, C, H, W, stride_ob, stride_oh,
     stride_tb, stride_tc, stride_th, stride_tw,
     stride_sb, stride_sc, stride_sh, stride_sw,
-    EPS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    EPS: tl.constexpr, HK: tl.constexpr, WK: tl.constexpr, BLOCK_Z: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    """Distances of pixel tile ``tile`` of sample b of one level into its slot of out."""
+    """Distances of pixel tile ``tile`` of sample b of one level into its slot of out; the
+    level's last tile also zeroes the rest of the slot."""
     offs = tile * BLOCK_P + tl.arange(0, BLOCK_P)
     mask_p = offs < H * W
     h = offs // W
@@ -56,6 +74,8 @@ def _level_distance(
         tt += tl.sum(t * t, axis=0)
         ss += tl.sum(s * s, axis=0)
     tl.store(out_ptr + b * stride_ob + h * stride_oh + w, _distance(dot, tt, ss, EPS), mask=mask_p)
+    if (tile + 1) * BLOCK_P >= H * W:
+        _zero_padding(out_ptr, b, H, W, stride_ob, stride_oh, HK, WK, BLOCK_Z)
 
 
 @triton.jit
@@ -67,7 +87,7 @@ def _pixel_distance_kernel(
     t0_b, t0_c, t0_h, t0_w, s0_b, s0_c, s0_h, s0_w,
     t1_b, t1_c, t1_h, t1_w, s1_b, s1_c, s1_h, s1_w,
     t2_b, t2_c, t2_h, t2_w, s2_b, s2_c, s2_h, s2_w,
-    EPS: tl.constexpr,
+    EPS: tl.constexpr, HK: tl.constexpr, WK: tl.constexpr, BLOCK_Z: tl.constexpr,
     BLOCK_C0: tl.constexpr, BLOCK_C1: tl.constexpr, BLOCK_C2: tl.constexpr,
     BLOCK_P0: tl.constexpr, BLOCK_P1: tl.constexpr, BLOCK_P2: tl.constexpr,
 ):
@@ -79,15 +99,15 @@ def _pixel_distance_kernel(
     if pid < start1:
         _level_distance(t0, s0, o0, pid, b, C0, H0, W0, stride_ob, stride_oh,
                         t0_b, t0_c, t0_h, t0_w, s0_b, s0_c, s0_h, s0_w,
-                        EPS, BLOCK_C0, BLOCK_P0)
+                        EPS, HK, WK, BLOCK_Z, BLOCK_C0, BLOCK_P0)
     elif pid < start2:
         _level_distance(t1, s1, o1, pid - start1, b, C1, H1, W1, stride_ob, stride_oh,
                         t1_b, t1_c, t1_h, t1_w, s1_b, s1_c, s1_h, s1_w,
-                        EPS, BLOCK_C1, BLOCK_P1)
+                        EPS, HK, WK, BLOCK_Z, BLOCK_C1, BLOCK_P1)
     else:
         _level_distance(t2, s2, o2, pid - start2, b, C2, H2, W2, stride_ob, stride_oh,
                         t2_b, t2_c, t2_h, t2_w, s2_b, s2_c, s2_h, s2_w,
-                        EPS, BLOCK_C2, BLOCK_P2)
+                        EPS, HK, WK, BLOCK_Z, BLOCK_C2, BLOCK_P2)
 
 
 @triton.jit
@@ -132,7 +152,7 @@ def pixel_distances(teachers: list[Tensor], students: list[Tensor], eps: float,
     B = teachers[0].shape[0]
     hk = hk or _pad(max(t.shape[2] for t in teachers))
     wk = wk or _pad(max(t.shape[3] for t in teachers))
-    m = torch.zeros((B, len(teachers), hk, wk), device=teachers[0].device, dtype=torch.float32)
+    m = torch.empty((B, len(teachers), hk, wk), device=teachers[0].device, dtype=torch.float32)
     # Deepest level first (most channels per pixel: the longest programs start first).
     order = sorted(range(len(teachers)), key=lambda k: -teachers[k].shape[1])
     for first in range(0, len(order), GROUP):
@@ -153,7 +173,7 @@ def pixel_distances(teachers: list[Tensor], students: list[Tensor], eps: float,
         launch(_pixel_distance_kernel, (sum(tiles), B), dict(
             **args, start1=tiles[0], start2=tiles[0] + tiles[1],
             stride_ob=m.stride(0), stride_oh=m.stride(2),
-            EPS=eps, **block_of))
+            EPS=eps, HK=hk, WK=wk, BLOCK_Z=BLOCK_Z, **block_of))
     return m
 
 
