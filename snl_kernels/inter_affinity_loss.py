@@ -15,19 +15,23 @@ Backward, with ``Gd = dL/dDelta`` (``2 g Delta / M`` or ``g sign(Delta) / M``) w
 (B C_a C_b floats): ``dL/dP^_S = -Gd Q^_S``, ``dL/dQ^_S = -Gd^T P^_S``, ``dL/dP^_T = Gd Q^_T``,
 ``dL/dQ^_T = Gd^T P^_T``; then back through the row normalisation (``df = r (dx - x (x .
 dx))``) and, for P, the pooling (each input pixel gets its bins' gradients over the bin
-sizes). The pooled P_T and P_S (fp32, B C_a N_b each) are the only other intermediates;
-backward recomputes them.
+sizes). The pooled P_T and P_S (fp32, B C_a N_b each) are the only other intermediates.
+Triton pools both finer levels and forms their channels' norms in one launch, and keeps the
+pooled levels and the four sets of norms for the backward when a gradient will be needed
+(its ``store`` argument); the CUDA backward recomputes them.
 
 Backends: ``torch`` (reference), ``triton`` (``snl_kernels/_triton/affinity.py``), ``cuda``
 (``csrc/affinity.cu``); both kernel backends are ``torch.library`` ops with fake
 implementations and registered autograd.
 """
 
+import functools
+
 import torch
 from torch import Tensor
 
-from . import _triton, checks, dispatch, precision, reference
-from ._registration import register_kernel_ops
+from . import _cuda, _triton, checks, dispatch, precision, reference
+from ._registration import KernelOp, cuda_kernel_op, eager_function
 
 OP = "inter_affinity_loss"
 EPS = reference.EPS
@@ -41,6 +45,14 @@ BWD_SCHEMA = ("(Tensor teacher_a, Tensor teacher_b, Tensor student_a, Tensor stu
               "Tensor grad_loss, str distance, str precision, bool teacher_requires_grad) -> "
               "(Tensor grad_teacher_a, Tensor grad_teacher_b, Tensor grad_student_a, "
               "Tensor grad_student_b)")
+# Triton's take one more argument each. store (forward): nonzero keeps for the backward
+# (the caller decides from grad mode and requires_grad) the pooled levels P_T, P_S and the
+# inverse norms (r_pt, r_ps, r_qt, r_qs), returned as ``saved`` (empty otherwise); the
+# backward given them recomputes nothing.
+TRITON_FWD_SCHEMA = FWD_SCHEMA.replace("str precision)", "str precision, int store=0)")
+TRITON_FWD_SCHEMA = TRITON_FWD_SCHEMA[:-len("Tensor")] + "(Tensor loss, Tensor[] saved)"
+TRITON_BWD_SCHEMA = BWD_SCHEMA.replace("bool teacher_requires_grad)",
+                                       "bool teacher_requires_grad, Tensor[]? saved=None)")
 
 
 def _kernels():
@@ -49,16 +61,18 @@ def _kernels():
 
 def _operands(k, teacher_a, teacher_b, student_a, student_b):
     size = tuple(teacher_b.shape[-2:])
-    p_t, p_s = k.pool(teacher_a, size), k.pool(student_a, size)
-    norms = [k.inv_norms(x, False, EPS) for x in (p_t, p_s, teacher_b, student_b)]
+    (p_t, r_pt), (p_s, r_ps) = k.pool_with_norms([teacher_a, student_a], [size, size], EPS)
+    norms = [r_pt, r_ps, k.inv_norms(teacher_b, False, EPS), k.inv_norms(student_b, False, EPS)]
     return p_t, p_s, norms
 
 
-def _triton_fwd_body(teacher_a, teacher_b, student_a, student_b, distance, precision):
+def _triton_fwd_body(teacher_a, teacher_b, student_a, student_b, distance, precision,
+                     store=0):
     k = _kernels()
     p_t, p_s, norms = _operands(k, teacher_a, teacher_b, student_a, student_b)
-    return triton_forward(p_t, p_s, teacher_b, student_b, norms, teacher_a.shape[1], distance,
+    loss = triton_forward(p_t, p_s, teacher_b, student_b, norms, teacher_a.shape[1], distance,
                           precision)
+    return loss, [p_t, p_s, *norms] if store else []
 
 
 def triton_forward(p_t, p_s, teacher_b, student_b, norms, c_a, distance, precision):
@@ -71,9 +85,11 @@ def triton_forward(p_t, p_s, teacher_b, student_b, norms, c_a, distance, precisi
 
 
 def _triton_bwd_body(teacher_a, teacher_b, student_a, student_b, grad_loss, distance,
-                     precision, teacher_requires_grad):
-    k = _kernels()
-    p_t, p_s, norms = _operands(k, teacher_a, teacher_b, student_a, student_b)
+                     precision, teacher_requires_grad, saved=None):
+    if saved:
+        p_t, p_s, *norms = saved
+    else:
+        p_t, p_s, norms = _operands(_kernels(), teacher_a, teacher_b, student_a, student_b)
     return triton_backward(teacher_a, teacher_b, student_a, student_b, p_t, p_s, norms,
                            grad_loss, distance, precision, teacher_requires_grad)
 
@@ -141,17 +157,27 @@ def triton_backward_normalised(teacher_a, teacher_b, student_a, student_b, p_t, 
 
 
 _triton_fwd = torch.library.custom_op("snl_triton::inter_affinity_fwd", _triton_fwd_body,
-                                      mutates_args=(), schema=FWD_SCHEMA)
+                                      mutates_args=(), schema=TRITON_FWD_SCHEMA)
 _triton_bwd = torch.library.custom_op("snl_triton::inter_affinity_bwd", _triton_bwd_body,
-                                      mutates_args=(), schema=BWD_SCHEMA)
+                                      mutates_args=(), schema=TRITON_BWD_SCHEMA)
 
 
-def _fake_fwd(teacher_a, teacher_b, student_a, student_b, distance, precision):
-    return teacher_a.new_empty((), dtype=torch.float32)
+def _fake_fwd(backend, teacher_a, teacher_b, student_a, student_b, distance, precision,
+              store=0):
+    loss = teacher_a.new_empty((), dtype=torch.float32)
+    if backend != "triton":
+        return loss
+    if not store:
+        return loss, []
+    B, C_a = teacher_a.shape[:2]
+    C_b, H_b, W_b = teacher_b.shape[1:]
+    pooled = [teacher_a.new_empty((B, C_a, H_b, W_b), dtype=torch.float32) for _ in range(2)]
+    norms = [teacher_a.new_empty((B, c), dtype=torch.float32) for c in (C_a, C_a, C_b, C_b)]
+    return loss, pooled + norms
 
 
 def _fake_bwd(teacher_a, teacher_b, student_a, student_b, grad_loss, distance, precision,
-              teacher_requires_grad):
+              teacher_requires_grad, saved=None):
     if teacher_requires_grad:
         ga_t, gb_t = teacher_a.new_empty(teacher_a.shape), teacher_b.new_empty(teacher_b.shape)
     else:
@@ -161,25 +187,46 @@ def _fake_bwd(teacher_a, teacher_b, student_a, student_b, grad_loss, distance, p
 
 
 def _setup_context(ctx, inputs, output):
-    *features, distance, dot = inputs
+    *features, distance, dot = inputs[:6]  # (Triton's store after them)
     ctx.plan = (distance, dot)
-    ctx.save_for_backward(*features)
+    saved = output[1] if isinstance(output, tuple) else ()
+    if saved:
+        ctx.mark_non_differentiable(*saved)
+    ctx.save_for_backward(*features, *saved)
 
 
-def _make_backward(bwd_op):
-    def backward(ctx, grad_loss):
+def _make_backward(bwd_op, takes_saved: bool):
+    def backward(ctx, grad_loss, *_):
         need = ctx.needs_input_grad
         need_teacher = bool(need[0] or need[1])
-        grads = bwd_op(*ctx.saved_tensors, grad_loss.to(torch.float32), *ctx.plan,
-                       need_teacher)
-        return (*(g if n else None for g, n in zip(grads, need[:4], strict=True)), None, None)
+        features, saved = ctx.saved_tensors[:4], ctx.saved_tensors[4:]
+        extra = (list(saved),) if takes_saved and saved else ()
+        grads = bwd_op(*features, grad_loss.to(torch.float32), *ctx.plan, need_teacher, *extra)
+        return (*(g if n else None for g, n in zip(grads, need[:4], strict=True)),
+                *[None] * (len(need) - 4))
 
     return backward
 
 
-_FORWARD_OPS = register_kernel_ops("inter_affinity_fwd", "inter_affinity_bwd", _triton_bwd,
-                                   _fake_fwd, _fake_bwd, _make_backward, _setup_context,
-                                   (_triton_fwd_body, _triton_bwd_body))
+def _register(backend: str, fwd: str, bwd: str, bwd_op) -> None:
+    torch.library.register_fake(fwd)(functools.partial(_fake_fwd, backend))
+    torch.library.register_fake(bwd)(_fake_bwd)
+    torch.library.register_autograd(fwd, _make_backward(bwd_op, backend == "triton"),
+                                    setup_context=_setup_context)
+
+
+_register("triton", "snl_triton::inter_affinity_fwd", "snl_triton::inter_affinity_bwd",
+          _triton_bwd)
+_FORWARD_OPS = {"triton": KernelOp(torch.ops.snl_triton.inter_affinity_fwd, eager_function(
+    _triton_fwd_body, _triton_bwd_body, functools.partial(_make_backward, takes_saved=True),
+    _setup_context, differentiable=1), _triton_fwd_body)}
+if _cuda.has_op("inter_affinity_fwd"):
+    _register("cuda", "snl::inter_affinity_fwd", "snl::inter_affinity_bwd",
+              torch.ops.snl.inter_affinity_bwd.default)
+    _FORWARD_OPS["cuda"] = cuda_kernel_op(torch.ops.snl.inter_affinity_fwd,
+                                          torch.ops.snl.inter_affinity_bwd.default,
+                                          functools.partial(_make_backward, takes_saved=False),
+                                          _setup_context)
 
 
 def inter_affinity_loss(teacher_a: Tensor, teacher_b: Tensor, student_a: Tensor,
@@ -207,5 +254,8 @@ def inter_affinity_loss(teacher_a: Tensor, teacher_b: Tensor, student_a: Tensor,
     chosen = dispatch.select_backend(OP, backend, tensors, IMPLEMENTED, why_not=why_not)
     if chosen == "torch":
         return reference.inter_affinity_loss(*tensors, distance)
-    return _FORWARD_OPS[chosen](*tensors, distance,
-                                precision.inter_plan(chosen, teacher_a, teacher_b, distance))
+    dot = precision.inter_plan(chosen, teacher_a, teacher_b, distance)
+    if chosen == "triton":
+        store = int(torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+        return _FORWARD_OPS[chosen].leading(*tensors, distance, dot, store)[0]
+    return _FORWARD_OPS[chosen](*tensors, distance, dot)

@@ -12,8 +12,8 @@ so rounding errors scale with the difference, not with the affinities (the plain
 - C x C Grams (l2 when C < N), ``G_ab = X_a X_b^T``, over the tile pairs I <= J only. Triton:
   ``||Delta||^2 = (<G_EE, G_DD> + <G_ED, G_DE>) / 2`` with E = X_S + X_T (four products per
   pair), and the same four products give the backward's Grams, which the loss kernel writes
-  when a gradient will be needed (the fused loss keeps them from its forward; this op's
-  backward runs the loss kernel again to write them). CUDA (``csrc/gram_host.h``): the same
+  when a gradient will be needed (this op's forward and the fused loss keep them for the
+  backward). CUDA (``csrc/gram_host.h``): the same
   sum from one cuBLAS product ``[E; D][E; D]^T`` of operands one kernel forms, and backward
   ``(g / M) [G_DD + G_ED, G_DE + G_EE] [E; D]`` (the product below, regrouped), the Gram
   formed again. Backward: ``dL/dX_S = (4 g / M)(G_SS D + G_SD X_T)``,
@@ -31,8 +31,9 @@ so rounding errors scale with the difference, not with the affinities (the plain
   then the product): about half of l1's fwd+bwd work.
 
 Then through the normalisation, per pixel: ``df = r (dx - x (x . dx))`` with ``r = 1 /
-max(|f|, eps)`` (the projection drops where the norm is clamped). Backward recomputes the
-norms; nothing but the inputs is saved.
+max(|f|, eps)`` (the projection drops where the norm is clamped). Triton's forward keeps the
+inverse norms (and on the Gram path the Grams) for the backward when a gradient will be
+needed (its ``store`` argument); the CUDA backward recomputes them from the inputs.
 
 Path and precision are decided once per call, in ``snl_kernels/precision.py`` (the rule,
 and what each backend runs), and passed to the ops as arguments: for l2 from 256 pixels, one
@@ -72,6 +73,16 @@ FWD_SCHEMA = ("(Tensor teacher, Tensor student, str distance, bool grams, str pr
 BWD_SCHEMA = ("(Tensor teacher, Tensor student, Tensor grad_loss, Tensor signs, str distance, "
               "bool grams, str precision, bool teacher_requires_grad) -> "
               "(Tensor grad_teacher, Tensor grad_student)")
+# Triton's take one more argument each. store (forward): what to keep for the backward, 0
+# nothing, 1 for the student's gradient, 2 for the teacher's too (the caller decides from
+# grad mode and requires_grad); saved: the pixels' inverse norms (r_t, r_s), then on the Gram
+# path the Grams the loss kernel wrote (2 per side, ``affinity_gram.gram_loss``), or nothing.
+# The backward recomputes what it is not given.
+TRITON_FWD_SCHEMA = FWD_SCHEMA.replace(
+    "str precision)", "str precision, int store=0)").replace(
+    "Tensor signs)", "Tensor signs, Tensor[] saved)")
+TRITON_BWD_SCHEMA = BWD_SCHEMA.replace("bool teacher_requires_grad)",
+                                       "bool teacher_requires_grad, Tensor[]? saved=None)")
 
 
 def _kernels():
@@ -86,43 +97,56 @@ def _signs_shape(backend: str, teacher: Tensor, distance: str) -> tuple[int, ...
     return (B, N, (N + 31) // 32) if backend == "triton" and distance == "l1" else (0,)
 
 
-def _triton_fwd_body(teacher, student, distance, grams, precision):
+def _triton_fwd_body(teacher, student, distance, grams, precision, store=0):
     k = _kernels()
     r_t, r_s = k.inv_norms(teacher, True, EPS), k.inv_norms(student, True, EPS)
-    return triton_forward(teacher, student, r_t, r_s, distance, grams, precision)
+    loss, signs, stored = triton_forward(teacher, student, r_t, r_s, distance, grams,
+                                         precision, store)
+    return loss, signs, [r_t, r_s, *stored] if store else []
 
 
-def triton_forward(teacher, student, r_t, r_s, distance, grams, precision):
+def triton_forward(teacher, student, r_t, r_s, distance, grams, precision, store=0):
     """The Triton forward from the pixels' inverse norms ``r_t``, ``r_s`` (B, N) (a zero
-    pixel's negative, as ``_inv_norm_kernel`` writes them): (loss, signs)."""
+    pixel's negative, as ``_inv_norm_kernel`` writes them): (loss, signs, the Grams the
+    Gram path's loss kernel wrote for the backward, ``store`` as the op's: a tuple, empty
+    where none)."""
     k = _kernels()
     B, _, H, W = teacher.shape
     N = H * W
     signs = teacher.new_empty(_signs_shape("triton", teacher, distance), dtype=torch.int32)
+    stored = ()
     if grams:
-        parts, _ = k.gram_loss(student, teacher, r_s, r_t, precision)
+        parts, stored = k.gram_loss(student, teacher, r_s, r_t, precision, store)
     else:
         parts = k.delta(student, teacher, student, teacher, r_s, r_t, r_s, r_t,
                         pix_rows=True, l1=distance == "l1", precision=precision,
                         signs=signs if distance == "l1" else None)
-    return parts.sum() / (B * N * N), signs
+    return parts.sum() / (B * N * N), signs, stored or ()
 
 
 def _triton_bwd_body(teacher, student, grad_loss, signs, distance, grams, precision,
-                     teacher_requires_grad):
+                     teacher_requires_grad, saved=None):
     k = _kernels()
-    r_t, r_s = k.inv_norms(teacher, True, EPS), k.inv_norms(student, True, EPS)
+    if saved:
+        r_t, r_s, *stored = saved
+    else:
+        r_t, r_s = k.inv_norms(teacher, True, EPS), k.inv_norms(student, True, EPS)
+        stored = None
+    # Grams kept for the student's side only cannot serve the teacher's gradient.
+    if not stored or len(stored) < (4 if teacher_requires_grad else 2):
+        stored = None
     return triton_backward(teacher, student, r_t, r_s, grad_loss, signs, distance, grams,
-                           precision, teacher_requires_grad)
+                           precision, teacher_requires_grad, stored)
 
 
 def triton_backward(teacher, student, r_t, r_s, grad_loss, signs, distance, grams, precision,
-                    teacher_requires_grad):
-    """The Triton backward from the pixels' inverse norms: (grad_teacher or an empty tensor,
-    grad_student)."""
+                    teacher_requires_grad, stored_grams=None):
+    """The Triton backward from the pixels' inverse norms (and the Grams the forward kept,
+    or None): (grad_teacher or an empty tensor, grad_student)."""
     k = _kernels()
     g_t, g_s = triton_backward_normalised(teacher, student, r_t, r_s, grad_loss, signs,
-                                          distance, grams, precision, teacher_requires_grad)
+                                          distance, grams, precision, teacher_requires_grad,
+                                          stored_grams)
     grad_teacher = (k.norm_backward_group([norm_job(teacher, r_t, g_t)], EPS)[0] if g_t is not None
                     else teacher.new_empty((0,)))
     return grad_teacher, k.norm_backward_group([norm_job(student, r_s, g_s)], EPS)[0]
@@ -168,38 +192,50 @@ def norm_job(f, r, gx):
 
 
 _triton_fwd = torch.library.custom_op("snl_triton::intra_affinity_fwd", _triton_fwd_body,
-                                      mutates_args=(), schema=FWD_SCHEMA)
+                                      mutates_args=(), schema=TRITON_FWD_SCHEMA)
 _triton_bwd = torch.library.custom_op("snl_triton::intra_affinity_bwd", _triton_bwd_body,
-                                      mutates_args=(), schema=BWD_SCHEMA)
+                                      mutates_args=(), schema=TRITON_BWD_SCHEMA)
 
 
-def _fake_fwd(backend, teacher, student, distance, grams, precision):
+def _fake_fwd(backend, teacher, student, distance, grams, precision, store=0):
     signs = teacher.new_empty(_signs_shape(backend, teacher, distance), dtype=torch.int32)
-    return teacher.new_empty((), dtype=torch.float32), signs
+    loss = teacher.new_empty((), dtype=torch.float32)
+    if backend != "triton":
+        return loss, signs
+    if not store:
+        return loss, signs, []
+    B, C, H, W = teacher.shape
+    saved = [teacher.new_empty((B, H * W), dtype=torch.float32) for _ in range(2)]
+    saved += [teacher.new_empty((B, C, C), dtype=torch.float32)
+              for _ in range(2 * store if grams else 0)]
+    return loss, signs, saved
 
 
 def _fake_bwd(teacher, student, grad_loss, signs, distance, grams, precision,
-              teacher_requires_grad):
+              teacher_requires_grad, saved=None):
     # Gradients are contiguous (B, C, H, W) whatever the inputs' layout, in both backends.
     grad_teacher = teacher.new_empty(teacher.shape if teacher_requires_grad else (0,))
     return grad_teacher, student.new_empty(student.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    teacher, student, *plan = inputs  # distance, grams, precision
-    ctx.plan = plan
-    ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(teacher, student, output[1])
+    teacher, student, distance, grams, dot = inputs[:5]  # (Triton's store after them)
+    ctx.plan = (distance, grams, dot)
+    saved = output[2] if len(output) > 2 else ()
+    ctx.mark_non_differentiable(output[1], *saved)
+    ctx.save_for_backward(teacher, student, output[1], *saved)
 
 
-def _make_backward(bwd_op):
-    def backward(ctx, grad_loss, grad_signs):
-        teacher, student, signs = ctx.saved_tensors
+def _make_backward(bwd_op, takes_saved: bool):
+    def backward(ctx, grad_loss, *_):
+        teacher, student, signs, *saved = ctx.saved_tensors
         need_teacher = bool(ctx.needs_input_grad[0])
+        extra = (saved,) if takes_saved and saved else ()
         grad_teacher, grad_student = bwd_op(teacher, student, grad_loss.to(torch.float32),
-                                            signs, *ctx.plan, need_teacher)
+                                            signs, *ctx.plan, need_teacher, *extra)
         return (grad_teacher if need_teacher else None,
-                grad_student if ctx.needs_input_grad[1] else None, None, None, None)
+                grad_student if ctx.needs_input_grad[1] else None,
+                *[None] * (len(ctx.needs_input_grad) - 2))
 
     return backward
 
@@ -207,19 +243,29 @@ def _make_backward(bwd_op):
 def _register(backend: str, fwd: str, bwd: str, bwd_op) -> None:
     torch.library.register_fake(fwd)(functools.partial(_fake_fwd, backend))
     torch.library.register_fake(bwd)(_fake_bwd)
-    torch.library.register_autograd(fwd, _make_backward(bwd_op), setup_context=_setup_context)
+    torch.library.register_autograd(fwd, _make_backward(bwd_op, backend == "triton"),
+                                    setup_context=_setup_context)
 
 
 _register("triton", "snl_triton::intra_affinity_fwd", "snl_triton::intra_affinity_bwd",
           _triton_bwd)
 _FORWARD_OPS = {"triton": KernelOp(torch.ops.snl_triton.intra_affinity_fwd, eager_function(
-    _triton_fwd_body, _triton_bwd_body, _make_backward, _setup_context), _triton_fwd_body)}
+    _triton_fwd_body, _triton_bwd_body, functools.partial(_make_backward, takes_saved=True),
+    _setup_context, differentiable=1), _triton_fwd_body)}
 if _cuda.has_op("intra_affinity_fwd"):
     _register("cuda", "snl::intra_affinity_fwd", "snl::intra_affinity_bwd",
               torch.ops.snl.intra_affinity_bwd.default)
     _FORWARD_OPS["cuda"] = cuda_kernel_op(torch.ops.snl.intra_affinity_fwd,
                                           torch.ops.snl.intra_affinity_bwd.default,
-                                          _make_backward, _setup_context)
+                                          functools.partial(_make_backward, takes_saved=False),
+                                          _setup_context)
+
+
+def _store(teacher: Tensor, student: Tensor) -> int:
+    """What Triton's forward keeps for the backward (the ``store`` argument)."""
+    if not torch.is_grad_enabled():
+        return 0
+    return 2 if teacher.requires_grad else 1 if student.requires_grad else 0
 
 
 def intra_affinity_loss(teacher: Tensor, student: Tensor, distance: str = "l2",
@@ -248,4 +294,7 @@ def intra_affinity_loss(teacher: Tensor, student: Tensor, distance: str = "l2",
             return gram_path.intra_affinity_l2(teacher, student)  # automatic, no kernels
         return reference.intra_affinity_loss(teacher, student, distance)
     grams, dot = precision.intra_plan(chosen, teacher, distance)
+    if chosen == "triton":
+        return _FORWARD_OPS[chosen].leading(teacher, student, distance, grams, dot,
+                                            _store(teacher, student))[0]
     return _FORWARD_OPS[chosen](teacher, student, distance, grams, dot)[0]

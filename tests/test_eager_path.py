@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(NO_TRITON is not None, reason=NO_TRITON or "")
 def _grads(outputs, inputs):
     g = torch.Generator().manual_seed(3)
     loss = sum((o * torch.randn(o.shape, generator=g).to(o.device)).sum()
-               for o in outputs if o.is_floating_point() and o.requires_grad)
+               for o in _flat(outputs) if o.is_floating_point() and o.requires_grad)
     return torch.autograd.grad(loss, inputs)
 
 
@@ -39,8 +39,13 @@ def _both(kernel_op: KernelOp, args, grad_inputs):
     return results
 
 
+def _flat(outputs):
+    return [x for o in outputs for x in (o if isinstance(o, list) else (o,))]
+
+
 def _assert_same(a, b):
     (out_a, grad_a), (out_b, grad_b) = a, b
+    out_a, out_b = _flat(out_a), _flat(out_b)
     assert len(out_a) == len(out_b)
     for x, y in zip(out_a, out_b, strict=True):
         assert torch.equal(x, y)
@@ -68,13 +73,15 @@ def test_cram_eager_equals_registered():
 def test_affinity_eager_equals_registered(distance):
     t, s = features((2, 12, 4, 5), requires_grad=True)
     grams, dot = snl_kernels.precision.intra_plan("triton", t, distance)
-    _assert_same(*_both(intra_affinity_loss._FORWARD_OPS["triton"],
-                        (t, s, distance, grams, dot), (t, s)))
+    for store in (0, 2):  # (with store: the norms and Grams kept for the backward)
+        _assert_same(*_both(intra_affinity_loss._FORWARD_OPS["triton"],
+                            (t, s, distance, grams, dot, store), (t, s)))
     t_a, s_a = features((2, 6, 6, 6), seed=1, requires_grad=True)
     t_b, s_b = features((2, 10, 3, 3), seed=2, requires_grad=True)
     dot = snl_kernels.precision.inter_plan("triton", t_a, t_b, distance)
-    _assert_same(*_both(inter_affinity_loss._FORWARD_OPS["triton"],
-                        (t_a, t_b, s_a, s_b, distance, dot), (t_a, t_b, s_a, s_b)))
+    for store in (0, 1):
+        _assert_same(*_both(inter_affinity_loss._FORWARD_OPS["triton"],
+                            (t_a, t_b, s_a, s_b, distance, dot, store), (t_a, t_b, s_a, s_b)))
 
 
 def test_public_eager_call_skips_the_registered_op(monkeypatch):

@@ -125,9 +125,18 @@ def test_bwd_has_no_cpu_kernel(extension):
 
 
 @pytest.mark.parametrize("name", sorted(n for n in SCHEMAS if "affinity" in n))
-def test_triton_affinity_ops_have_the_cuda_schemas(name):
-    # One contract for both kernel backends, so that one autograd path serves both.
+def test_triton_affinity_ops_take_every_call_of_the_cuda_ops(name):
+    # One contract for both kernel backends: Triton's ops take the CUDA ops' arguments and
+    # give their outputs first; what they add (the forward's store and saved tensors, the
+    # backward's saved argument) comes after, every added argument with a default.
     import snl_kernels  # noqa: F401  (registers the snl_triton ops)
 
-    schema = str(getattr(torch.ops.snl_triton, name).default._schema)
-    assert schema == SCHEMAS[name].replace("snl::", "snl_triton::", 1)
+    triton = getattr(torch.ops.snl_triton, name).default._schema
+    cuda = torch._C.parse_schema(SCHEMAS[name])
+    n_args, n_out = len(cuda.arguments), len(cuda.returns)
+    assert [(a.name, str(a.type)) for a in triton.arguments[:n_args]] == [
+        (a.name, str(a.type)) for a in cuda.arguments]
+    assert triton.arguments[n_args:]
+    assert all(a.has_default_value() for a in triton.arguments[n_args:])
+    assert [str(r.type) for r in triton.returns[:n_out]] == [str(r.type) for r in cuda.returns]
+    assert len(triton.returns) - n_out == (1 if name.endswith("fwd") else 0)
