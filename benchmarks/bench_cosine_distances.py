@@ -1,6 +1,6 @@
 """cosine_distances over the three WRN50 levels: forward, and forward + backward.
 
-Ideal bytes (DESIGN §5): forward reads T and S once and writes the three distances;
+Ideal bytes (DESIGN §3): forward reads T and S once and writes the three distances;
 forward + backward also writes dS (the teacher is frozen, so no dT).
 """
 

@@ -1,6 +1,6 @@
-"""Benchmark shapes: the WRN50 feature levels of DESIGN §5 at 256x256 input.
+"""Benchmark shapes: the WRN50 feature levels of DESIGN §3 at 256x256 input.
 
-On a GPU the batch is 16 as in DESIGN §5. On a CPU the batch defaults to 2 so that a run
+On a GPU the batch is 16 as in DESIGN §3. On a CPU the batch defaults to 2 so that a run
 finishes in minutes (eager affinity at B=16 materialises gigabytes); ``SNL_BENCH_BATCH``
 overrides either.
 """

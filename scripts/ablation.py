@@ -1,4 +1,4 @@
-"""The ablation of SNL's loss formulation (DESIGN §3, "Choosing the formulation").
+"""The ablation of SNL's loss formulation (docs/model.md §1, "Choosing the formulation").
 
 Each row is one ``snl compare`` (same data set, budget, probes and training seeds as every
 other row) with the row's loss options; the script runs the rows it is given (a rerun skips
@@ -9,7 +9,7 @@ types (foreign, cutpaste, mixup), mean over classes.
     python scripts/ablation.py --out runs/ablation --seeds 0,1 [--rows "NAME;NAME..."]
         [--threads 1]
 
-The figures in DESIGN §3 came from single-threaded processes, two at a time, on a 2-core
+The figures in docs/model.md §1 came from single-threaded processes, two at a time, on a 2-core
 CPU; another thread count changes the order of float sums and so the runs' figures within
 their spread.
 """

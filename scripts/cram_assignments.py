@@ -1,4 +1,4 @@
-"""How sharply a trained SNL model's CRAM assigns positions to its centres (DESIGN §3).
+"""How sharply a trained SNL model's CRAM assigns positions to its centres (docs/model.md §1).
 
 For each checkpoint, and for the good test images, each defect type and each probe kind of
 one class (8 images each), prints the temperature tau, the mean entropy of the soft

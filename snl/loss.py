@@ -1,12 +1,13 @@
-"""SNL's and RD4AD's training losses (DESIGN §3), from teacher and student levels.
+"""SNL's and RD4AD's training losses (docs/model.md §1), from teacher and student levels.
 
 SNL: ``L = w_rd sum_k L_rd^k + w_ch sum_k L_ch^k + w_sp sum_k L_sp^k
 + w_intra sum_k L_intra^k + w_inter sum_{(1,2),(2,3)} L_inter + w_c L_c`` with
 ``L_rd = mean(sample)``, ``L_ch = mean(pixel)``, ``L_sp = mean(channel)`` (DESIGN §2.1), the
 affinity losses of §2.2 and §2.3 and CRAM's compactness ``L_c`` (§2.4: ``mean(compact)``,
-divided by the embedding width D with ``compact_norm="dim"``, the default). Defaults (DESIGN
-§3, chosen by the ablation there): ``w_rd = 1``, ``w_ch = w_sp = w_intra = w_inter = 0.01``,
-``w_c = 0.1``. A weight of 0 switches its term off: it is neither computed nor reported.
+divided by the embedding width D with ``compact_norm="dim"``, the default). Defaults
+(docs/model.md §1, chosen by the ablation there): ``w_rd = 1``,
+``w_ch = w_sp = w_intra = w_inter = 0.01``, ``w_c = 0.1``. A weight of 0 switches its term
+off: it is neither computed nor reported.
 RD4AD: ``L = sum_k L_rd^k``, the flattened per-sample cosine distance.
 
 The dicts hold each term unweighted (0-dim float32 tensors) and ``total``, the weighted sum.
@@ -34,7 +35,7 @@ DEFAULT_CRAM_TAU = "dim"
 
 @dataclass(frozen=True)
 class LossWeights:
-    """Weights of SNL's loss terms (0 switches a term off); the defaults are DESIGN §3's."""
+    """Weights of SNL's loss terms (0 switches a term off); the defaults are docs/model.md §1's."""
 
     w_ch: float = 0.01
     w_sp: float = 0.01

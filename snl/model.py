@@ -1,4 +1,4 @@
-"""SNL: a frozen teacher, RD4AD's bottleneck, CRAM and a student decoder (DESIGN §3).
+"""SNL: a frozen teacher, RD4AD's bottleneck, CRAM and a student decoder (docs/model.md §1).
 
 ::
 
@@ -79,7 +79,7 @@ class SNL(nn.Module):
         num_centers: K, CRAM's centres.
         w_ch, w_sp, w_intra, w_inter, w_c, w_rd: weights of the loss terms (0 switches one
             off): per-pixel and per-channel cosines, intra- and inter-affinity, CRAM's
-            compactness, RD4AD's flattened cosine (DESIGN §3).
+            compactness, RD4AD's flattened cosine (docs/model.md §1).
         compact_norm: "dim" divides CRAM's compactness by the embedding width D, "sum" keeps
             the op's value (which grows with D).
         residual_ratio: CRAM's residual path ``phi`` goes through ``D / residual_ratio``
@@ -239,7 +239,7 @@ class SNL(nn.Module):
             return Features(teachers, self.decoder(embedding), cram_out)
 
     def loss(self, images: Tensor) -> dict[str, Tensor]:
-        """Every loss term and ``total`` (DESIGN §3) on a batch.
+        """Every loss term and ``total`` (docs/model.md §1) on a batch.
 
         Args:
             images: (B, 3, H, W) normalised images, H and W multiples of 32.

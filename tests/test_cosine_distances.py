@@ -1,7 +1,7 @@
 """cosine_distances and spatial_channel_loss: kernels against the float64 reference.
 
 On a CPU-only machine the Triton kernels run under the interpreter (small shapes); on a
-GPU both kernel backends run, also at the WRN50 shapes of DESIGN §5.
+GPU both kernel backends run, also at the WRN50 shapes of DESIGN §3.
 """
 
 from __future__ import annotations

@@ -295,7 +295,7 @@ def test_composition_layouts():
         (gx,) = torch.autograd.grad(sum(o.sum() for o in a), x)
         (gs,) = torch.autograd.grad(sum(o.sum() for o in b), same)
         # fp32 rounding of products taken in another order, relative to each tensor's scale:
-        # DESIGN §6's CRAM bar (1e-5). The BLAS may block a layout's GEMM differently from one
+        # DESIGN §4's CRAM bar (1e-5). The BLAS may block a layout's GEMM differently from one
         # run to the next (it failed once at 2e-6 in CI, same code, same machine kind).
         for u, v in zip([*a, gx], [*b, gs], strict=True):
             scale = max(v.abs().max().item(), 1.0)

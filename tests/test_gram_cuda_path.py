@@ -1,7 +1,7 @@
 """The CUDA backend's Gram path (csrc/gram_host.h) through its CPU registration
 (csrc/gram_cpu.cpp): the composition the GPU runs (operands, precisions, chunks, dtypes,
 layouts) with its products and normalisation backward as ATen ops, held to the float64
-reference with the affinity ops' bars (DESIGN §6). The cuBLAS products and the CUDA
+reference with the affinity ops' bars (DESIGN §4). The cuBLAS products and the CUDA
 normalisation kernel themselves run on a GPU only (the GPU test at the end; the CUDA
 kernels are also in the CPU emulation, tests/test_cuda_emulation.py)."""
 

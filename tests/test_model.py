@@ -544,7 +544,7 @@ def test_pretrained_never_hangs():
 
 @needs_lite0_weights
 def test_packaged_lite0_weights_classify_imagenet_photos():
-    """Check from DESIGN §3: chelsea is an Egyptian cat (285), coffee an espresso (967)."""
+    """Check from docs/model.md §1: chelsea is an Egyptian cat (285), coffee an espresso (967)."""
     data = pytest.importorskip("skimage.data")
     model = timm.create_model(SMALL).eval()
     model.load_state_dict(snl_weights.packaged_state_dict(SMALL))

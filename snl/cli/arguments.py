@@ -142,7 +142,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
 
 
 def _formulation_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("SNL's loss (DESIGN §3; structure snl only)")
+    g = p.add_argument_group("SNL's loss (docs/model.md §1; structure snl only)")
     for name, what in (("ch", "the per-pixel cosines (channel distillation)"),
                        ("sp", "the per-channel cosines (spatial distillation)"),
                        ("intra", "the intra-affinity loss"), ("inter", "the inter-affinity loss"),

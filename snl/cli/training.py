@@ -62,7 +62,7 @@ class TrainConfig:
     pretrained: bool = True
     weights: str | None = None
     num_centers: int = 16
-    # SNL's loss (DESIGN §3; ignored by structure "rd"): the term weights and how CRAM's
+    # SNL's loss (docs/model.md §1; ignored by structure "rd"): the term weights and how CRAM's
     # compactness is normalised.
     w_ch: float = LossWeights.w_ch
     w_sp: float = LossWeights.w_sp
@@ -113,7 +113,7 @@ class TrainConfig:
     @classmethod
     def from_saved(cls, values: dict) -> TrainConfig:
         """The config saved in a checkpoint. One saved before the loss options existed was
-        trained with the first formulation (DESIGN §3, "v1"), which fills them; one saved
+        trained with the first formulation (docs/model.md §1, "v1"), which fills them; one saved
         before the self-check existed trained on every image (``self_check`` False), and one
         saved before the precision option in fp32."""
         before = {**V1_FORMULATION, **BEFORE_SELF_CHECK, **BEFORE_PRECISION}
@@ -154,7 +154,7 @@ def resolved_precision(precision: str, device: torch.device) -> str:
     return "bf16" if device.type == "cuda" else "fp32"
 
 
-#: The loss options of the first formulation (DESIGN §3), which checkpoints written before
+#: The loss options of the first formulation (docs/model.md §1), which checkpoints written before
 #: these options existed were trained with.
 V1_FORMULATION = {"w_ch": 1.0, "w_sp": 1.0, "w_intra": 1.0, "w_inter": 1.0, "w_c": 0.1,
                   "w_rd": 0.0, "compact_norm": "sum", "residual_ratio": 1, "cram_tau": "dim"}
