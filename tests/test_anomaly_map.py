@@ -6,6 +6,8 @@ without a GPU) and CUDA (skipped, with the reason, without a GPU and the built e
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -73,6 +75,8 @@ CASES = {
     "one-pixel-level": ([(1, 1, 1, 1)], 5, 4.0, "add"),
     "radius-beyond-image": ([(1, 5, 3, 3)], (6, 4), 4.0, "add"),
     "output-spans-tiles": ([(1, 6, 9, 11)], (70, 33), 1.0, "add"),
+    # wider than the combination's widest tile (256 columns): two column tiles, the last ragged
+    "output-wider-than-a-tile": ([(1, 4, 5, 7)], (18, 300), 1.0, "add"),
     "mul-two-levels": ([(2, 8, 16, 16), (2, 16, 8, 8)], (40, 24), 4.0, "mul"),
     "mul-three-levels-no-blur": ([(1, 4, 8, 8), (1, 4, 4, 4), (1, 4, 2, 2)], 16, 0.0, "mul"),
     "four-levels": ([(2, 4, 16, 16), (2, 4, 8, 8), (2, 4, 4, 4), (2, 4, 2, 2)], 32, 1.0, "add"),
@@ -352,3 +356,14 @@ def test_wrn50_on_gpu(backend, batch, dtype):
     want = _oracle(teachers, students, 256, 4.0, "add")
     assert_matches_oracle(got.maps, want.maps, atol=1e-5)
     assert_matches_oracle(got.scores, want.scores, atol=1e-5)
+
+
+@triton_only
+def test_combination_forms_each_row_product_once_per_row_of_tiles():
+    # Rows as wide as the output (up to 256 columns): at the benchmark's 256 x 256 and
+    # B = 16, 256 programs of 8 warps, one wave of an H200 at two per SM.
+    kernels = importlib.import_module("snl_kernels._triton.anomaly_map")
+    assert kernels.combine_tiles(256) == (16, 256, 8, 2)
+    assert kernels.combine_tiles(300) == (16, 256, 8, 2)
+    assert kernels.combine_tiles(36) == (16, 64, 4, 2)
+    assert kernels.combine_tiles(5) == (16, 16, 4, 2)

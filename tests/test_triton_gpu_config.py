@@ -237,7 +237,8 @@ def test_anomaly_map(launches, mode):
         assert found[0][f"BLOCK_P{j}"] == block
         assert found[0][f"BLOCK_C{j}"] == kernels._backward_channels(block)
     if mode == "add":  # (mul multiplies the upsampled levels in PyTorch)
-        _launched(launches, "_combine_kernel", BLOCK_H=32, BLOCK_W=32)
+        # 16 rows per program, as wide as the output (36 columns: a 64-column tile).
+        _launched(launches, "_combine_kernel", BLOCK_H=16, BLOCK_W=64)
 
 
 def test_gram_loss_warps_fill_the_device_in_one_wave_where_they_can():

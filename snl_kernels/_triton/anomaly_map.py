@@ -9,8 +9,9 @@ tile is chosen as in the cosine backward
 (``cosine_distances.blocks``, with as many channels per step as its tile allows): on a GPU
 small enough that the level alone has at least ``MIN_PROGRAMS`` programs (16-pixel tiles,
 256 programs, for the deepest WRN50 level at B = 16), at most 128 pixels (the WRN50 levels
-at B = 16: 1024 programs, one wave of the H200 at 8 per SM). Phase 2, one launch: each program owns a BLOCK_H x BLOCK_W
-tile of the output and forms ``sum_k Mh_k[rows] @ m_k @ Mw_k[cols]^T`` with on-chip
+at B = 16: 1024 programs, one wave of the H200 at 8 per SM). Phase 2, one launch: each
+program owns BLOCK_H rows of the output, as wide as the output up to MAX_BLOCK_W columns
+(``combine_tiles``), and forms ``sum_k Mh_k[rows] @ m_k @ Mw_k[cols]^T`` with on-chip
 matrix products over the padded levels, writes the tile and its maximum. The image score is
 the max over the tiles' maxima (max is exact, so any order gives the same bits).
 """
@@ -27,9 +28,9 @@ from .cosine_distances import _at_pixels, _backward_channels, _channels, _distan
 from .cosine_distances import blocks as cosine_blocks
 from .launch import launch
 
-BLOCK_H = 32
+BLOCK_H = 16  # output rows per combination program
 BLOCK_Z = 1024  # padding zeros per step
-BLOCK_W = 32
+MAX_BLOCK_W = 256  # output columns per combination program, at most
 GROUP = 3  # levels per distance launch
 
 
@@ -177,14 +178,25 @@ def pixel_distances(teachers: list[Tensor], students: list[Tensor], eps: float,
     return m
 
 
+def combine_tiles(width: int) -> tuple[int, int, int, int]:
+    """(BLOCK_H, BLOCK_W, warps, stages) of the combination: rows of the output as wide as
+    the output up to ``MAX_BLOCK_W`` pixels, so that each program forms ``Mh_k[rows] @ m_k``
+    once for all its columns (32 x 32 tiles formed it again for each of 8 column tiles: 1.21
+    GFLOP at 256 x 256 and B = 16 where the product takes 0.50); two stages, so that two
+    8-warp programs fit an SM (256 programs at B = 16, one wave)."""
+    bw = max(16, min(next_power_of_2(width), MAX_BLOCK_W))
+    return BLOCK_H, bw, 8 if bw >= 256 else 4, 2
+
+
 def combine(m: Tensor, mh: Tensor, mw: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
     """``maps[b] = sum_k mh[k] @ m[b, k] @ mw[k]^T`` and each map's maximum."""
     B, L, hk, wk = m.shape
-    n_h, n_w = cdiv(height, BLOCK_H), cdiv(width, BLOCK_W)
+    bh, bw, warps, stages = combine_tiles(width)
+    n_h, n_w = cdiv(height, bh), cdiv(width, bw)
     maps = torch.empty((B, 1, height, width), device=m.device, dtype=torch.float32)
     tile_max = torch.empty((B, n_h * n_w), device=m.device, dtype=torch.float32)
     launch(_combine_kernel, (n_h, n_w, B), dict(
         m_ptr=m, mh_ptr=mh, mw_ptr=mw, out_ptr=maps, tile_max_ptr=tile_max,
         H=height, W=width, L=L, n_tiles_w=n_w,
-        HK=hk, WK=wk, BLOCK_H=BLOCK_H, BLOCK_W=BLOCK_W))
+        HK=hk, WK=wk, BLOCK_H=bh, BLOCK_W=bw), num_warps=warps, num_stages=stages)
     return maps, tile_max.amax(dim=1)

@@ -3,7 +3,7 @@
 Each workload builds fresh inputs for a :class:`Shapes`, runs the op's forward (and its
 backward, separately, with fixed upstream gradients) through the public API with
 ``backend="triton"``, and states its ideal bytes: each input read once per direction, each
-output and input gradient written once (DESIGN §5).
+output and input gradient written once (DESIGN §3).
 """
 
 from __future__ import annotations
