@@ -9,7 +9,6 @@ GPU both kernel backends also run at the WRN50 shapes.
 
 from __future__ import annotations
 
-import importlib
 from unittest import mock
 
 import pytest
@@ -17,7 +16,6 @@ import torch
 from support import (
     DEVICE,
     DTYPES,
-    NO_TRITON,
     assert_fullgraph_compile_matches_eager,
     kernel_backends,
     requires_gpu,
@@ -441,106 +439,6 @@ def test_opcheck(backend):
                           (*(v.detach() for v in x), g, "l1", dot, True))
     x_cl = [v.detach().contiguous(memory_format=torch.channels_last) for v in x]
     torch.library.opcheck(ns.inter_affinity_bwd.default, (*x_cl, g, "l2", dot, False))
-
-
-@pytest.mark.skipif(NO_TRITON is not None, reason=NO_TRITON or "")
-@pytest.mark.parametrize("distance", ["l2", "l1"])
-def test_triton_forward_keeps_what_the_backward_needs(monkeypatch, distance):
-    # With store, Triton's forward returns the pixels' inverse norms and (Gram path) the
-    # Grams its loss kernel wrote; its backward given them runs neither the norm kernel nor
-    # the loss kernel again, and gives the gradients it gives without them, bit for bit.
-    ns = torch.ops.snl_triton
-    t, s = _pair((2, 6, 4, 5), zero_pixel=True)
-    g = torch.tensor(0.5, device=DEVICE)
-    grams, dot = precision.intra_plan("triton", t, distance)
-    assert grams == (distance == "l2")
-    loss0, signs0, saved0 = ns.intra_affinity_fwd(t, s, distance, grams, dot)
-    assert saved0 == []
-    affinity = importlib.import_module("snl_kernels._triton.affinity")
-    gram = importlib.import_module("snl_kernels._triton.affinity_gram")
-    for store, need_teacher in ((1, False), (2, True), (2, False)):
-        loss, signs, saved = ns.intra_affinity_fwd(t, s, distance, grams, dot, store)
-        assert torch.equal(loss, loss0)
-        assert torch.equal(signs, signs0)
-        assert len(saved) == 2 + (2 * store if grams else 0)
-        want = ns.intra_affinity_bwd(t, s, g, signs, distance, grams, dot, need_teacher)
-        with monkeypatch.context() as m:
-            for module, name in ((affinity, "inv_norms"), (gram, "gram_loss")):
-                m.setattr(module, name, mock.Mock(side_effect=AssertionError(name)))
-            got = ns.intra_affinity_bwd(t, s, g, signs, distance, grams, dot, need_teacher,
-                                        saved)
-        for a, b in zip(got, want, strict=True):
-            assert torch.equal(a, b)
-    # Grams kept for the student only: the teacher's gradient forms them again.
-    saved = ns.intra_affinity_fwd(t, s, distance, grams, dot, 1)[2]
-    want = ns.intra_affinity_bwd(t, s, g, signs0, distance, grams, dot, True)
-    got = ns.intra_affinity_bwd(t, s, g, signs0, distance, grams, dot, True, saved)
-    for a, b in zip(got, want, strict=True):
-        assert torch.equal(a, b)
-
-
-@pytest.mark.skipif(NO_TRITON is not None, reason=NO_TRITON or "")
-def test_triton_inter_forward_keeps_what_the_backward_needs(monkeypatch):
-    # With store, the pooled finer levels and the four sets of channel norms; the backward
-    # given them pools and normalises nothing again, with the same gradients bit for bit.
-    ns = torch.ops.snl_triton
-    x = [x for x, _ in _inter_inputs(((2, 6, 6, 6), (10, 3, 3)))]
-    g = torch.tensor(0.5, device=DEVICE)
-    affinity = importlib.import_module("snl_kernels._triton.affinity")
-    for distance in ("l2", "l1"):
-        dot = precision.inter_plan("triton", x[0], x[1], distance)
-        loss0, saved0 = ns.inter_affinity_fwd(*x, distance, dot)
-        loss, saved = ns.inter_affinity_fwd(*x, distance, dot, 1)
-        assert saved0 == []
-        assert torch.equal(loss, loss0)
-        shapes = [(2, 6, 3, 3)] * 2 + [(2, 6)] * 2 + [(2, 10)] * 2
-        assert [tuple(v.shape) for v in saved] == shapes
-        for need_teacher in (True, False):
-            want = ns.inter_affinity_bwd(*x, g, distance, dot, need_teacher)
-            with monkeypatch.context() as m:
-                for name in ("inv_norms", "pool", "pool_with_norms"):
-                    m.setattr(affinity, name, mock.Mock(side_effect=AssertionError(name)))
-                got = ns.inter_affinity_bwd(*x, g, distance, dot, need_teacher, saved)
-            for a, b in zip(got, want, strict=True):
-                assert torch.equal(a, b)
-
-
-@pytest.mark.skipif(NO_TRITON is not None, reason=NO_TRITON or "")
-def test_public_call_keeps_for_the_backward_only_what_a_gradient_needs(monkeypatch):
-    module = importlib.import_module("snl_kernels.intra_affinity_loss")
-    stores = []
-    real = module._triton_fwd_body
-
-    def spy(*args):
-        stores.append(args[5])
-        return real(*args)
-
-    monkeypatch.setattr(module._FORWARD_OPS["triton"], "body", spy)
-    t, s = _pair((1, 6, 4, 4))
-    snl_kernels.intra_affinity_loss(t, s, backend="triton")
-    with torch.no_grad():
-        snl_kernels.intra_affinity_loss(t, s.requires_grad_(True), backend="triton")
-    assert stores == [0, 0]
-    forward = module._FORWARD_OPS["triton"]
-    calls = []
-    monkeypatch.setattr(forward, "apply", lambda held, *args: calls.append(args[5]) or
-                        (torch.zeros(()),))
-    snl_kernels.intra_affinity_loss(t, s, backend="triton")
-    snl_kernels.intra_affinity_loss(t.requires_grad_(True), s, backend="triton")
-    assert calls == [1, 2]
-    inter = importlib.import_module("snl_kernels.inter_affinity_loss")._FORWARD_OPS["triton"]
-    calls.clear()
-    monkeypatch.setattr(inter, "apply", lambda held, *args: calls.append(args[6]) or
-                        (torch.zeros(()),))
-    monkeypatch.setattr(inter, "body", lambda *args: calls.append(args[6]) or
-                        (torch.zeros(()), []))
-    x = [x for x, _ in _inter_inputs(((1, 4, 4, 4), (6, 2, 2)))]
-    snl_kernels.inter_affinity_loss(*x, backend="triton")
-    x[2].requires_grad_(True)
-    snl_kernels.inter_affinity_loss(*x, backend="triton")
-    with torch.no_grad():
-        snl_kernels.inter_affinity_loss(*x, backend="triton")
-    assert calls == [0, 1, 0]
 
 
 @pytest.mark.parametrize("backend", kernel_backends())
