@@ -343,8 +343,12 @@ def affinity(ops, dtype, precisions) -> None:
         for distance in ("l2", "l1"):
             for dot in precisions or (plan.inter_plan("triton", x[0], x[1], distance),):
                 ops.inter_affinity_fwd(*x, distance, dot)
+                # With store: the Delta kernel also writes the unit gradient, and the
+                # backward takes it (and the pooled levels and norms) as they are.
+                saved = ops.inter_affinity_fwd(*x, distance, dot, 1)[1]
                 for need_teacher in (True, False):
                     ops.inter_affinity_bwd(*x, grad, distance, dot, need_teacher)
+                    ops.inter_affinity_bwd(*x, grad, distance, dot, need_teacher, saved)
 
 
 def main() -> int:

@@ -17,8 +17,10 @@ Backward, with ``Gd = dL/dDelta`` (``2 g Delta / M`` or ``g sign(Delta) / M``) w
 dx))``) and, for P, the pooling (each input pixel gets its bins' gradients over the bin
 sizes). The pooled P_T and P_S (fp32, B C_a N_b each) are the only other intermediates.
 Triton pools both finer levels and forms their channels' norms in one launch, and keeps the
-pooled levels and the four sets of norms for the backward when a gradient will be needed
-(its ``store`` argument); the CUDA backward recomputes them.
+pooled levels, the four sets of norms and Gd for a unit upstream gradient (written by the
+forward's Delta kernel) for the backward when a gradient will be needed (its ``store``
+argument); its backward then takes g through the products' normalised operands, which
+keeps Gd rounded as the products read it. The CUDA backward recomputes them.
 
 Backends: ``torch`` (reference), ``triton`` (``snl_kernels/_triton/affinity.py``), ``cuda``
 (``csrc/affinity.cu``); both kernel backends are ``torch.library`` ops with fake
@@ -46,9 +48,10 @@ BWD_SCHEMA = ("(Tensor teacher_a, Tensor teacher_b, Tensor student_a, Tensor stu
               "(Tensor grad_teacher_a, Tensor grad_teacher_b, Tensor grad_student_a, "
               "Tensor grad_student_b)")
 # Triton's take one more argument each. store (forward): nonzero keeps for the backward
-# (the caller decides from grad mode and requires_grad) the pooled levels P_T, P_S and the
-# inverse norms (r_pt, r_ps, r_qt, r_qs), returned as ``saved`` (empty otherwise); the
-# backward given them recomputes nothing.
+# (the caller decides from grad mode and requires_grad) the pooled levels P_T, P_S, the
+# inverse norms (r_pt, r_ps, r_qt, r_qs) and dL/dDelta for a unit upstream gradient (the
+# Delta kernel writes it beside the loss's partial sums), returned as ``saved`` (empty
+# otherwise); the backward given them forms no Delta, pools and normalises nothing.
 TRITON_FWD_SCHEMA = FWD_SCHEMA.replace("str precision)", "str precision, int store=0)")
 TRITON_FWD_SCHEMA = TRITON_FWD_SCHEMA[:-len("Tensor")] + "(Tensor loss, Tensor[] saved)"
 TRITON_BWD_SCHEMA = BWD_SCHEMA.replace("bool teacher_requires_grad)",
@@ -66,43 +69,60 @@ def _operands(k, teacher_a, teacher_b, student_a, student_b):
     return p_t, p_s, norms
 
 
+def _coef(B: int, C_a: int, C_b: int, distance: str) -> float:
+    """dL/dDelta over (the upstream gradient times Delta or sign(Delta))."""
+    return (1.0 if distance == "l1" else 2.0) / (B * C_a * C_b)
+
+
 def _triton_fwd_body(teacher_a, teacher_b, student_a, student_b, distance, precision,
                      store=0):
     k = _kernels()
     p_t, p_s, norms = _operands(k, teacher_a, teacher_b, student_a, student_b)
+    unit = None
+    if store:
+        # dL/dDelta for a unit upstream gradient, written beside the loss's partial sums;
+        # the backward scales its products by the upstream gradient.
+        B, C_a = teacher_a.shape[:2]
+        C_b = teacher_b.shape[1]
+        unit = (torch.empty((B, C_a, C_b), device=teacher_a.device, dtype=torch.float32),
+                _coef(B, C_a, C_b, distance))
     loss = triton_forward(p_t, p_s, teacher_b, student_b, norms, teacher_a.shape[1], distance,
-                          precision)
-    return loss, [p_t, p_s, *norms] if store else []
+                          precision, unit)
+    return loss, [p_t, p_s, *norms, unit[0]] if store else []
 
 
-def triton_forward(p_t, p_s, teacher_b, student_b, norms, c_a, distance, precision):
+def triton_forward(p_t, p_s, teacher_b, student_b, norms, c_a, distance, precision,
+                   unit_grad=None):
     """The Triton forward from the pooled finer level ``p_t``, ``p_s`` and the inverse norms
-    ``(r_pt, r_ps, r_qt, r_qs)`` of the channels of the pooled level and of level b."""
+    ``(r_pt, r_ps, r_qt, r_qs)`` of the channels of the pooled level and of level b;
+    ``unit_grad``: (out, coef) for ``delta``'s unit gradient, or None."""
     r_pt, r_ps, r_qt, r_qs = norms
     parts = _kernels().delta(p_s, p_t, student_b, teacher_b, r_ps, r_pt, r_qs, r_qt,
-                             pix_rows=False, l1=distance == "l1", precision=precision)
+                             pix_rows=False, l1=distance == "l1", precision=precision,
+                             unit_grad=unit_grad)
     return parts.sum() / (teacher_b.shape[0] * c_a * teacher_b.shape[1])
 
 
 def _triton_bwd_body(teacher_a, teacher_b, student_a, student_b, grad_loss, distance,
                      precision, teacher_requires_grad, saved=None):
+    unit = None
     if saved:
-        p_t, p_s, *norms = saved
+        p_t, p_s, *norms, unit = saved
     else:
         p_t, p_s, norms = _operands(_kernels(), teacher_a, teacher_b, student_a, student_b)
     return triton_backward(teacher_a, teacher_b, student_a, student_b, p_t, p_s, norms,
-                           grad_loss, distance, precision, teacher_requires_grad)
+                           grad_loss, distance, precision, teacher_requires_grad, unit)
 
 
 def triton_backward(teacher_a, teacher_b, student_a, student_b, p_t, p_s, norms, grad_loss,
-                    distance, precision, teacher_requires_grad):
-    """The Triton backward from the pooled level and the norms (see :func:`triton_forward`):
-    gradients of (teacher_a, teacher_b, student_a, student_b), the teacher's empty when not
-    asked for."""
+                    distance, precision, teacher_requires_grad, unit_grad=None):
+    """The Triton backward from the pooled level and the norms (see :func:`triton_forward`)
+    and the forward's unit gradient of Delta, or None: gradients of (teacher_a, teacher_b,
+    student_a, student_b), the teacher's empty when not asked for."""
     k = _kernels()
     sides = triton_backward_normalised(teacher_a, teacher_b, student_a, student_b, p_t, p_s,
                                        norms, grad_loss, distance, precision,
-                                       teacher_requires_grad)
+                                       teacher_requires_grad, unit_grad, unit=True)
     mm = [job for side in sides if side is not None for job in side[0]]
     products = iter(k.scaled_mm_group(mm))
     grads = []
@@ -122,7 +142,7 @@ def delta_grad_job(teacher_a, teacher_b, student_a, student_b, p_t, p_s, norms, 
     """The ``delta`` job (keyword arguments) of dL/dDelta, (B, C_a, C_b) fp32."""
     r_pt, r_ps, r_qt, r_qs = norms
     B, C_a = teacher_a.shape[:2]
-    coef = (1.0 if distance == "l1" else 2.0) / (B * C_a * teacher_b.shape[1])
+    coef = _coef(B, C_a, teacher_b.shape[1], distance)
     g = grad_loss.to(torch.float32).reshape(1)
     return dict(a_s=p_s, a_t=p_t, b_s=student_b, b_t=teacher_b, r_as=r_ps, r_at=r_pt,
                 r_bs=r_qs, r_bt=r_qt, pix_rows=False, l1=distance == "l1",
@@ -130,22 +150,32 @@ def delta_grad_job(teacher_a, teacher_b, student_a, student_b, p_t, p_s, norms, 
 
 
 def triton_backward_normalised(teacher_a, teacher_b, student_a, student_b, p_t, p_s, norms,
-                               grad_loss, distance, precision, teacher_requires_grad, gd=None):
+                               grad_loss, distance, precision, teacher_requires_grad, gd=None,
+                               unit=False):
     """What the backward still has to run after the gradient of Delta, per side:
     ``(teacher, student)``, each None (the teacher's, when not asked for) or
     ``(mm_jobs, (p_job, q_job), f_a)``: the two ``scaled_mm`` jobs giving dL/dP^ and dL/dQ^
     (for the normalised pooled level and level b), the two functions that make a
     ``norm_backward`` job of each product, and the finer level the pooled gradient goes back
-    to through ``unpool``. ``gd``: dL/dDelta when already formed (:func:`delta_grad_job`)."""
+    to through ``unpool``. ``gd``: dL/dDelta when already formed (:func:`delta_grad_job`);
+    with ``unit``, for a unit upstream gradient (the forward's), and the products take
+    ``grad_loss`` through their operands' norms."""
     k = _kernels()
     r_pt, r_ps, r_qt, r_qs = norms
+    mm_norms = norms
     if gd is None:
         gd = k.delta_group([delta_grad_job(teacher_a, teacher_b, student_a, student_b, p_t,
                                            p_s, norms, grad_loss, distance, precision)])[0]
+    elif unit:
+        # g (Gd_unit Q^) = Gd_unit (g Q^): the operand made in registers takes g, so Gd stays
+        # rounded as the products read it.
+        mm_norms = torch._foreach_mul(list(norms), grad_loss.to(torch.float32))
+    mm_r = dict(zip((id(r) for r in norms), mm_norms, strict=True))
 
     def side(sign, f_a, p, r_p, f_b, r_q):
         # dL/dP^ = sign Gd Q^, dL/dQ^ = sign Gd^T P^ (then the normalisations and pooling).
-        mm = [(gd, f_b, r_q, sign, precision), (gd.transpose(1, 2), p, r_p, sign, precision)]
+        mm = [(gd, f_b, mm_r[id(r_q)], sign, precision),
+              (gd.transpose(1, 2), p, mm_r[id(r_p)], sign, precision)]
         out_q = None if f_b.dtype == torch.float32 else f_b.new_empty(f_b.shape)
         return (mm, (lambda d_p: (p, r_p, d_p, False, None),
                      lambda d_q: (f_b, r_q, d_q, False, out_q)), f_a)
@@ -173,7 +203,7 @@ def _fake_fwd(backend, teacher_a, teacher_b, student_a, student_b, distance, pre
     C_b, H_b, W_b = teacher_b.shape[1:]
     pooled = [teacher_a.new_empty((B, C_a, H_b, W_b), dtype=torch.float32) for _ in range(2)]
     norms = [teacher_a.new_empty((B, c), dtype=torch.float32) for c in (C_a, C_a, C_b, C_b)]
-    return loss, pooled + norms
+    return loss, [*pooled, *norms, teacher_a.new_empty((B, C_a, C_b), dtype=torch.float32)]
 
 
 def _fake_bwd(teacher_a, teacher_b, student_a, student_b, grad_loss, distance, precision,

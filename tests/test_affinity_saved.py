@@ -56,8 +56,10 @@ def test_triton_forward_keeps_what_the_backward_needs(monkeypatch, distance):
 
 
 def test_triton_inter_forward_keeps_what_the_backward_needs(monkeypatch):
-    # With store, the pooled finer levels and the four sets of channel norms; the backward
-    # given them pools and normalises nothing again, with the same gradients bit for bit.
+    # With store, the pooled finer levels, the four sets of channel norms and dL/dDelta for
+    # a unit upstream gradient; the backward given them forms no Delta and pools and
+    # normalises nothing again, with the same gradients bit for bit (g = 0.5 scales exactly,
+    # whether before the rounding of dL/dDelta or through the products' other operand).
     ns = torch.ops.snl_triton
     x = [x for x, _ in _inter_inputs(((2, 6, 6, 6), (10, 3, 3)))]
     g = torch.tensor(0.5, device=DEVICE)
@@ -68,12 +70,12 @@ def test_triton_inter_forward_keeps_what_the_backward_needs(monkeypatch):
         loss, saved = ns.inter_affinity_fwd(*x, distance, dot, 1)
         assert saved0 == []
         assert torch.equal(loss, loss0)
-        shapes = [(2, 6, 3, 3)] * 2 + [(2, 6)] * 2 + [(2, 10)] * 2
+        shapes = [(2, 6, 3, 3)] * 2 + [(2, 6)] * 2 + [(2, 10)] * 2 + [(2, 6, 10)]
         assert [tuple(v.shape) for v in saved] == shapes
         for need_teacher in (True, False):
             want = ns.inter_affinity_bwd(*x, g, distance, dot, need_teacher)
             with monkeypatch.context() as m:
-                for name in ("inv_norms", "pool", "pool_with_norms"):
+                for name in ("inv_norms", "pool", "pool_with_norms", "delta", "delta_group"):
                     m.setattr(affinity, name, mock.Mock(side_effect=AssertionError(name)))
                 got = ns.inter_affinity_bwd(*x, g, distance, dot, need_teacher, saved)
             for a, b in zip(got, want, strict=True):
@@ -115,3 +117,23 @@ def test_public_call_keeps_for_the_backward_only_what_a_gradient_needs(monkeypat
     with torch.no_grad():
         snl_kernels.inter_affinity_loss(*x, backend="triton")
     assert calls == [0, 1, 0]
+
+
+@pytest.mark.parametrize("distance", ["l2", "l1"])
+def test_inter_backward_from_the_unit_gradient_meets_the_float64_bar(distance):
+    # An upstream gradient that is not a power of two (0.3): the saved path scales the
+    # products' other operand, where the recomputing path scales dL/dDelta before rounding
+    # it; both are held to the float64 reference's gradients.
+    ns = torch.ops.snl_triton
+    x = [x for x, _ in _inter_inputs(((2, 6, 6, 6), (10, 3, 3)))]
+    x64 = [v.detach().double().requires_grad_(True) for v in x]
+    loss = snl_kernels.reference.inter_affinity_loss(*x64, distance)
+    want = torch.autograd.grad(loss * 0.3, x64)
+    g = torch.tensor(0.3, device=DEVICE)
+    dot = precision.inter_plan("triton", x[0], x[1], distance)
+    saved = ns.inter_affinity_fwd(*x, distance, dot, 1)[1]
+    for extra in ((saved,), ()):
+        got = ns.inter_affinity_bwd(*x, g, distance, dot, True, *extra)
+        for a, b in zip(got, want, strict=True):
+            err = (a.double() - b).norm() / b.norm().clamp_min(1e-30)
+            assert err < 1e-3, (distance, bool(extra), float(err))

@@ -252,7 +252,8 @@ def _intra_tiled_grad_group_kernel(
 
 def delta(a_s: Tensor, a_t: Tensor, b_s: Tensor, b_t: Tensor, r_as: Tensor, r_at: Tensor,
           r_bs: Tensor, r_bt: Tensor, pix_rows: bool, l1: bool, precision: str,
-          grad: tuple[Tensor, float] | None = None, signs: Tensor | None = None) -> Tensor:
+          grad: tuple[Tensor, float] | None = None, signs: Tensor | None = None,
+          unit_grad: tuple[Tensor, float] | None = None) -> Tensor:
     """Per-tile sums of Delta^2 or |Delta| (B, tiles_i, tiles_j), or dL/dDelta (B, Ra, Rb).
 
     With rows the pixels (intra-affinity) a and b are the same features; with rows the
@@ -260,13 +261,18 @@ def delta(a_s: Tensor, a_t: Tensor, b_s: Tensor, b_t: Tensor, r_as: Tensor, r_at
     ``grad = (grad_loss, coef)`` asks for ``grad_loss * coef * (Delta or sign(Delta))``.
     ``signs`` (int32 (B, Ra, ceil(Rb / 32)), intra-affinity l1): also store Delta > 0 as bits,
     for the tiles computed (the upper triangle of tiles when symmetric).
+    ``unit_grad = (out, coef)`` (out float32 (B, Ra, Rb); a and b different features): with
+    the partial sums, also write ``coef * (Delta or sign(Delta))`` into out, rounded as
+    ``grad``'s.
     """
     return delta_group([dict(a_s=a_s, a_t=a_t, b_s=b_s, b_t=b_t, r_as=r_as, r_at=r_at,
                              r_bs=r_bs, r_bt=r_bt, pix_rows=pix_rows, l1=l1,
-                             precision=precision, grad=grad, signs=signs)])[0]
+                             precision=precision, grad=grad, signs=signs,
+                             unit_grad=unit_grad)])[0]
 
 
 DELTA_GROUP = 4  # Deltas per launch
+SIGN_BITS, UNIT_GRAD = 1, 2  # what the kernel's WRITE_SIGNS asks for (``_delta_finish``)
 _DELTA_ARGS = ("as_ptr", "at_ptr", "bs_ptr", "bt_ptr", "ras_ptr", "rat_ptr", "rbs_ptr",
                "rbt_ptr", "out_ptr", "g_ptr", "coef", "sign_ptr", "Ra", "Rb", "K", "W", "WORDS",
                "as_b", "as_c", "as_h", "as_w", "at_b", "at_c", "at_h", "at_w",
@@ -276,7 +282,8 @@ _DELTA_CONSTANTS = ("A_PIX", "B_PIX", "L1", "WRITE_GRAD", "SYMMETRIC", "WRITE_SI
 
 
 def _delta_launch(a_s, a_t, b_s, b_t, r_as, r_at, r_bs, r_bt, pix_rows, l1, precision,
-                  grad=None, signs=None) -> tuple[dict, Tensor, tuple[int, int, int]]:
+                  grad=None, signs=None,
+                  unit_grad=None) -> tuple[dict, Tensor, tuple[int, int, int]]:
     """One Delta's kernel arguments (the single kernel's names), its output and grid."""
     B, Ca, Ha, Wa = a_s.shape
     _, Cb, _, _ = b_s.shape
@@ -296,15 +303,22 @@ def _delta_launch(a_s, a_t, b_s, b_t, r_as, r_at, r_bs, r_bt, pix_rows, l1, prec
     else:
         out = torch.empty((B, Ra, Rb), device=a_s.device, dtype=torch.float32)
         g_loss, coef = grad
+    extra, mode = (signs, SIGN_BITS) if signs is not None else (out, 0)
+    if unit_grad is not None:
+        if grad is not None or signs is not None or symmetric:
+            raise ValueError("delta: unit_grad goes with the partial sums of a Delta of two "
+                             "different feature sets, without grad or signs")
+        extra, coef = unit_grad
+        mode = UNIT_GRAD
     args = dict(
         as_ptr=a_s, at_ptr=a_t, bs_ptr=b_s, bt_ptr=b_t,
         ras_ptr=r_as, rat_ptr=r_at, rbs_ptr=r_bs, rbt_ptr=r_bt,
-        out_ptr=out, g_ptr=g_loss, coef=coef, sign_ptr=out if signs is None else signs,
+        out_ptr=out, g_ptr=g_loss, coef=coef, sign_ptr=extra,
         Ra=Ra, Rb=Rb, K=K, W=Wa, WORDS=cdiv(Rb, 32),
         **strides(a_s, "as_b as_c as_h as_w"), **strides(a_t, "at_b at_c at_h at_w"),
         **strides(b_s, "bs_b bs_c bs_h bs_w"), **strides(b_t, "bt_b bt_c bt_h bt_w"),
         A_PIX=pix_rows, B_PIX=pix_rows, L1=l1, WRITE_GRAD=grad is not None,
-        SYMMETRIC=symmetric, WRITE_SIGNS=signs is not None, BITS=min(bj, 32),
+        SYMMETRIC=symmetric, WRITE_SIGNS=mode, BITS=min(bj, 32),
         BI=bi, BJ=bj, BK=bk,
         PRECISION=precision,
     )

@@ -136,10 +136,13 @@ def _delta_finish(delta, r_as, r_at, r_bs, r_bt, ri, rj, pid_i, pid_j, b, n_i, n
                   WRITE_GRAD: tl.constexpr, SYMMETRIC: tl.constexpr,
                   WRITE_SIGNS: tl.constexpr, BITS: tl.constexpr, BI: tl.constexpr,
                   BJ: tl.constexpr, PRECISION: tl.constexpr):
-    """What a Delta tile writes: its sign bits, dL/dDelta or its partial sum."""
+    """What a Delta tile writes: its sign bits, dL/dDelta or its partial sum. WRITE_SIGNS:
+    0 nothing more, ``SIGN_BITS`` (1, or True) the sign bits of Delta, ``UNIT_GRAD`` (2)
+    beside the partial sum dL/dDelta for a unit upstream gradient (coef Delta or coef
+    sign(Delta); not for SYMMETRIC), both into ``sign_ptr``."""
     if L1:
         delta = tl.where(_zero_pairs(r_as, r_at, r_bs, r_bt), 0.0, delta)
-    if WRITE_SIGNS:
+    if WRITE_SIGNS == 1:
         # Bit j % 32 of word (i, j // 32) says Delta[i, j] > 0, for the tiles computed (the
         # upper triangle of tiles); BITS = min(BJ, 32) columns per word of this tile.
         bits = (delta > 0).to(tl.int32) << (rj % 32)[None, :]
@@ -166,6 +169,16 @@ def _delta_finish(delta, r_as, r_at, r_bs, r_bt, ri, rj, pid_i, pid_j, b, n_i, n
         if SYMMETRIC:
             part = tl.where(pid_j > pid_i, 2.0 * part, part)
         tl.store(out_ptr + (b * n_i + pid_i) * n_j + pid_j, part)
+        if WRITE_SIGNS == 2:
+            # The backward scales the products with it by the upstream gradient (through
+            # their operands' norms), so that it stays rounded as those products read it.
+            if L1:
+                unit = tl.where(delta > 0, coef, tl.where(delta < 0, -coef, 0.0))
+            else:
+                unit = delta * coef
+            mask = (ri < Ra)[:, None] & (rj < Rb)[None, :]
+            tl.store(sign_ptr + (b * Ra + ri[:, None]) * Rb + rj[None, :],
+                     _ready(unit, PRECISION), mask=mask)
 
 
 @triton.jit
