@@ -335,8 +335,13 @@ def affinity(ops, dtype, precisions) -> None:
             grams, chosen = plan.intra_plan("triton", t, distance)
             for dot in precisions or (chosen,):
                 signs = ops.intra_affinity_fwd(t, s, distance, grams, dot)[1]
+                # With store: the Grams, or on the tiled path l2's Delta, kept for the
+                # backward, which reads them.
+                saved = ops.intra_affinity_fwd(t, s, distance, grams, dot, 2)[2]
                 for need_teacher in (True, False):
                     ops.intra_affinity_bwd(t, s, grad, signs, distance, grams, dot, need_teacher)
+                    ops.intra_affinity_bwd(t, s, grad, signs, distance, grams, dot, need_teacher,
+                                           saved)
     for (ca, ha), (cb, hb) in (((12, 8), (20, 4)), ((256, 16), (512, 8))):
         x = [feats((1, ca, ha, ha), dtype), feats((1, cb, hb, hb), dtype, 1),
              feats((1, ca, ha, ha), dtype, 2), feats((1, cb, hb, hb), dtype, 3)]

@@ -25,10 +25,12 @@ so rounding errors scale with the difference, not with the affinities (the plain
 - Tiled (l1, and l2 when N <= C): tiles of Delta formed on chip from the stacked operands
   and reduced there. Backward: ``dL/dX_S = -2 X_S G``, ``dL/dX_T = 2 X_T G`` with
   ``G = dL/dDelta`` (``2 g Delta / M`` or ``g sign(Delta) / M``, symmetric), the Delta tiles
-  recomputed on chip for each block of pixels and channels. Except Triton l1: its forward
-  keeps the signs of Delta as bits (B N^2 / 8 bytes; 32 MB at WRN50 level 1, B = 16), so its
-  backward is one product with the +-1 matrix instead of three (two to recompute Delta,
-  then the product): about half of l1's fwd+bwd work.
+  recomputed on chip for each block of pixels and channels. Except in Triton: its l1
+  forward keeps the signs of Delta as bits (B N^2 / 8 bytes; 32 MB at WRN50 level 1,
+  B = 16), and its l2 forward, when a gradient will be needed, Delta itself (B N^2 floats,
+  no more than the features since N <= C on this path; 4 MB at WRN50 level 3), so its
+  backward is one product with the +-1 matrix or with Delta instead of three (two to
+  recompute Delta, then the product): about half of l1's fwd+bwd work.
 
 Then through the normalisation, per pixel: ``df = r (dx - x (x . dx))`` with ``r = 1 /
 max(|f|, eps)`` (the projection drops where the norm is clamped). Triton's forward keeps the
@@ -76,8 +78,8 @@ BWD_SCHEMA = ("(Tensor teacher, Tensor student, Tensor grad_loss, Tensor signs, 
 # Triton's take one more argument each. store (forward): what to keep for the backward, 0
 # nothing, 1 for the student's gradient, 2 for the teacher's too (the caller decides from
 # grad mode and requires_grad); saved: the pixels' inverse norms (r_t, r_s), then on the Gram
-# path the Grams the loss kernel wrote (2 per side, ``affinity_gram.gram_loss``), or nothing.
-# The backward recomputes what it is not given.
+# path the Grams the loss kernel wrote (2 per side, ``affinity_gram.gram_loss``), on the
+# tiled l2 path Delta (B, N, N), or nothing. The backward recomputes what it is not given.
 TRITON_FWD_SCHEMA = FWD_SCHEMA.replace(
     "str precision)", "str precision, int store=0)").replace(
     "Tensor signs)", "Tensor signs, Tensor[] saved)")
@@ -107,9 +109,9 @@ def _triton_fwd_body(teacher, student, distance, grams, precision, store=0):
 
 def triton_forward(teacher, student, r_t, r_s, distance, grams, precision, store=0):
     """The Triton forward from the pixels' inverse norms ``r_t``, ``r_s`` (B, N) (a zero
-    pixel's negative, as ``_inv_norm_kernel`` writes them): (loss, signs, the Grams the
-    Gram path's loss kernel wrote for the backward, ``store`` as the op's: a tuple, empty
-    where none)."""
+    pixel's negative, as ``_inv_norm_kernel`` writes them): (loss, signs, what the forward
+    keeps for the backward with ``store`` as the op's: the Gram path's Grams, or the tiled
+    l2 path's Delta (B, N, N); a tuple, empty where none)."""
     k = _kernels()
     B, _, H, W = teacher.shape
     N = H * W
@@ -118,9 +120,14 @@ def triton_forward(teacher, student, r_t, r_s, distance, grams, precision, store
     if grams:
         parts, stored = k.gram_loss(student, teacher, r_s, r_t, precision, store)
     else:
+        # l2 keeps Delta itself (B N^2 floats: no more than the features, N <= C on this
+        # path), l1 its sign bits.
+        if store and distance == "l2":
+            stored = (torch.empty((B, N, N), device=teacher.device, dtype=torch.float32),)
         parts = k.delta(student, teacher, student, teacher, r_s, r_t, r_s, r_t,
                         pix_rows=True, l1=distance == "l1", precision=precision,
-                        signs=signs if distance == "l1" else None)
+                        signs=signs if distance == "l1" else None,
+                        stored_delta=stored[0] if stored else None)
     return parts.sum() / (B * N * N), signs, stored or ()
 
 
@@ -133,31 +140,35 @@ def _triton_bwd_body(teacher, student, grad_loss, signs, distance, grams, precis
         r_t, r_s = k.inv_norms(teacher, True, EPS), k.inv_norms(student, True, EPS)
         stored = None
     # Grams kept for the student's side only cannot serve the teacher's gradient.
-    if not stored or len(stored) < (4 if teacher_requires_grad else 2):
+    if grams and (not stored or len(stored) < (4 if teacher_requires_grad else 2)):
         stored = None
     return triton_backward(teacher, student, r_t, r_s, grad_loss, signs, distance, grams,
-                           precision, teacher_requires_grad, stored)
+                           precision, teacher_requires_grad, stored or None)
 
 
 def triton_backward(teacher, student, r_t, r_s, grad_loss, signs, distance, grams, precision,
-                    teacher_requires_grad, stored_grams=None):
-    """The Triton backward from the pixels' inverse norms (and the Grams the forward kept,
-    or None): (grad_teacher or an empty tensor, grad_student)."""
+                    teacher_requires_grad, stored=None):
+    """The Triton backward from the pixels' inverse norms (and what the forward kept, as
+    :func:`triton_forward` returns it, or None): (grad_teacher or an empty tensor,
+    grad_student)."""
     k = _kernels()
     g_t, g_s = triton_backward_normalised(teacher, student, r_t, r_s, grad_loss, signs,
                                           distance, grams, precision, teacher_requires_grad,
-                                          stored_grams)
+                                          stored if grams else None,
+                                          None if grams or not stored else stored[0])
     grad_teacher = (k.norm_backward_group([norm_job(teacher, r_t, g_t)], EPS)[0] if g_t is not None
                     else teacher.new_empty((0,)))
     return grad_teacher, k.norm_backward_group([norm_job(student, r_s, g_s)], EPS)[0]
 
 
 def triton_backward_normalised(teacher, student, r_t, r_s, grad_loss, signs, distance, grams,
-                               precision, teacher_requires_grad, stored_grams=None):
+                               precision, teacher_requires_grad, stored_grams=None,
+                               stored_delta=None):
     """The gradients for the normalised features X_T (None when not asked for) and X_S, fp32
     (B, C, H, W); :func:`norm_job` turns each into a job of ``norm_backward``.
     ``stored_grams``: on the Gram path, the Grams the forward wrote (``gram_loss`` with
-    ``store``); None forms them here."""
+    ``store``); None forms them here. ``stored_delta``: on the tiled l2 path, the Delta the
+    forward wrote; None forms its tiles again."""
     k = _kernels()
     B, _, H, W = teacher.shape
     M = B * H * W * H * W
@@ -169,7 +180,8 @@ def triton_backward_normalised(teacher, student, r_t, r_s, grad_loss, signs, dis
         coef = (2.0 if distance == "l1" else 4.0) / M
         g_s, g_t = k.intra_tiled_grad(student, teacher, r_s, r_t, g, coef, distance == "l1",
                                       teacher_requires_grad, precision,
-                                      signs if distance == "l1" else None)
+                                      signs if distance == "l1" else None,
+                                      None if distance == "l1" else stored_delta)
     return g_t, g_s
 
 
@@ -206,8 +218,10 @@ def _fake_fwd(backend, teacher, student, distance, grams, precision, store=0):
         return loss, signs, []
     B, C, H, W = teacher.shape
     saved = [teacher.new_empty((B, H * W), dtype=torch.float32) for _ in range(2)]
-    saved += [teacher.new_empty((B, C, C), dtype=torch.float32)
-              for _ in range(2 * store if grams else 0)]
+    if grams:
+        saved += [teacher.new_empty((B, C, C), dtype=torch.float32) for _ in range(2 * store)]
+    elif distance == "l2":
+        saved.append(teacher.new_empty((B, H * W, H * W), dtype=torch.float32))
     return loss, signs, saved
 
 

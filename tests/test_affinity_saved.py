@@ -20,16 +20,17 @@ from snl_kernels import precision
 pytestmark = pytest.mark.skipif(NO_TRITON is not None, reason=NO_TRITON or "")
 
 
+@pytest.mark.parametrize("channels", [6, 24], ids=["grams-for-l2", "tiles"])
 @pytest.mark.parametrize("distance", ["l2", "l1"])
-def test_triton_forward_keeps_what_the_backward_needs(monkeypatch, distance):
+def test_triton_forward_keeps_what_the_backward_needs(monkeypatch, distance, channels):
     # With store, Triton's forward returns the pixels' inverse norms and (Gram path) the
     # Grams its loss kernel wrote; its backward given them runs neither the norm kernel nor
     # the loss kernel again, and gives the gradients it gives without them, bit for bit.
     ns = torch.ops.snl_triton
-    t, s = _pair((2, 6, 4, 5), zero_pixel=True)
+    t, s = _pair((2, channels, 4, 5), zero_pixel=True)
     g = torch.tensor(0.5, device=DEVICE)
     grams, dot = precision.intra_plan("triton", t, distance)
-    assert grams == (distance == "l2")
+    assert grams == (distance == "l2" and channels < 20)
     loss0, signs0, saved0 = ns.intra_affinity_fwd(t, s, distance, grams, dot)
     assert saved0 == []
     affinity = importlib.import_module("snl_kernels._triton.affinity")
@@ -38,7 +39,8 @@ def test_triton_forward_keeps_what_the_backward_needs(monkeypatch, distance):
         loss, signs, saved = ns.intra_affinity_fwd(t, s, distance, grams, dot, store)
         assert torch.equal(loss, loss0)
         assert torch.equal(signs, signs0)
-        assert len(saved) == 2 + (2 * store if grams else 0)
+        # The norms, then the Gram path's Grams or the tiled l2 path's Delta (l1: its signs).
+        assert len(saved) == 2 + (2 * store if grams else distance == "l2")
         want = ns.intra_affinity_bwd(t, s, g, signs, distance, grams, dot, need_teacher)
         with monkeypatch.context() as m:
             for module, name in ((affinity, "inv_norms"), (gram, "gram_loss")):

@@ -152,7 +152,8 @@ def _intra_tiled_grad_tile(
 ):
     """Output tile (pixels pid_i, channels pid_c) of sample b of one level (see below)."""
     # Rows are pixels: X^T (N, C). dX_S^T[i, c] = -2 sum_j G[i, j] X_S^T[j, c] (G symmetric),
-    # dX_T^T = +2 G X_T^T, with G = dL/dDelta from the Delta tile recomputed for every j.
+    # dX_T^T = +2 G X_T^T, with G = dL/dDelta from the Delta tile recomputed for every j,
+    # or (SIGNS 1, l1) from the forward's sign bits, or (SIGNS 2, l2) from its Delta.
     # l1's G is +-1 or 0, exact in tf32: its split has nothing to add.
     G_PRECISION: tl.constexpr = "tf32x3-exact-a" if L1 and PRECISION == "tf32x3" else PRECISION
     ri = pid_i * BI + tl.arange(0, BI)
@@ -165,8 +166,11 @@ def _intra_tiled_grad_tile(
     for j0 in range(0, N, BJ):
         rj = j0 + tl.arange(0, BJ)
         r_sj, r_tj = _norms(rs_ptr, rt_ptr, b, rj, N)
-        if SIGNS:
+        if SIGNS == 1:
             gd = _sign_tile(sign_ptr, ri, rj, b, N, WORDS, r_si, r_ti, r_sj, r_tj, BI)
+        elif SIGNS == 2:  # l2: the forward's Delta (see _delta_finish), read as it was formed
+            gd = tl.load(sign_ptr + (b * N + ri[:, None]) * N + rj[None, :],
+                         mask=(ri < N)[:, None] & (rj < N)[None, :], other=0.0)
         else:
             d = tl.zeros([BI, BJ], dtype=tl.float32)
             for k0 in range(0, C, BK):
@@ -253,7 +257,8 @@ def _intra_tiled_grad_group_kernel(
 def delta(a_s: Tensor, a_t: Tensor, b_s: Tensor, b_t: Tensor, r_as: Tensor, r_at: Tensor,
           r_bs: Tensor, r_bt: Tensor, pix_rows: bool, l1: bool, precision: str,
           grad: tuple[Tensor, float] | None = None, signs: Tensor | None = None,
-          unit_grad: tuple[Tensor, float] | None = None) -> Tensor:
+          unit_grad: tuple[Tensor, float] | None = None,
+          stored_delta: Tensor | None = None) -> Tensor:
     """Per-tile sums of Delta^2 or |Delta| (B, tiles_i, tiles_j), or dL/dDelta (B, Ra, Rb).
 
     With rows the pixels (intra-affinity) a and b are the same features; with rows the
@@ -263,16 +268,18 @@ def delta(a_s: Tensor, a_t: Tensor, b_s: Tensor, b_t: Tensor, r_as: Tensor, r_at
     for the tiles computed (the upper triangle of tiles when symmetric).
     ``unit_grad = (out, coef)`` (out float32 (B, Ra, Rb); a and b different features): with
     the partial sums, also write ``coef * (Delta or sign(Delta))`` into out, rounded as
-    ``grad``'s.
+    ``grad``'s. ``stored_delta`` (float32 (B, Ra, Rb), l2): with the partial sums, also write
+    Delta there as formed (a symmetric Delta whole, from its upper tiles).
     """
     return delta_group([dict(a_s=a_s, a_t=a_t, b_s=b_s, b_t=b_t, r_as=r_as, r_at=r_at,
                              r_bs=r_bs, r_bt=r_bt, pix_rows=pix_rows, l1=l1,
                              precision=precision, grad=grad, signs=signs,
-                             unit_grad=unit_grad)])[0]
+                             unit_grad=unit_grad, stored_delta=stored_delta)])[0]
 
 
 DELTA_GROUP = 4  # Deltas per launch
-SIGN_BITS, UNIT_GRAD = 1, 2  # what the kernel's WRITE_SIGNS asks for (``_delta_finish``)
+# What the kernel's WRITE_SIGNS asks for (``_delta_finish``).
+SIGN_BITS, UNIT_GRAD, DELTA = 1, 2, 3
 _DELTA_ARGS = ("as_ptr", "at_ptr", "bs_ptr", "bt_ptr", "ras_ptr", "rat_ptr", "rbs_ptr",
                "rbt_ptr", "out_ptr", "g_ptr", "coef", "sign_ptr", "Ra", "Rb", "K", "W", "WORDS",
                "as_b", "as_c", "as_h", "as_w", "at_b", "at_c", "at_h", "at_w",
@@ -282,8 +289,8 @@ _DELTA_CONSTANTS = ("A_PIX", "B_PIX", "L1", "WRITE_GRAD", "SYMMETRIC", "WRITE_SI
 
 
 def _delta_launch(a_s, a_t, b_s, b_t, r_as, r_at, r_bs, r_bt, pix_rows, l1, precision,
-                  grad=None, signs=None,
-                  unit_grad=None) -> tuple[dict, Tensor, tuple[int, int, int]]:
+                  grad=None, signs=None, unit_grad=None,
+                  stored_delta=None) -> tuple[dict, Tensor, tuple[int, int, int]]:
     """One Delta's kernel arguments (the single kernel's names), its output and grid."""
     B, Ca, Ha, Wa = a_s.shape
     _, Cb, _, _ = b_s.shape
@@ -310,6 +317,11 @@ def _delta_launch(a_s, a_t, b_s, b_t, r_as, r_at, r_bs, r_bt, pix_rows, l1, prec
                              "different feature sets, without grad or signs")
         extra, coef = unit_grad
         mode = UNIT_GRAD
+    if stored_delta is not None:
+        if grad is not None or signs is not None or unit_grad is not None or l1:
+            raise ValueError("delta: stored_delta goes with the partial sums of an l2 Delta, "
+                             "without grad, signs or unit_grad")
+        extra, mode = stored_delta, DELTA
     args = dict(
         as_ptr=a_s, at_ptr=a_t, bs_ptr=b_s, bt_ptr=b_t,
         ras_ptr=r_as, rat_ptr=r_at, rbs_ptr=r_bs, rbt_ptr=r_bt,
@@ -365,12 +377,14 @@ def delta_group(jobs: list[dict]) -> list[Tensor]:
 
 def intra_tiled_grad(s: Tensor, t: Tensor, r_s: Tensor, r_t: Tensor, grad_loss: Tensor,
                      coef: float, l1: bool, teacher: bool, precision: str,
-                     signs: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+                     signs: Tensor | None = None,
+                     delta: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """dL/dX_S and dL/dX_T (normalised features) as fp32 (B, C, H, W) buffers; for l1 from
-    the forward's ``signs`` of Delta when given, else from Delta tiles recomputed."""
+    the forward's ``signs`` of Delta when given, for l2 from its ``delta`` (``delta``'s
+    ``stored_delta``) when given, else from Delta tiles recomputed."""
     return intra_tiled_grad_group([dict(s=s, t=t, r_s=r_s, r_t=r_t, grad_loss=grad_loss,
                                         coef=coef, l1=l1, teacher=teacher,
-                                        precision=precision, signs=signs)])[0]
+                                        precision=precision, signs=signs, delta=delta)])[0]
 
 
 TILED_GROUP = 3  # levels per launch of the tiled backward
@@ -383,23 +397,28 @@ _TILED_CONSTANTS = ("L1", "TEACHER", "SIGNS", "BI", "BJ", "BK", "BC", "PRECISION
 _TILED_SLOTS = _slot_names(_TILED_ARGS + _TILED_CONSTANTS, TILED_GROUP)
 
 
-def _tiled_launch(s, t, r_s, r_t, grad_loss, coef, l1, teacher, precision, signs=None):
+def _tiled_launch(s, t, r_s, r_t, grad_loss, coef, l1, teacher, precision, signs=None,
+                  delta=None):
     """One level's kernel arguments (the single kernel's names), outputs and grid."""
+    if delta is not None and (l1 or signs is not None):
+        raise ValueError("intra_tiled_grad: delta is l2's, without signs")
+    stored = signs if delta is None else delta
     B, C, H, W = s.shape
     N = H * W
     g_s = torch.empty((B, C, H, W), device=s.device, dtype=torch.float32)
     g_t = torch.empty_like(g_s) if teacher else None
     tile, max_bc, max_bc_signs = _tiles()
     bi = bj = _pow2(N, hi=tile)
-    bc = _pow2(C, hi=max_bc if signs is None else max_bc_signs)
+    bc = _pow2(C, hi=max_bc if stored is None else max_bc_signs)
     args = dict(
         s_ptr=s, t_ptr=t, rs_ptr=r_s, rt_ptr=r_t,
         # Without the teacher's gradient or the signs, those pointers are unused: g_s.
         gs_ptr=g_s, gt_ptr=g_s if g_t is None else g_t, g_ptr=grad_loss, coef=coef,
-        sign_ptr=g_s if signs is None else signs,
+        sign_ptr=g_s if stored is None else stored,
         N=N, C=C, W=W, WORDS=cdiv(N, 32),
         **strides(s, "s_b s_c s_h s_w"), **strides(t, "t_b t_c t_h t_w"),
-        L1=l1, TEACHER=teacher, SIGNS=signs is not None, BI=bi, BJ=bj,
+        L1=l1, TEACHER=teacher, SIGNS=1 if signs is not None else 2 if delta is not None else 0,
+        BI=bi, BJ=bj,
         BK=_pow2(C, hi=BLOCK_K), BC=bc, PRECISION=precision,
     )
     return args, (g_s, g_t), (cdiv(N, bi), cdiv(C, bc), B)

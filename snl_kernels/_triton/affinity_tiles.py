@@ -139,7 +139,9 @@ def _delta_finish(delta, r_as, r_at, r_bs, r_bt, ri, rj, pid_i, pid_j, b, n_i, n
     """What a Delta tile writes: its sign bits, dL/dDelta or its partial sum. WRITE_SIGNS:
     0 nothing more, ``SIGN_BITS`` (1, or True) the sign bits of Delta, ``UNIT_GRAD`` (2)
     beside the partial sum dL/dDelta for a unit upstream gradient (coef Delta or coef
-    sign(Delta); not for SYMMETRIC), both into ``sign_ptr``."""
+    sign(Delta); not for SYMMETRIC), ``DELTA`` (3) beside the partial sum Delta itself,
+    fp32 (B, Ra, Rb) (for SYMMETRIC, the tiles computed and their mirrors), all into
+    ``sign_ptr``."""
     if L1:
         delta = tl.where(_zero_pairs(r_as, r_at, r_bs, r_bt), 0.0, delta)
     if WRITE_SIGNS == 1:
@@ -179,6 +181,14 @@ def _delta_finish(delta, r_as, r_at, r_bs, r_bt, ri, rj, pid_i, pid_j, b, n_i, n
             mask = (ri < Ra)[:, None] & (rj < Rb)[None, :]
             tl.store(sign_ptr + (b * Ra + ri[:, None]) * Rb + rj[None, :],
                      _ready(unit, PRECISION), mask=mask)
+        if WRITE_SIGNS == 3:
+            # Delta as formed, for a backward that reads it instead of forming it again.
+            mask = (ri < Ra)[:, None] & (rj < Rb)[None, :]
+            if SYMMETRIC:
+                mask = mask & (pid_j >= pid_i)
+                tl.store(sign_ptr + (b * Rb + rj[None, :]) * Ra + ri[:, None], delta,
+                         mask=mask)
+            tl.store(sign_ptr + (b * Ra + ri[:, None]) * Rb + rj[None, :], delta, mask=mask)
 
 
 @triton.jit
