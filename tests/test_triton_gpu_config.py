@@ -109,13 +109,14 @@ def test_launches_read_the_config_each_time(monkeypatch):
 # --------------------------------------------------------------------------- affinity
 
 # (B, C, H, W): the tiled path's 64 x 64 Delta tiles need N >= 64 pixels (two tiles: 128);
-# l2 takes it when N <= C, and C = 256 fills its backward's 256-channel block; l1's backward
-# from sign bits (prepared operands) has 64-channel blocks. The Gram path (l2, C < N) forms
+# l2 takes it when N <= C, its backward reading the Delta its forward wrote (the op's
+# gradient is asked for), in 64-channel blocks as l1's backward from sign bits (prepared
+# operands). The Gram path (l2, C < N) forms
 # the loss over 64 x 64 tiles of the upper triangle (160 channels: three tiles, six pairs)
 # and applies its Grams over 64-pixel tiles; at 256 pixels its products are single tf32 (the
 # GPU's default).
 INTRA = {
-    "tiled-l2": ((1, 256, 8, 16), "l2", dict(BI=64, BC=256, SIGNS=False)),
+    "tiled-l2": ((1, 256, 8, 16), "l2", dict(BI=64, BC=64, SIGNS=2)),
     "tiled-l1": ((2, 64, 8, 16), "l1", dict(BI=64, BC=64)),
     "grams-l2": ((1, 160, 16, 16), "l2", None),
 }
@@ -136,7 +137,7 @@ def test_intra_affinity(launches, case):
         _launched(launches, "_delta_prepared_kernel", BI=64, BJ=64)
         _launched(launches, "_grad_prepared_kernel", BJ=64, **tiled)
     else:
-        _launched(launches, "_delta_kernel", BI=64, BJ=64, L1=False)
+        _launched(launches, "_delta_kernel", BI=64, BJ=64, L1=False, WRITE_SIGNS=3)
         _launched(launches, "_intra_tiled_grad_kernel", BJ=64, **tiled)
 
 
