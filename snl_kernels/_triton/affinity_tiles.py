@@ -185,7 +185,8 @@ def _delta_finish(delta, r_as, r_at, r_bs, r_bt, ri, rj, pid_i, pid_j, b, n_i, n
             # Delta as formed, for a backward that reads it instead of forming it again.
             mask = (ri < Ra)[:, None] & (rj < Rb)[None, :]
             if SYMMETRIC:
-                mask = mask & (pid_j >= pid_i)
+                # (pid_j as a vector: a scalar in a mask fails in some interpreters)
+                mask = mask & ((rj * 0 + pid_j) >= pid_i)[None, :]
                 tl.store(sign_ptr + (b * Rb + rj[None, :]) * Ra + ri[:, None], delta,
                          mask=mask)
             tl.store(sign_ptr + (b * Ra + ri[:, None]) * Rb + rj[None, :], delta, mask=mask)
