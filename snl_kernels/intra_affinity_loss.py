@@ -99,26 +99,38 @@ def _signs_shape(backend: str, teacher: Tensor, distance: str) -> tuple[int, ...
     return (B, N, (N + 31) // 32) if backend == "triton" and distance == "l1" else (0,)
 
 
-def _triton_fwd_body(teacher, student, distance, grams, precision, store=0):
+def _pixel_norms(teacher, student, grams, precision):
+    """(r_t, r_s, prepared): the pixels' inverse norms and, where the Gram path's loss reads
+    prepared operands (``affinity_gram.gram_prepare``, which forms the norms in the same
+    launch), [E; D]; else None."""
     k = _kernels()
-    r_t, r_s = k.inv_norms(teacher, True, EPS), k.inv_norms(student, True, EPS)
+    if grams and k.prepared_applies(teacher.shape[1], precision):
+        ed, r_s, r_t = k.gram_prepare(student, teacher, EPS, precision)
+        return r_t, r_s, ed
+    return k.inv_norms(teacher, True, EPS), k.inv_norms(student, True, EPS), None
+
+
+def _triton_fwd_body(teacher, student, distance, grams, precision, store=0):
+    r_t, r_s, prepared = _pixel_norms(teacher, student, grams, precision)
     loss, signs, stored = triton_forward(teacher, student, r_t, r_s, distance, grams,
-                                         precision, store)
+                                         precision, store, prepared)
     return loss, signs, [r_t, r_s, *stored] if store else []
 
 
-def triton_forward(teacher, student, r_t, r_s, distance, grams, precision, store=0):
+def triton_forward(teacher, student, r_t, r_s, distance, grams, precision, store=0,
+                   prepared=None):
     """The Triton forward from the pixels' inverse norms ``r_t``, ``r_s`` (B, N) (a zero
     pixel's negative, as ``_inv_norm_kernel`` writes them): (loss, signs, what the forward
     keeps for the backward with ``store`` as the op's: the Gram path's Grams, or the tiled
-    l2 path's Delta (B, N, N); a tuple, empty where none)."""
+    l2 path's Delta (B, N, N); a tuple, empty where none). ``prepared``: the Gram path's
+    operands, as ``_pixel_norms`` gives them with the norms."""
     k = _kernels()
     B, _, H, W = teacher.shape
     N = H * W
     signs = teacher.new_empty(_signs_shape("triton", teacher, distance), dtype=torch.int32)
     stored = ()
     if grams:
-        parts, stored = k.gram_loss(student, teacher, r_s, r_t, precision, store)
+        parts, stored = k.gram_loss(student, teacher, r_s, r_t, precision, store, prepared)
     else:
         # l2 keeps Delta itself (B N^2 floats: no more than the features, N <= C on this
         # path), l1 its sign bits.
@@ -133,29 +145,30 @@ def triton_forward(teacher, student, r_t, r_s, distance, grams, precision, store
 
 def _triton_bwd_body(teacher, student, grad_loss, signs, distance, grams, precision,
                      teacher_requires_grad, saved=None):
-    k = _kernels()
+    prepared = None
     if saved:
         r_t, r_s, *stored = saved
     else:
-        r_t, r_s = k.inv_norms(teacher, True, EPS), k.inv_norms(student, True, EPS)
+        r_t, r_s, prepared = _pixel_norms(teacher, student, grams, precision)
         stored = None
     # Grams kept for the student's side only cannot serve the teacher's gradient.
     if grams and (not stored or len(stored) < (4 if teacher_requires_grad else 2)):
         stored = None
     return triton_backward(teacher, student, r_t, r_s, grad_loss, signs, distance, grams,
-                           precision, teacher_requires_grad, stored or None)
+                           precision, teacher_requires_grad, stored or None, prepared)
 
 
 def triton_backward(teacher, student, r_t, r_s, grad_loss, signs, distance, grams, precision,
-                    teacher_requires_grad, stored=None):
+                    teacher_requires_grad, stored=None, prepared=None):
     """The Triton backward from the pixels' inverse norms (and what the forward kept, as
-    :func:`triton_forward` returns it, or None): (grad_teacher or an empty tensor,
-    grad_student)."""
+    :func:`triton_forward` returns it, or None; ``prepared`` as there): (grad_teacher or an
+    empty tensor, grad_student)."""
     k = _kernels()
     g_t, g_s = triton_backward_normalised(teacher, student, r_t, r_s, grad_loss, signs,
                                           distance, grams, precision, teacher_requires_grad,
                                           stored if grams else None,
-                                          None if grams or not stored else stored[0])
+                                          None if grams or not stored else stored[0],
+                                          prepared)
     grad_teacher = (k.norm_backward_group([norm_job(teacher, r_t, g_t)], EPS)[0] if g_t is not None
                     else teacher.new_empty((0,)))
     return grad_teacher, k.norm_backward_group([norm_job(student, r_s, g_s)], EPS)[0]
@@ -163,19 +176,20 @@ def triton_backward(teacher, student, r_t, r_s, grad_loss, signs, distance, gram
 
 def triton_backward_normalised(teacher, student, r_t, r_s, grad_loss, signs, distance, grams,
                                precision, teacher_requires_grad, stored_grams=None,
-                               stored_delta=None):
+                               stored_delta=None, prepared=None):
     """The gradients for the normalised features X_T (None when not asked for) and X_S, fp32
     (B, C, H, W); :func:`norm_job` turns each into a job of ``norm_backward``.
     ``stored_grams``: on the Gram path, the Grams the forward wrote (``gram_loss`` with
     ``store``); None forms them here. ``stored_delta``: on the tiled l2 path, the Delta the
-    forward wrote; None forms its tiles again."""
+    forward wrote; None forms its tiles again. ``prepared``: the Gram path's operands
+    (``_pixel_norms``), from which Grams not stored are formed again."""
     k = _kernels()
     B, _, H, W = teacher.shape
     M = B * H * W * H * W
     g = grad_loss.to(torch.float32).reshape(1)
     if grams:
         g_s, g_t = k.gram_grad(student, teacher, r_s, r_t, g, 4.0 / M, teacher_requires_grad,
-                               precision, stored_grams)
+                               precision, stored_grams, prepared)
     else:
         coef = (2.0 if distance == "l1" else 4.0) / M
         g_s, g_t = k.intra_tiled_grad(student, teacher, r_s, r_t, g, coef, distance == "l1",

@@ -25,10 +25,11 @@ Kernels:
 - ``_prepare_kernel``, ``_delta_prepared_kernel``, ``_grad_prepared_kernel``: the l1 loss's
   Delta tiles and its backward's products with the sign bits at "tf32x3", from normalised
   features split into tf32 parts beforehand (``affinity_prepared.py``).
-- ``_gram_loss_kernel`` / ``_gram_apply_kernel``: the C x C Gram form of intra-affinity l2:
-  the loss from the upper triangle of tile pairs, which also writes the backward's Grams
-  (formed once, by the forward when it runs with gradients), then their products with the
-  features.
+- ``_gram_prepare_kernel`` / ``_gram_loss_kernel`` / ``_gram_apply_kernel``: the C x C Gram
+  form of intra-affinity l2: the pixels' norms with the loss's operands E and D written
+  once, rounded, for asynchronous wgmma (at "tf32" and "ieee"); the loss from the upper
+  triangle of tile pairs, which also writes the backward's Grams (formed once, by the
+  forward when it runs with gradients); then their products with the features.
 - ``_scaled_mm_kernel``: the inter-affinity backward products (dL/dDelta) Q^ and (.)^T P^.
 - ``_norm_bwd_kernel``: back through x = f / max(|f|, eps), per row.
 - ``_pool_kernel`` / ``_unpool_kernel``: adaptive average pooling and its gradient.
@@ -53,6 +54,8 @@ from .affinity_gram import (
                              gram_grad,
                              gram_loss,
                              gram_loss_block,
+                             gram_prepare,
+                             prepared_applies,
                              scaled_mm,
                              scaled_mm_group,
 )
@@ -89,7 +92,7 @@ __all__ = [
     "BLOCK_TILE_GPU", "DELTA_GROUP", "INTERPRETED", "MAX_BLOCK_C", "MAX_BLOCK_C_GPU",
     "MAX_BLOCK_C_SIGNS", "MAX_BLOCK_C_SIGNS_GPU", "MM_GROUP", "NORM_GROUP", "POOL_GROUP",
     "TILED_GROUP", "_dot", "_tiles", "delta", "delta_group", "gram_grad", "gram_loss",
-    "gram_loss_block", "intra_tiled_grad", "intra_tiled_grad_group", "inv_norms",
-    "norm_backward", "norm_backward_group", "pool", "pool_with_norms", "scaled_mm",
-    "scaled_mm_group", "unpool", "unpool_group",
+    "gram_loss_block", "gram_prepare", "intra_tiled_grad", "intra_tiled_grad_group",
+    "inv_norms", "norm_backward", "norm_backward_group", "pool", "pool_with_norms",
+    "prepared_applies", "scaled_mm", "scaled_mm_group", "unpool", "unpool_group",
 ]

@@ -42,11 +42,72 @@ def _store_pair(ptr, base, C, ci, cj, tile, mirror, mirrored):
 
 
 @triton.jit
+def _gram_prepare_kernel(
+    s_ptr, t_ptr, rs_ptr, rt_ptr, ed_ptr, C, N, W,
+    s_b, s_c, s_h, s_w, t_b, t_c, t_h, t_w,
+    EPS: tl.constexpr, PRECISION: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr,
+):
+    # Grid (pixel blocks, samples); BC >= C: a program holds every channel of its BP pixels
+    # in registers, so the features are read once. Writes the pixels' inverse norms as
+    # _inv_norm_kernel does (negative for a zero pixel) and, per sample, the (2C, N) matrix
+    # [E; D] of E = X_S + X_T and D = X_S - X_T (X: pixels scaled by their inverse norms),
+    # pixels contiguous, each value as the loss kernel's products take it (``_ready``).
+    b = tl.program_id(1).to(tl.int64)
+    rp = tl.program_id(0) * BP + tl.arange(0, BP)
+    cs = tl.arange(0, BC)
+    s = _tile(s_ptr + b * s_b, cs, rp, C, N, W, s_c, s_h, s_w, False)
+    t = _tile(t_ptr + b * t_b, cs, rp, C, N, W, t_c, t_h, t_w, False)
+    r_s = _gram_inv_norm(s, EPS)
+    r_t = _gram_inv_norm(t, EPS)
+    tl.store(rs_ptr + b * N + rp, r_s, mask=rp < N)
+    tl.store(rt_ptr + b * N + rp, r_t, mask=rp < N)
+    xs = s * r_s[None, :]
+    xt = t * r_t[None, :]
+    mask = (cs < C)[:, None] & (rp < N)[None, :]
+    off = (b * 2 * C + cs[:, None]) * N + rp[None, :]
+    tl.store(ed_ptr + off, _ready(xs + xt, PRECISION), mask=mask)
+    tl.store(ed_ptr + off + C * N, _ready(xs - xt, PRECISION), mask=mask)
+
+
+@triton.jit
+def _gram_inv_norm(x, EPS: tl.constexpr):
+    """1 / max(|column|, eps) of a (channels, pixels) tile, negative for a zero column."""
+    r = 1.0 / tl.maximum(tl.sqrt(tl.sum(x * x, axis=0)), EPS)
+    return tl.where(tl.max(tl.abs(x), axis=0) == 0.0, -r, r)
+
+
+@triton.jit
+def _ed_rows(ptr, rows, ks, C, N):
+    """(rows, ks) tile of a (C, N) matrix of [E; D], pixels ks contiguous."""
+    mask = (rows < C)[:, None] & (ks < N)[None, :]
+    return tl.load(ptr + rows[:, None] * N + ks[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _ed_cols(ptr, cols, ks, C, N):
+    """(ks, cols) tile of a (C, N) matrix of [E; D]: the transposed tile, read as it is."""
+    mask = (ks < N)[:, None] & (cols < C)[None, :]
+    return tl.load(ptr + cols[None, :] * N + ks[:, None], mask=mask, other=0.0)
+
+
+@triton.jit
+def _dot_prepared(a, b, acc, PRECISION: tl.constexpr):
+    """acc + a @ b of operands already rounded to PRECISION's (``_ready``): "tf32" or
+    "ieee"."""
+    if PRECISION == "tf32":
+        out = tl.dot(a, b, acc, input_precision="tf32")
+    else:
+        out = tl.dot(a, b, acc, input_precision="ieee")
+    return out
+
+
+@triton.jit
 def _gram_loss_kernel(
-    s_ptr, t_ptr, rs_ptr, rt_ptr, out_ptr, ps_ptr, qs_ptr, pt_ptr, qt_ptr,
+    s_ptr, t_ptr, rs_ptr, rt_ptr, ed_ptr, out_ptr, ps_ptr, qs_ptr, pt_ptr, qt_ptr,
     C, N, W, NT,
     s_b, s_c, s_h, s_w, t_b, t_c, t_h, t_w,
-    STORE: tl.constexpr, BI: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
+    STORE: tl.constexpr, PREPARED: tl.constexpr, BI: tl.constexpr, BK: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     # One tile pair (I, J), I <= J, of the C x C Grams of E = X_S + X_T and D = X_S - X_T
     # (rows: channels; the reduction runs over pixels scaled by their inverse norms). Since
@@ -74,19 +135,36 @@ def _gram_loss_kernel(
     g_dd = tl.zeros([BI, BI], dtype=tl.float32)
     g_ed = tl.zeros([BI, BI], dtype=tl.float32)
     g_de = tl.zeros([BI, BI], dtype=tl.float32)
-    for k0 in range(0, N, BK):
-        ks = k0 + tl.arange(0, BK)
-        r_s, r_t = _norms(rs_ptr, rt_ptr, b, ks, N)
-        xs_i = _tile(s_base, ci, ks, C, N, W, s_c, s_h, s_w, False) * r_s[None, :]
-        xt_i = _tile(t_base, ci, ks, C, N, W, t_c, t_h, t_w, False) * r_t[None, :]
-        xs_j = _tile(s_base, cj, ks, C, N, W, s_c, s_h, s_w, False) * r_s[None, :]
-        xt_j = _tile(t_base, cj, ks, C, N, W, t_c, t_h, t_w, False) * r_t[None, :]
-        e_i, d_i = xs_i + xt_i, xs_i - xt_i
-        e_j, d_j = xs_j + xt_j, xs_j - xt_j
-        g_ee = _dot(e_i, tl.trans(e_j), g_ee, PRECISION)
-        g_dd = _dot(d_i, tl.trans(d_j), g_dd, PRECISION)
-        g_ed = _dot(e_i, tl.trans(d_j), g_ed, PRECISION)
-        g_de = _dot(d_i, tl.trans(e_j), g_de, PRECISION)
+    if PREPARED:
+        # E and D as _gram_prepare_kernel wrote them (rounded to PRECISION's operands):
+        # every product's operands come straight from memory, so Hopper's wgmma runs
+        # asynchronously, the next step's loads in flight (the same operand values as the
+        # loop below, which forms them in registers and waits for each step's products).
+        ed_base = ed_ptr + b * 2 * C * N
+        for k0 in range(0, N, BK):
+            ks = k0 + tl.arange(0, BK)
+            e_i = _ed_rows(ed_base, ci, ks, C, N)
+            d_i = _ed_rows(ed_base + C * N, ci, ks, C, N)
+            e_j = _ed_cols(ed_base, cj, ks, C, N)
+            d_j = _ed_cols(ed_base + C * N, cj, ks, C, N)
+            g_ee = _dot_prepared(e_i, e_j, g_ee, PRECISION)
+            g_dd = _dot_prepared(d_i, d_j, g_dd, PRECISION)
+            g_ed = _dot_prepared(e_i, d_j, g_ed, PRECISION)
+            g_de = _dot_prepared(d_i, e_j, g_de, PRECISION)
+    else:
+        for k0 in range(0, N, BK):
+            ks = k0 + tl.arange(0, BK)
+            r_s, r_t = _norms(rs_ptr, rt_ptr, b, ks, N)
+            xs_i = _tile(s_base, ci, ks, C, N, W, s_c, s_h, s_w, False) * r_s[None, :]
+            xt_i = _tile(t_base, ci, ks, C, N, W, t_c, t_h, t_w, False) * r_t[None, :]
+            xs_j = _tile(s_base, cj, ks, C, N, W, s_c, s_h, s_w, False) * r_s[None, :]
+            xt_j = _tile(t_base, cj, ks, C, N, W, t_c, t_h, t_w, False) * r_t[None, :]
+            e_i, d_i = xs_i + xt_i, xs_i - xt_i
+            e_j, d_j = xs_j + xt_j, xs_j - xt_j
+            g_ee = _dot(e_i, tl.trans(e_j), g_ee, PRECISION)
+            g_dd = _dot(d_i, tl.trans(d_j), g_dd, PRECISION)
+            g_ed = _dot(e_i, tl.trans(d_j), g_ed, PRECISION)
+            g_de = _dot(d_i, tl.trans(e_j), g_de, PRECISION)
     weight = tl.where(ti == tj, 0.5, 1.0)
     part = weight * tl.sum(tl.sum(g_ee * g_dd + g_ed * g_de, axis=1), axis=0)
     tl.store(out_ptr + b * tl.num_programs(0) + pid, part)
@@ -237,12 +315,51 @@ def gram_loss_block(C: int) -> int:
     return _pow2(C, hi=BLOCK_GRAM_GPU if gpu_config(INTERPRETED) else BLOCK_GRAM)
 
 
+#: Channels up to which the Gram path's operands are prepared (a program holds every
+#: channel of its pixels in registers: PREPARE_ELEMENTS per feature).
+PREPARE_MAX_C = 1024
+PREPARE_ELEMENTS = 4096
+
+
+def prepared_applies(channels: int, precision: str) -> bool:
+    """Whether :func:`gram_prepare` serves a Gram-path level: operands rounded once serve
+    "tf32" and "ieee" products ("tf32x3" splits its operands in the loss kernel)."""
+    return precision in ("tf32", "ieee") and channels <= PREPARE_MAX_C
+
+
+def gram_prepare(s: Tensor, t: Tensor, eps: float,
+                 precision: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(ed, r_s, r_t): the pixels' inverse norms of s and t (B, N), as :func:`inv_norms`
+    gives them (up to the order of the sum of squares), and per sample the (2C, N) matrix
+    [E; D] (E = X_S + X_T, D = X_S - X_T) rounded to ``precision``'s operands, which
+    :func:`gram_loss` reads with ``prepared``: one launch reading the features once.
+    Memory: 2 B C N float32 while the loss runs (134 MB at WRN50 level 1, B = 16)."""
+    B, C, H, W = s.shape
+    N = H * W
+    if not prepared_applies(C, precision):
+        raise ValueError(f"gram_prepare: C = {C} with precision {precision!r} is not "
+                         f"prepared (C <= {PREPARE_MAX_C}, tf32 or ieee)")
+    bc = _pow2(C)
+    bp = max(PREPARE_ELEMENTS // bc, 4)
+    ed = torch.empty((B, 2 * C, N), device=s.device, dtype=torch.float32)
+    r_s = torch.empty((B, N), device=s.device, dtype=torch.float32)
+    r_t = torch.empty_like(r_s)
+    launch(_gram_prepare_kernel, (cdiv(N, bp), B), dict(
+        s_ptr=s, t_ptr=t, rs_ptr=r_s, rt_ptr=r_t, ed_ptr=ed, C=C, N=N, W=W,
+        **strides(s, "s_b s_c s_h s_w"), **strides(t, "t_b t_c t_h t_w"),
+        EPS=eps, PRECISION=precision, BP=bp, BC=bc))
+    return ed, r_s, r_t
+
+
 def gram_loss(s: Tensor, t: Tensor, r_s: Tensor, r_t: Tensor, precision: str,
-              store: int = 0) -> tuple[Tensor, tuple[Tensor, ...] | None]:
+              store: int = 0, prepared: Tensor | None = None,
+              ) -> tuple[Tensor, tuple[Tensor, ...] | None]:
     """Per-tile-pair sums of ||Delta||^2 (B, tile pairs of the upper triangle), from the
     Grams of E = X_S + X_T and D = X_S - X_T (``_gram_loss_kernel``); with ``store`` 1 also
     the backward's (B, C, C) float32 Grams (P_S, Q_S), with 2 (P_S, Q_S, P_T, Q_T), rounded
-    to ``precision``'s operands (see the kernel)."""
+    to ``precision``'s operands (see the kernel). ``prepared``: [E; D] as
+    :func:`gram_prepare` wrote them with r_s and r_t (the same values, read instead of
+    formed)."""
     B, C, H, W = s.shape
     bi = gram_loss_block(C)
     nt = cdiv(C, bi)
@@ -253,27 +370,30 @@ def gram_loss(s: Tensor, t: Tensor, r_s: Tensor, r_t: Tensor, precision: str,
     # Pointers of Grams not stored are given ``out``: the kernel does not touch them.
     g = grams + (out,) * (4 - len(grams))
     launch(_gram_loss_kernel, (pairs, B), dict(
-        s_ptr=s, t_ptr=t, rs_ptr=r_s, rt_ptr=r_t, out_ptr=out,
+        s_ptr=s, t_ptr=t, rs_ptr=r_s, rt_ptr=r_t,
+        ed_ptr=out if prepared is None else prepared, out_ptr=out,
         ps_ptr=g[0], qs_ptr=g[1], pt_ptr=g[2], qt_ptr=g[3],
         C=C, N=H * W, W=W, NT=nt,
         **strides(s, "s_b s_c s_h s_w"), **strides(t, "t_b t_c t_h t_w"),
-        STORE=store, BI=bi, BK=_pow2(H * W, hi=BLOCK_K), PRECISION=precision),
-        num_warps=gram_loss_warps(pairs * B, bi, s.device))
+        STORE=store, PREPARED=prepared is not None, BI=bi, BK=_pow2(H * W, hi=BLOCK_K),
+        PRECISION=precision), num_warps=gram_loss_warps(pairs * B, bi, s.device))
     return out, grams or None
 
 
 def gram_grad(s: Tensor, t: Tensor, r_s: Tensor, r_t: Tensor, grad_loss: Tensor, coef: float,
-              teacher: bool, precision: str,
-              grams: tuple[Tensor, ...] | None = None) -> tuple[Tensor, Tensor | None]:
+              teacher: bool, precision: str, grams: tuple[Tensor, ...] | None = None,
+              prepared: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """coef g (P_S D + Q_S E) and -coef g (P_T D + Q_T E), fp32 (B, C, H, W) (the
     gradients for X_S and X_T; ``_gram_loss_kernel`` says what P and Q are).
 
     ``grams``: the Grams the forward stored (:func:`gram_loss` with ``store``, 2 for the
-    teacher's gradient); None forms them again with the loss kernel."""
+    teacher's gradient); None forms them again with the loss kernel (from ``prepared``
+    operands where given)."""
     B, C, H, W = s.shape
     N = H * W
     if grams is None:
-        grams = gram_loss(s, t, r_s, r_t, precision, store=2 if teacher else 1)[1]
+        grams = gram_loss(s, t, r_s, r_t, precision, store=2 if teacher else 1,
+                          prepared=prepared)[1]
     bi = gram_loss_block(C)
     bn = _pow2(N, hi=_tiles()[0])
     grid = (cdiv(C, bi), cdiv(N, bn), B)
