@@ -62,11 +62,17 @@ def _kernels():
     return _triton.kernels("affinity")
 
 
-def _operands(k, teacher_a, teacher_b, student_a, student_b):
+def _operands(k, teacher_a, teacher_b, student_a, student_b, distance, precision):
+    """The pooled finer level, the four sets of channel norms and, where the pair takes
+    prepared operands (``affinity_prepared.inter_applies``), level b's (whose launch forms
+    its norms), else None."""
     size = tuple(teacher_b.shape[-2:])
     (p_t, r_pt), (p_s, r_ps) = k.pool_with_norms([teacher_a, student_a], [size, size], EPS)
+    if k.inter_applies(distance, precision, size[0] * size[1]):
+        prepared = k.inter_prepare(student_b, teacher_b, EPS)
+        return p_t, p_s, [r_pt, r_ps, prepared[1], prepared[0]], prepared
     norms = [r_pt, r_ps, k.inv_norms(teacher_b, False, EPS), k.inv_norms(student_b, False, EPS)]
-    return p_t, p_s, norms
+    return p_t, p_s, norms, None
 
 
 def _coef(B: int, C_a: int, C_b: int, distance: str) -> float:
@@ -77,7 +83,8 @@ def _coef(B: int, C_a: int, C_b: int, distance: str) -> float:
 def _triton_fwd_body(teacher_a, teacher_b, student_a, student_b, distance, precision,
                      store=0):
     k = _kernels()
-    p_t, p_s, norms = _operands(k, teacher_a, teacher_b, student_a, student_b)
+    p_t, p_s, norms, prepared = _operands(k, teacher_a, teacher_b, student_a, student_b,
+                                          distance, precision)
     unit = None
     if store:
         # dL/dDelta for a unit upstream gradient, written beside the loss's partial sums;
@@ -87,42 +94,57 @@ def _triton_fwd_body(teacher_a, teacher_b, student_a, student_b, distance, preci
         unit = (torch.empty((B, C_a, C_b), device=teacher_a.device, dtype=torch.float32),
                 _coef(B, C_a, C_b, distance))
     loss = triton_forward(p_t, p_s, teacher_b, student_b, norms, teacher_a.shape[1], distance,
-                          precision, unit)
+                          precision, unit, prepared)
     return loss, [p_t, p_s, *norms, unit[0]] if store else []
 
 
 def triton_forward(p_t, p_s, teacher_b, student_b, norms, c_a, distance, precision,
-                   unit_grad=None):
+                   unit_grad=None, prepared=None):
     """The Triton forward from the pooled finer level ``p_t``, ``p_s`` and the inverse norms
     ``(r_pt, r_ps, r_qt, r_qs)`` of the channels of the pooled level and of level b;
-    ``unit_grad``: (out, coef) for ``delta``'s unit gradient, or None."""
-    r_pt, r_ps, r_qt, r_qs = norms
-    parts = _kernels().delta(p_s, p_t, student_b, teacher_b, r_ps, r_pt, r_qs, r_qt,
-                             pix_rows=False, l1=distance == "l1", precision=precision,
-                             unit_grad=unit_grad)
+    ``unit_grad``: (out, coef) for ``delta``'s unit gradient, or None; ``prepared``: level
+    b's operands as :func:`_operands` gives them, or None."""
+    parts = _delta(p_t, p_s, teacher_b, student_b, norms, distance, precision, unit_grad,
+                   prepared)
     return parts.sum() / (teacher_b.shape[0] * c_a * teacher_b.shape[1])
+
+
+def _delta(p_t, p_s, teacher_b, student_b, norms, distance, precision, unit_grad, prepared):
+    """The Delta kernel's per-tile sums (and with ``unit_grad`` its unit gradient)."""
+    k = _kernels()
+    r_pt, r_ps, r_qt, r_qs = norms
+    if prepared is not None:
+        return k.inter_delta_l1(p_s, p_t, r_ps, r_pt, prepared,
+                                None if unit_grad is None else unit_grad[0])
+    return k.delta(p_s, p_t, student_b, teacher_b, r_ps, r_pt, r_qs, r_qt, pix_rows=False,
+                   l1=distance == "l1", precision=precision, unit_grad=unit_grad)
 
 
 def _triton_bwd_body(teacher_a, teacher_b, student_a, student_b, grad_loss, distance,
                      precision, teacher_requires_grad, saved=None):
-    unit = None
+    unit = prepared = None
     if saved:
         p_t, p_s, *norms, unit = saved
     else:
-        p_t, p_s, norms = _operands(_kernels(), teacher_a, teacher_b, student_a, student_b)
+        p_t, p_s, norms, prepared = _operands(_kernels(), teacher_a, teacher_b, student_a,
+                                              student_b, distance, precision)
     return triton_backward(teacher_a, teacher_b, student_a, student_b, p_t, p_s, norms,
-                           grad_loss, distance, precision, teacher_requires_grad, unit)
+                           grad_loss, distance, precision, teacher_requires_grad, unit,
+                           prepared)
 
 
 def triton_backward(teacher_a, teacher_b, student_a, student_b, p_t, p_s, norms, grad_loss,
-                    distance, precision, teacher_requires_grad, unit_grad=None):
+                    distance, precision, teacher_requires_grad, unit_grad=None,
+                    prepared=None):
     """The Triton backward from the pooled level and the norms (see :func:`triton_forward`)
-    and the forward's unit gradient of Delta, or None: gradients of (teacher_a, teacher_b,
-    student_a, student_b), the teacher's empty when not asked for."""
+    and the forward's unit gradient of Delta, or None (then from ``prepared`` operands where
+    given): gradients of (teacher_a, teacher_b, student_a, student_b), the teacher's empty
+    when not asked for."""
     k = _kernels()
     sides = triton_backward_normalised(teacher_a, teacher_b, student_a, student_b, p_t, p_s,
                                        norms, grad_loss, distance, precision,
-                                       teacher_requires_grad, unit_grad, unit=True)
+                                       teacher_requires_grad, unit_grad, unit=True,
+                                       prepared=prepared)
     mm = [job for side in sides if side is not None for job in side[0]]
     products = iter(k.scaled_mm_group(mm))
     grads = []
@@ -151,7 +173,7 @@ def delta_grad_job(teacher_a, teacher_b, student_a, student_b, p_t, p_s, norms, 
 
 def triton_backward_normalised(teacher_a, teacher_b, student_a, student_b, p_t, p_s, norms,
                                grad_loss, distance, precision, teacher_requires_grad, gd=None,
-                               unit=False):
+                               unit=False, prepared=None):
     """What the backward still has to run after the gradient of Delta, per side:
     ``(teacher, student)``, each None (the teacher's, when not asked for) or
     ``(mm_jobs, (p_job, q_job), f_a)``: the two ``scaled_mm`` jobs giving dL/dP^ and dL/dQ^
@@ -159,10 +181,19 @@ def triton_backward_normalised(teacher_a, teacher_b, student_a, student_b, p_t, 
     ``norm_backward`` job of each product, and the finer level the pooled gradient goes back
     to through ``unpool``. ``gd``: dL/dDelta when already formed (:func:`delta_grad_job`);
     with ``unit``, for a unit upstream gradient (the forward's), and the products take
-    ``grad_loss`` through their operands' norms."""
+    ``grad_loss`` through their operands' norms; formed here as the forward forms it (from
+    ``prepared`` operands where given) when ``gd`` is None."""
     k = _kernels()
     r_pt, r_ps, r_qt, r_qs = norms
     mm_norms = norms
+    B, C_a = teacher_a.shape[:2]
+    coef = _coef(B, C_a, teacher_b.shape[1], distance)
+    if gd is None and unit:
+        # What the forward keeps, formed here: the backward is the same with or without it.
+        gd = torch.empty((B, C_a, teacher_b.shape[1]), device=teacher_a.device,
+                         dtype=torch.float32)
+        _delta(p_t, p_s, teacher_b, student_b, norms, distance, precision, (gd, coef),
+               prepared)
     if gd is None:
         gd = k.delta_group([delta_grad_job(teacher_a, teacher_b, student_a, student_b, p_t,
                                            p_s, norms, grad_loss, distance, precision)])[0]
@@ -171,11 +202,17 @@ def triton_backward_normalised(teacher_a, teacher_b, student_a, student_b, p_t, 
         # rounded as the products read it.
         mm_norms = torch._foreach_mul(list(norms), grad_loss.to(torch.float32))
     mm_r = dict(zip((id(r) for r in norms), mm_norms, strict=True))
+    # l1's unit gradient is sign(Delta), exact in tf32: its products take coef, and at
+    # tf32x3 only Q^'s and P^'s two parts (products with no wait on Hopper).
+    alpha, mm_dot = 1.0, precision
+    if unit and distance == "l1":
+        alpha = coef
+        mm_dot = "tf32x3-exact-b" if precision == "tf32x3" else precision
 
     def side(sign, f_a, p, r_p, f_b, r_q):
         # dL/dP^ = sign Gd Q^, dL/dQ^ = sign Gd^T P^ (then the normalisations and pooling).
-        mm = [(gd, f_b, mm_r[id(r_q)], sign, precision),
-              (gd.transpose(1, 2), p, mm_r[id(r_p)], sign, precision)]
+        mm = [(gd, f_b, mm_r[id(r_q)], sign * alpha, mm_dot),
+              (gd.transpose(1, 2), p, mm_r[id(r_p)], sign * alpha, mm_dot)]
         out_q = None if f_b.dtype == torch.float32 else f_b.new_empty(f_b.shape)
         return (mm, (lambda d_p: (p, r_p, d_p, False, None),
                      lambda d_q: (f_b, r_q, d_q, False, out_q)), f_a)

@@ -164,6 +164,14 @@ def triton_backward(teacher, student, r_t, r_s, grad_loss, signs, distance, gram
     :func:`triton_forward` returns it, or None; ``prepared`` as there): (grad_teacher or an
     empty tensor, grad_student)."""
     k = _kernels()
+    if grams and k.apply_norm_applies(teacher.shape[1]):
+        # The norm backward in the products' launch (affinity_gram.gram_grad_features).
+        g = grad_loss.to(torch.float32).reshape(1)
+        B, _, H, W = teacher.shape
+        g_s, g_t = k.gram_grad_features(student, teacher, r_s, r_t, g,
+                                        4.0 / (B * H * W * H * W), teacher_requires_grad,
+                                        precision, EPS, stored, prepared)
+        return (g_t if g_t is not None else teacher.new_empty((0,))), g_s
     g_t, g_s = triton_backward_normalised(teacher, student, r_t, r_s, grad_loss, signs,
                                           distance, grams, precision, teacher_requires_grad,
                                           stored if grams else None,

@@ -139,3 +139,30 @@ def test_inter_backward_from_the_unit_gradient_meets_the_float64_bar(distance):
         for a, b in zip(got, want, strict=True):
             err = (a.double() - b).norm() / b.norm().clamp_min(1e-30)
             assert err < 1e-3, (distance, bool(extra), float(err))
+
+
+def test_inter_l1_keeps_the_signs_and_its_products_take_them_as_they_are(monkeypatch):
+    # l1's unit gradient of Delta is sign(Delta) itself (exact in tf32): the products take
+    # coef through alpha and, at tf32x3, only the two parts of their other operand
+    # ("tf32x3-exact-b": no split of an operand read as stored, so no wait on Hopper).
+    ns = torch.ops.snl_triton
+    x = [x for x, _ in _inter_inputs(((2, 6, 6, 6), (10, 3, 3)))]
+    dot = precision.inter_plan("triton", x[0], x[1], "l1")
+    assert dot == "tf32x3"
+    saved = ns.inter_affinity_fwd(*x, "l1", dot, 1)[1]
+    signs = saved[-1]
+    assert set(signs.unique().tolist()) <= {-1.0, 0.0, 1.0}
+    assert (signs != 0).any()
+    affinity = importlib.import_module("snl_kernels._triton.affinity")
+    jobs = []
+    real = affinity.scaled_mm_group
+    monkeypatch.setattr(affinity, "scaled_mm_group", lambda j: jobs.extend(j) or real(j))
+    ns.inter_affinity_bwd(*x, torch.tensor(0.5, device=DEVICE), "l1", dot, True, saved)
+    assert [job[4] for job in jobs] == ["tf32x3-exact-b"] * 4
+    assert sorted(abs(job[3]) for job in jobs) == [1.0 / (2 * 6 * 10)] * 4
+    # The same products as the general tf32x3 split of a sign matrix, up to the order of
+    # the sums.
+    g, y, r_y = signs, x[3], affinity.inv_norms(x[3], False, 1e-8)
+    exact = affinity.scaled_mm(g, y, r_y, 0.25, "tf32x3-exact-b")
+    general = affinity.scaled_mm(g, y, r_y, 0.25, "tf32x3")
+    torch.testing.assert_close(exact, general, rtol=1e-6, atol=1e-7)

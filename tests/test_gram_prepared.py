@@ -1,7 +1,9 @@
-"""The Gram path's prepared operands (Triton): ``gram_prepare`` writes the pixels' inverse
-norms and [E; D] rounded as the loss kernel's products take them, in one launch; the loss
-kernel reading them gives what it gives forming the same operands in registers, bit for bit;
-the op takes this path at "tf32" and "ieee" and still meets the float64 reference."""
+"""The Gram path's fused launches (Triton). ``gram_prepare`` writes the pixels' inverse norms
+and [E; D] rounded as the loss kernel's products take them, in one launch; the loss kernel
+reading them gives what it gives forming the same operands in registers, bit for bit; the op
+takes this path at "tf32" and "ieee" and still meets the float64 reference. The backward's
+products with the norm backward in their epilogue (``gram_grad_features``) give what the
+two launches give."""
 
 from __future__ import annotations
 
@@ -117,3 +119,52 @@ def test_where_it_applies():
     t, s = _pair((1, 4, 4, 4))
     with pytest.raises(ValueError, match="tf32x3"):
         gram.gram_prepare(s, t, EPS, "tf32x3")
+
+
+@pytest.mark.parametrize("dot", ["tf32", "tf32x3"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "half"])
+def test_backward_with_the_norm_in_the_epilogue_matches_two_launches(dot, layout):
+    from snl_kernels._triton import affinity
+
+    t, s = _pair((2, 6, 5, 7), zero_pixel=True)
+    if layout == "channels_last":
+        t, s = (x.to(memory_format=torch.channels_last) for x in (t, s))
+    elif layout == "half":
+        t, s = t.half(), s.half()
+    gram = _gram()
+    r_s, r_t = affinity.inv_norms(s, True, EPS), affinity.inv_norms(t, True, EPS)
+    g = torch.tensor([0.5], device=DEVICE)
+    got = gram.gram_grad_features(s, t, r_s, r_t, g, 0.25, True, dot, EPS)
+    normalised = gram.gram_grad(s, t, r_s, r_t, g, 0.25, True, dot)
+    for f, r, gx, x in zip((s, t), (r_s, r_t), normalised, got, strict=True):
+        out = None if f.dtype == torch.float32 else f.new_empty(f.shape)
+        want = affinity.norm_backward(f, r, gx, True, EPS, out)
+        assert x.dtype == f.dtype
+        assert x.shape == f.shape
+        assert x.is_contiguous()
+        # One accumulator for both products instead of two: the sums' order differs. (The
+        # zero pixels' gradients, r dx with r = 1 / eps, are the largest by far; the
+        # tolerance is set by the others.)
+        scale = want.float().abs().median().item()
+        torch.testing.assert_close(x.float(), want.float(), rtol=1e-3 if layout == "half"
+                                   else 1e-5, atol=1e-5 * scale)
+    student_only = gram.gram_grad_features(s, t, r_s, r_t, g, 0.25, False, dot, EPS)
+    assert student_only[1] is None
+    assert torch.equal(student_only[0], got[0])
+
+
+def test_the_op_backward_takes_the_fused_launch_up_to_its_channels(monkeypatch):
+    gram = _gram()
+    assert gram.apply_norm_applies(gram.APPLY_NORM_MAX_C)
+    assert not gram.apply_norm_applies(gram.APPLY_NORM_MAX_C + 1)
+    t, s = _pair((2, 6, 5, 7))
+    calls = []
+    real = gram.gram_grad_features
+    monkeypatch.setattr("snl_kernels._triton.affinity.gram_grad_features",
+                        lambda *a: calls.append(a[6]) or real(*a))
+    s.requires_grad_(True)
+    snl_kernels.intra_affinity_loss(t, s, backend="triton").backward()
+    assert calls == [False]  # the student's gradient only
+    with pytest.raises(ValueError, match="C = 300"):
+        gram.gram_grad_features(*(torch.zeros(1, 300, 20, 20),) * 2, *(torch.zeros(1, 400),) * 2,
+                                torch.ones(1), 1.0, False, "tf32", EPS)

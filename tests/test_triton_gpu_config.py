@@ -111,10 +111,10 @@ def test_launches_read_the_config_each_time(monkeypatch):
 # (B, C, H, W): the tiled path's 64 x 64 Delta tiles need N >= 64 pixels (two tiles: 128);
 # l2 takes it when N <= C, its backward reading the Delta its forward wrote (the op's
 # gradient is asked for), in 64-channel blocks as l1's backward from sign bits (prepared
-# operands). The Gram path (l2, C < N) forms
-# the loss over 64 x 64 tiles of the upper triangle (160 channels: three tiles, six pairs)
-# and applies its Grams over 64-pixel tiles; at 256 pixels its products are single tf32 (the
-# GPU's default).
+# operands). The Gram path (l2, C < N) prepares its operands (256 pixels x 160 channels:
+# single tf32 products, the GPU's default), forms the loss over 64 x 64 tiles of the upper
+# triangle (three tiles, six pairs) from them, and applies its Grams to 64 pixels x every
+# channel (C <= 256) with the norm backward in the same launch.
 INTRA = {
     "tiled-l2": ((1, 256, 8, 16), "l2", dict(BI=64, BC=64, SIGNS=2)),
     "tiled-l1": ((2, 64, 8, 16), "l1", dict(BI=64, BC=64)),
@@ -131,8 +131,9 @@ def test_intra_affinity(launches, case):
     _check(lambda t, s: snl_kernels.intra_affinity_loss(t, s, distance, backend="triton"),
            lambda t, s: reference.intra_affinity_loss(t, s, distance), [t, s])
     if tiled is None:
-        _launched(launches, "_gram_loss_kernel", BI=64, PRECISION="tf32")
-        _launched(launches, "_gram_apply_kernel", BI=64, BN=64, PRECISION="tf32")
+        _launched(launches, "_gram_prepare_kernel", BC=256, BP=16, PRECISION="tf32")
+        _launched(launches, "_gram_loss_kernel", BI=64, PREPARED=True, PRECISION="tf32")
+        _launched(launches, "_gram_apply_norm_kernel", BC=256, BN=64, PRECISION="tf32")
     elif distance == "l1":  # tf32x3 from prepared operands, the backward from sign bits
         _launched(launches, "_delta_prepared_kernel", BI=64, BJ=64)
         _launched(launches, "_grad_prepared_kernel", BJ=64, **tiled)
@@ -153,9 +154,14 @@ def test_inter_affinity(launches, distance):
     t_b, s_b = features((B, C_b, H_b, W_b), seed=1)
     _check(lambda *x: snl_kernels.inter_affinity_loss(*x, distance=distance, backend="triton"),
            lambda *x: reference.inter_affinity_loss(*x, distance=distance), [t_a, t_b, s_a, s_b])
-    _launched(launches, "_delta_kernel", BI=64, BJ=64, L1=distance == "l1")
+    if distance == "l1":  # tf32x3: level b's operands prepared, the signs kept as they are
+        _launched(launches, "_inter_prepare_kernel", BC=64, BN=64)
+        _launched(launches, "_inter_delta_prepared_kernel", BI=64, BJ=64, WRITE_SIGNS=2)
+    else:
+        _launched(launches, "_delta_kernel", BI=64, BJ=64, L1=False)
     # The two products of the student's backward share one launch.
-    _launched(launches, "_scaled_mm_group_kernel", BM0=64, BN0=64, BM1=64, BN1=64)
+    _launched(launches, "_scaled_mm_group_kernel", BM0=64, BN0=64, BM1=64, BN1=64,
+              P0="tf32x3-exact-b" if distance == "l1" else "tf32x3")
 
 
 # --------------------------------------------------------------------------- the other ops

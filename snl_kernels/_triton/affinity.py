@@ -29,7 +29,8 @@ Kernels:
   form of intra-affinity l2: the pixels' norms with the loss's operands E and D written
   once, rounded, for asynchronous wgmma (at "tf32" and "ieee"); the loss from the upper
   triangle of tile pairs, which also writes the backward's Grams (formed once, by the
-  forward when it runs with gradients); then their products with the features.
+  forward when it runs with gradients); then their products with the features (up to 256
+  channels with the norm backward in the same kernel, ``_gram_apply_norm_kernel``).
 - ``_scaled_mm_kernel``: the inter-affinity backward products (dL/dDelta) Q^ and (.)^T P^.
 - ``_norm_bwd_kernel``: back through x = f / max(|f|, eps), per row.
 - ``_pool_kernel`` / ``_unpool_kernel``: adaptive average pooling and its gradient.
@@ -51,7 +52,9 @@ from .affinity_delta import (
 )
 from .affinity_gram import (
                              MM_GROUP,
+                             apply_norm_applies,
                              gram_grad,
+                             gram_grad_features,
                              gram_loss,
                              gram_loss_block,
                              gram_prepare,
@@ -70,6 +73,7 @@ from .affinity_norms import (
                              unpool,
                              unpool_group,
 )
+from .affinity_prepared import inter_applies, inter_delta_l1, inter_prepare
 from .affinity_tiles import (
                              BLOCK_ELEMENTS,
                              BLOCK_GRAM,
@@ -91,8 +95,10 @@ __all__ = [
     "BLOCK_ELEMENTS", "BLOCK_GRAM", "BLOCK_GRAM_GPU", "BLOCK_K", "BLOCK_ROWS", "BLOCK_TILE",
     "BLOCK_TILE_GPU", "DELTA_GROUP", "INTERPRETED", "MAX_BLOCK_C", "MAX_BLOCK_C_GPU",
     "MAX_BLOCK_C_SIGNS", "MAX_BLOCK_C_SIGNS_GPU", "MM_GROUP", "NORM_GROUP", "POOL_GROUP",
-    "TILED_GROUP", "_dot", "_tiles", "delta", "delta_group", "gram_grad", "gram_loss",
-    "gram_loss_block", "gram_prepare", "intra_tiled_grad", "intra_tiled_grad_group",
-    "inv_norms", "norm_backward", "norm_backward_group", "pool", "pool_with_norms",
-    "prepared_applies", "scaled_mm", "scaled_mm_group", "unpool", "unpool_group",
+    "TILED_GROUP", "_dot", "_tiles", "apply_norm_applies", "delta", "delta_group",
+    "gram_grad", "gram_grad_features", "gram_loss", "gram_loss_block", "gram_prepare",
+    "inter_applies", "inter_delta_l1", "inter_prepare", "intra_tiled_grad",
+    "intra_tiled_grad_group", "inv_norms", "norm_backward", "norm_backward_group", "pool",
+    "pool_with_norms", "prepared_applies", "scaled_mm", "scaled_mm_group", "unpool",
+    "unpool_group",
 ]

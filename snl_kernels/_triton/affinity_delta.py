@@ -267,8 +267,8 @@ def delta(a_s: Tensor, a_t: Tensor, b_s: Tensor, b_t: Tensor, r_as: Tensor, r_at
     ``signs`` (int32 (B, Ra, ceil(Rb / 32)), intra-affinity l1): also store Delta > 0 as bits,
     for the tiles computed (the upper triangle of tiles when symmetric).
     ``unit_grad = (out, coef)`` (out float32 (B, Ra, Rb); a and b different features): with
-    the partial sums, also write ``coef * (Delta or sign(Delta))`` into out, rounded as
-    ``grad``'s. ``stored_delta`` (float32 (B, Ra, Rb), l2): with the partial sums, also write
+    the partial sums, also write ``coef * Delta`` (l2, rounded as ``grad``'s) or
+    ``sign(Delta)`` (l1: exact in tf32; its products take coef) into out. ``stored_delta`` (float32 (B, Ra, Rb), l2): with the partial sums, also write
     Delta there as formed (a symmetric Delta whole, from its upper tiles).
     """
     return delta_group([dict(a_s=a_s, a_t=a_t, b_s=b_s, b_t=b_t, r_as=r_as, r_at=r_at,

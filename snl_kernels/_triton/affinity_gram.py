@@ -24,6 +24,7 @@ from .affinity_tiles import (
     _out_tile,
     _pow2,
     _ready,
+    _tf32,
     _tile,
     _tiles,
     _vec,
@@ -218,6 +219,57 @@ def _gram_apply_kernel(
 
 
 @triton.jit
+def _gram_apply_norm_kernel(
+    s_ptr, t_ptr, rs_ptr, rt_ptr, p_ptr, q_ptr, out_ptr, g_ptr, coef,
+    C, N, W,
+    s_b, s_c, s_h, s_w, t_b, t_c, t_h, t_w,
+    TEACHER: tl.constexpr, EPS: tl.constexpr, BC: tl.constexpr, BN: tl.constexpr,
+    BK: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # Grid (pixel blocks, samples); BC >= C: a program forms every channel of its BN pixels.
+    # dx = g coef (P D + Q E), as _gram_apply_kernel forms it (transposed, (BN, BC)), in one
+    # accumulator (a loop for each product), then in the epilogue back through x = f r, f
+    # the student's (TEACHER: the teacher's) features: df = r (dx - x <x, dx>), as
+    # _norm_bwd_rows does, written once, (B, C, N) in out's dtype. No dx in memory, and the
+    # features the epilogue reads are those the loops just read.
+    b = tl.program_id(1).to(tl.int64)
+    ns = tl.program_id(0) * BN + tl.arange(0, BN)
+    cs = tl.arange(0, BC)
+    r_s, r_t = _norms(rs_ptr, rt_ptr, b, ns, N)
+    s_base = s_ptr + b * s_b
+    t_base = t_ptr + b * t_b
+    acc = tl.zeros([BN, BC], dtype=tl.float32)
+    for k0 in range(0, C, BK):
+        ks = k0 + tl.arange(0, BK)
+        goff = (b * C + cs[None, :]) * C + ks[:, None]
+        p = tl.load(p_ptr + goff, mask=(ks < C)[:, None] & (cs < C)[None, :], other=0.0)
+        xs = _tile(s_base, ns, ks, N, C, W, s_c, s_h, s_w, True) * r_s[:, None]
+        xt = _tile(t_base, ns, ks, N, C, W, t_c, t_h, t_w, True) * r_t[:, None]
+        acc = _dot_ready(xs - xt, p, acc, PRECISION)
+    for k0 in range(0, C, BK):
+        ks = k0 + tl.arange(0, BK)
+        goff = (b * C + cs[None, :]) * C + ks[:, None]
+        q = tl.load(q_ptr + goff, mask=(ks < C)[:, None] & (cs < C)[None, :], other=0.0)
+        xs = _tile(s_base, ns, ks, N, C, W, s_c, s_h, s_w, True) * r_s[:, None]
+        xt = _tile(t_base, ns, ks, N, C, W, t_c, t_h, t_w, True) * r_t[:, None]
+        acc = _dot_ready(xs + xt, q, acc, PRECISION)
+    dx = tl.load(g_ptr) * coef * acc
+    if TEACHER:
+        f = _tile(t_base, ns, cs, N, C, W, t_c, t_h, t_w, True)
+        r = tl.abs(r_t)
+    else:
+        f = _tile(s_base, ns, cs, N, C, W, s_c, s_h, s_w, True)
+        r = tl.abs(r_s)  # negative: a zero pixel (see _inv_norm_kernel)
+    # x . dx = r (f . dx); the projection term drops where the norm was clamped.
+    ss = tl.sum(f * f, axis=1)
+    proj = tl.where(tl.sqrt(ss) > EPS, r * r * tl.sum(f * dx, axis=1), 0.0)
+    df = r[:, None] * dx - (proj * r)[:, None] * f
+    mask = (ns < N)[:, None] & (cs < C)[None, :]
+    tl.store(out_ptr + (b * C + cs[None, :]) * N + ns[:, None],
+             df.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _scaled_mm_tile(
     g_ptr, y_ptr, ry_ptr, out_ptr, alpha, M, N, K, W,
     g_b, g_m, g_k, y_b, y_c, y_h, y_w, pid_m, pid_n, b,
@@ -229,13 +281,23 @@ def _scaled_mm_tile(
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     acc = tl.zeros([BN, BM], dtype=tl.float32)
+    acc_lo = tl.zeros([BN, BM], dtype=tl.float32)
     for k0 in range(0, K, BK):
         ks = k0 + tl.arange(0, BK)
         g = tl.load(g_ptr + b * g_b + rm[None, :] * g_m + ks[:, None] * g_k,
                     mask=(ks < K)[:, None] & (rm < M)[None, :], other=0.0)
         y = _tile(y_ptr + b * y_b, rn, ks, N, K, W, y_c, y_h, y_w, True)
         y = y * _vec(ry_ptr + b * K, ks, K)[None, :]
-        acc = _dot_ready(y, g, acc, PRECISION)
+        if PRECISION == "tf32x3-exact-b":
+            # G holds tf32 values exactly (l1's signs): tf32x3 is the high and low parts of
+            # Y^ against G as loaded, an accumulator each (no wait for the products).
+            y_hi = _tf32(y)
+            acc = tl.dot(y_hi, g, acc, input_precision="tf32")
+            acc_lo = tl.dot(_tf32(y - y_hi), g, acc_lo, input_precision="tf32")
+        else:
+            acc = _dot_ready(y, g, acc, PRECISION)
+    if PRECISION == "tf32x3-exact-b":
+        acc = acc + acc_lo
     mask = (rn < N)[:, None] & (rm < M)[None, :]
     tl.store(out_ptr + (b * M + rm[None, :]) * N + rn[:, None], alpha * acc, mask=mask)
 
@@ -409,11 +471,56 @@ def gram_grad(s: Tensor, t: Tensor, r_s: Tensor, r_t: Tensor, grad_loss: Tensor,
     return outs[0], outs[1] if teacher else None
 
 
+#: Channels up to which the Gram path's backward forms a pixel's gradient over all channels
+#: in one program, with the norm backward in its epilogue (an fp32 accumulator of
+#: APPLY_NORM_ELEMENTS per program).
+APPLY_NORM_MAX_C = 256
+APPLY_NORM_ELEMENTS = 16384
+
+
+def apply_norm_applies(channels: int) -> bool:
+    """Whether :func:`gram_grad_features` serves a Gram-path level of ``channels``."""
+    return channels <= APPLY_NORM_MAX_C
+
+
+def gram_grad_features(s: Tensor, t: Tensor, r_s: Tensor, r_t: Tensor, grad_loss: Tensor,
+                       coef: float, teacher: bool, precision: str, eps: float,
+                       grams: tuple[Tensor, ...] | None = None,
+                       prepared: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """The gradients for the features s and t (None without ``teacher``), each in its
+    feature's dtype, (B, C, H, W) contiguous: :func:`gram_grad`'s gradients for the
+    normalised features taken back through the pixels' normalisation
+    (``norm_backward``) in the same launch (``_gram_apply_norm_kernel``), for levels where
+    :func:`apply_norm_applies`."""
+    B, C, H, W = s.shape
+    N = H * W
+    if not apply_norm_applies(C):
+        raise ValueError(f"gram_grad_features: C = {C} is over {APPLY_NORM_MAX_C}")
+    if grams is None:
+        grams = gram_loss(s, t, r_s, r_t, precision, store=2 if teacher else 1,
+                          prepared=prepared)[1]
+    bc = _pow2(C)
+    bn = _pow2(max(APPLY_NORM_ELEMENTS // bc, 16), hi=_tiles()[0])
+    outs = []
+    for f, p, q, sign, mine in ((s, grams[0], grams[1], 1.0, False),
+                                (t, *grams[2:4], -1.0, True))[: 2 if teacher else 1]:
+        out = torch.empty((B, C, H, W), device=s.device, dtype=f.dtype)
+        launch(_gram_apply_norm_kernel, (cdiv(N, bn), B), dict(
+            s_ptr=s, t_ptr=t, rs_ptr=r_s, rt_ptr=r_t, p_ptr=p, q_ptr=q, out_ptr=out,
+            g_ptr=grad_loss, coef=sign * coef, C=C, N=N, W=W,
+            **strides(s, "s_b s_c s_h s_w"), **strides(t, "t_b t_c t_h t_w"),
+            TEACHER=mine, EPS=eps, BC=bc, BN=bn, BK=_pow2(C, hi=BLOCK_K),
+            PRECISION=precision), num_warps=8)
+        outs.append(out)
+    return outs[0], outs[1] if teacher else None
+
+
 def scaled_mm(g: Tensor, y: Tensor, r_y: Tensor, alpha: float, precision: str) -> Tensor:
     """alpha g @ (y's channel rows scaled by r_y): g (B, M, C_y), y (B, C_y, h, w) ->
     float32 (B, M, h, w); products at ``precision`` (``snl_kernels/precision.py``). At
     "tf32", g must hold tf32 values (rounded to nearest, as the Delta kernel writes the
-    gradient of Delta): the tensor cores take it as it is."""
+    gradient of Delta): the tensor cores take it as it is. "tf32x3-exact-b": tf32x3 where g
+    holds tf32 values exactly (l1's signs), two products with g as it is."""
     return scaled_mm_group([(g, y, r_y, alpha, precision)])[0]
 
 

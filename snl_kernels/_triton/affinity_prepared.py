@@ -168,6 +168,94 @@ def _grad_prepared_kernel(hi_ptr, lo_ptr, rs_ptr, rt_ptr, gs_ptr, gt_ptr, g_ptr,
         tl.store(gt_ptr + off, scale * (t_lo + t_hi), mask=mask)
 
 
+@triton.jit
+def _inter_prepare_kernel(qs_ptr, qt_ptr, rqs_ptr, rqt_ptr, hi_ptr, lo_ptr, C, N, W,
+                          s_b, s_c, s_h, s_w, t_b, t_c, t_h, t_w,
+                          EPS: tl.constexpr, BC: tl.constexpr, BN: tl.constexpr):
+    # Grid (channel blocks, samples); BN >= N: a program holds whole channel rows, so the
+    # level is read once. The rows' inverse norms as _inv_norm_kernel writes them (negative
+    # for a zero row), and per sample the (2C, N) matrix [D_Q; Q^_T] (D_Q = Q^_S - Q^_T),
+    # split into tf32 parts, pixels contiguous.
+    b = tl.program_id(1).to(tl.int64)
+    cs = tl.program_id(0) * BC + tl.arange(0, BC)
+    ns = tl.arange(0, BN)
+    q_s = _tile(qs_ptr + b * s_b, cs, ns, C, N, W, s_c, s_h, s_w, False)
+    q_t = _tile(qt_ptr + b * t_b, cs, ns, C, N, W, t_c, t_h, t_w, False)
+    r_s = _row_inv_norm(q_s, EPS)
+    r_t = _row_inv_norm(q_t, EPS)
+    tl.store(rqs_ptr + b * C + cs, r_s, mask=cs < C)
+    tl.store(rqt_ptr + b * C + cs, r_t, mask=cs < C)
+    x_s = q_s * r_s[:, None]
+    x_t = q_t * r_t[:, None]
+    mask = (cs < C)[:, None] & (ns < N)[None, :]
+    off = (b * 2 * C + cs[:, None]) * N + ns[None, :]
+    _store_split(hi_ptr, lo_ptr, off, x_s - x_t, mask)
+    _store_split(hi_ptr, lo_ptr, off + C * N, x_t, mask)
+
+
+@triton.jit
+def _row_inv_norm(x, EPS: tl.constexpr):
+    """1 / max(|row|, eps) of a (rows, K) tile, negative for a zero row."""
+    r = 1.0 / tl.maximum(tl.sqrt(tl.sum(x * x, axis=1)), EPS)
+    return tl.where(tl.max(tl.abs(x), axis=1) == 0.0, -r, r)
+
+
+@triton.jit
+def _split_dots(a, b_hi, b_lo, lo_hi, hi_lo, hi_hi):
+    """The three tf32x3 products of a (made in registers, split here) with b's stored parts,
+    each into its own accumulator."""
+    a_hi = _tf32(a)
+    lo_hi = tl.dot(_tf32(a - a_hi), b_hi, lo_hi, input_precision="tf32")
+    hi_lo = tl.dot(a_hi, b_lo, hi_lo, input_precision="tf32")
+    hi_hi = tl.dot(a_hi, b_hi, hi_hi, input_precision="tf32")
+    return lo_hi, hi_lo, hi_hi
+
+
+@triton.jit
+def _inter_delta_prepared_kernel(ps_ptr, pt_ptr, rps_ptr, rpt_ptr, hi_ptr, lo_ptr, rqs_ptr,
+                                 rqt_ptr, out_ptr, sign_ptr, Ra, Rb, K, W, WORDS,
+                                 ps_b, ps_c, ps_h, ps_w, pt_b, pt_c, pt_h, pt_w,
+                                 WRITE_SIGNS: tl.constexpr, BITS: tl.constexpr,
+                                 BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr):
+    # Grid (row tiles, column tiles, samples): Delta = -(P^_S D_Q^T + D_P Q^_T^T) at tf32x3
+    # (inter-affinity l1), the pooled level's rows made and split in registers (the first
+    # operand), level b's parts read as _inter_prepare_kernel stored them (the second), a
+    # loop per term and an accumulator per kind of product: no wait for the products.
+    pid_i = tl.program_id(0)
+    pid_j = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    ri = pid_i * BI + tl.arange(0, BI)
+    rj = pid_j * BJ + tl.arange(0, BJ)
+    r_as, r_at = _norms(rps_ptr, rpt_ptr, b, ri, Ra)
+    r_bs, r_bt = _norms(rqs_ptr, rqt_ptr, b, rj, Rb)
+    lo_hi = tl.zeros([BI, BJ], dtype=tl.float32)
+    hi_lo = tl.zeros([BI, BJ], dtype=tl.float32)
+    hi_hi = tl.zeros([BI, BJ], dtype=tl.float32)
+    base = b * 2 * Rb * K
+    b_mask_j = (rj < Rb)[None, :]
+    for k0 in range(0, K, BK):
+        ks = k0 + tl.arange(0, BK)
+        a = _tile(ps_ptr + b * ps_b, ri, ks, Ra, K, W, ps_c, ps_h, ps_w, False) * r_as[:, None]
+        off = base + rj[None, :] * K + ks[:, None]
+        mask = (ks < K)[:, None] & b_mask_j
+        lo_hi, hi_lo, hi_hi = _split_dots(a, tl.load(hi_ptr + off, mask=mask, other=0.0),
+                                          tl.load(lo_ptr + off, mask=mask, other=0.0),
+                                          lo_hi, hi_lo, hi_hi)
+    for k0 in range(0, K, BK):
+        ks = k0 + tl.arange(0, BK)
+        a_s = _tile(ps_ptr + b * ps_b, ri, ks, Ra, K, W, ps_c, ps_h, ps_w, False) * r_as[:, None]
+        a_t = _tile(pt_ptr + b * pt_b, ri, ks, Ra, K, W, pt_c, pt_h, pt_w, False) * r_at[:, None]
+        off = base + (Rb + rj[None, :]) * K + ks[:, None]
+        mask = (ks < K)[:, None] & b_mask_j
+        lo_hi, hi_lo, hi_hi = _split_dots(a_s - a_t, tl.load(hi_ptr + off, mask=mask, other=0.0),
+                                          tl.load(lo_ptr + off, mask=mask, other=0.0),
+                                          lo_hi, hi_lo, hi_hi)
+    delta = -((lo_hi + hi_lo) + hi_hi)
+    _delta_finish(delta, r_as, r_at, r_bs, r_bt, ri, rj, pid_i, pid_j, b, tl.num_programs(0),
+                  tl.num_programs(1), Ra, Rb, WORDS, out_ptr, out_ptr, 1.0, sign_ptr, True,
+                  False, False, WRITE_SIGNS, BITS, BI, BJ, "tf32x3")
+
+
 def applies(job: dict) -> bool:
     """Whether a ``delta_group`` job is an intra-affinity l1 loss at "tf32x3" (this path)."""
     return (job["pix_rows"] and job["l1"] and job["precision"] == "tf32x3"
@@ -237,3 +325,60 @@ def grad_l1(job: dict) -> tuple[Tensor, Tensor | None]:
            # KB of shared memory at BC = 64, over sm_90's 227; two need 161.
            num_warps=8, num_stages=2 if teacher else 3)
     return g_s, g_t
+
+
+#: Channel rows x pixels per program of inter-affinity's preparation (whole rows).
+INTER_PREPARE_ELEMENTS = 4096
+
+
+def inter_applies(distance: str, precision: str, pixels: int) -> bool:
+    """Whether an inter-affinity pair takes :func:`inter_prepare` and
+    :func:`inter_delta_l1`: l1 at "tf32x3", up to INTER_PREPARE_ELEMENTS pixels at the
+    coarser level (a program holds whole rows)."""
+    return distance == "l1" and precision == "tf32x3" and pixels <= INTER_PREPARE_ELEMENTS
+
+
+def inter_prepare(q_s: Tensor, q_t: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(r_qs, r_qt, hi, lo): the channels' inverse norms of level b (B, C_b), as
+    ``inv_norms`` gives them up to the order of the sums, and the tf32 parts of
+    [Q^_S - Q^_T; Q^_T] (B, 2 C_b, N_b), read by :func:`inter_delta_l1`. One launch reading
+    the level once; memory: 4 B C_b N_b floats (134 MB at WRN50 level 2, B = 16)."""
+    B, C, H, W = q_s.shape
+    N = H * W
+    if N > INTER_PREPARE_ELEMENTS:
+        raise ValueError(f"inter_prepare: {N} pixels is over {INTER_PREPARE_ELEMENTS}")
+    bn = _pow2(N)
+    bc = max(INTER_PREPARE_ELEMENTS // bn, 1)
+    hi = torch.empty((B, 2 * C, N), device=q_s.device, dtype=torch.float32)
+    lo = torch.empty_like(hi)
+    r_s = torch.empty((B, C), device=q_s.device, dtype=torch.float32)
+    r_t = torch.empty_like(r_s)
+    launch(_inter_prepare_kernel, (cdiv(C, bc), B), dict(
+        qs_ptr=q_s, qt_ptr=q_t, rqs_ptr=r_s, rqt_ptr=r_t, hi_ptr=hi, lo_ptr=lo, C=C, N=N, W=W,
+        **strides(q_s, "s_b s_c s_h s_w"), **strides(q_t, "t_b t_c t_h t_w"), EPS=eps,
+        BC=bc, BN=bn), num_warps=8)
+    return r_s, r_t, hi, lo
+
+
+def inter_delta_l1(p_s: Tensor, p_t: Tensor, r_ps: Tensor, r_pt: Tensor, prepared: tuple,
+                   unit_grad: Tensor | None = None) -> Tensor:
+    """Per-tile sums of |Delta| (B, tiles_i, tiles_j) of an inter-affinity pair at tf32x3,
+    from the pooled level (p_s, p_t (B, C_a, H_b, W_b) with their rows' inverse norms) and
+    :func:`inter_prepare`'s ``prepared``; with ``unit_grad`` (fp32 (B, C_a, C_b)) also
+    sign(Delta) there, as ``delta``'s ``unit_grad`` writes it for l1."""
+    r_qs, r_qt, hi, lo = prepared
+    B, Ra, H, W = p_s.shape
+    K = H * W
+    Rb = r_qs.shape[1]
+    tile = _tiles()[0]
+    bi, bj = _pow2(Ra, hi=tile), _pow2(Rb, hi=tile)
+    n_i, n_j = cdiv(Ra, bi), cdiv(Rb, bj)
+    out = torch.empty((B, n_i, n_j), device=p_s.device, dtype=torch.float32)
+    launch(_inter_delta_prepared_kernel, (n_i, n_j, B), dict(
+        ps_ptr=p_s, pt_ptr=p_t, rps_ptr=r_ps, rpt_ptr=r_pt, hi_ptr=hi, lo_ptr=lo,
+        rqs_ptr=r_qs, rqt_ptr=r_qt, out_ptr=out,
+        sign_ptr=out if unit_grad is None else unit_grad, Ra=Ra, Rb=Rb, K=K, W=W,
+        WORDS=cdiv(Rb, 32), **strides(p_s, "ps_b ps_c ps_h ps_w"),
+        **strides(p_t, "pt_b pt_c pt_h pt_w"), WRITE_SIGNS=0 if unit_grad is None else 2,
+        BITS=min(bj, 32), BI=bi, BJ=bj, BK=_pow2(K, hi=BLOCK_K)))
+    return out

@@ -138,8 +138,9 @@ def _delta_finish(delta, r_as, r_at, r_bs, r_bt, ri, rj, pid_i, pid_j, b, n_i, n
                   BJ: tl.constexpr, PRECISION: tl.constexpr):
     """What a Delta tile writes: its sign bits, dL/dDelta or its partial sum. WRITE_SIGNS:
     0 nothing more, ``SIGN_BITS`` (1, or True) the sign bits of Delta, ``UNIT_GRAD`` (2)
-    beside the partial sum dL/dDelta for a unit upstream gradient (coef Delta or coef
-    sign(Delta); not for SYMMETRIC), ``DELTA`` (3) beside the partial sum Delta itself,
+    beside the partial sum dL/dDelta for a unit upstream gradient (coef Delta; for l1
+    sign(Delta) itself, exact at any precision, the products taking coef; not for
+    SYMMETRIC), ``DELTA`` (3) beside the partial sum Delta itself,
     fp32 (B, Ra, Rb) (for SYMMETRIC, the tiles computed and their mirrors), all into
     ``sign_ptr``."""
     if L1:
@@ -175,7 +176,7 @@ def _delta_finish(delta, r_as, r_at, r_bs, r_bt, ri, rj, pid_i, pid_j, b, n_i, n
             # The backward scales the products with it by the upstream gradient (through
             # their operands' norms), so that it stays rounded as those products read it.
             if L1:
-                unit = tl.where(delta > 0, coef, tl.where(delta < 0, -coef, 0.0))
+                unit = tl.where(delta > 0, 1.0, tl.where(delta < 0, -1.0, 0.0))
             else:
                 unit = delta * coef
             mask = (ri < Ra)[:, None] & (rj < Rb)[None, :]
