@@ -26,6 +26,13 @@ def _gram():
     return affinity_gram
 
 
+def _inputs(layout):
+    t, s = _pair((2, 6, 5, 7), zero_pixel=True)
+    if layout == "channels_last":
+        return tuple(x.to(memory_format=torch.channels_last) for x in (t, s))
+    return (t.half(), s.half()) if layout == "half" else (t, s)
+
+
 def _tf32(x):
     bits = x.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
     return ((bits + 0x1000) & 0xFFFFE000).to(torch.int32).view(torch.float32)
@@ -34,11 +41,7 @@ def _tf32(x):
 @pytest.mark.parametrize("dot", ["tf32", "ieee"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "half"])
 def test_prepare_writes_the_norms_and_the_rounded_operands(dot, layout):
-    t, s = _pair((2, 6, 5, 7), zero_pixel=True)
-    if layout == "channels_last":
-        t, s = (x.to(memory_format=torch.channels_last) for x in (t, s))
-    elif layout == "half":
-        t, s = t.half(), s.half()
+    t, s = _inputs(layout)
     from snl_kernels._triton import affinity
 
     ed, r_s, r_t = _gram().gram_prepare(s, t, EPS, dot)
@@ -126,11 +129,7 @@ def test_where_it_applies():
 def test_backward_with_the_norm_in_the_epilogue_matches_two_launches(dot, layout):
     from snl_kernels._triton import affinity
 
-    t, s = _pair((2, 6, 5, 7), zero_pixel=True)
-    if layout == "channels_last":
-        t, s = (x.to(memory_format=torch.channels_last) for x in (t, s))
-    elif layout == "half":
-        t, s = t.half(), s.half()
+    t, s = _inputs(layout)
     gram = _gram()
     r_s, r_t = affinity.inv_norms(s, True, EPS), affinity.inv_norms(t, True, EPS)
     g = torch.tensor([0.5], device=DEVICE)

@@ -20,6 +20,7 @@ from .affinity_tiles import (
     INTERPRETED,
     _dot,
     _dot_ready,
+    _inv_norm_of,
     _norms,
     _out_tile,
     _pow2,
@@ -58,8 +59,8 @@ def _gram_prepare_kernel(
     cs = tl.arange(0, BC)
     s = _tile(s_ptr + b * s_b, cs, rp, C, N, W, s_c, s_h, s_w, False)
     t = _tile(t_ptr + b * t_b, cs, rp, C, N, W, t_c, t_h, t_w, False)
-    r_s = _gram_inv_norm(s, EPS)
-    r_t = _gram_inv_norm(t, EPS)
+    r_s = _inv_norm_of(s, EPS, 0)
+    r_t = _inv_norm_of(t, EPS, 0)
     tl.store(rs_ptr + b * N + rp, r_s, mask=rp < N)
     tl.store(rt_ptr + b * N + rp, r_t, mask=rp < N)
     xs = s * r_s[None, :]
@@ -68,13 +69,6 @@ def _gram_prepare_kernel(
     off = (b * 2 * C + cs[:, None]) * N + rp[None, :]
     tl.store(ed_ptr + off, _ready(xs + xt, PRECISION), mask=mask)
     tl.store(ed_ptr + off + C * N, _ready(xs - xt, PRECISION), mask=mask)
-
-
-@triton.jit
-def _gram_inv_norm(x, EPS: tl.constexpr):
-    """1 / max(|column|, eps) of a (channels, pixels) tile, negative for a zero column."""
-    r = 1.0 / tl.maximum(tl.sqrt(tl.sum(x * x, axis=0)), EPS)
-    return tl.where(tl.max(tl.abs(x), axis=0) == 0.0, -r, r)
 
 
 @triton.jit

@@ -47,6 +47,7 @@ from . import cdiv, strides
 from .affinity_tiles import (
     BLOCK_K,
     _delta_finish,
+    _inv_norm_of,
     _norms,
     _pow2,
     _sign_tile,
@@ -181,8 +182,8 @@ def _inter_prepare_kernel(qs_ptr, qt_ptr, rqs_ptr, rqt_ptr, hi_ptr, lo_ptr, C, N
     ns = tl.arange(0, BN)
     q_s = _tile(qs_ptr + b * s_b, cs, ns, C, N, W, s_c, s_h, s_w, False)
     q_t = _tile(qt_ptr + b * t_b, cs, ns, C, N, W, t_c, t_h, t_w, False)
-    r_s = _row_inv_norm(q_s, EPS)
-    r_t = _row_inv_norm(q_t, EPS)
+    r_s = _inv_norm_of(q_s, EPS, 1)
+    r_t = _inv_norm_of(q_t, EPS, 1)
     tl.store(rqs_ptr + b * C + cs, r_s, mask=cs < C)
     tl.store(rqt_ptr + b * C + cs, r_t, mask=cs < C)
     x_s = q_s * r_s[:, None]
@@ -191,13 +192,6 @@ def _inter_prepare_kernel(qs_ptr, qt_ptr, rqs_ptr, rqt_ptr, hi_ptr, lo_ptr, C, N
     off = (b * 2 * C + cs[:, None]) * N + ns[None, :]
     _store_split(hi_ptr, lo_ptr, off, x_s - x_t, mask)
     _store_split(hi_ptr, lo_ptr, off + C * N, x_t, mask)
-
-
-@triton.jit
-def _row_inv_norm(x, EPS: tl.constexpr):
-    """1 / max(|row|, eps) of a (rows, K) tile, negative for a zero row."""
-    r = 1.0 / tl.maximum(tl.sqrt(tl.sum(x * x, axis=1)), EPS)
-    return tl.where(tl.max(tl.abs(x), axis=1) == 0.0, -r, r)
 
 
 @triton.jit

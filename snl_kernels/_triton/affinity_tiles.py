@@ -43,6 +43,14 @@ def _vec(ptr, idx, n):
 
 
 @triton.jit
+def _inv_norm_of(x, EPS: tl.constexpr, AXIS: tl.constexpr):
+    """1 / max(|v|, eps) of the vectors v along AXIS of a tile held whole, negative for a
+    zero vector (as ``_inv_norm_kernel`` writes them)."""
+    r = 1.0 / tl.maximum(tl.sqrt(tl.sum(x * x, axis=AXIS)), EPS)
+    return tl.where(tl.max(tl.abs(x), axis=AXIS) == 0.0, -r, r)
+
+
+@triton.jit
 def _norms(rs_ptr, rt_ptr, b, idx, n):
     """Student's and teacher's inverse norms of rows idx of sample b (n rows each; 0 past n)."""
     return _vec(rs_ptr + b * n, idx, n), _vec(rt_ptr + b * n, idx, n)
